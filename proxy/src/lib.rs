@@ -1,0 +1,50 @@
+//! The devloop wire protocol: the one crate the laptop cli and the in-container agent share.
+//!
+//! The types in [`msg`] *are* the wire format: every WebSocket binary message carries exactly
+//! one [`msg::LaptopMsg`] (laptop -> agent) or [`msg::AgentMsg`] (agent -> laptop), encoded by
+//! [`codec`]. docs/PROTOCOL.md lists which changes keep compatibility and which need a new
+//! [`PROTOCOL_VERSION`].
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod error;
+pub mod msg;
+pub mod path;
+pub mod tree;
+
+pub use error::ProtoError;
+pub use path::RelPath;
+
+/// Eight bytes at the start of every handshake, so that a stray client of another protocol
+/// is told apart from a devloop peer of another version.
+pub const MAGIC: [u8; 8] = *b"DEVLOOP\x01";
+
+/// Bumped on every breaking change of the message types (see docs/PROTOCOL.md).
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest message either side accepts. File contents above [`MAX_INLINE_FILE`] travel as
+/// tar chunks, so no single message needs to be larger than this.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Files up to this size may ride inline in a [`msg::FileOp::Put`]; larger ones go in a tar stream.
+pub const MAX_INLINE_FILE: u64 = 1024 * 1024;
+
+/// Size of the chunks a tar stream is cut into, small enough that a large upload never
+/// holds the connection long enough to delay a restart or a log line noticeably.
+pub const TAR_CHUNK_BYTES: usize = 256 * 1024;
+
+/// The path of the WebSocket endpoint the agent serves.
+pub const WS_PATH: &str = "/devloop";
+
+/// Capability names a peer may announce in its handshake.
+pub mod caps {
+    /// File operations (`Batch`) and index requests.
+    pub const FILES: &str = "files";
+    /// Tar streams (`TarChunk`).
+    pub const TAR: &str = "tar";
+    /// Process supervision: `Restart`, `Run`, process events and logs.
+    pub const PROCESS: &str = "process";
+}
+
+/// The version of this crate, sent in the handshake by both peers.
+pub const CRATE_VERSION: &str = env!("CARGO_PKG_VERSION");
