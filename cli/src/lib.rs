@@ -1,1 +1,12 @@
+//! devloop's cli as a library: the `devloop` binary is a thin shell over these modules.
 #![forbid(unsafe_code)]
+
+pub mod agent_link;
+pub mod commands;
+pub mod config;
+pub mod elf;
+pub mod image;
+pub mod state;
+pub mod sync;
+pub mod target;
+pub mod ui;

@@ -1,1 +1,100 @@
-fn main(){}
+//! The `devloop` binary: parses the command line, sets up logging, runs one command.
+
+use clap::{Parser, Subcommand};
+use devloop::commands::{self, Global};
+use devloop::config::file::OnExit;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "devloop", version, about = "Sub-second inner loop for microservice development", long_about = None)]
+struct Cli {
+    /// Run as if started in this folder.
+    #[arg(short = 'C', long = "dir", global = true, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start every service (or the named ones) in a dev container and sync files until Ctrl-C.
+    Up {
+        services: Vec<String>,
+        /// Rebuild images from their Dockerfiles even when they exist.
+        #[arg(long)]
+        build: bool,
+        /// On Ctrl-C stop the containers (default: keep them running, or `up.on_exit`).
+        #[arg(long, conflicts_with = "keep_on_exit")]
+        stop_on_exit: bool,
+        /// On Ctrl-C keep the containers running.
+        #[arg(long)]
+        keep_on_exit: bool,
+        /// Do not print the services' output.
+        #[arg(long)]
+        no_logs: bool,
+    },
+    /// Sync one service's files into its running dev container, in the foreground.
+    Sync {
+        service: String,
+        #[arg(long)]
+        no_logs: bool,
+    },
+    /// Services, containers, agents, processes and sync state.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every container, volume and network devloop created for the project.
+    Down {
+        /// Keep the volumes holding the synced trees.
+        #[arg(long)]
+        keep_volumes: bool,
+    },
+    /// Check the engine, the agent binary, the config and ports, and say how to fix problems.
+    Doctor,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info,devloop=info",
+        _ => "debug,hyper=info,bollard=info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+
+    let global = Global { dir: cli.dir.clone().unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))) };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("devloop: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Up { services, build, stop_on_exit, keep_on_exit, no_logs } => {
+                let on_exit = if stop_on_exit { Some(OnExit::Stop) } else if keep_on_exit { Some(OnExit::Keep) } else { None };
+                commands::up::up(&global, commands::up::UpOptions { services, build, on_exit, no_logs }).await
+            }
+            Command::Sync { service, no_logs } => commands::up::sync(&global, &service, no_logs).await,
+            Command::Status { json } => commands::status::status(&global, json).await,
+            Command::Down { keep_volumes } => commands::down::down(&global, keep_volumes).await,
+            Command::Doctor => commands::doctor::doctor(&global).await,
+        }
+    });
+    // Blocking tasks (a watcher, a file read) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("devloop: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

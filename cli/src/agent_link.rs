@@ -1,0 +1,302 @@
+//! The cli's end of the connection to one agent: the WebSocket handshake, requests matched
+//! to their answers by id, and the agent's logs and process events as a stream.
+
+use devloop_proxy::codec::{decode, encode};
+use devloop_proxy::msg::{AgentMsg, FileOp, Hello, LaptopMsg, LogLine, Outcome, ProcessStatus, Welcome};
+use devloop_proxy::tree::Tree;
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Any byte stream to the agent: a TCP socket or a `docker exec` stream.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("the agent refused the connection: {0}")]
+    Refused(String),
+    #[error("websocket handshake with the agent failed: {0}")]
+    Handshake(String),
+    #[error("the connection to the agent closed")]
+    Closed,
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("unexpected answer from the agent: {0}")]
+    Protocol(String),
+    #[error("the agent failed the request: {0}")]
+    Failed(String),
+}
+
+/// What the agent sends on its own.
+#[derive(Debug, Clone)]
+pub enum AgentEvent {
+    Log(LogLine),
+    Process(ProcessStatus),
+}
+
+enum Pending {
+    Ack(oneshot::Sender<Outcome>),
+    Index(Tree, oneshot::Sender<Tree>),
+    Pong(oneshot::Sender<()>),
+}
+
+/// A connected, authenticated agent. Cheap to clone; all clones share the connection.
+#[derive(Clone)]
+pub struct AgentLink {
+    out_tx: mpsc::Sender<Message>,
+    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    next_req: Arc<AtomicU64>,
+    closed: tokio_util::sync::CancellationToken,
+}
+
+pub struct Connected {
+    pub link: AgentLink,
+    pub welcome: Welcome,
+    pub events: mpsc::Receiver<AgentEvent>,
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl AgentLink {
+    /// Runs the WebSocket and devloop handshakes over `io`.
+    pub async fn connect(io: impl Transport, token: &str) -> Result<Connected, LinkError> {
+        let mut config = WebSocketConfig::default();
+        config.max_message_size = Some(devloop_proxy::MAX_MESSAGE_BYTES + 4096);
+        config.max_frame_size = Some(devloop_proxy::MAX_MESSAGE_BYTES + 4096);
+        let url = format!("ws://agent{}", devloop_proxy::WS_PATH);
+        let (ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::client_async_with_config(url, io, Some(config)))
+            .await
+            .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
+            .map_err(|e| LinkError::Handshake(e.to_string()))?;
+        let (mut sink, mut stream) = ws.split();
+        let hello = LaptopMsg::Hello(Hello {
+            magic: devloop_proxy::MAGIC,
+            protocol_version: devloop_proxy::PROTOCOL_VERSION,
+            cli_version: devloop_proxy::CRATE_VERSION.into(),
+            capabilities: vec![devloop_proxy::caps::FILES.into(), devloop_proxy::caps::TAR.into(), devloop_proxy::caps::PROCESS.into()],
+            token: token.into(),
+        });
+        sink.send(Message::Binary(encode(&hello).into())).await.map_err(|e| LinkError::Handshake(e.to_string()))?;
+        let welcome = loop {
+            let msg = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.next())
+                .await
+                .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?;
+            match msg {
+                Some(Ok(Message::Binary(b))) => match decode::<AgentMsg>(&b) {
+                    Ok(AgentMsg::Welcome(w)) => break w,
+                    Ok(AgentMsg::Refused { reason }) => return Err(LinkError::Refused(reason)),
+                    Ok(other) => return Err(LinkError::Protocol(format!("expected a welcome, got {other:?}"))),
+                    Err(e) => return Err(LinkError::Protocol(e.to_string())),
+                },
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(LinkError::Refused(frame.map(|f| f.reason.to_string()).unwrap_or_else(|| "closed".into())))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(LinkError::Handshake(e.to_string())),
+                None => return Err(LinkError::Closed),
+            }
+        };
+
+        let (out_tx, mut out_rx) = mpsc::channel::<Message>(64);
+        let (event_tx, events) = mpsc::channel::<AgentEvent>(1024);
+        let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
+        let closed = tokio_util::sync::CancellationToken::new();
+
+        let writer_closed = closed.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    msg = out_rx.recv() => match msg {
+                        Some(m) => {
+                            if sink.send(m).await.is_err() { break; }
+                        }
+                        None => { let _ = sink.close().await; break; }
+                    },
+                    _ = writer_closed.cancelled() => break,
+                }
+            }
+            writer_closed.cancel();
+        });
+
+        let reader_pending = pending.clone();
+        let reader_closed = closed.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    m = stream.next() => m,
+                    _ = reader_closed.cancelled() => None,
+                };
+                let bytes = match next {
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => continue,
+                };
+                let msg = match decode::<AgentMsg>(&bytes) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "undecodable message from the agent; closing");
+                        break;
+                    }
+                };
+                match msg {
+                    AgentMsg::Log(line) => {
+                        // A full event queue drops log lines rather than stalling acks.
+                        let _ = event_tx.try_send(AgentEvent::Log(line));
+                    }
+                    AgentMsg::Process(p) => {
+                        let _ = event_tx.try_send(AgentEvent::Process(p));
+                    }
+                    AgentMsg::Ack { req, outcome } => {
+                        if let Some(Pending::Ack(tx)) = lock(&reader_pending).remove(&req) {
+                            let _ = tx.send(outcome);
+                        }
+                    }
+                    AgentMsg::Index { req, entries, last } => {
+                        let mut map = lock(&reader_pending);
+                        if let Some(Pending::Index(tree, _)) = map.get_mut(&req) {
+                            tree.extend(entries);
+                        }
+                        if last {
+                            if let Some(Pending::Index(tree, tx)) = map.remove(&req) {
+                                let _ = tx.send(tree);
+                            }
+                        }
+                    }
+                    AgentMsg::Pong { nonce } => {
+                        if let Some(Pending::Pong(tx)) = lock(&reader_pending).remove(&nonce) {
+                            let _ = tx.send(());
+                        }
+                    }
+                    AgentMsg::Welcome(_) | AgentMsg::Refused { .. } => {}
+                }
+            }
+            reader_closed.cancel();
+            // Waiters see their sender dropped and report the connection as closed.
+            lock(&reader_pending).clear();
+        });
+
+        Ok(Connected { link: AgentLink { out_tx, pending, next_req: Arc::new(AtomicU64::new(1)), closed }, welcome, events })
+    }
+
+    fn req_id(&self) -> u64 {
+        self.next_req.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn send(&self, msg: &LaptopMsg) -> Result<(), LinkError> {
+        if self.closed.is_cancelled() {
+            return Err(LinkError::Closed);
+        }
+        self.out_tx.send(Message::Binary(encode(msg).into())).await.map_err(|_| LinkError::Closed)
+    }
+
+    async fn request_ack(&self, req: u64, msg: &LaptopMsg) -> Result<Outcome, LinkError> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(req, Pending::Ack(tx));
+        self.send(msg).await?;
+        rx.await.map_err(|_| LinkError::Closed)
+    }
+
+    pub async fn index(&self) -> Result<Tree, LinkError> {
+        let req = self.req_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(req, Pending::Index(Tree::new(), tx));
+        self.send(&LaptopMsg::Index { req }).await?;
+        rx.await.map_err(|_| LinkError::Closed)
+    }
+
+    /// Applies `ops` in order; Ok(number applied).
+    pub async fn batch(&self, ops: Vec<FileOp>) -> Result<u64, LinkError> {
+        let req = self.req_id();
+        expect_ok(self.request_ack(req, &LaptopMsg::Batch { req, ops }).await?)
+    }
+
+    /// Sends a tar stream chunk by chunk; returns the number of entries applied.
+    pub async fn tar(&self, mut chunks: mpsc::Receiver<std::io::Result<Vec<u8>>>, mut on_chunk: impl FnMut(usize)) -> Result<u64, LinkError> {
+        let req = self.req_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(req, Pending::Ack(tx));
+        let mut held: Option<Vec<u8>> = None;
+        loop {
+            let next = chunks.recv().await;
+            match next {
+                Some(Ok(data)) => {
+                    if let Some(prev) = held.replace(data) {
+                        let n = prev.len();
+                        self.send(&LaptopMsg::TarChunk { req, data: prev, last: false }).await?;
+                        on_chunk(n);
+                    }
+                }
+                Some(Err(e)) => {
+                    lock(&self.pending).remove(&req);
+                    // Tell the agent the stream is over; what it applied so far is valid.
+                    let _ = self.send(&LaptopMsg::TarChunk { req, data: Vec::new(), last: true }).await;
+                    return Err(LinkError::Failed(format!("reading laptop files for the tar stream: {e}")));
+                }
+                None => break,
+            }
+        }
+        let last = held.unwrap_or_default();
+        let n = last.len();
+        self.send(&LaptopMsg::TarChunk { req, data: last, last: true }).await?;
+        on_chunk(n);
+        expect_ok(rx.await.map_err(|_| LinkError::Closed)?)
+    }
+
+    pub async fn restart(&self) -> Result<(), LinkError> {
+        let req = self.req_id();
+        expect_ok(self.request_ack(req, &LaptopMsg::Restart { req }).await?).map(|_| ())
+    }
+
+    /// Runs a command in the container; Ok(exit code).
+    pub async fn run(&self, argv: Vec<String>) -> Result<Option<i32>, LinkError> {
+        let req = self.req_id();
+        match self.request_ack(req, &LaptopMsg::Run { req, argv }).await? {
+            Outcome::Exited { code } => Ok(code),
+            Outcome::Failed { error } => Err(LinkError::Failed(error)),
+            other => Err(LinkError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, LinkError> {
+        let nonce = self.req_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(nonce, Pending::Pong(tx));
+        let start = std::time::Instant::now();
+        self.send(&LaptopMsg::Ping { nonce }).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(())) => Ok(start.elapsed()),
+            Ok(Err(_)) => Err(LinkError::Closed),
+            Err(_) => Err(LinkError::Timeout(timeout)),
+        }
+    }
+
+    /// Resolves when the connection is gone.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+}
+
+fn expect_ok(outcome: Outcome) -> Result<u64, LinkError> {
+    match outcome {
+        Outcome::Ok { applied } => Ok(applied),
+        Outcome::Failed { error } => Err(LinkError::Failed(error)),
+        Outcome::Exited { code } => Err(LinkError::Protocol(format!("unexpected exit status {code:?}"))),
+    }
+}
+
+/// The maps are only held for a few instructions and never across an await; a panic while
+/// holding one would be a bug elsewhere, so a poisoned lock is still used.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,25 @@
+//! `devloop down`: removes exactly what devloop created for the project.
+
+use super::{connect_engine, Global};
+use crate::state::{remove_sync_status, TokenStore};
+use crate::target::docker;
+
+pub async fn down(global: &Global, keep_volumes: bool) -> anyhow::Result<()> {
+    let project = super::load_project(global)?;
+    let (docker, _) = connect_engine().await?;
+    let removed = docker::down(&docker, &project.name, keep_volumes).await?;
+    let tokens = TokenStore::new();
+    for svc in &project.services {
+        tokens.remove(&docker::container_name(&project.name, &svc.name));
+        remove_sync_status(&project.name, &svc.name);
+    }
+    if removed.containers.is_empty() && removed.volumes.is_empty() && removed.networks.is_empty() {
+        println!("nothing to remove for project {}", project.name);
+    }
+    for (what, list) in [("container", &removed.containers), ("volume", &removed.volumes), ("network", &removed.networks)] {
+        for name in list {
+            println!("removed {what} {name}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! One module per command; shared set-up lives here.
+
+pub mod doctor;
+pub mod down;
+pub mod status;
+pub mod up;
+
+use anyhow::Context;
+use bollard::Docker;
+use futures_util::future::BoxFuture;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::agent_link::{AgentLink, Connected};
+use crate::config::Project;
+use crate::state::TokenStore;
+use crate::sync::engine::Connector;
+use crate::target::docker;
+use crate::target::engine::{self, EngineChoice};
+
+/// Options every command shares.
+#[derive(Debug, Clone)]
+pub struct Global {
+    /// The folder to start looking for the project from.
+    pub dir: PathBuf,
+}
+
+pub fn load_project(global: &Global) -> anyhow::Result<Project> {
+    let dir = crate::config::find_project_dir(&global.dir)?;
+    Ok(crate::config::load(&dir)?)
+}
+
+pub async fn connect_engine() -> anyhow::Result<(Docker, EngineChoice)> {
+    let choice = engine::choose();
+    let docker = engine::connect(&choice).await?;
+    Ok((docker, choice))
+}
+
+/// Reaches a dev container's agent, by the fastest route that works.
+pub struct DockerConnector {
+    pub docker: Docker,
+    pub engine: EngineChoice,
+    pub container: String,
+    pub project: String,
+}
+
+impl DockerConnector {
+    pub async fn open(&self) -> anyhow::Result<(Connected, String)> {
+        let (io, route) = docker::open_transport(&self.docker, &self.engine, &self.container, &self.project).await?;
+        let tokens = TokenStore::new();
+        let token = match tokens.read(&self.container) {
+            Some(t) => t,
+            None => {
+                let t = docker::fetch_token(&self.docker, &self.container).await?;
+                tokens.write(&self.container, &t).context("saving the session token")?;
+                t
+            }
+        };
+        let route = match route {
+            docker::AgentRoute::Direct => "direct".to_string(),
+            docker::AgentRoute::Exec => "docker exec".to_string(),
+        };
+        let connected = AgentLink::connect(io, &token).await.with_context(|| format!("connecting to the agent in {}", self.container))?;
+        Ok((connected, route))
+    }
+}
+
+impl Connector for DockerConnector {
+    fn connect(&self) -> BoxFuture<'_, anyhow::Result<(Connected, String)>> {
+        Box::pin(self.open())
+    }
+}
+
+pub fn connector(docker: &Docker, engine: &EngineChoice, project: &str, service: &str) -> Arc<DockerConnector> {
+    Arc::new(DockerConnector {
+        docker: docker.clone(),
+        engine: engine.clone(),
+        container: docker::container_name(project, service),
+        project: project.to_string(),
+    })
+}
+
+pub fn read_agent_binary() -> anyhow::Result<(PathBuf, Vec<u8>)> {
+    let path = docker::find_agent_binary().map_err(anyhow::Error::msg)?;
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((path, bytes))
+}
+
+pub fn display(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,154 @@
+//! `devloop status`: each service's container, agent, process and sync, told honestly: a
+//! service nobody syncs says since when its files may be stale.
+
+use serde::Serialize;
+use std::time::Duration;
+
+use super::{connect_engine, connector, load_project, Global};
+use crate::state::{read_sync_status, SyncLock};
+use crate::target::docker;
+use crate::target::labels;
+use crate::ui::{ago, human_bytes};
+use devloop_proxy::msg::{ProcessState, ProcessStatus};
+
+#[derive(Debug, Serialize)]
+pub struct ServiceReport {
+    pub service: String,
+    pub container: Option<String>,
+    pub state: String,
+    pub intercepted: bool,
+    pub agent_version: Option<String>,
+    pub process: Option<String>,
+    pub sync: String,
+    pub stale: bool,
+    pub files: Option<u64>,
+    pub bytes: Option<u64>,
+    pub last_sync_ms: Option<u64>,
+    pub pending: Option<u64>,
+    pub errors: Vec<String>,
+}
+
+pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
+    let project = load_project(global)?;
+    let (docker, engine_choice) = connect_engine().await?;
+    let containers = docker::list_project_containers(&docker, &project.name, None).await?;
+    let mut reports = Vec::new();
+    for svc in &project.services {
+        let dev = containers
+            .iter()
+            .find(|c| docker::label(c, labels::SERVICE) == Some(svc.name.as_str()) && docker::label(c, labels::KIND) == Some(labels::KIND_DEV));
+        let intercepted = containers
+            .iter()
+            .any(|c| docker::label(c, labels::SERVICE) == Some(svc.name.as_str()) && docker::label(c, labels::KIND) == Some(labels::KIND_INTERCEPT));
+        let mut r = ServiceReport {
+            service: svc.name.clone(),
+            container: None,
+            state: "no dev container".into(),
+            intercepted,
+            agent_version: None,
+            process: None,
+            sync: String::new(),
+            stale: false,
+            files: None,
+            bytes: None,
+            last_sync_ms: None,
+            pending: None,
+            errors: Vec::new(),
+        };
+        if let Some(c) = dev {
+            r.container = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string());
+            r.state = c.status.clone().unwrap_or_default();
+            r.agent_version = docker::label(c, labels::AGENT_VERSION).map(String::from);
+            if docker::is_running(c) {
+                let conn = connector(&docker, &engine_choice, &project.name, &svc.name);
+                r.process = match tokio::time::timeout(Duration::from_secs(3), conn.open()).await {
+                    Ok(Ok((c, _))) => {
+                        c.link.close();
+                        Some(describe_process(&c.welcome.process))
+                    }
+                    Ok(Err(e)) => Some(format!("agent unreachable: {e:#}")),
+                    Err(_) => Some("agent did not answer within 3 s".into()),
+                };
+            }
+        }
+        let syncing = SyncLock::is_held(&project.name, &svc.name);
+        let saved = read_sync_status(&project.name, &svc.name);
+        if let Some(s) = &saved {
+            r.files = Some(s.files);
+            r.bytes = Some(s.bytes);
+            r.last_sync_ms = s.last_sync_ms;
+            r.pending = Some(s.pending);
+            r.errors = s.errors.clone();
+        }
+        r.sync = if svc.sync.is_none() {
+            "no sync configured".into()
+        } else if dev.is_none() {
+            "-".into()
+        } else if syncing {
+            let s = saved.unwrap_or_default();
+            let link = if s.connected { format!("connected ({})", s.route) } else { "reconnecting".into() };
+            format!(
+                "syncing (pid {}, {link}): {} files, {}, last sync {}, {} pending",
+                s.pid,
+                s.files,
+                human_bytes(s.bytes),
+                s.last_sync_ms.map(ago).unwrap_or_else(|| "never".into()),
+                s.pending
+            )
+        } else {
+            r.stale = true;
+            let since = saved.as_ref().and_then(|s| s.stopped_at_ms.or(s.last_sync_ms));
+            match since {
+                Some(t) => format!("NOT SYNCING: the container's files may be stale since {} (run `devloop sync {}`)", ago(t), svc.name),
+                None => format!("NOT SYNCING: never synced; files are the image's (run `devloop sync {}`)", svc.name),
+            }
+        };
+        reports.push(r);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+        return Ok(());
+    }
+    println!("project {} ({})", project.name, project.dir.display());
+    for r in &reports {
+        println!("{}", r.service);
+        if r.intercepted {
+            println!("  INTERCEPTED: traffic goes to a laptop process; `devloop leave {}` restores it", r.service);
+        }
+        match &r.container {
+            Some(c) => println!("  container  {c} ({}), agent {}", r.state, r.agent_version.as_deref().unwrap_or("?")),
+            None => println!("  container  none (start it with `devloop up`)"),
+        }
+        if let Some(p) = &r.process {
+            println!("  process    {p}");
+        }
+        println!("  sync       {}", r.sync);
+        for e in r.errors.iter().take(3) {
+            println!("  error      {e}");
+        }
+    }
+    Ok(())
+}
+
+pub fn describe_process(p: &ProcessStatus) -> String {
+    let exit = p
+        .last_exit
+        .as_ref()
+        .map(|e| match (e.code, e.signal) {
+            (Some(c), _) => format!(", last exit code {c}"),
+            (None, Some(s)) => format!(", last killed by signal {s}"),
+            _ => String::new(),
+        })
+        .unwrap_or_default();
+    match &p.state {
+        ProcessState::NoCommand => "no command (sync only)".into(),
+        ProcessState::Running { pid } if p.quick_exits > 0 => {
+            format!("running (pid {pid}) after {} quick exits in a row{exit}; {} starts", p.quick_exits, p.starts)
+        }
+        ProcessState::Running { pid } => format!("running (pid {pid}), {} starts{exit}", p.starts),
+        ProcessState::BackingOff { retry_in_ms } => {
+            format!("CRASH LOOP: {} quick exits in a row{exit}; next start in {} ms", p.quick_exits, retry_in_ms)
+        }
+        ProcessState::Stopped => format!("stopped{exit}"),
+    }
+}

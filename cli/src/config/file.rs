@@ -1,0 +1,105 @@
+//! The schema of devloop.toml, as serde reads it. Unknown keys are errors, so a typo is
+//! reported with the file, line and key instead of being silently ignored.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevloopFile {
+    /// Project name; default: the name of the folder that holds devloop.toml.
+    pub project: Option<String>,
+    /// Settings of `devloop up`.
+    #[serde(default)]
+    pub up: UpSection,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpSection {
+    /// What Ctrl-C does to the dev containers: "keep" (default) or "stop".
+    pub on_exit: Option<OnExit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExit {
+    Keep,
+    Stop,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    pub image: Option<String>,
+    pub build: Option<BuildSection>,
+    pub workdir: Option<String>,
+    pub command: Option<CommandLine>,
+    pub entrypoint: Option<CommandLine>,
+    pub ports: Option<Vec<String>>,
+    pub environment: Option<BTreeMap<String, String>>,
+    pub depends_on: Option<Vec<String>>,
+    pub sync: Option<SyncSection>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Sync node_modules too (excluded by default).
+    #[serde(default)]
+    pub include_node_modules: bool,
+    #[serde(default)]
+    pub on_change: Vec<RuleSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSection {
+    pub context: String,
+    pub dockerfile: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    /// Laptop folder, relative to the folder of devloop.toml.
+    pub from: String,
+    /// Absolute folder in the container.
+    pub to: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    pub paths: Vec<String>,
+    pub action: RuleAction,
+    /// With action = "run": the command to run before the restart.
+    pub run: Option<CommandLine>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    /// Copy the files only (for code the process reloads by itself, or static files).
+    Sync,
+    /// Copy, then restart the process.
+    Restart,
+    /// Copy, run a command in the container, then restart.
+    Run,
+}
+
+/// A command as a list (`["python3", "app.py"]`) or as one string split like a shell would.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CommandLine {
+    List(Vec<String>),
+    Shell(String),
+}
+
+impl CommandLine {
+    pub fn to_argv(&self) -> Result<Vec<String>, String> {
+        match self {
+            CommandLine::List(v) => Ok(v.clone()),
+            CommandLine::Shell(s) => shell_words::split(s).map_err(|e| format!("cannot split {s:?}: {e}")),
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! One service's sync, for as long as it runs: watch the laptop folder, reconcile with the
+//! agent after every (re)connect, then send each burst of edits and apply the service's
+//! live-update rules. Never loses an edit: events that arrive while disconnected are covered
+//! by the full reconcile after the reconnect, and a watcher overflow triggers one too.
+
+use devloop_proxy::tree::{Entry, Tree};
+use devloop_proxy::RelPath;
+use futures_util::future::BoxFuture;
+use notify::{RecursiveMode, Watcher};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::diff::{apply_to_model, diff, Change};
+use super::filter::{Filter, FilterSettings};
+use super::scan;
+use super::send::send_changes;
+use crate::agent_link::{AgentEvent, AgentLink, Connected};
+use crate::config::{Reaction, Rules};
+use crate::state::{now_ms, SyncLock, SyncStatus};
+use crate::ui::{human_bytes, human_ms, Ui};
+
+/// Opens a new authenticated connection to the service's agent; the string names the route
+/// (`direct 172.18.0.2:7717`, `docker exec`) for status and logs.
+pub trait Connector: Send + Sync {
+    fn connect(&self) -> BoxFuture<'_, anyhow::Result<(Connected, String)>>;
+}
+
+pub struct SyncSettings {
+    pub project: String,
+    pub service: String,
+    /// Laptop folder to mirror; None: no sync, only logs and process control.
+    pub laptop_dir: Option<PathBuf>,
+    pub filter: FilterSettings,
+    pub rules: Rules,
+    /// Whether to print the service's output.
+    pub show_logs: bool,
+}
+
+/// How long a burst of events must be quiet before it is sent, and the longest a burst is
+/// held back. A lone save goes out after about a millisecond.
+const QUIET: Duration = Duration::from_millis(1);
+/// When a burst deletes files, wait a little longer: editors that save by rename delete and
+/// re-create within a few milliseconds, and sending the gap would restart the service twice.
+const QUIET_AFTER_DELETE: Duration = Duration::from_millis(15);
+const MAX_HOLD: Duration = Duration::from_millis(100);
+
+enum WatchMsg {
+    Paths(Vec<PathBuf>),
+    Rescan(String),
+    Error(String),
+}
+
+/// Runs until `shutdown`. Errors only for what retrying cannot fix (the folder cannot be
+/// watched, another process syncs the service).
+pub async fn run(settings: SyncSettings, connector: Arc<dyn Connector>, ui: Ui, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let _lock = SyncLock::acquire(&settings.project, &settings.service)?;
+    let mut status = SyncStatus { pid: std::process::id(), started_at_ms: now_ms(), ..Default::default() };
+    let svc = settings.service.clone();
+
+    let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<WatchMsg>();
+    let mut _watcher = None;
+    if let Some(dir) = &settings.laptop_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("sync folder {} of `{svc}` does not exist; fix `sync.from` in devloop.toml", dir.display());
+        }
+        let tx = watch_tx.clone();
+        let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let msg = match res {
+                Ok(ev) if ev.need_rescan() => WatchMsg::Rescan("the watcher's event queue overflowed".into()),
+                Ok(ev) => WatchMsg::Paths(ev.paths),
+                Err(e) => match e.kind {
+                    notify::ErrorKind::MaxFilesWatch => WatchMsg::Error(
+                        "out of inotify watches: raise fs.inotify.max_user_watches (sysctl) or exclude large folders".into(),
+                    ),
+                    _ => WatchMsg::Rescan(format!("watcher error: {e}")),
+                },
+            };
+            let _ = tx.send(msg);
+        })?;
+        w.watch(dir, RecursiveMode::Recursive)
+            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+        _watcher = Some(w);
+    }
+    let root = settings.laptop_dir.clone();
+
+    let mut first = true;
+    let mut backoff = Duration::from_millis(100);
+    let mut announced_wait = false;
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let connected = tokio::select! {
+            r = connector.connect() => r,
+            _ = shutdown.cancelled() => break,
+        };
+        let (Connected { link, welcome, events }, route) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                if !announced_wait {
+                    ui.warn(&svc, format!("cannot reach the agent ({e:#}); retrying"));
+                    announced_wait = true;
+                }
+                status.connected = false;
+                status.errors = vec![format!("{e:#}")];
+                save(&settings, &status);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(3));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        announced_wait = false;
+        status.connected = true;
+        status.route = route.clone();
+        status.errors.clear();
+        if !first {
+            ui.info(&svc, format!("reconnected ({route}); reconciling"));
+        }
+        tracing::info!(service = %svc, %route, agent = %welcome.agent_version, "connected to agent");
+        if first && settings.show_logs {
+            for line in &welcome.recent_logs {
+                ui.log(&svc, line);
+            }
+        }
+        let log_task = tokio::spawn(forward_events(events, ui.clone(), svc.clone(), settings.show_logs));
+
+        let result = match &root {
+            Some(root) => session(&settings, root, &link, &mut watch_rx, &ui, &mut status, first, &shutdown).await,
+            None => {
+                tokio::select! {
+                    _ = link.closed() => Ok(()),
+                    _ = shutdown.cancelled() => Ok(()),
+                }
+            }
+        };
+        link.close();
+        log_task.abort();
+        first = false;
+        status.connected = false;
+        match result {
+            Ok(()) if shutdown.is_cancelled() => break,
+            Ok(()) => ui.warn(&svc, "connection to the agent lost; reconnecting (edits are kept and sent after)"),
+            Err(SessionEnd::Link(e)) => ui.warn(&svc, format!("connection to the agent lost ({e}); reconnecting (edits are kept and sent after)")),
+            Err(SessionEnd::Fatal(e)) => {
+                status.errors.push(format!("{e:#}"));
+                save(&settings, &status);
+                return Err(e);
+            }
+        }
+        save(&settings, &status);
+    }
+    status.connected = false;
+    status.stopped_at_ms = Some(now_ms());
+    save(&settings, &status);
+    Ok(())
+}
+
+enum SessionEnd {
+    Link(crate::agent_link::LinkError),
+    Fatal(anyhow::Error),
+}
+
+impl From<crate::agent_link::LinkError> for SessionEnd {
+    fn from(e: crate::agent_link::LinkError) -> Self {
+        SessionEnd::Link(e)
+    }
+}
+
+fn save(settings: &SyncSettings, status: &SyncStatus) {
+    if let Err(e) = crate::state::write_sync_status(&settings.project, &settings.service, status) {
+        tracing::warn!(error = %e, "cannot write sync status");
+    }
+}
+
+async fn forward_events(mut events: mpsc::Receiver<AgentEvent>, ui: Ui, svc: String, show: bool) {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            AgentEvent::Log(line) if show => ui.log(&svc, &line),
+            _ => {}
+        }
+    }
+}
+
+/// The laptop's tree and the filter that produced it, kept current by events.
+struct Laptop {
+    root: PathBuf,
+    filter: Filter,
+    tree: Tree,
+}
+
+impl Laptop {
+    async fn full_scan(root: &Path, settings: FilterSettings) -> anyhow::Result<(Laptop, Vec<String>)> {
+        let root = root.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let mut filter = Filter::new(&root, settings)?;
+            let (tree, errors) = scan::scan(&root, &mut filter);
+            Ok((Laptop { root, filter, tree }, errors))
+        })
+        .await?
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    settings: &SyncSettings,
+    root: &Path,
+    link: &AgentLink,
+    watch_rx: &mut mpsc::UnboundedReceiver<WatchMsg>,
+    ui: &Ui,
+    status: &mut SyncStatus,
+    first: bool,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionEnd> {
+    let svc = &settings.service;
+    // Everything queued so far is covered by the full reconcile below.
+    while watch_rx.try_recv().is_ok() {}
+    let mut known = Tree::new();
+    let mut laptop = reconcile(settings, root, link, ui, status, &mut known, first, true).await?;
+
+    loop {
+        let first_msg = tokio::select! {
+            m = watch_rx.recv() => m,
+            _ = link.closed() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let Some(first_msg) = first_msg else { return Ok(()) };
+        let started = Instant::now();
+        let mut paths: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut rescan: Option<String> = None;
+        let take = |m: WatchMsg, paths: &mut BTreeSet<PathBuf>, rescan: &mut Option<String>| match m {
+            WatchMsg::Paths(p) => paths.extend(p),
+            WatchMsg::Rescan(why) => *rescan = Some(why),
+            WatchMsg::Error(e) => ui.warn(svc, e),
+        };
+        take(first_msg, &mut paths, &mut rescan);
+        // Coalesce the burst.
+        loop {
+            let quiet = if paths.iter().any(|p| !p.exists()) { QUIET_AFTER_DELETE } else { QUIET };
+            tokio::time::sleep(quiet).await;
+            let mut got = false;
+            while let Ok(m) = watch_rx.try_recv() {
+                take(m, &mut paths, &mut rescan);
+                got = true;
+            }
+            if !got || started.elapsed() > MAX_HOLD {
+                break;
+            }
+        }
+        let rel: Vec<PathBuf> = paths.iter().filter_map(|p| p.strip_prefix(root).ok().map(Path::to_path_buf)).collect();
+        let rules_changed = rel.iter().any(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(Filter::is_rule_file));
+        if let Some(why) = rescan.or_else(|| rules_changed.then(|| "ignore rules changed".to_string())) {
+            tracing::info!(service = %svc, reason = %why, "full rescan");
+            laptop = reconcile(settings, root, link, ui, status, &mut known, false, false).await?;
+            continue;
+        }
+        // Update the laptop tree for each path, then diff only there.
+        let placeholder = Laptop { root: PathBuf::new(), filter: laptop.filter.clone(), tree: Tree::new() };
+        let mut lt = std::mem::replace(&mut laptop, placeholder);
+        let (lt_back, scope) = tokio::task::spawn_blocking(move || {
+            let mut scope = Vec::new();
+            for r in rel {
+                let Ok(path) = RelPath::from_path(&r) else { continue };
+                remove_under(&mut lt.tree, &path);
+                match scan::read_entry(&lt.root, &r, &lt.filter) {
+                    Ok(Some(entry)) => {
+                        let is_dir = matches!(entry, Entry::Dir { .. });
+                        lt.tree.insert(path.clone(), entry);
+                        if is_dir {
+                            let mut errors = Vec::new();
+                            scan::scan_into(&lt.root.clone(), &r, &mut lt.filter, &mut lt.tree, &mut errors);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(path = %r.display(), error = %e, "cannot read"),
+                }
+                scope.push(path);
+            }
+            (lt, scope)
+        })
+        .await
+        .map_err(|e| SessionEnd::Fatal(e.into()))?;
+        laptop = lt_back;
+        let changes = diff(&laptop.tree, &known, Some(&scope));
+        if changes.is_empty() {
+            continue;
+        }
+        status.pending = changes.len() as u64;
+        send_and_react(settings, root, link, ui, status, &mut known, changes, false).await?;
+    }
+}
+
+fn remove_under(tree: &mut Tree, path: &RelPath) {
+    let doomed: Vec<RelPath> = tree.range(path.clone()..).take_while(|(k, _)| k.starts_with(path)).map(|(k, _)| k.clone()).collect();
+    for k in doomed {
+        tree.remove(&k);
+    }
+}
+
+/// Full scan of both sides, then send the difference.
+#[allow(clippy::too_many_arguments)]
+async fn reconcile(
+    settings: &SyncSettings,
+    root: &Path,
+    link: &AgentLink,
+    ui: &Ui,
+    status: &mut SyncStatus,
+    known: &mut Tree,
+    initial: bool,
+    reindex: bool,
+) -> Result<Laptop, SessionEnd> {
+    let started = Instant::now();
+    let scan_fut = Laptop::full_scan(root, settings.filter.clone());
+    let (laptop, agent_tree) = if reindex || known.is_empty() {
+        let (l, a) = tokio::join!(scan_fut, link.index());
+        (l, Some(a?))
+    } else {
+        (scan_fut.await, None)
+    };
+    let (laptop, errors) = laptop.map_err(SessionEnd::Fatal)?;
+    for e in errors.iter().take(5) {
+        ui.warn(&settings.service, format!("not synced: {e}"));
+    }
+    status.errors = errors;
+    if let Some(agent_tree) = agent_tree {
+        // What the agent holds under ignored paths (a build output, node_modules installed
+        // in the container) is none of the sync's business: leave it alone.
+        *known = agent_tree
+            .into_iter()
+            .filter(|(p, e)| !laptop.filter.is_ignored(Path::new(p.as_str()), matches!(e, Entry::Dir { .. })))
+            .collect();
+    }
+    let changes = diff(&laptop.tree, known, None);
+    let scanned_ms = started.elapsed().as_millis() as u64;
+    status.pending = changes.len() as u64;
+    let count = changes.len();
+    if count > 0 {
+        send_and_react(settings, root, link, ui, status, known, changes, initial).await?;
+    }
+    let files = laptop.tree.values().filter(|e| matches!(e, Entry::File { .. })).count() as u64;
+    let bytes: u64 = laptop.tree.values().map(|e| if let Entry::File { size, .. } = e { *size } else { 0 }).sum();
+    status.files = files;
+    status.bytes = bytes;
+    status.pending = 0;
+    status.last_sync_ms = Some(now_ms());
+    save(settings, status);
+    if initial || count > 0 {
+        ui.info(
+            &settings.service,
+            format!(
+                "in sync: {files} files, {} ({} changes sent; {} total, scan {})",
+                human_bytes(bytes),
+                count,
+                human_ms(started.elapsed().as_millis() as u64),
+                human_ms(scanned_ms)
+            ),
+        );
+    }
+    Ok(laptop)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_and_react(
+    settings: &SyncSettings,
+    root: &Path,
+    link: &AgentLink,
+    ui: &Ui,
+    status: &mut SyncStatus,
+    known: &mut Tree,
+    changes: Vec<Change>,
+    initial: bool,
+) -> Result<(), SessionEnd> {
+    let svc = &settings.service;
+    let started = Instant::now();
+    let total: u64 = changes.iter().map(|c| if let Change::Put(_, _, s) = c { *s } else { 0 }).sum();
+    let bar = (total > 8 * 1024 * 1024).then(|| ui.bytes_bar(svc, if initial { "initial sync" } else { "sync" }, total));
+    let sent = send_changes(link, root, changes, |done, _| {
+        if let Some(b) = &bar {
+            b.set_position(done)
+        }
+    })
+    .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let sent = sent?;
+    for (change, entry) in &sent.applied {
+        apply_to_model(known, change, entry.as_ref());
+    }
+    status.last_sync_ms = Some(now_ms());
+    status.pending = 0;
+    let changed: Vec<&str> = sent.applied.iter().map(|(c, _)| c.path().as_str()).collect();
+    tracing::debug!(service = %svc, changes = changed.len(), bytes = sent.bytes, took_us = started.elapsed().as_micros() as u64, "synced");
+    if !initial && changed.len() <= 3 {
+        ui.info(svc, format!("synced {} ({})", changed.join(", "), human_ms(started.elapsed().as_millis() as u64)));
+    } else if !initial {
+        ui.info(svc, format!("synced {} changes, {} ({})", changed.len(), human_bytes(sent.bytes), human_ms(started.elapsed().as_millis() as u64)));
+    }
+    match settings.rules.reaction(changed.iter().copied()) {
+        Reaction::None => {}
+        Reaction::Restart => {
+            link.restart().await?;
+        }
+        Reaction::RunThenRestart(cmds) => {
+            for cmd in cmds {
+                ui.info(svc, format!("running {}", cmd.join(" ")));
+                match link.run(cmd.clone()).await? {
+                    Some(0) => {}
+                    code => ui.warn(svc, format!("`{}` exited with {code:?}", cmd.join(" "))),
+                }
+            }
+            link.restart().await?;
+        }
+    }
+    save(settings, status);
+    Ok(())
+}

@@ -1,0 +1,491 @@
+//! The Docker target: dev containers that run the service under the agent, with the synced
+//! tree in a volume, on a project network where each container answers to its service name.
+
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerSummary, EndpointSettings, HostConfig, Mount, MountType, NetworkCreateRequest,
+    NetworkingConfig, PortBinding, VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder, ListVolumesOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::engine::EngineChoice;
+use super::labels;
+use crate::agent_link::Transport;
+use crate::config::{Project, Service};
+
+/// Where the agent listens inside the container.
+pub const AGENT_PORT: u16 = 7717;
+/// Where the agent binary and the session token go in every container.
+pub const AGENT_DIR: &str = "/.devloop";
+pub const AGENT_PATH: &str = "/.devloop/devloop-agent";
+pub const TOKEN_PATH: &str = "/.devloop/token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("docker: {action}: {source}")]
+    Api { action: String, #[source] source: bollard::errors::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub fn api(action: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> DockerError {
+    let action = action.into();
+    move |source| DockerError::Api { action, source }
+}
+
+pub fn network_name(project: &str) -> String {
+    format!("devloop-{project}")
+}
+pub fn container_name(project: &str, service: &str) -> String {
+    format!("devloop-{project}-{service}")
+}
+pub fn volume_name(project: &str, service: &str) -> String {
+    format!("devloop-{project}-{service}-tree")
+}
+
+/// What `docker inspect` of an image tells devloop.
+#[derive(Debug, Clone, Default)]
+pub struct ImageFacts {
+    pub id: String,
+    pub cmd: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub workdir: Option<String>,
+}
+
+pub async fn image_facts(docker: &Docker, image: &str) -> Result<ImageFacts, DockerError> {
+    let i = docker.inspect_image(image).await.map_err(api(format!("inspecting image {image}")))?;
+    let cfg = i.config.unwrap_or_default();
+    Ok(ImageFacts {
+        id: i.id.unwrap_or_default(),
+        cmd: cfg.cmd.unwrap_or_default(),
+        entrypoint: cfg.entrypoint.unwrap_or_default(),
+        workdir: cfg.working_dir.filter(|w| !w.is_empty()),
+    })
+}
+
+/// The settings of one dev container, resolved from the service and its image.
+#[derive(Debug, Clone)]
+pub struct DevSpec {
+    pub project: String,
+    pub service: String,
+    pub image: String,
+    pub argv: Vec<String>,
+    pub workdir: String,
+    pub root: String,
+    pub has_sync: bool,
+    pub env: Vec<String>,
+    pub ports: Vec<crate::config::PortMapping>,
+}
+
+impl DevSpec {
+    pub fn new(project: &Project, service: &Service, image: &str, facts: &ImageFacts) -> Self {
+        // Docker's rule: overriding the entrypoint drops the image's cmd.
+        let entrypoint = service.entrypoint.clone().unwrap_or_else(|| facts.entrypoint.clone());
+        let cmd = match (&service.command, &service.entrypoint) {
+            (Some(c), _) => c.clone(),
+            (None, Some(_)) => Vec::new(),
+            (None, None) => facts.cmd.clone(),
+        };
+        let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+        let root = service.sync.as_ref().map(|s| s.container_dir.clone()).unwrap_or_else(|| format!("{AGENT_DIR}/no-sync"));
+        let workdir = service
+            .workdir
+            .clone()
+            .or_else(|| facts.workdir.clone())
+            .or_else(|| service.sync.as_ref().map(|s| s.container_dir.clone()))
+            .unwrap_or_else(|| "/".into());
+        DevSpec {
+            project: project.name.clone(),
+            service: service.name.clone(),
+            image: if facts.id.is_empty() { image.to_string() } else { facts.id.clone() },
+            argv,
+            workdir,
+            root,
+            has_sync: service.sync.is_some(),
+            env: service.environment.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            ports: service.ports.clone(),
+        }
+    }
+
+    /// Changes to any of these settings recreate the container.
+    pub fn hash(&self) -> String {
+        let text = format!(
+            "{}\0{:?}\0{}\0{}\0{}\0{:?}\0{:?}\0{}",
+            self.image, self.argv, self.workdir, self.root, self.has_sync, self.env, self.ports, devloop_proxy::CRATE_VERSION
+        );
+        devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(text.as_bytes()))[..16].to_string()
+    }
+
+    fn agent_cmd(&self) -> Vec<String> {
+        let mut cmd: Vec<String> = vec![
+            "dev".into(),
+            "--root".into(),
+            self.root.clone(),
+            "--listen".into(),
+            format!("0.0.0.0:{AGENT_PORT}"),
+            "--token-file".into(),
+            TOKEN_PATH.into(),
+            "--workdir".into(),
+            self.workdir.clone(),
+        ];
+        if !self.argv.is_empty() {
+            cmd.push("--".into());
+            cmd.extend(self.argv.iter().cloned());
+        }
+        cmd
+    }
+}
+
+pub async fn ensure_network(docker: &Docker, project: &str) -> Result<String, DockerError> {
+    let name = network_name(project);
+    let existing = docker
+        .list_networks(Some(ListNetworksOptionsBuilder::new().filters(&labels::filter(&[(labels::PROJECT, project)])).build()))
+        .await
+        .map_err(api("listing networks"))?;
+    if existing.iter().any(|n| n.name.as_deref() == Some(name.as_str())) {
+        return Ok(name);
+    }
+    docker
+        .create_network(NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".into()),
+            labels: Some(labels::base(project)),
+            ..Default::default()
+        })
+        .await
+        .map_err(api(format!("creating network {name}")))?;
+    Ok(name)
+}
+
+/// Containers of the project (all states), optionally of one kind.
+pub async fn list_project_containers(docker: &Docker, project: &str, kind: Option<&str>) -> Result<Vec<ContainerSummary>, DockerError> {
+    let mut pairs = vec![(labels::PROJECT, project)];
+    if let Some(k) = kind {
+        pairs.push((labels::KIND, k));
+    }
+    docker
+        .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&labels::filter(&pairs)).build()))
+        .await
+        .map_err(api("listing containers"))
+}
+
+pub fn label<'a>(c: &'a ContainerSummary, key: &str) -> Option<&'a str> {
+    c.labels.as_ref().and_then(|l| l.get(key)).map(|s| s.as_str())
+}
+
+pub fn is_running(c: &ContainerSummary) -> bool {
+    c.state.as_ref().map(|s| s.to_string() == "running").unwrap_or(false)
+}
+
+/// What `ensure_dev_container` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ensured {
+    Created,
+    Started,
+    AlreadyRunning,
+}
+
+/// Makes the service's dev container exist, match `spec` and run. Returns the container name.
+pub async fn ensure_dev_container(
+    docker: &Docker,
+    spec: &DevSpec,
+    agent_binary: &[u8],
+    token_store: &crate::state::TokenStore,
+) -> Result<(String, Ensured), DockerError> {
+    let name = container_name(&spec.project, &spec.service);
+    let hash = spec.hash();
+    let existing = list_project_containers(docker, &spec.project, Some(labels::KIND_DEV)).await?;
+    if let Some(c) = existing.iter().find(|c| label(c, labels::SERVICE) == Some(spec.service.as_str())) {
+        let id = c.id.clone().unwrap_or_default();
+        let same = label(c, labels::SPEC_HASH) == Some(hash.as_str());
+        if same && token_store.read(&name).is_some() {
+            if is_running(c) {
+                return Ok((name, Ensured::AlreadyRunning));
+            }
+            docker.start_container(&id, None).await.map_err(api(format!("starting {name}")))?;
+            return Ok((name, Ensured::Started));
+        }
+        tracing::info!(container = %name, "settings changed; recreating the dev container");
+        remove_container(docker, &id).await?;
+    }
+
+    let network = ensure_network(docker, &spec.project).await?;
+    let mut container_labels = labels::base(&spec.project);
+    container_labels.insert(labels::SERVICE.into(), spec.service.clone());
+    container_labels.insert(labels::KIND.into(), labels::KIND_DEV.into());
+    container_labels.insert(labels::AGENT_VERSION.into(), devloop_proxy::CRATE_VERSION.into());
+    container_labels.insert(labels::SPEC_HASH.into(), hash);
+
+    let mut mounts = Vec::new();
+    if spec.has_sync {
+        let volume = volume_name(&spec.project, &spec.service);
+        let mut vlabels = labels::base(&spec.project);
+        vlabels.insert(labels::SERVICE.into(), spec.service.clone());
+        docker
+            .create_volume(VolumeCreateRequest { name: Some(volume.clone()), labels: Some(vlabels), ..Default::default() })
+            .await
+            .map_err(api(format!("creating volume {volume}")))?;
+        mounts.push(Mount { target: Some(spec.root.clone()), source: Some(volume), typ: Some(MountType::VOLUME), ..Default::default() });
+    }
+    let mut port_bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    let mut exposed = Vec::new();
+    for p in &spec.ports {
+        let key = format!("{}/tcp", p.container_port);
+        exposed.push(key.clone());
+        if let Some(hp) = p.host_port {
+            port_bindings.entry(key).or_insert_with(|| Some(Vec::new())).get_or_insert_with(Vec::new).push(PortBinding {
+                host_ip: p.host_ip.clone(),
+                host_port: Some(hp.to_string()),
+            });
+        }
+    }
+    let mut endpoints = HashMap::new();
+    endpoints.insert(network.clone(), EndpointSettings { aliases: Some(vec![spec.service.clone()]), ..Default::default() });
+    let body = ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        entrypoint: Some(vec![AGENT_PATH.into()]),
+        cmd: Some(spec.agent_cmd()),
+        env: Some(spec.env.clone()),
+        working_dir: Some(spec.workdir.clone()),
+        labels: Some(container_labels),
+        exposed_ports: Some(exposed),
+        host_config: Some(HostConfig {
+            init: Some(true),
+            mounts: Some(mounts),
+            port_bindings: Some(port_bindings),
+            network_mode: Some(network.clone()),
+            ..Default::default()
+        }),
+        networking_config: Some(NetworkingConfig { endpoints_config: Some(endpoints) }),
+        ..Default::default()
+    };
+    let created = docker
+        .create_container(Some(CreateContainerOptionsBuilder::new().name(&name).build()), body)
+        .await
+        .map_err(api(format!("creating container {name}")))?;
+
+    let token = crate::state::new_token();
+    token_store.write(&name, &token).map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
+    let archive = agent_archive(agent_binary, &token).map_err(|e| DockerError::Other(format!("packing the agent: {e}")))?;
+    docker
+        .upload_to_container(
+            &created.id,
+            Some(UploadToContainerOptionsBuilder::new().path("/").build()),
+            bollard::body_full(archive.into()),
+        )
+        .await
+        .map_err(api(format!("copying the agent into {name}")))?;
+    docker.start_container(&created.id, None).await.map_err(api(format!("starting {name}")))?;
+    Ok((name, Ensured::Created))
+}
+
+/// A tar holding the agent binary and the token (readable by the container's root only).
+fn agent_archive(agent_binary: &[u8], token: &str) -> std::io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o711);
+    dir.set_size(0);
+    b.append_data(&mut dir, ".devloop/", std::io::empty())?;
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(agent_binary.len() as u64);
+    b.append_data(&mut h, ".devloop/devloop-agent", agent_binary)?;
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o600);
+    h.set_size(token.len() as u64);
+    b.append_data(&mut h, ".devloop/token", token.as_bytes())?;
+    b.into_inner()
+}
+
+pub async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerError> {
+    match docker.remove_container(id, Some(RemoveContainerOptionsBuilder::new().force(true).v(false).build())).await {
+        Ok(()) => Ok(()),
+        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+        Err(e) => Err(api(format!("removing container {id}"))(e)),
+    }
+}
+
+pub async fn stop_container(docker: &Docker, id: &str) -> Result<(), DockerError> {
+    docker
+        .stop_container(id, Some(StopContainerOptionsBuilder::new().t(5).build()))
+        .await
+        .map_err(api(format!("stopping container {id}")))
+}
+
+/// What `down` removed.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub containers: Vec<String>,
+    pub volumes: Vec<String>,
+    pub networks: Vec<String>,
+}
+
+/// Removes every container, volume and network labelled with the project (dev containers
+/// only; intercepts are ended with `leave`).
+pub async fn down(docker: &Docker, project: &str, keep_volumes: bool) -> Result<Removed, DockerError> {
+    let mut removed = Removed::default();
+    for c in list_project_containers(docker, project, Some(labels::KIND_DEV)).await? {
+        let id = c.id.clone().unwrap_or_default();
+        remove_container(docker, &id).await?;
+        removed.containers.push(c.names.and_then(|n| n.first().cloned()).unwrap_or(id).trim_start_matches('/').to_string());
+    }
+    if !keep_volumes {
+        let vols = docker
+            .list_volumes(Some(ListVolumesOptionsBuilder::new().filters(&labels::filter(&[(labels::PROJECT, project)])).build()))
+            .await
+            .map_err(api("listing volumes"))?;
+        for v in vols.volumes.unwrap_or_default() {
+            docker.remove_volume(&v.name, None::<bollard::query_parameters::RemoveVolumeOptions>).await.map_err(api(format!("removing volume {}", v.name)))?;
+            removed.volumes.push(v.name);
+        }
+    }
+    let nets = docker
+        .list_networks(Some(ListNetworksOptionsBuilder::new().filters(&labels::filter(&[(labels::PROJECT, project)])).build()))
+        .await
+        .map_err(api("listing networks"))?;
+    let others = list_project_containers(docker, project, None).await?;
+    if others.is_empty() {
+        for n in nets {
+            let name = n.name.unwrap_or_default();
+            docker.remove_network(&name).await.map_err(api(format!("removing network {name}")))?;
+            removed.networks.push(name);
+        }
+    }
+    Ok(removed)
+}
+
+/// How the cli reaches the agent of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentRoute {
+    /// TCP straight to the container's address on the project network.
+    Direct,
+    /// `docker exec devloop-agent bridge` through the engine's API.
+    Exec,
+}
+
+/// The container's address on the project network.
+pub async fn agent_address(docker: &Docker, container: &str, project: &str) -> Result<Option<SocketAddr>, DockerError> {
+    let info = docker.inspect_container(container, None).await.map_err(api(format!("inspecting {container}")))?;
+    let nets = info.network_settings.and_then(|n| n.networks).unwrap_or_default();
+    let ip = nets
+        .get(&network_name(project))
+        .or_else(|| nets.values().next())
+        .and_then(|n| n.ip_address.clone())
+        .filter(|ip| !ip.is_empty());
+    Ok(ip.and_then(|ip| ip.parse().ok()).map(|ip| SocketAddr::new(ip, AGENT_PORT)))
+}
+
+/// Opens a byte stream to the agent: directly when the engine is local and the address
+/// answers quickly, else through `docker exec`.
+pub async fn open_transport(
+    docker: &Docker,
+    engine: &EngineChoice,
+    container: &str,
+    project: &str,
+) -> Result<(Box<dyn TransportBox>, AgentRoute), DockerError> {
+    if engine.is_local() && std::env::var("DEVLOOP_AGENT_PATH").as_deref() != Ok("exec") {
+        if let Some(addr) = agent_address(docker, container, project).await? {
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+                let _ = s.set_nodelay(true);
+                return Ok((Box::new(s), AgentRoute::Direct));
+            }
+        }
+    }
+    Ok((Box::new(exec_transport(docker, container).await?), AgentRoute::Exec))
+}
+
+/// Object-safe form of [`Transport`] so both paths fit one type.
+pub trait TransportBox: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> TransportBox for T {}
+
+pub async fn exec_transport(docker: &Docker, container: &str) -> Result<impl Transport, DockerError> {
+    let exec = docker
+        .create_exec(
+            container,
+            CreateExecOptions {
+                attach_stdin: Some(true),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                tty: Some(false),
+                cmd: Some(vec![AGENT_PATH.to_string(), "bridge".into(), "--to".into(), format!("127.0.0.1:{AGENT_PORT}")]),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(api(format!("exec into {container}")))?;
+    match docker.start_exec(&exec.id, None).await.map_err(api(format!("starting exec in {container}")))? {
+        StartExecResults::Attached { output, input } => {
+            let reader = tokio_util::io::StreamReader::new(output.filter_map(|item| async move {
+                match item {
+                    Ok(bollard::container::LogOutput::StdOut { message }) => Some(Ok(message)),
+                    Ok(bollard::container::LogOutput::StdErr { message }) => {
+                        tracing::debug!(stderr = %String::from_utf8_lossy(&message), "agent bridge");
+                        None
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(Err(std::io::Error::other(e))),
+                }
+            }));
+            Ok(tokio::io::join(Box::pin(reader), input))
+        }
+        StartExecResults::Detached => Err(DockerError::Other("docker exec started detached".into())),
+    }
+}
+
+/// Reads the session token of a container from the container itself (for a laptop that lost
+/// its copy, e.g. another shell user or a wiped state folder). Only someone who can already
+/// run commands in the container can do this.
+pub async fn fetch_token(docker: &Docker, container: &str) -> Result<String, DockerError> {
+    let mut stream = docker.download_from_container(
+        container,
+        Some(bollard::query_parameters::DownloadFromContainerOptionsBuilder::new().path(TOKEN_PATH).build()),
+    );
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk.map_err(api(format!("reading the token of {container}")))?);
+    }
+    let mut archive = tar::Archive::new(&bytes[..]);
+    let entries = archive.entries().map_err(|e| DockerError::Other(e.to_string()))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| DockerError::Other(e.to_string()))?;
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut entry, &mut s).map_err(|e| DockerError::Other(e.to_string()))?;
+        return Ok(s.trim().to_string());
+    }
+    Err(DockerError::Other(format!("{container} holds no token")))
+}
+
+/// The static agent binary to copy into containers.
+pub fn find_agent_binary() -> Result<std::path::PathBuf, String> {
+    if let Ok(p) = std::env::var("DEVLOOP_AGENT_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut candidates = Vec::new();
+    if let Some(dir) = exe.parent() {
+        candidates.push(dir.join("devloop-agent"));
+        // In a cargo target folder: target/{debug,release}[/deps]/devloop -> target/x86_64-.../release.
+        for up in [dir.parent(), dir.parent().and_then(Path::parent)].into_iter().flatten() {
+            candidates.push(up.join("x86_64-unknown-linux-gnu/release/devloop-agent"));
+        }
+    }
+    for c in &candidates {
+        if c.is_file() && crate::elf::is_static(c).unwrap_or(false) {
+            return Ok(c.clone());
+        }
+    }
+    Err(format!(
+        "no static devloop-agent binary found (looked in {}); build it with `scripts/build-agent.sh` or set DEVLOOP_AGENT_BIN",
+        candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
+    ))
+}
