@@ -1,1 +1,140 @@
-fn main(){}
+//! The `devloop-agent` binary: argument parsing and the three modes. The work is in the
+//! library (`devloop_agent`).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use devloop_agent::{bridge, dev, DevAgent, DevConfig};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "devloop-agent", about = "The devloop agent: runs inside a container, applies synced files and supervises the service")]
+struct Args {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Apply file operations under --root, supervise CMD, serve the cli on --listen.
+    Dev(DevArgs),
+    /// Copy stdin to a TCP connection and the connection to stdout (used through `docker exec`).
+    Bridge {
+        /// The agent's address inside the container.
+        #[arg(long, default_value = "127.0.0.1:7717")]
+        to: SocketAddr,
+    },
+    /// Print the agent's version and protocol version.
+    Version,
+}
+
+#[derive(Debug, clap::Args)]
+struct DevArgs {
+    /// The sync root (created if missing).
+    #[arg(long)]
+    root: PathBuf,
+    /// Address of the WebSocket endpoint (path /devloop).
+    #[arg(long, default_value = "0.0.0.0:7717")]
+    listen: SocketAddr,
+    /// File holding the session token the cli created.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Working directory of CMD [default: the root].
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Milliseconds between SIGTERM and SIGKILL when the process is stopped or restarted.
+    #[arg(long, default_value_t = 2000)]
+    grace_ms: u64,
+    /// The command to supervise, without a shell.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Mode::Version = args.mode {
+        println!(
+            "devloop-agent {} (protocol {})",
+            devloop_proxy::CRATE_VERSION,
+            devloop_proxy::PROTOCOL_VERSION
+        );
+        return;
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: `docker logs` and the cli's captures stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("devloop-agent: error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match args.mode {
+            Mode::Dev(dev_args) => run_dev(dev_args).await,
+            Mode::Bridge { to } => bridge::run(to).await,
+            Mode::Version => Ok(()),
+        }
+    });
+    // Do not wait for blocking tasks such as a stdin read that will never end.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    if let Err(e) = result {
+        eprintln!("devloop-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    let token = dev::read_token(&args.token_file)?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let agent = DevAgent::start(DevConfig {
+        root: args.root,
+        listen: args.listen,
+        token,
+        workdir: args.workdir,
+        grace: Duration::from_millis(args.grace_ms),
+        command: args.command,
+        mirror_output: true,
+    })
+    .await?;
+    agent
+        .serve(async move {
+            tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            }
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_dev_command_line() {
+        let args = Args::try_parse_from([
+            "devloop-agent", "dev", "--root", "/app", "--listen", "0.0.0.0:7717", "--token-file", "/.devloop/token",
+            "--grace-ms", "500", "--", "python3", "-m", "http.server", "--bind", "0.0.0.0",
+        ])
+        .unwrap();
+        let Mode::Dev(dev) = args.mode else { panic!() };
+        assert_eq!(dev.root, PathBuf::from("/app"));
+        assert_eq!(dev.grace_ms, 500);
+        assert_eq!(dev.workdir, None);
+        assert_eq!(dev.command, ["python3", "-m", "http.server", "--bind", "0.0.0.0"]);
+        let args = Args::try_parse_from(["devloop-agent", "bridge"]).unwrap();
+        assert!(matches!(args.mode, Mode::Bridge { to } if to.port() == 7717));
+        assert!(Args::try_parse_from(["devloop-agent", "dev", "--root", "/app"]).is_err());
+    }
+}

@@ -1,1 +1,295 @@
+//! Harness for the end-to-end tests: a copy of examples/shop under a unique project name per
+//! test, the real `devloop` binary, the real Docker engine, and cleanup by label.
+//!
+//! The tests need a Docker engine and fail (never skip) without one. They need the cli
+//! (`cargo build -p devloop`) and the static agent (`scripts/build-agent.sh`) built first;
+//! `scripts/test.sh` does both.
 #![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TEST_RUN_LABEL: &str = "dev.devloop.test-run";
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The `devloop` binary of this build.
+pub fn devloop_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/e2e-xxxx -> target/debug/devloop
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("devloop");
+    assert!(bin.is_file(), "{} is missing: run `cargo build -p devloop` first (scripts/test.sh does)", bin.display());
+    bin
+}
+
+pub fn agent_bin() -> PathBuf {
+    let p = workspace().join("target/x86_64-unknown-linux-gnu/release/devloop-agent");
+    assert!(p.is_file(), "{} is missing: run scripts/build-agent.sh first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// Fails the test (never skips it) when the engine cannot be reached.
+pub fn require_docker() {
+    let out = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!("these tests need a Docker engine and `docker info` failed: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => panic!("these tests need a Docker engine and the docker CLI: {e}"),
+    }
+}
+
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker").args(args).output().expect("run docker")
+}
+
+pub fn docker_ok(args: &[&str]) -> String {
+    let o = docker(args);
+    assert!(o.status.success(), "docker {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// The example's base image, built once per machine (under a lock, since test binaries run
+/// as separate processes): devloop would build it on first use too, but two tests racing
+/// to debootstrap the same image would only waste minutes.
+pub fn ensure_base_image() {
+    let lock_path = std::env::temp_dir().join("devloop-test-base.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).expect("lock file");
+    let _lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+    if docker(&["image", "inspect", "python:3.11-slim-bookworm"]).status.success() {
+        return;
+    }
+    let status = Command::new("bash")
+        .arg(workspace().join("images/base/build-base.sh"))
+        .arg("python:3.11-slim-bookworm")
+        .status()
+        .expect("run build-base.sh");
+    assert!(status.success(), "building the offline base image failed");
+}
+
+/// A copy of examples/shop with its own project name; everything devloop makes for it is
+/// removed when this is dropped.
+pub struct Shop {
+    pub dir: tempfile::TempDir,
+    pub project: String,
+    pub state: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+impl Shop {
+    /// `ports`: whether to keep the published host ports (only one test at a time can).
+    pub fn new(name: &str, keep_ports: bool) -> Shop {
+        require_docker();
+        ensure_base_image();
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&workspace().join("examples/shop"), dir.path());
+        let project = format!("t{}-{name}", std::process::id());
+        let cfg = dir.path().join("devloop.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, format!("project = \"{project}\"\n{text}")).unwrap();
+        if !keep_ports {
+            // Published ports would collide between tests running side by side.
+            let compose = dir.path().join("docker-compose.yml");
+            let text = std::fs::read_to_string(&compose).unwrap();
+            let text: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("ports:") && !l.trim_start().starts_with("- \"8080:8080\""))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&compose, text).unwrap();
+        }
+        let state = tempfile::tempdir().unwrap();
+        Shop { dir, project, state, children: Vec::new() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(devloop_bin());
+        c.args(args)
+            .current_dir(self.path())
+            .env("DEVLOOP_STATE_DIR", self.state.path())
+            .env("DEVLOOP_AGENT_BIN", agent_bin())
+            .env("DEVLOOP_TEST_RUN", &self.project)
+            .env("NO_COLOR", "1");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run devloop")
+    }
+
+    pub fn run_ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "devloop {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Starts a long-running devloop command with its output in a file; returns the file.
+    pub fn spawn(&mut self, args: &[&str]) -> PathBuf {
+        let log = self.state.path().join(format!("{}.log", args.join("-")));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = self.cmd(args).stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null()).spawn().expect("spawn devloop");
+        self.children.push(child);
+        log
+    }
+
+    /// Sends SIGINT to the spawned commands and waits for them.
+    pub fn interrupt_all(&mut self) -> Vec<std::process::ExitStatus> {
+        let mut out = Vec::new();
+        for mut c in self.children.drain(..) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Ok(Some(s)) = c.try_wait() {
+                    out.push(s);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    out.push(c.wait().unwrap());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        out
+    }
+
+    pub fn container(&self, service: &str) -> String {
+        format!("devloop-{}-{service}", self.project)
+    }
+
+    /// Runs a command in the service's dev container.
+    pub fn exec(&self, service: &str, cmd: &[&str]) -> Output {
+        let c = self.container(service);
+        let mut args = vec!["exec", c.as_str()];
+        args.extend_from_slice(cmd);
+        docker(&args)
+    }
+
+    /// An HTTP GET from inside a container of the project (python's urllib; no curl needed).
+    pub fn http_get(&self, from_service: &str, url: &str) -> Option<String> {
+        let script = format!(
+            "import urllib.request,sys\ntry:\n  print(urllib.request.urlopen('{url}', timeout=3).read().decode())\nexcept Exception as e:\n  print('ERR', e); sys.exit(1)"
+        );
+        let o = self.exec(from_service, &["python3", "-c", &script]);
+        o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    }
+
+    /// Objects (containers, volumes, networks) that carry this test's label.
+    pub fn leftovers(&self) -> Vec<String> {
+        let filter = format!("label={TEST_RUN_LABEL}={}", self.project);
+        let mut all = Vec::new();
+        for kind in [["ps", "-a", "--format", "{{.Names}}"], ["volume", "ls", "-q", ""], ["network", "ls", "--format", "{{.Name}}"]] {
+            let mut args: Vec<&str> = kind.iter().copied().filter(|a| !a.is_empty()).collect();
+            args.extend(["--filter", &filter]);
+            let out = docker_ok(&args);
+            all.extend(out.lines().filter(|l| !l.is_empty()).map(|l| format!("{} {l}", kind[0])));
+        }
+        all
+    }
+}
+
+impl Drop for Shop {
+    fn drop(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let filter = format!("label={TEST_RUN_LABEL}={}", self.project);
+        let ids = docker(&["ps", "-aq", "--filter", &filter]);
+        for id in String::from_utf8_lossy(&ids.stdout).lines() {
+            let _ = docker(&["rm", "-f", id]);
+        }
+        let vols = docker(&["volume", "ls", "-q", "--filter", &filter]);
+        for v in String::from_utf8_lossy(&vols.stdout).lines() {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+        let nets = docker(&["network", "ls", "-q", "--filter", &filter]);
+        for n in String::from_utf8_lossy(&nets.stdout).lines() {
+            let _ = docker(&["network", "rm", n]);
+        }
+        for svc in ["api", "web"] {
+            let _ = docker(&["rmi", &format!("devloop-{}-{svc}:dev", self.project)]);
+        }
+    }
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the log file contains `needle`; panics with the log otherwise.
+pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
+    let found = wait_for(timeout, || std::fs::read_to_string(log).ok().filter(|t| t.contains(needle)).map(|_| ()));
+    if found.is_none() {
+        panic!("`{needle}` did not appear in {} within {timeout:?}:\n{}", log.display(), std::fs::read_to_string(log).unwrap_or_default());
+    }
+}
+
+/// The session token devloop stored for a container.
+pub fn token_of(shop: &Shop, service: &str) -> String {
+    std::fs::read_to_string(shop.state.path().join("tokens").join(shop.container(service))).expect("token file").trim().to_string()
+}
+
+/// The agent's address on the project network.
+pub fn agent_addr(shop: &Shop, service: &str) -> std::net::SocketAddr {
+    let fmt = format!("{{{{(index .NetworkSettings.Networks \"devloop-{}\").IPAddress}}}}", shop.project);
+    let ip = docker_ok(&["inspect", "-f", &fmt, &shop.container(service)]);
+    format!("{ip}:7717").parse().expect("container address")
+}
+
+/// Tree hashes of the laptop folder (as the sync filters it) and of the agent's root.
+pub async fn tree_hashes(shop: &Shop, service: &str) -> ([u8; 32], [u8; 32]) {
+    use devloop::sync::filter::{Filter, FilterSettings};
+    let root = shop.path().join(service);
+    let settings = FilterSettings { excludes: vec!["__pycache__/".into(), "*.pyc".into()], include_node_modules: false };
+    let mut filter = Filter::new(&root, settings).unwrap();
+    let (laptop, _) = devloop::sync::scan::scan(&root, &mut filter);
+    let stream = tokio::net::TcpStream::connect(agent_addr(shop, service)).await.unwrap();
+    let c = devloop::agent_link::AgentLink::connect(stream, &token_of(shop, service)).await.unwrap();
+    let agent: devloop_proxy::tree::Tree = c
+        .link
+        .index()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(p, e)| !filter.is_ignored(Path::new(p.as_str()), matches!(e, devloop_proxy::tree::Entry::Dir { .. })))
+        .collect();
+    c.link.close();
+    (devloop_proxy::tree::tree_hash(&laptop), devloop_proxy::tree::tree_hash(&agent))
+}

@@ -71,6 +71,9 @@ pub async fn run(settings: SyncSettings, connector: Arc<dyn Connector>, ui: Ui, 
         let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let msg = match res {
                 Ok(ev) if ev.need_rescan() => WatchMsg::Rescan("the watcher's event queue overflowed".into()),
+                // Reads (ours included: the scan opens every file) change nothing; only a
+                // close after writing says a write finished.
+                Ok(ev) if is_read_only(&ev.kind) => return,
                 Ok(ev) => WatchMsg::Paths(ev.paths),
                 Err(e) => match e.kind {
                     notify::ErrorKind::MaxFilesWatch => WatchMsg::Error(
@@ -161,6 +164,11 @@ pub async fn run(settings: SyncSettings, connector: Arc<dyn Connector>, ui: Ui, 
     status.stopped_at_ms = Some(now_ms());
     save(&settings, &status);
     Ok(())
+}
+
+fn is_read_only(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    matches!(kind, EventKind::Access(a) if !matches!(a, AccessKind::Close(AccessMode::Write)))
 }
 
 enum SessionEnd {

@@ -395,9 +395,17 @@ pub async fn open_transport(
 ) -> Result<(Box<dyn TransportBox>, AgentRoute), DockerError> {
     if engine.is_local() && std::env::var("DEVLOOP_AGENT_PATH").as_deref() != Ok("exec") {
         if let Some(addr) = agent_address(docker, container, project).await? {
-            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
-                let _ = s.set_nodelay(true);
-                return Ok((Box::new(s), AgentRoute::Direct));
+            match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok((Box::new(s), AgentRoute::Direct));
+                }
+                // The address answers but nothing listens yet: the agent is still starting.
+                // Retrying the fast route beats settling for the slow one.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    return Err(DockerError::Other(format!("the agent at {addr} is not listening yet")));
+                }
+                _ => tracing::info!(%addr, "container address unreachable; using docker exec"),
             }
         }
     }
