@@ -103,4 +103,11 @@ fn atomic_rename_save_arrives() {
     let o = shop.exec("api", &["sh", "-c", "ls -a /app | grep -c swp || true"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "0", "editor temp files must not be synced");
     shop.interrupt_all();
+
+    // A laptop that lost its copy of the token (another shell user, a wiped state folder)
+    // reads it back from the container through the engine and reaches the agent again.
+    std::fs::remove_dir_all(shop.state.path().join("tokens")).unwrap();
+    let status = shop.run_ok(&["status"]);
+    assert!(status.contains("running (pid"), "{status}");
+    assert!(shop.state.path().join("tokens").join(shop.container("api")).is_file());
 }

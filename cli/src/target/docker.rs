@@ -463,14 +463,14 @@ pub async fn fetch_token(docker: &Docker, container: &str) -> Result<String, Doc
         bytes.extend_from_slice(&chunk.map_err(api(format!("reading the token of {container}")))?);
     }
     let mut archive = tar::Archive::new(&bytes[..]);
-    let entries = archive.entries().map_err(|e| DockerError::Other(e.to_string()))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| DockerError::Other(e.to_string()))?;
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut entry, &mut s).map_err(|e| DockerError::Other(e.to_string()))?;
-        return Ok(s.trim().to_string());
-    }
-    Err(DockerError::Other(format!("{container} holds no token")))
+    let mut entries = archive.entries().map_err(|e| DockerError::Other(e.to_string()))?;
+    let Some(entry) = entries.next() else {
+        return Err(DockerError::Other(format!("{container} holds no token")));
+    };
+    let mut entry = entry.map_err(|e| DockerError::Other(e.to_string()))?;
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut entry, &mut s).map_err(|e| DockerError::Other(e.to_string()))?;
+    Ok(s.trim().to_string())
 }
 
 /// The static agent binary to copy into containers.
