@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Any byte stream to the agent: a TCP socket or a `docker exec` stream.
@@ -43,7 +44,7 @@ pub enum AgentEvent {
 
 enum Pending {
     Ack(oneshot::Sender<Outcome>),
-    Index(Tree, oneshot::Sender<Tree>),
+    Index(Tree, oneshot::Sender<Result<Tree, String>>),
     Pong(oneshot::Sender<()>),
 }
 
@@ -119,7 +120,11 @@ impl AgentLink {
                         }
                         None => { let _ = sink.close().await; break; }
                     },
-                    _ = writer_closed.cancelled() => break,
+                    _ = writer_closed.cancelled() => {
+                        let frame = CloseFrame { code: CloseCode::Normal, reason: "devloop cli closing".into() };
+                        let _ = tokio::time::timeout(Duration::from_millis(200), sink.send(Message::Close(Some(frame)))).await;
+                        break;
+                    }
                 }
             }
             writer_closed.cancel();
@@ -153,11 +158,20 @@ impl AgentLink {
                     AgentMsg::Process(p) => {
                         let _ = event_tx.try_send(AgentEvent::Process(p));
                     }
-                    AgentMsg::Ack { req, outcome } => {
-                        if let Some(Pending::Ack(tx)) = lock(&reader_pending).remove(&req) {
+                    AgentMsg::Ack { req, outcome } => match lock(&reader_pending).remove(&req) {
+                        Some(Pending::Ack(tx)) => {
                             let _ = tx.send(outcome);
                         }
-                    }
+                        // An index request the agent could not answer (its root unreadable).
+                        Some(Pending::Index(_, tx)) => {
+                            let error = match outcome {
+                                Outcome::Failed { error } => error,
+                                other => format!("unexpected answer to an index request: {other:?}"),
+                            };
+                            let _ = tx.send(Err(error));
+                        }
+                        _ => {}
+                    },
                     AgentMsg::Index { req, entries, last } => {
                         let mut map = lock(&reader_pending);
                         if let Some(Pending::Index(tree, _)) = map.get_mut(&req) {
@@ -165,7 +179,7 @@ impl AgentLink {
                         }
                         if last {
                             if let Some(Pending::Index(tree, tx)) = map.remove(&req) {
-                                let _ = tx.send(tree);
+                                let _ = tx.send(Ok(tree));
                             }
                         }
                     }
@@ -208,7 +222,7 @@ impl AgentLink {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(req, Pending::Index(Tree::new(), tx));
         self.send(&LaptopMsg::Index { req }).await?;
-        rx.await.map_err(|_| LinkError::Closed)
+        rx.await.map_err(|_| LinkError::Closed)?.map_err(LinkError::Failed)
     }
 
     /// Applies `ops` in order; Ok(number applied).

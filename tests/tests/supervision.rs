@@ -55,3 +55,31 @@ fn intercepted_service_is_left_alone() {
     assert!(status.contains("INTERCEPTED"), "{status}");
     shop.interrupt_all();
 }
+
+/// A `run` rule whose command cannot start is reported, and the sync goes on: it is not
+/// mistaken for a lost connection.
+#[test]
+fn failing_run_rule_is_reported_and_sync_continues() {
+    let mut shop = Shop::new("runfail", false);
+    std::fs::write(
+        shop.path().join("devloop.toml"),
+        format!(
+            "project = \"{}\"\n[services.api]\nsync = {{ from = \"api\", to = \"/app\" }}\non_change = [{{ paths = [\"*.txt\"], action = \"run\", run = [\"/no/such/command\"] }}, {{ paths = [\"*.md\"], action = \"sync\" }}]\n",
+            shop.project
+        ),
+    )
+    .unwrap();
+    let log = shop.spawn(&["up", "api", "--no-logs"]);
+    wait_for_log(&log, "in sync", Duration::from_secs(240));
+    std::fs::write(shop.path().join("api/trigger.txt"), "x").unwrap();
+    wait_for_log(&log, "/no/such/command", Duration::from_secs(10));
+    std::fs::write(shop.path().join("api/after.md"), "still syncing").unwrap();
+    let ok = wait_for(Duration::from_secs(10), || {
+        let o = shop.exec("api", &["cat", "/app/after.md"]);
+        (String::from_utf8_lossy(&o.stdout) == "still syncing").then_some(())
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(ok.is_some(), "sync stopped after a failed run rule:\n{text}");
+    assert!(!text.contains("connection to the agent lost"), "a refusal was taken for a lost connection:\n{text}");
+    shop.interrupt_all();
+}

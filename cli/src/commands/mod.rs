@@ -60,8 +60,24 @@ impl DockerConnector {
             docker::AgentRoute::Direct => "direct".to_string(),
             docker::AgentRoute::Exec => "docker exec".to_string(),
         };
-        let connected = AgentLink::connect(io, &token).await.with_context(|| format!("connecting to the agent in {}", self.container))?;
-        Ok((connected, route))
+        match AgentLink::connect(io, &token).await {
+            Ok(connected) => Ok((connected, route)),
+            // The container was recreated from another shell or machine: its token is not
+            // the one saved here. Read the current one back once and retry.
+            Err(crate::agent_link::LinkError::Refused(reason)) if reason.contains("token") => {
+                let fresh = docker::fetch_token(&self.docker, &self.container).await?;
+                if fresh == token {
+                    anyhow::bail!("the agent in {} refused its own token: {reason}", self.container);
+                }
+                tokens.write(&self.container, &fresh).context("saving the session token")?;
+                let (io, _) = docker::open_transport(&self.docker, &self.engine, &self.container, &self.project).await?;
+                let connected = AgentLink::connect(io, &fresh)
+                    .await
+                    .with_context(|| format!("connecting to the agent in {}", self.container))?;
+                Ok((connected, route))
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("connecting to the agent in {}", self.container))),
+        }
     }
 }
 

@@ -77,7 +77,8 @@ impl ComposeEnv {
                 .iter()
                 .map(|(k, v)| {
                     let v = match v {
-                        None | Some(serde_yaml_ng::Value::Null) => String::new(),
+                        // As compose does: a name without a value takes the laptop's.
+                        None | Some(serde_yaml_ng::Value::Null) => std::env::var(k).unwrap_or_default(),
                         Some(serde_yaml_ng::Value::String(s)) => s.clone(),
                         Some(serde_yaml_ng::Value::Number(n)) => n.to_string(),
                         Some(serde_yaml_ng::Value::Bool(b)) => b.to_string(),
@@ -90,7 +91,7 @@ impl ComposeEnv {
                 .iter()
                 .map(|kv| match kv.split_once('=') {
                     Some((k, v)) => (k.to_string(), v.to_string()),
-                    None => (kv.clone(), String::new()),
+                    None => (kv.clone(), std::env::var(kv).unwrap_or_default()),
                 })
                 .collect(),
         }

@@ -290,6 +290,9 @@ pub fn resolve(
                 if !s.to.starts_with('/') {
                     return Err(invalid(format!("sync.to must be an absolute container path, not {:?}", s.to)));
                 }
+                if s.to.trim_end_matches('/').is_empty() {
+                    return Err(invalid("sync.to cannot be the container's root `/`: name the folder the service's files live in".into()));
+                }
                 let laptop_dir = dir.join(&s.from);
                 Some(SyncMapping { laptop_dir, container_dir: s.to.trim_end_matches('/').to_string() })
             }
@@ -340,7 +343,8 @@ pub fn resolve(
     })
 }
 
-/// Dependencies first; ties keep their file order. Err names a service in a cycle.
+/// Dependencies first; otherwise in name order (the files are read into sorted maps).
+/// Err names a service in a cycle.
 fn order_by_dependencies(mut pending: Vec<Service>) -> Result<Vec<Service>, String> {
     let mut done: Vec<Service> = Vec::new();
     while !pending.is_empty() {

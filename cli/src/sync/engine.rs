@@ -301,8 +301,39 @@ async fn session(
             continue;
         }
         status.pending = changes.len() as u64;
-        send_and_react(settings, root, link, ui, status, &mut known, changes, false).await?;
+        let result = send_and_react(settings, root, link, ui, status, &mut known, changes, false).await;
+        absorb_refusal(result, settings, link, ui, status, &mut known, &laptop.filter).await?;
     }
+}
+
+/// The agent refused an operation (a path it will not write, a command it cannot start):
+/// that is not a broken connection, so say it, record it for `status`, learn what the agent
+/// holds now, and go on. Other errors pass through.
+async fn absorb_refusal(
+    result: Result<(), SessionEnd>,
+    settings: &SyncSettings,
+    link: &AgentLink,
+    ui: &Ui,
+    status: &mut SyncStatus,
+    known: &mut Tree,
+    filter: &Filter,
+) -> Result<(), SessionEnd> {
+    match result {
+        Err(SessionEnd::Link(crate::agent_link::LinkError::Failed(error))) => {
+            ui.warn(&settings.service, format!("the agent refused part of the sync: {error}"));
+            status.errors.push(error);
+            save(settings, status);
+            *known = filtered(link.index().await?, filter);
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// What the agent holds under ignored paths (a build output, node_modules installed in the
+/// container) is none of the sync's business: it is left out, so it is never deleted.
+fn filtered(agent_tree: Tree, filter: &Filter) -> Tree {
+    agent_tree.into_iter().filter(|(p, e)| !filter.is_ignored(Path::new(p.as_str()), matches!(e, Entry::Dir { .. }))).collect()
 }
 
 fn remove_under(tree: &mut Tree, path: &RelPath) {
@@ -338,19 +369,15 @@ async fn reconcile(
     }
     status.errors = errors;
     if let Some(agent_tree) = agent_tree {
-        // What the agent holds under ignored paths (a build output, node_modules installed
-        // in the container) is none of the sync's business: leave it alone.
-        *known = agent_tree
-            .into_iter()
-            .filter(|(p, e)| !laptop.filter.is_ignored(Path::new(p.as_str()), matches!(e, Entry::Dir { .. })))
-            .collect();
+        *known = filtered(agent_tree, &laptop.filter);
     }
     let changes = diff(&laptop.tree, known, None);
     let scanned_ms = started.elapsed().as_millis() as u64;
     status.pending = changes.len() as u64;
     let count = changes.len();
     if count > 0 {
-        send_and_react(settings, root, link, ui, status, known, changes, initial).await?;
+        let result = send_and_react(settings, root, link, ui, status, known, changes, initial).await;
+        absorb_refusal(result, settings, link, ui, status, known, &laptop.filter).await?;
     }
     let files = laptop.tree.values().filter(|e| matches!(e, Entry::File { .. })).count() as u64;
     let bytes: u64 = laptop.tree.values().map(|e| if let Entry::File { size, .. } = e { *size } else { 0 }).sum();

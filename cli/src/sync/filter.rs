@@ -57,12 +57,6 @@ impl Filter {
     /// meets them.
     pub fn new(root: &Path, settings: FilterSettings) -> Result<Self, FilterError> {
         let mut b = GitignoreBuilder::new(root);
-        for rule in DEFAULT_EXCLUDES {
-            add_line(&mut b, rule, "built-in excludes")?;
-        }
-        if !settings.include_node_modules {
-            add_line(&mut b, "node_modules/", "built-in excludes")?;
-        }
         for (name, _) in ROOT_IGNORE_FILES {
             let path = root.join(name);
             if path.is_file() {
@@ -74,6 +68,13 @@ impl Filter {
         for rule in &settings.excludes {
             add_line(&mut b, rule, "devloop.toml exclude")?;
         }
+        // Last, so they win: no `!` line in an ignore file can bring .git back, and the
+        // config's node_modules switch beats a .gitignore that lists node_modules.
+        for rule in DEFAULT_EXCLUDES {
+            add_line(&mut b, rule, "built-in excludes")?;
+        }
+        let node_modules = if settings.include_node_modules { "!node_modules/" } else { "node_modules/" };
+        add_line(&mut b, node_modules, "built-in excludes")?;
         let root_matcher = b.build().map_err(|e| FilterError::Rule { file: root.display().to_string(), message: e.to_string() })?;
         let mut matchers = BTreeMap::new();
         matchers.insert(PathBuf::new(), root_matcher);
@@ -193,6 +194,16 @@ mod tests {
         assert!(f.is_ignored(Path::new("sub/a.tmp"), false));
         assert!(f.is_ignored(Path::new("sub/deeper/a.tmp"), false));
         assert!(!f.is_ignored(Path::new("a.tmp"), false));
+    }
+
+    #[test]
+    fn built_in_rules_win_over_ignore_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(".gitignore"), "!.git/\nnode_modules/\n").unwrap();
+        let f = filter(d.path(), &[]);
+        assert!(f.is_ignored(Path::new(".git/HEAD"), false));
+        let f = Filter::new(d.path(), FilterSettings { excludes: vec![], include_node_modules: true }).unwrap();
+        assert!(!f.is_ignored(Path::new("node_modules/x.js"), false));
     }
 
     #[test]

@@ -241,12 +241,13 @@ pub async fn ensure_dev_container(
     for p in &spec.ports {
         let key = format!("{}/tcp", p.container_port);
         exposed.push(key.clone());
-        if let Some(hp) = p.host_port {
-            port_bindings.entry(key).or_insert_with(|| Some(Vec::new())).get_or_insert_with(Vec::new).push(PortBinding {
-                host_ip: p.host_ip.clone(),
-                host_port: Some(hp.to_string()),
-            });
-        }
+        // No host port: the engine picks a free one, as compose does.
+        let host_port = p.host_port.map(|hp| hp.to_string()).unwrap_or_default();
+        port_bindings
+            .entry(key)
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_with(Vec::new)
+            .push(PortBinding { host_ip: p.host_ip.clone(), host_port: Some(host_port) });
     }
     let mut endpoints = HashMap::new();
     endpoints.insert(network.clone(), EndpointSettings { aliases: Some(vec![spec.service.clone()]), ..Default::default() });
