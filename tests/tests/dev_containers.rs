@@ -111,3 +111,72 @@ fn atomic_rename_save_arrives() {
     assert!(status.contains("running (pid"), "{status}");
     assert!(shop.state.path().join("tokens").join(shop.container("api")).is_file());
 }
+
+/// `devloop sync SVC` after `up` has ended: the container is reused and the sync resumes,
+/// and status tells syncing from stale.
+#[test]
+fn sync_command_resumes_a_stopped_sync() {
+    let mut shop = Shop::new("resume", false);
+    let log = shop.spawn(&["up", "api", "--no-logs"]);
+    wait_for_log(&log, "in sync", Duration::from_secs(240));
+    shop.interrupt_all();
+    // Edited while nobody syncs: the container cannot know yet.
+    std::fs::write(shop.path().join("api/offline.txt"), "edited while not syncing").unwrap();
+    let status = shop.run_ok(&["status"]);
+    assert!(status.contains("NOT SYNCING"), "{status}");
+
+    let log = shop.spawn(&["sync", "api", "--no-logs"]);
+    wait_for_log(&log, "in sync", Duration::from_secs(30));
+    let o = shop.exec("api", &["cat", "/app/offline.txt"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "edited while not syncing", "the reconcile missed an offline edit");
+    let status = shop.run_ok(&["status"]);
+    assert!(status.contains("syncing (pid"), "{status}");
+    // A second sync of the same service is refused while one runs.
+    let second = shop.run(&["sync", "api"]);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already syncing"), "{}", String::from_utf8_lossy(&second.stderr));
+    shop.interrupt_all();
+
+    // `up` again reuses the running container.
+    let log = shop.spawn(&["up", "api", "--no-logs"]);
+    wait_for_log(&log, "in sync", Duration::from_secs(60));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("devloop-") && std::fs::read_to_string(&log).unwrap().contains(" running ("));
+    shop.interrupt_all();
+}
+
+/// `doctor` passes on a healthy project and, for each problem, fails naming the fix.
+#[test]
+fn doctor_names_problems_and_fixes() {
+    let shop = Shop::new("doctor", false);
+    let out = shop.run_ok(&["doctor"]);
+    assert!(out.contains("ok    docker engine"), "{out}");
+    assert!(out.contains("ok    agent binary"), "{out}");
+    assert!(out.contains("all checks passed"), "{out}");
+
+    // A typo in devloop.toml: named with file, line and key.
+    let cfg = shop.path().join("devloop.toml");
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{good}\n[services.extra]\nimage = \"python:3.11-slim-bookworm\"\nexlcude = [\"x\"]\n")).unwrap();
+    let o = shop.run(&["doctor"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success());
+    assert!(text.contains("FAIL  config") && text.contains("devloop.toml") && text.contains("exlcude") && text.contains("line"), "{text}");
+    std::fs::write(&cfg, &good).unwrap();
+
+    // A port in use by something else.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let compose = shop.path().join("docker-compose.yml");
+    let text = std::fs::read_to_string(&compose).unwrap();
+    std::fs::write(&compose, text.replace("    build: ./web\n", &format!("    build: ./web\n    ports: [\"127.0.0.1:{port}:8080\"]\n"))).unwrap();
+    let o = shop.run(&["doctor"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "{text}");
+    assert!(text.contains(&format!("FAIL  web port {port}")) && text.contains("fix:"), "{text}");
+
+    // No agent binary.
+    let o = shop.cmd(&["doctor"]).env("DEVLOOP_AGENT_BIN", "/nonexistent/devloop-agent").output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success());
+    assert!(text.contains("agent binary"), "{text}");
+}

@@ -477,7 +477,12 @@ pub async fn fetch_token(docker: &Docker, container: &str) -> Result<String, Doc
 /// The static agent binary to copy into containers.
 pub fn find_agent_binary() -> Result<std::path::PathBuf, String> {
     if let Ok(p) = std::env::var("DEVLOOP_AGENT_BIN") {
-        return Ok(p.into());
+        let path = std::path::PathBuf::from(&p);
+        return match crate::elf::is_static(&path) {
+            Ok(true) => Ok(path),
+            Ok(false) => Err(format!("DEVLOOP_AGENT_BIN={p} is not a static linux binary; build one with `scripts/build-agent.sh`")),
+            Err(e) => Err(format!("DEVLOOP_AGENT_BIN={p}: {e}")),
+        };
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut candidates = Vec::new();
