@@ -144,3 +144,31 @@ async fn connection_cut_mid_burst_converges() {
     assert!(text.contains("reconnect"), "the cut was not noticed:\n{text}");
     shop.interrupt_all();
 }
+
+/// A checkout-sized burst (20,000 new files in 200 folders, written as fast as the disk
+/// takes them, which can overflow inotify's queue): the container ends up equal to the
+/// laptop either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_sized_burst_converges() {
+    let mut shop = Shop::new("checkout", false);
+    let log = shop.spawn(&["up", "api", "--no-logs"]);
+    tokio::task::block_in_place(|| wait_for_log(&log, "in sync", Duration::from_secs(240)));
+    let root = shop.path().join("api/vendor");
+    for d in 0..200 {
+        let dir = root.join(format!("pkg{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("m{f}.py")), format!("# {d}/{f}\n")).unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (laptop, agent) = tree_hashes(&shop, "api").await;
+        if laptop == agent {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "trees never converged; log:\n{}", std::fs::read_to_string(&log).unwrap());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    shop.interrupt_all();
+}
