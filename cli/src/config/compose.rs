@@ -38,7 +38,7 @@ pub enum ComposeBuild {
 pub enum ComposePort {
     Number(u32),
     Short(String),
-    Long { target: u32, published: Option<serde_yaml_ng::Value>, host_ip: Option<String> },
+    Long { target: u32, published: Option<serde_yaml_ng::Value>, host_ip: Option<String>, protocol: Option<String> },
 }
 
 impl ComposePort {
@@ -47,16 +47,20 @@ impl ComposePort {
         match self {
             ComposePort::Number(n) => n.to_string(),
             ComposePort::Short(s) => s.clone(),
-            ComposePort::Long { target, published, host_ip } => {
+            ComposePort::Long { target, published, host_ip, protocol } => {
                 let published = match published {
                     Some(serde_yaml_ng::Value::Number(n)) => Some(n.to_string()),
                     Some(serde_yaml_ng::Value::String(s)) => Some(s.clone()),
                     _ => None,
                 };
-                match (host_ip, published) {
+                let short = match (host_ip, published) {
                     (Some(ip), Some(p)) => format!("{ip}:{p}:{target}"),
                     (None, Some(p)) => format!("{p}:{target}"),
                     _ => target.to_string(),
+                };
+                match protocol {
+                    Some(proto) => format!("{short}/{proto}"),
+                    None => short,
                 }
             }
         }

@@ -480,6 +480,14 @@ EXTRA = "1"
     }
 
     #[test]
+    fn compose_long_ports() {
+        let p = project("", "services:\n  a:\n    image: x\n    ports:\n      - target: 80\n        published: 8080\n        host_ip: 127.0.0.1\n").unwrap();
+        assert_eq!(p.services[0].ports[0], PortMapping { host_ip: Some("127.0.0.1".into()), host_port: Some(8080), container_port: 80 });
+        let err = project("", "services:\n  a:\n    image: x\n    ports:\n      - target: 53\n        protocol: udp\n").unwrap_err();
+        assert!(err.to_string().contains("udp"), "{err}");
+    }
+
+    #[test]
     fn ports_parse() {
         assert_eq!(PortMapping::parse("127.0.0.1:80:8080/tcp").unwrap().host_ip.as_deref(), Some("127.0.0.1"));
         assert_eq!(PortMapping::parse("3000").unwrap().host_port, None);
