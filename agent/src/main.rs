@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use devloop_agent::{bridge, dev, DevAgent, DevConfig};
+use devloop_agent::{bridge, dev, relay, DevAgent, DevConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
@@ -28,6 +28,18 @@ enum Mode {
         /// The agent's address inside the container.
         #[arg(long, default_value = "127.0.0.1:7717")]
         to: SocketAddr,
+    },
+    /// Hold published ports: forward each LISTEN=HOST:PORT mapping, resolving HOST per connection.
+    Relay {
+        /// LISTEN_ADDR=HOST:PORT, e.g. 0.0.0.0:8080=web:8080 (repeatable).
+        #[arg(long = "map", required = true)]
+        maps: Vec<relay::Mapping>,
+    },
+    /// Exit 0 once ADDR accepts a TCP connection, 1 after the timeout.
+    Probe {
+        addr: String,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
     },
     /// Print the agent's version and protocol version.
     Version,
@@ -82,6 +94,14 @@ fn main() {
         match args.mode {
             Mode::Dev(dev_args) => run_dev(dev_args).await,
             Mode::Bridge { to } => bridge::run(to).await,
+            Mode::Relay { maps } => {
+                let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+                relay::run(maps, async move {
+                    terminate.recv().await;
+                })
+                .await
+            }
+            Mode::Probe { addr, timeout_ms } => relay::probe(&addr, Duration::from_millis(timeout_ms)).await,
             Mode::Version => Ok(()),
         }
     });

@@ -427,7 +427,8 @@ pub fn agent_host_pid(container: &str) -> Result<u32> {
     let out = docker_ok(&["top", container, "-eo", "pid,args"])?;
     out.lines()
         .skip(1)
-        .find(|l| l.contains("devloop-agent"))
+        // Not docker-init (tini), whose arguments name the agent too.
+        .find(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with("devloop-agent")))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| anyhow!("no devloop-agent process in `docker top {container}`:\n{out}"))
@@ -446,4 +447,21 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// User + system CPU time of a process so far, in ms (from /proc/PID/stat; 100 ticks/s).
+pub fn cpu_ms(pid: u32) -> Result<f64> {
+    let (u, s) = cpu_split_ms(pid)?;
+    Ok(u + s)
+}
+
+/// (user, system) CPU time of a process so far, in ms.
+pub fn cpu_split_ms(pid: u32) -> Result<(f64, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
+    Ok((ticks(11) as f64 * 10.0, ticks(12) as f64 * 10.0))
 }

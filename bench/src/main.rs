@@ -118,6 +118,10 @@ fn run(args: Args) -> Result<bool> {
     std::fs::write(&tmp, serde_json::to_string_pretty(&json)?)?;
     std::fs::rename(&tmp, dir.join("latest.json"))?;
     eprintln!("bench: wrote {}", dir.join("latest.json").display());
+    if std::env::var_os("DEVLOOP_BENCH_KEEP").is_some() {
+        let kept = ctx.tmp.keep();
+        eprintln!("bench: kept the projects and devloop's logs in {}", kept.display());
+    }
     Ok(all_ran)
 }
 

@@ -188,7 +188,7 @@ impl AgentLink {
                             let _ = tx.send(());
                         }
                     }
-                    AgentMsg::Welcome(_) | AgentMsg::Refused { .. } => {}
+                    AgentMsg::Welcome(_) | AgentMsg::Refused { .. } | AgentMsg::Tunnel(_) => {}
                 }
             }
             reader_closed.cancel();

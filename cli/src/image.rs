@@ -145,15 +145,33 @@ async fn build_offline_base(image: &str) -> Result<(), ImageError> {
 }
 
 async fn build(docker: &Docker, context: &Path, dockerfile: &Path, tag: &str, ui: &Ui, service: &str) -> Result<(), ImageError> {
-    let started = std::time::Instant::now();
     ui.info(service, format!("building {tag} from {}", dockerfile.display()));
     let ctx = context.to_path_buf();
-    let archive = tokio::task::spawn_blocking(move || context_tar(&ctx))
+    let archive = tokio::task::spawn_blocking(move || context_tar(&ctx, None))
         .await
         .map_err(|e| ImageError::Io(e.to_string()))?
         .map_err(|e| ImageError::Io(format!("packing the build context {}: {e}", context.display())))?;
     let rel_dockerfile = dockerfile.strip_prefix(context).unwrap_or(dockerfile).to_string_lossy().into_owned();
-    let opts = BuildImageOptionsBuilder::new().dockerfile(&rel_dockerfile).t(tag).rm(true).build();
+    run_build(docker, archive, &rel_dockerfile, tag, ui, service).await
+}
+
+/// Builds `context` with `dockerfile` as the Dockerfile's text (added to the context under
+/// a name of its own).
+pub async fn build_dockerfile_text(docker: &Docker, context: &Path, dockerfile: &str, tag: &str, ui: &Ui, service: &str) -> Result<(), ImageError> {
+    let ctx = context.to_path_buf();
+    let text = dockerfile.to_string();
+    let archive = tokio::task::spawn_blocking(move || context_tar(&ctx, Some(&text)))
+        .await
+        .map_err(|e| ImageError::Io(e.to_string()))?
+        .map_err(|e| ImageError::Io(format!("packing the build context {}: {e}", context.display())))?;
+    run_build(docker, archive, GENERATED_DOCKERFILE, tag, ui, service).await
+}
+
+const GENERATED_DOCKERFILE: &str = ".devloop.Dockerfile";
+
+async fn run_build(docker: &Docker, archive: Vec<u8>, dockerfile: &str, tag: &str, ui: &Ui, service: &str) -> Result<(), ImageError> {
+    let started = std::time::Instant::now();
+    let opts = BuildImageOptionsBuilder::new().dockerfile(dockerfile).t(tag).rm(true).build();
     let mut stream = docker.build_image(opts, None, Some(bollard::body_full(archive.into())));
     while let Some(item) = stream.next().await {
         let info = item.map_err(|e| ImageError::Build { image: tag.into(), message: e.to_string() })?;
@@ -174,7 +192,7 @@ async fn build(docker: &Docker, context: &Path, dockerfile: &Path, tag: &str, ui
 }
 
 /// The build context as a tar, without what .dockerignore excludes.
-fn context_tar(context: &Path) -> std::io::Result<Vec<u8>> {
+fn context_tar(context: &Path, extra_dockerfile: Option<&str>) -> std::io::Result<Vec<u8>> {
     let mut ig = ignore::gitignore::GitignoreBuilder::new(context);
     let di = context.join(".dockerignore");
     if di.is_file() {
@@ -200,6 +218,12 @@ fn context_tar(context: &Path) -> std::io::Result<Vec<u8>> {
                 stack.push(path);
             }
         }
+    }
+    if let Some(text) = extra_dockerfile {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(text.len() as u64);
+        b.append_data(&mut h, GENERATED_DOCKERFILE, text.as_bytes())?;
     }
     b.into_inner()
 }

@@ -4,6 +4,7 @@
 pub mod agent_link;
 pub mod commands;
 pub mod config;
+pub mod deploy;
 pub mod elf;
 pub mod image;
 pub mod state;

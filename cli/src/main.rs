@@ -42,6 +42,13 @@ enum Command {
         #[arg(long)]
         no_logs: bool,
     },
+    /// Snapshot each service's synced tree into an image (its base plus one layer) and roll it out.
+    Deploy {
+        services: Vec<String>,
+        /// How long a new version may take to answer on its port.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        health_timeout: std::time::Duration,
+    },
     /// Services, containers, agents, processes and sync state.
     Status {
         /// Machine-readable output.
@@ -83,6 +90,9 @@ fn main() -> std::process::ExitCode {
                 commands::up::up(&global, commands::up::UpOptions { services, build, on_exit, no_logs }).await
             }
             Command::Sync { service, no_logs } => commands::up::sync(&global, &service, no_logs).await,
+            Command::Deploy { services, health_timeout } => {
+                commands::deploy::deploy(&global, commands::deploy::DeployOptions { services, health_timeout: Some(health_timeout) }).await
+            }
             Command::Status { json } => commands::status::status(&global, json).await,
             Command::Down { keep_volumes } => commands::down::down(&global, keep_volumes).await,
             Command::Doctor => commands::doctor::doctor(&global).await,

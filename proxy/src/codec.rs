@@ -28,7 +28,24 @@ mod tests {
     use super::*;
     use crate::msg::*;
     use crate::tree::Entry;
+    use crate::tunnel::{TunnelFrame, MAX_DATA_FRAME};
     use crate::RelPath;
+
+    /// Every tunnel frame kind, with edge values (empty and full data, the largest ids).
+    fn tunnel_frames() -> Vec<TunnelFrame> {
+        vec![
+            TunnelFrame::Open { stream: 1, port: 8080 },
+            TunnelFrame::Open { stream: u64::MAX, port: u16::MAX },
+            TunnelFrame::Data { stream: 2, data: b"GET / HTTP/1.0\r\n\r\n".to_vec() },
+            TunnelFrame::Data { stream: 4, data: Vec::new() },
+            TunnelFrame::Data { stream: 6, data: vec![0xa5; MAX_DATA_FRAME] },
+            TunnelFrame::Window { stream: 3, credit: 128 * 1024 },
+            TunnelFrame::Window { stream: 3, credit: u32::MAX },
+            TunnelFrame::End { stream: 5 },
+            TunnelFrame::Reset { stream: 7, reason: "connect to 127.0.0.1:8080: refused".into() },
+            TunnelFrame::Reset { stream: 9, reason: String::new() },
+        ]
+    }
 
     fn samples() -> (Vec<LaptopMsg>, Vec<AgentMsg>) {
         let p = RelPath::new("src/app.py").unwrap();
@@ -56,6 +73,7 @@ mod tests {
             LaptopMsg::Run { req: 5, argv: vec!["pip".into(), "install".into()] },
             LaptopMsg::Ping { nonce: u64::MAX },
         ];
+        let laptop = laptop.into_iter().chain(tunnel_frames().into_iter().map(LaptopMsg::Tunnel)).collect();
         let status = ProcessStatus {
             state: ProcessState::Running { pid: 42 },
             starts: 3,
@@ -86,6 +104,7 @@ mod tests {
             AgentMsg::Process(status),
             AgentMsg::Pong { nonce: 7 },
         ];
+        let agent = agent.into_iter().chain(tunnel_frames().into_iter().map(AgentMsg::Tunnel)).collect();
         (laptop, agent)
     }
 
@@ -115,6 +134,21 @@ mod tests {
                 assert!(decode::<AgentMsg>(&bytes[..cut]).is_err(), "{m:?} cut at {cut}");
             }
         }
+    }
+
+    /// The worked examples of docs/PROTOCOL.md, section "Tunnel streams".
+    #[test]
+    fn tunnel_frames_encode_as_documented() {
+        let open = AgentMsg::Tunnel(TunnelFrame::Open { stream: 1, port: 8080 });
+        assert_eq!(encode(&open), [0x07, 0x00, 0x01, 0x90, 0x3f]);
+        let data = LaptopMsg::Tunnel(TunnelFrame::Data { stream: 1, data: b"hi".to_vec() });
+        assert_eq!(encode(&data), [0x07, 0x01, 0x01, 0x02, 0x68, 0x69]);
+        let window = LaptopMsg::Tunnel(TunnelFrame::Window { stream: 1, credit: 131_072 });
+        assert_eq!(encode(&window), [0x07, 0x02, 0x01, 0x80, 0x80, 0x08]);
+        let end = AgentMsg::Tunnel(TunnelFrame::End { stream: 1 });
+        assert_eq!(encode(&end), [0x07, 0x03, 0x01]);
+        let reset = LaptopMsg::Tunnel(TunnelFrame::Reset { stream: 2, reason: "x".into() });
+        assert_eq!(encode(&reset), [0x07, 0x04, 0x02, 0x01, 0x78]);
     }
 
     #[test]

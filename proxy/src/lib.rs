@@ -11,6 +11,7 @@ pub mod error;
 pub mod msg;
 pub mod path;
 pub mod tree;
+pub mod tunnel;
 
 pub use error::ProtoError;
 pub use path::RelPath;
@@ -44,6 +45,9 @@ pub mod caps {
     pub const TAR: &str = "tar";
     /// Process supervision: `Restart`, `Run`, process events and logs.
     pub const PROCESS: &str = "process";
+    /// Tunnel streams (`LaptopMsg::Tunnel`, `AgentMsg::Tunnel`): multiplexed byte streams
+    /// with per-stream flow control, see [`crate::tunnel`].
+    pub const TUNNEL: &str = "tunnel";
 }
 
 /// The version of this crate, sent in the handshake by both peers.

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::tree::Entry;
+use crate::tunnel::TunnelFrame;
 use crate::RelPath;
 
 /// First message of the laptop side. Nothing else is accepted before it, and a wrong magic,
@@ -56,6 +57,8 @@ pub enum LaptopMsg {
     Run { req: u64, argv: Vec<String> },
     /// Liveness probe; answered by [`AgentMsg::Pong`].
     Ping { nonce: u64 },
+    /// A frame of a tunnel stream (capability [`crate::caps::TUNNEL`]).
+    Tunnel(TunnelFrame),
 }
 
 /// Agent -> laptop.
@@ -70,6 +73,8 @@ pub enum AgentMsg {
     Log(LogLine),
     Process(ProcessStatus),
     Pong { nonce: u64 },
+    /// A frame of a tunnel stream (capability [`crate::caps::TUNNEL`]).
+    Tunnel(TunnelFrame),
 }
 
 /// How a request ended.

@@ -117,6 +117,17 @@ impl Shop {
         Shop { dir, project, state, children: Vec::new() }
     }
 
+    /// Publishes web's port 8080 on 127.0.0.1 at a free host port instead of 8080, so
+    /// tests that need the published port can run side by side. Returns the port.
+    pub fn publish_web_on_free_port(&self) -> u16 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let compose = self.path().join("docker-compose.yml");
+        let text = std::fs::read_to_string(&compose).unwrap();
+        let text = text.replace("    build: ./web\n", &format!("    build: ./web\n    ports: [\"127.0.0.1:{port}:8080\"]\n"));
+        std::fs::write(&compose, text).unwrap();
+        port
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -237,6 +248,12 @@ impl Drop for Shop {
             let _ = docker(&["rmi", &format!("devloop-{}-{svc}:dev", self.project)]);
         }
     }
+}
+
+/// An HTTP GET from the laptop; None on any failure.
+pub fn laptop_get(url: &str) -> Option<String> {
+    let o = Command::new("curl").args(["-sf", "--max-time", "3", url]).output().ok()?;
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.

@@ -1,5 +1,6 @@
 //! One module per command; shared set-up lives here.
 
+pub mod deploy;
 pub mod doctor;
 pub mod down;
 pub mod status;

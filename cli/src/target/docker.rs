@@ -59,6 +59,8 @@ pub struct ImageFacts {
     pub cmd: Vec<String>,
     pub entrypoint: Vec<String>,
     pub workdir: Option<String>,
+    /// `EXPOSE`d ports, lowest first.
+    pub exposed: Vec<u16>,
 }
 
 pub async fn image_facts(docker: &Docker, image: &str) -> Result<ImageFacts, DockerError> {
@@ -69,6 +71,17 @@ pub async fn image_facts(docker: &Docker, image: &str) -> Result<ImageFacts, Doc
         cmd: cfg.cmd.unwrap_or_default(),
         entrypoint: cfg.entrypoint.unwrap_or_default(),
         workdir: cfg.working_dir.filter(|w| !w.is_empty()),
+        exposed: {
+            let mut ports: Vec<u16> = cfg
+                .exposed_ports
+                .unwrap_or_default()
+                .iter()
+                .filter(|p| !p.ends_with("/udp"))
+                .filter_map(|p| p.split('/').next().and_then(|n| n.parse().ok()))
+                .collect();
+            ports.sort_unstable();
+            ports
+        },
     })
 }
 
@@ -218,15 +231,50 @@ pub async fn ensure_dev_container(
         remove_container(docker, &id).await?;
     }
 
+    // A deployed version (and the relay holding its ports) gives way to the dev container.
+    for c in list_project_containers(docker, &spec.project, None).await? {
+        let kind = label(&c, labels::KIND);
+        if label(&c, labels::SERVICE) == Some(spec.service.as_str()) && (kind == Some(labels::KIND_DEPLOY) || kind == Some(labels::KIND_PORTS)) {
+            remove_container(docker, c.id.as_deref().unwrap_or_default()).await?;
+        }
+    }
+    let placement = Placement { name: name.clone(), kind: labels::KIND_DEV, volume: spec.has_sync, publish: true, extra_labels: vec![(labels::SPEC_HASH.into(), hash)] };
+    create_agent_container(docker, spec, &placement, agent_binary, token_store).await?;
+    Ok((name, Ensured::Created))
+}
+
+/// How a container running the service under the agent is placed.
+pub struct Placement {
+    pub name: String,
+    pub kind: &'static str,
+    /// Mount the service's tree volume at the sync root (dev containers).
+    pub volume: bool,
+    /// Publish the service's host ports on this container (otherwise a relay holds them).
+    pub publish: bool,
+    pub extra_labels: Vec<(String, String)>,
+}
+
+/// Creates the container with the agent as its entry point, copies the agent and a fresh
+/// token in, and starts it. Returns the container id.
+pub async fn create_agent_container(
+    docker: &Docker,
+    spec: &DevSpec,
+    placement: &Placement,
+    agent_binary: &[u8],
+    token_store: &crate::state::TokenStore,
+) -> Result<String, DockerError> {
+    let name = &placement.name;
     let network = ensure_network(docker, &spec.project).await?;
     let mut container_labels = labels::base(&spec.project);
     container_labels.insert(labels::SERVICE.into(), spec.service.clone());
-    container_labels.insert(labels::KIND.into(), labels::KIND_DEV.into());
+    container_labels.insert(labels::KIND.into(), placement.kind.into());
     container_labels.insert(labels::AGENT_VERSION.into(), devloop_proxy::CRATE_VERSION.into());
-    container_labels.insert(labels::SPEC_HASH.into(), hash);
+    for (k, v) in &placement.extra_labels {
+        container_labels.insert(k.clone(), v.clone());
+    }
 
     let mut mounts = Vec::new();
-    if spec.has_sync {
+    if placement.volume {
         let volume = volume_name(&spec.project, &spec.service);
         let mut vlabels = labels::base(&spec.project);
         vlabels.insert(labels::SERVICE.into(), spec.service.clone());
@@ -236,19 +284,11 @@ pub async fn ensure_dev_container(
             .map_err(api(format!("creating volume {volume}")))?;
         mounts.push(Mount { target: Some(spec.root.clone()), source: Some(volume), typ: Some(MountType::VOLUME), ..Default::default() });
     }
-    let mut port_bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
     let mut exposed = Vec::new();
     for p in &spec.ports {
-        let key = format!("{}/tcp", p.container_port);
-        exposed.push(key.clone());
-        // No host port: the engine picks a free one, as compose does.
-        let host_port = p.host_port.map(|hp| hp.to_string()).unwrap_or_default();
-        port_bindings
-            .entry(key)
-            .or_insert_with(|| Some(Vec::new()))
-            .get_or_insert_with(Vec::new)
-            .push(PortBinding { host_ip: p.host_ip.clone(), host_port: Some(host_port) });
+        exposed.push(format!("{}/tcp", p.container_port));
     }
+    let port_bindings = if placement.publish { port_bindings(&spec.ports) } else { HashMap::new() };
     let mut endpoints = HashMap::new();
     endpoints.insert(network.clone(), EndpointSettings { aliases: Some(vec![spec.service.clone()]), ..Default::default() });
     let body = ContainerCreateBody {
@@ -270,12 +310,12 @@ pub async fn ensure_dev_container(
         ..Default::default()
     };
     let created = docker
-        .create_container(Some(CreateContainerOptionsBuilder::new().name(&name).build()), body)
+        .create_container(Some(CreateContainerOptionsBuilder::new().name(name).build()), body)
         .await
         .map_err(api(format!("creating container {name}")))?;
 
     let token = crate::state::new_token();
-    token_store.write(&name, &token).map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
+    token_store.write(name, &token).map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
     let archive = agent_archive(agent_binary, &token).map_err(|e| DockerError::Other(format!("packing the agent: {e}")))?;
     docker
         .upload_to_container(
@@ -286,7 +326,21 @@ pub async fn ensure_dev_container(
         .await
         .map_err(api(format!("copying the agent into {name}")))?;
     docker.start_container(&created.id, None).await.map_err(api(format!("starting {name}")))?;
-    Ok((name, Ensured::Created))
+    Ok(created.id)
+}
+
+/// Host port bindings; a mapping without a host port gets one the engine picks, as in compose.
+pub fn port_bindings(ports: &[crate::config::PortMapping]) -> HashMap<String, Option<Vec<PortBinding>>> {
+    let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for p in ports {
+        let host_port = p.host_port.map(|hp| hp.to_string()).unwrap_or_default();
+        bindings
+            .entry(format!("{}/tcp", p.container_port))
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_with(Vec::new)
+            .push(PortBinding { host_ip: p.host_ip.clone(), host_port: Some(host_port) });
+    }
+    bindings
 }
 
 /// A tar holding the agent binary and the token (readable by the container's root only).
@@ -331,11 +385,15 @@ pub struct Removed {
     pub networks: Vec<String>,
 }
 
-/// Removes every container, volume and network labelled with the project (dev containers
-/// only; intercepts are ended with `leave`).
+/// Removes every container, volume and network labelled with the project (all but
+/// intercepts, which `leave` ends).
 pub async fn down(docker: &Docker, project: &str, keep_volumes: bool) -> Result<Removed, DockerError> {
     let mut removed = Removed::default();
-    for c in list_project_containers(docker, project, Some(labels::KIND_DEV)).await? {
+    for c in list_project_containers(docker, project, None).await? {
+        // Intercepts are ended with `leave`, which restores what they replaced.
+        if label(&c, labels::KIND) == Some(labels::KIND_INTERCEPT) {
+            continue;
+        }
         let id = c.id.clone().unwrap_or_default();
         remove_container(docker, &id).await?;
         removed.containers.push(c.names.and_then(|n| n.first().cloned()).unwrap_or(id).trim_start_matches('/').to_string());

@@ -4,7 +4,7 @@
 pub const MANAGED: &str = "dev.devloop.managed";
 pub const PROJECT: &str = "dev.devloop.project";
 pub const SERVICE: &str = "dev.devloop.service";
-/// `dev` for dev containers.
+/// `dev`, `deploy`, `ports` or `intercept`.
 pub const KIND: &str = "dev.devloop.kind";
 pub const AGENT_VERSION: &str = "dev.devloop.agent-version";
 /// A hash of the settings the container was made from; a different hash means recreate.
@@ -14,6 +14,12 @@ pub const TEST_RUN: &str = "dev.devloop.test-run";
 
 pub const KIND_DEV: &str = "dev";
 pub const KIND_INTERCEPT: &str = "intercept";
+/// A deployed version (a snapshot image, run under the agent).
+pub const KIND_DEPLOY: &str = "deploy";
+/// The relay that holds a deployed service's published ports.
+pub const KIND_PORTS: &str = "ports";
+/// The snapshot tag a deployed container runs.
+pub const VERSION: &str = "dev.devloop.version";
 
 use std::collections::HashMap;
 

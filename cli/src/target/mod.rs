@@ -2,5 +2,6 @@
 //! through [`crate::sync::engine::Connector`], so another target adds its own connector.
 
 pub mod docker;
+pub mod docker_deploy;
 pub mod engine;
 pub mod labels;

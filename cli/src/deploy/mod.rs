@@ -1,0 +1,119 @@
+//! Snapshot and deploy: a service's synced tree becomes an immutable image (its base plus one
+//! layer, no `docker build` when only files changed) and replaces the running version.
+//! [`base`] derives the base, [`snapshot`] makes the layer and the load archive; the rollout
+//! is the target's (`target::docker_deploy`).
+
+pub mod base;
+pub mod snapshot;
+
+use anyhow::Context;
+use bollard::Docker;
+use futures_util::StreamExt;
+use std::time::Instant;
+
+use crate::config::{ImageSource, Project, Service};
+use crate::sync::filter::{Filter, FilterSettings};
+use crate::ui::Ui;
+
+/// A snapshot made (or found) for a service.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// `devloop-PROJECT-SERVICE:TAG`.
+    pub image: String,
+    pub tag: String,
+    /// True when an image with this tag already existed: nothing was built or loaded.
+    pub reused: bool,
+    pub files: usize,
+    pub millis: u64,
+}
+
+pub fn snapshot_repo(project: &str, service: &str) -> String {
+    format!("devloop-{project}-{service}")
+}
+
+/// Label keys on snapshot images, for `history`.
+pub const LABEL_SNAPSHOT_OF: &str = "dev.devloop.snapshot-of";
+
+/// The image the snapshot layer goes on; built from the derived Dockerfile when the
+/// service has one (cached by the derived Dockerfile's hash).
+pub async fn ensure_base(docker: &Docker, project: &Project, service: &Service, ui: &Ui) -> anyhow::Result<String> {
+    let sync = service.sync.as_ref().context("deploy needs the service's `sync` (from, to) in devloop.toml: it names the tree to snapshot")?;
+    match &service.image {
+        ImageSource::Image(name) => {
+            crate::image::ensure_present(docker, name, ui, &service.name).await?;
+            Ok(name.clone())
+        }
+        ImageSource::Build { context, dockerfile } => {
+            let text = std::fs::read_to_string(dockerfile).with_context(|| format!("reading {}", dockerfile.display()))?;
+            let derived = base::derive(&text, &sync.container_dir).with_context(|| format!("{}", dockerfile.display()))?;
+            let hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(derived.as_bytes()));
+            let tag = format!("{}:base-{}", snapshot_repo(&project.name, &service.name), &hash[..12]);
+            if docker.inspect_image(&tag).await.is_ok() {
+                return Ok(tag);
+            }
+            for from in crate::image::base_images(&derived) {
+                crate::image::ensure_present(docker, &from, ui, &service.name).await?;
+            }
+            ui.info(&service.name, format!("building the snapshot base {tag} (the Dockerfile without `COPY` of {})", sync.container_dir));
+            crate::image::build_dockerfile_text(docker, context, &derived, &tag, ui, &service.name).await?;
+            Ok(tag)
+        }
+    }
+}
+
+/// Makes the snapshot image of the service's laptop tree on `base`.
+pub async fn snapshot(docker: &Docker, project: &Project, service: &Service, base: &str) -> anyhow::Result<Snapshot> {
+    let started = Instant::now();
+    let sync = service.sync.as_ref().context("deploy needs `sync` in devloop.toml")?;
+    let base_info = docker.inspect_image(base).await.with_context(|| format!("inspecting {base}"))?;
+    let base_id = base_info.id.clone().unwrap_or_default();
+    let base_json = serde_json::to_value(&base_info)?;
+    let root = sync.laptop_dir.clone();
+    let settings = FilterSettings { excludes: service.excludes.clone(), include_node_modules: service.include_node_modules };
+    let (tree, errors) = tokio::task::spawn_blocking({
+        let root = root.clone();
+        move || -> anyhow::Result<_> {
+            let mut filter = Filter::new(&root, settings)?;
+            Ok(crate::sync::scan::scan(&root, &mut filter))
+        }
+    })
+    .await??;
+    if let Some(e) = errors.first() {
+        anyhow::bail!("cannot read the tree to snapshot: {e}");
+    }
+    let labels = vec![
+        (crate::target::labels::PROJECT.to_string(), project.name.clone()),
+        (crate::target::labels::SERVICE.to_string(), service.name.clone()),
+        (LABEL_SNAPSHOT_OF.to_string(), base.to_string()),
+    ];
+    let tag = snapshot::content_tag(&base_id, &tree, &sync.container_dir, &labels);
+    let image = format!("{}:{tag}", snapshot_repo(&project.name, &service.name));
+    let files = tree.len();
+    if docker.inspect_image(&image).await.is_ok() {
+        return Ok(Snapshot { image, tag, reused: true, files, millis: started.elapsed().as_millis() as u64 });
+    }
+    let container_dir = sync.container_dir.clone();
+    let image_ref = image.clone();
+    let archive = tokio::task::spawn_blocking(move || {
+        let input = snapshot::SnapshotInput {
+            base_id: &base_id,
+            base: &base_json,
+            laptop_root: &root,
+            tree: &tree,
+            container_dir: &container_dir,
+            labels,
+        };
+        snapshot::archive(&input, &image_ref)
+    })
+    .await??;
+    let mut stream = docker.import_image(
+        bollard::query_parameters::ImportImageOptionsBuilder::new().quiet(true).build(),
+        bollard::body_full(archive.bytes.into()),
+        None,
+    );
+    while let Some(item) = stream.next().await {
+        item.with_context(|| format!("loading the snapshot {image} (the engine refused the archive)"))?;
+    }
+    docker.inspect_image(&image).await.with_context(|| format!("the engine did not keep the snapshot {image}"))?;
+    Ok(Snapshot { image, tag, reused: false, files, millis: started.elapsed().as_millis() as u64 })
+}

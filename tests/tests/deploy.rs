@@ -1,0 +1,75 @@
+//! `devloop deploy` on the real engine: snapshot, rollout, same tree same tag, deletions
+//! reach the image, a failing version never takes over.
+
+use devloop_tests::*;
+use std::time::Duration;
+
+fn image_of(shop: &Shop, service: &str) -> String {
+    docker_ok(&["inspect", "-f", "{{.Config.Image}}", &shop.container(service)])
+}
+
+#[test]
+fn deploy_change_deploy_and_same_tree_same_tag() {
+    let shop = Shop::new("deploy", false);
+    let port = shop.publish_web_on_free_port();
+    let out = shop.run(&["deploy"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("deployed devloop-"), "{text}");
+    let served = wait_for(Duration::from_secs(10), || shop.http_get("web", "http://localhost:8080/api-version"));
+    assert_eq!(served.as_deref(), Some("1"), "{text}");
+    let first = image_of(&shop, "api");
+
+    // Unchanged tree: a no-op with the same tag.
+    let text = shop.run_ok(&["deploy", "api"]) + "";
+    let again = shop.run(&["deploy", "api"]);
+    let again_text = String::from_utf8_lossy(&again.stdout).to_string() + &String::from_utf8_lossy(&again.stderr);
+    assert!(again_text.contains("unchanged"), "{text}\n{again_text}");
+    assert_eq!(image_of(&shop, "api"), first);
+
+    // A change and a deleted file: a new tag, served, and the file is gone from the image.
+    std::fs::write(shop.path().join("api/extra.txt"), "temporary").unwrap();
+    shop.run_ok(&["deploy", "api"]);
+    let with_extra = image_of(&shop, "api");
+    assert_ne!(with_extra, first);
+    assert!(shop.exec("api", &["test", "-f", "/app/extra.txt"]).status.success());
+    std::fs::remove_file(shop.path().join("api/extra.txt")).unwrap();
+    let app = shop.path().join("api/app.py");
+    std::fs::write(&app, std::fs::read_to_string(&app).unwrap().replace("VERSION = \"1\"", "VERSION = \"2\"")).unwrap();
+    shop.run_ok(&["deploy", "api"]);
+    let second = image_of(&shop, "api");
+    assert_ne!(second, with_extra);
+    let served = wait_for(Duration::from_secs(10), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "2"));
+    assert!(served.is_some(), "the new version is not served");
+    // Through the host port, which the relay holds across rollouts.
+    let url = format!("http://127.0.0.1:{port}/api-version");
+    assert_eq!(wait_for(Duration::from_secs(5), || laptop_get(&url)).as_deref(), Some("2"));
+    let listing = docker_ok(&["run", "--rm", "--entrypoint", "ls", &second, "/app"]);
+    assert!(!listing.contains("extra.txt"), "a file deleted on the laptop is still in the image: {listing}");
+    assert!(listing.contains("app.py"), "{listing}");
+    // The image holds nothing of devloop.
+    let root = docker_ok(&["run", "--rm", "--entrypoint", "ls", &second, "-a", "/"]);
+    assert!(!root.contains(".devloop"), "{root}");
+
+    // Going back to the first tree gives the first tag again.
+    std::fs::write(&app, std::fs::read_to_string(&app).unwrap().replace("VERSION = \"2\"", "VERSION = \"1\"")).unwrap();
+    shop.run_ok(&["deploy", "api"]);
+    assert_eq!(image_of(&shop, "api"), first, "the same tree must give the same tag");
+}
+
+#[test]
+fn a_version_that_fails_its_health_check_never_takes_over() {
+    let shop = Shop::new("unhealthy", false);
+    shop.run_ok(&["deploy", "api"]);
+    let good = image_of(&shop, "api");
+    // A version that crashes at start.
+    let app = shop.path().join("api/app.py");
+    std::fs::write(&app, "raise SystemExit('broken on purpose')\n").unwrap();
+    let out = shop.run(&["deploy", "api", "--health-timeout", "5s"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("did not become healthy") && text.contains("broken on purpose"), "{text}");
+    assert_eq!(image_of(&shop, "api"), good, "the old version must keep running");
+    let items = wait_for(Duration::from_secs(5), || shop.http_get("api", "http://localhost:8000/items"));
+    assert!(items.is_some(), "the old version stopped serving");
+}
