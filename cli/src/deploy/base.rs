@@ -35,8 +35,8 @@ fn instructions(dockerfile: &str) -> Vec<Instruction> {
             continue;
         }
         let (start, mut text) = pending.take().unwrap_or((i + 1, String::new()));
-        if let Some(body) = raw.trim_end().strip_suffix('\\') {
-            text.push_str(body);
+        if raw.trim_end().ends_with('\\') {
+            text.push_str(raw.trim_end());
             text.push('\n');
             pending = Some((start, text));
             continue;

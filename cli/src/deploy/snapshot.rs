@@ -164,7 +164,8 @@ mod tests {
         assert_eq!(content_tag("sha256:1", &ta, "/app", &[]), content_tag("sha256:1", &tb, "/app", &[]));
         assert_ne!(content_tag("sha256:1", &ta, "/app", &[]), content_tag("sha256:2", &ta, "/app", &[]));
         std::fs::write(b.path().join("app.py"), "print(2)\n").unwrap();
-        let tb2 = tree_in(b.path());
+        let mut f = crate::sync::filter::Filter::new(b.path(), crate::sync::filter::FilterSettings { excludes: vec![], include_node_modules: false }).unwrap();
+        let tb2 = crate::sync::scan::scan(b.path(), &mut f).0;
         assert_ne!(content_tag("sha256:1", &ta, "/app", &[]), content_tag("sha256:1", &tb2, "/app", &[]));
     }
 
@@ -175,7 +176,7 @@ mod tests {
         let bytes = layer_tar(a.path(), &t, "/srv/app").unwrap();
         let mut ar = tar::Archive::new(&bytes[..]);
         let names: Vec<String> = ar.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
-        assert_eq!(names, ["srv", "srv/app", "srv/app/.wh..wh..opq", "srv/app/app.py", "srv/app/pkg", "srv/app/pkg/m.py"]);
+        assert_eq!(names, ["srv/", "srv/app/", "srv/app/.wh..wh..opq", "srv/app/app.py", "srv/app/pkg/", "srv/app/pkg/m.py"]);
         assert!(t.contains_key(&RelPath::new("pkg/m.py").unwrap()));
     }
 
