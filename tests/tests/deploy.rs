@@ -51,6 +51,9 @@ fn deploy_change_deploy_and_same_tree_same_tag() {
     let root = docker_ok(&["run", "--rm", "--entrypoint", "ls", &second, "-a", "/"]);
     assert!(!root.contains(".devloop"), "{root}");
 
+    let status = shop.run_ok(&["status"]);
+    assert!(status.contains("deployed version"), "{status}");
+
     // Going back to the first tree gives the first tag again.
     std::fs::write(&app, std::fs::read_to_string(&app).unwrap().replace("VERSION = \"2\"", "VERSION = \"1\"")).unwrap();
     shop.run_ok(&["deploy", "api"]);

@@ -34,9 +34,11 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
     let containers = docker::list_project_containers(&docker, &project.name, None).await?;
     let mut reports = Vec::new();
     for svc in &project.services {
-        let dev = containers
-            .iter()
-            .find(|c| docker::label(c, labels::SERVICE) == Some(svc.name.as_str()) && docker::label(c, labels::KIND) == Some(labels::KIND_DEV));
+        // The service's container: a dev container, or a deployed version.
+        let dev = containers.iter().find(|c| {
+            docker::label(c, labels::SERVICE) == Some(svc.name.as_str())
+                && matches!(docker::label(c, labels::KIND), Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY))
+        });
         let intercepted = containers
             .iter()
             .any(|c| docker::label(c, labels::SERVICE) == Some(svc.name.as_str()) && docker::label(c, labels::KIND) == Some(labels::KIND_INTERCEPT));
@@ -58,6 +60,9 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
         if let Some(c) = dev {
             r.container = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string());
             r.state = c.status.clone().unwrap_or_default();
+            if let Some(version) = docker::label(c, labels::VERSION) {
+                r.state = format!("deployed version {version}, {}", r.state);
+            }
             r.agent_version = docker::label(c, labels::AGENT_VERSION).map(String::from);
             if docker::is_running(c) {
                 let conn = connector(&docker, &engine_choice, &project.name, &svc.name);

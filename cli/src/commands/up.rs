@@ -132,8 +132,10 @@ pub async fn sync(global: &Global, service: &str, no_logs: bool) -> anyhow::Resu
     let project = load_project(global)?;
     let svc = project.service(service)?;
     let (docker, engine_choice) = connect_engine().await?;
-    let containers = docker::list_project_containers(&docker, &project.name, Some(labels::KIND_DEV)).await?;
-    let Some(c) = containers.iter().find(|c| docker::label(c, labels::SERVICE) == Some(service)) else {
+    let containers = docker::list_project_containers(&docker, &project.name, None).await?;
+    let Some(c) = containers.iter().find(|c| {
+        docker::label(c, labels::SERVICE) == Some(service) && matches!(docker::label(c, labels::KIND), Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY))
+    }) else {
         anyhow::bail!("`{service}` has no dev container; start it with `devloop up {service}`");
     };
     if !docker::is_running(c) {
