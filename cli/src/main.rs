@@ -49,6 +49,14 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         health_timeout: std::time::Duration,
     },
+    /// A service's deployed versions: tag, time, what changed.
+    History { service: String },
+    /// Roll a service back to its previous version, with the same health-checked rollout.
+    Rollback {
+        service: String,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        health_timeout: std::time::Duration,
+    },
     /// Services, containers, agents, processes and sync state.
     Status {
         /// Machine-readable output.
@@ -93,6 +101,8 @@ fn main() -> std::process::ExitCode {
             Command::Deploy { services, health_timeout } => {
                 commands::deploy::deploy(&global, commands::deploy::DeployOptions { services, health_timeout: Some(health_timeout) }).await
             }
+            Command::History { service } => commands::deploy::history_cmd(&global, &service).await,
+            Command::Rollback { service, health_timeout } => commands::deploy::rollback(&global, &service, Some(health_timeout)).await,
             Command::Status { json } => commands::status::status(&global, json).await,
             Command::Down { keep_volumes } => commands::down::down(&global, keep_volumes).await,
             Command::Doctor => commands::doctor::doctor(&global).await,

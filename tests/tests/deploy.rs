@@ -76,3 +76,31 @@ fn a_version_that_fails_its_health_check_never_takes_over() {
     let items = wait_for(Duration::from_secs(5), || shop.http_get("api", "http://localhost:8000/items"));
     assert!(items.is_some(), "the old version stopped serving");
 }
+
+#[test]
+fn history_and_rollback() {
+    let shop = Shop::new("rollback", false);
+    std::fs::write(shop.path().join("devloop.toml"), std::fs::read_to_string(shop.path().join("devloop.toml")).unwrap().replacen("\n", "\n[deploy]\nkeep = 2\n", 1)).unwrap();
+    let app = shop.path().join("api/app.py");
+    let original = std::fs::read_to_string(&app).unwrap();
+    let mut images = Vec::new();
+    for v in ["1", "2", "3"] {
+        std::fs::write(&app, original.replace("VERSION = \"1\"", &format!("VERSION = \"{v}\""))).unwrap();
+        shop.run_ok(&["deploy", "api"]);
+        images.push(image_of(&shop, "api"));
+    }
+    let history = shop.run_ok(&["history", "api"]);
+    let lines: Vec<&str> = history.lines().filter(|l| l.starts_with("* ") || l.starts_with("  ")).collect();
+    assert_eq!(lines.len(), 2, "keep = 2 keeps two versions:\n{history}");
+    assert!(lines[0].starts_with('*') && lines[0].contains("1 changed: app.py"), "{history}");
+    // The oldest version's image was pruned.
+    assert!(!docker(&["image", "inspect", &images[0]]).status.success(), "version 1 was not pruned");
+
+    let out = shop.run_ok(&["rollback", "api"]);
+    let _ = out;
+    assert_eq!(image_of(&shop, "api"), images[1]);
+    let served = wait_for(Duration::from_secs(10), || shop.http_get("api", "http://localhost:8000/items").filter(|t| t.contains("\"version\": \"2\"") || t.contains("\"version\":\"2\"")));
+    assert!(served.is_some(), "version 2 is not served after the rollback");
+    let history = shop.run_ok(&["history", "api"]);
+    assert!(history.lines().find(|l| l.starts_with('*')).is_some_and(|l| l.contains("rollback")), "{history}");
+}

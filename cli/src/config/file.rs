@@ -12,6 +12,9 @@ pub struct DevloopFile {
     /// Settings of `devloop up`.
     #[serde(default)]
     pub up: UpSection,
+    /// Settings of `devloop deploy`.
+    #[serde(default)]
+    pub deploy: DeploySection,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSection>,
 }
@@ -21,6 +24,13 @@ pub struct DevloopFile {
 pub struct UpSection {
     /// What Ctrl-C does to the dev containers: "keep" (default) or "stop".
     pub on_exit: Option<OnExit>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploySection {
+    /// How many versions of each service to keep for `history` and `rollback` (default 5).
+    pub keep: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

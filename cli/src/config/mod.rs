@@ -39,6 +39,8 @@ pub struct Project {
     /// Where the settings came from, for messages.
     pub sources: Vec<PathBuf>,
     pub on_exit: OnExit,
+    /// Versions of each service `deploy` keeps.
+    pub keep_versions: usize,
     /// Services, dependencies before their dependents.
     pub services: Vec<Service>,
 }
@@ -339,6 +341,7 @@ pub fn resolve(
         dir: dir.to_path_buf(),
         sources,
         on_exit: devloop.up.on_exit.unwrap_or(OnExit::Keep),
+        keep_versions: devloop.deploy.keep.unwrap_or(5).max(1),
         services,
     })
 }

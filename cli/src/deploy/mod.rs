@@ -4,6 +4,7 @@
 //! is the target's (`target::docker_deploy`).
 
 pub mod base;
+pub mod history;
 pub mod snapshot;
 
 use anyhow::Context;
@@ -25,6 +26,8 @@ pub struct Snapshot {
     pub reused: bool,
     pub files: usize,
     pub millis: u64,
+    /// Digest of the tree, for the history's "what changed".
+    pub digest: std::collections::BTreeMap<String, String>,
 }
 
 pub fn snapshot_repo(project: &str, service: &str) -> String {
@@ -89,8 +92,9 @@ pub async fn snapshot(docker: &Docker, project: &Project, service: &Service, bas
     let tag = snapshot::content_tag(&base_id, &tree, &sync.container_dir, &labels);
     let image = format!("{}:{tag}", snapshot_repo(&project.name, &service.name));
     let files = tree.len();
+    let digest = history::digest(&tree);
     if docker.inspect_image(&image).await.is_ok() {
-        return Ok(Snapshot { image, tag, reused: true, files, millis: started.elapsed().as_millis() as u64 });
+        return Ok(Snapshot { image, tag, reused: true, files, millis: started.elapsed().as_millis() as u64, digest });
     }
     let container_dir = sync.container_dir.clone();
     let image_ref = image.clone();
@@ -115,5 +119,5 @@ pub async fn snapshot(docker: &Docker, project: &Project, service: &Service, bas
         item.with_context(|| format!("loading the snapshot {image} (the engine refused the archive)"))?;
     }
     docker.inspect_image(&image).await.with_context(|| format!("the engine did not keep the snapshot {image}"))?;
-    Ok(Snapshot { image, tag, reused: false, files, millis: started.elapsed().as_millis() as u64 })
+    Ok(Snapshot { image, tag, reused: false, files, millis: started.elapsed().as_millis() as u64, digest })
 }
