@@ -49,6 +49,14 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         health_timeout: std::time::Duration,
     },
+    /// On every save: sync, restart or redeploy, as each service's `on_change` rules say.
+    Watch {
+        services: Vec<String>,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        health_timeout: std::time::Duration,
+        #[arg(long)]
+        no_logs: bool,
+    },
     /// A service's deployed versions: tag, time, what changed.
     History { service: String },
     /// Roll a service back to its previous version, with the same health-checked rollout.
@@ -100,6 +108,9 @@ fn main() -> std::process::ExitCode {
             Command::Sync { service, no_logs } => commands::up::sync(&global, &service, no_logs).await,
             Command::Deploy { services, health_timeout } => {
                 commands::deploy::deploy(&global, commands::deploy::DeployOptions { services, health_timeout: Some(health_timeout) }).await
+            }
+            Command::Watch { services, health_timeout, no_logs } => {
+                commands::watch::watch(&global, services, Some(health_timeout), no_logs).await
             }
             Command::History { service } => commands::deploy::history_cmd(&global, &service).await,
             Command::Rollback { service, health_timeout } => commands::deploy::rollback(&global, &service, Some(health_timeout)).await,

@@ -104,3 +104,45 @@ fn history_and_rollback() {
     let history = shop.run_ok(&["history", "api"]);
     assert!(history.lines().find(|l| l.starts_with('*')).is_some_and(|l| l.contains("rollback")), "{history}");
 }
+
+/// `watch`: a save redeploys (per the rule), a broken save leaves the last good version
+/// serving and says why, and the fix goes out on the next save.
+#[test]
+fn watch_redeploys_on_save_and_survives_a_broken_one() {
+    let mut shop = Shop::new("watch", false);
+    std::fs::write(
+        shop.path().join("devloop.toml"),
+        format!(
+            "project = \"{}\"\n[services.api]\nsync = {{ from = \"api\", to = \"/app\" }}\nexclude = [\"__pycache__/\"]\non_change = [{{ paths = [\"**/*.py\"], action = \"redeploy\" }}]\n",
+            shop.project
+        ),
+    )
+    .unwrap();
+    let log = shop.spawn(&["watch", "api", "--no-logs", "--health-timeout", "5s"]);
+    wait_for_log(&log, "deployed devloop-", Duration::from_secs(240));
+    wait_for_log(&log, "in sync", Duration::from_secs(30));
+    let first = image_of(&shop, "api");
+
+    let app = shop.path().join("api/app.py");
+    let original = std::fs::read_to_string(&app).unwrap();
+    std::fs::write(&app, original.replace("VERSION = \"1\"", "VERSION = \"2\"")).unwrap();
+    let new_image = wait_for(Duration::from_secs(30), || {
+        let img = image_of(&shop, "api");
+        (img != first).then_some(img)
+    });
+    assert!(new_image.is_some(), "no redeploy after a save:\n{}", std::fs::read_to_string(&log).unwrap());
+    let served = wait_for(Duration::from_secs(10), || shop.http_get("api", "http://localhost:8000/items").filter(|t| t.contains("\"2\"")));
+    assert!(served.is_some(), "the redeployed version is not served");
+    let good = image_of(&shop, "api");
+
+    std::fs::write(&app, "raise SystemExit('broken on purpose')\n").unwrap();
+    wait_for_log(&log, "redeploy failed", Duration::from_secs(60));
+    assert_eq!(image_of(&shop, "api"), good, "a broken version took over");
+    assert!(shop.http_get("api", "http://localhost:8000/items").is_some(), "the last good version stopped serving");
+
+    std::fs::write(&app, original.replace("VERSION = \"1\"", "VERSION = \"3\"")).unwrap();
+    let served = wait_for(Duration::from_secs(60), || shop.http_get("api", "http://localhost:8000/items").filter(|t| t.contains("\"3\"")));
+    assert!(served.is_some(), "the fix did not go out:\n{}", std::fs::read_to_string(&log).unwrap());
+    let codes = shop.interrupt_all();
+    assert!(codes.iter().all(|c| c.success()), "{codes:?}");
+}

@@ -17,16 +17,16 @@ pub struct DeployOptions {
     pub health_timeout: Option<Duration>,
 }
 
-struct Env {
-    docker: bollard::Docker,
-    engine: crate::target::engine::EngineChoice,
+pub(crate) struct Env {
+    pub(crate) docker: bollard::Docker,
+    pub(crate) engine: crate::target::engine::EngineChoice,
     agent: Vec<u8>,
     tokens: crate::state::TokenStore,
     health_timeout: Duration,
 }
 
 impl Env {
-    async fn new(health_timeout: Option<Duration>) -> anyhow::Result<Env> {
+    pub(crate) async fn new(health_timeout: Option<Duration>) -> anyhow::Result<Env> {
         let (docker, engine) = connect_engine().await?;
         let (_, agent) = read_agent_binary()?;
         Ok(Env { docker, engine, agent, tokens: crate::state::TokenStore::new(), health_timeout: health_timeout.unwrap_or(Duration::from_secs(30)) })
@@ -101,35 +101,38 @@ async fn deploy_one(env: &Env, project: &Project, service: &Service, ui: &Ui) ->
         ui.info(&service.name, "no `sync` in devloop.toml: nothing to snapshot, skipped");
         return Ok(());
     }
+    let line = snapshot_and_roll_out(env, project, service, ui).await?;
+    ui.info(&service.name, line);
+    Ok(())
+}
+
+/// The whole deploy of one service; Ok(the line that reports it).
+pub(crate) async fn snapshot_and_roll_out(env: &Env, project: &Project, service: &Service, ui: &Ui) -> anyhow::Result<String> {
     let started = Instant::now();
     let base = deploy::ensure_base(&env.docker, project, service, ui).await?;
     let snap = deploy::snapshot(&env.docker, project, service, &base).await?;
     let rollout = docker_deploy::roll_out(&env.ctx(), project, service, &snap).await?;
-    report(ui, service, &snap, &rollout, started);
     if let Rollout::Replaced { .. } = rollout {
         remember(env, project, service, &snap).await;
     }
-    Ok(())
+    Ok(report(&snap, &rollout, started))
 }
 
-fn report(ui: &Ui, service: &Service, snap: &Snapshot, rollout: &Rollout, started: Instant) {
+fn report(snap: &Snapshot, rollout: &Rollout, started: Instant) -> String {
     let total = human_ms(started.elapsed().as_millis() as u64);
     match rollout {
-        Rollout::Unchanged => ui.info(&service.name, format!("unchanged: {} already runs ({total})", snap.image)),
+        Rollout::Unchanged => format!("unchanged: {} already runs ({total})", snap.image),
         Rollout::Replaced { healthy_ms, switch_ms, port_gap_ms } => {
             let snap_what = if snap.reused { "snapshot reused" } else { "snapshot" };
             let gap = port_gap_ms.map(|g| format!(", host ports handed to the relay in {}", human_ms(g))).unwrap_or_default();
-            ui.info(
-                &service.name,
-                format!(
-                    "deployed {} in {total} ({snap_what} {}, {} paths; start to healthy {}; switch {}{gap})",
-                    snap.image,
-                    human_ms(snap.millis),
-                    snap.files,
-                    human_ms(*healthy_ms),
-                    human_ms(*switch_ms)
-                ),
-            );
+            format!(
+                "deployed {} in {total} ({snap_what} {}, {} paths; start to healthy {}; switch {}{gap})",
+                snap.image,
+                human_ms(snap.millis),
+                snap.files,
+                human_ms(*healthy_ms),
+                human_ms(*switch_ms)
+            )
         }
     }
 }

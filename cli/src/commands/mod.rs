@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod down;
 pub mod status;
 pub mod up;
+pub mod watch;
 
 use anyhow::Context;
 use bollard::Docker;

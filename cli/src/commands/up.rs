@@ -81,6 +81,7 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
             filter: FilterSettings { excludes: service.excludes.clone(), include_node_modules: service.include_node_modules },
             rules: service.rules.clone(),
             show_logs: !opts.no_logs,
+            redeploy: None,
         };
         let conn = connector(&docker, &engine_choice, &project.name, &service.name);
         let (ui, shutdown, name) = (ui.clone(), shutdown.clone(), name.clone());
@@ -149,6 +150,7 @@ pub async fn sync(global: &Global, service: &str, no_logs: bool) -> anyhow::Resu
         filter: FilterSettings { excludes: svc.excludes.clone(), include_node_modules: svc.include_node_modules },
         rules: svc.rules.clone(),
         show_logs: !no_logs,
+        redeploy: None,
     };
     let shutdown = CancellationToken::new();
     let conn = connector(&docker, &engine_choice, &project.name, service);

@@ -95,6 +95,8 @@ pub enum RuleAction {
     Restart,
     /// Copy, run a command in the container, then restart.
     Run,
+    /// Snapshot the tree and roll out a new version (under `devloop watch`; `up` restarts).
+    Redeploy,
 }
 
 /// A command as a list (`["python3", "app.py"]`) or as one string split like a shell would.

@@ -126,6 +126,8 @@ pub enum Reaction {
     None,
     Restart,
     RunThenRestart(Vec<Vec<String>>),
+    /// A new version: snapshot and roll out (strongest; the files are not synced first).
+    Redeploy,
 }
 
 impl Rules {
@@ -135,10 +137,12 @@ impl Rules {
 
     pub fn reaction<'a>(&self, changed: impl IntoIterator<Item = &'a str>) -> Reaction {
         let mut restart = false;
+        let mut redeploy = false;
         let mut runs: Vec<Vec<String>> = Vec::new();
         for path in changed {
             match self.rules.iter().find(|r| r.globs.is_match(path)) {
                 Some(Rule { action: RuleAction::Sync, .. }) => {}
+                Some(Rule { action: RuleAction::Redeploy, .. }) => redeploy = true,
                 Some(Rule { action: RuleAction::Run, run: Some(cmd), .. }) => {
                     restart = true;
                     if !runs.contains(cmd) {
@@ -147,6 +151,9 @@ impl Rules {
                 }
                 _ => restart = true,
             }
+        }
+        if redeploy {
+            return Reaction::Redeploy;
         }
         match (runs.is_empty(), restart) {
             (false, _) => Reaction::RunThenRestart(runs),
@@ -488,6 +495,14 @@ EXTRA = "1"
         assert_eq!(p.services[0].ports[0], PortMapping { host_ip: Some("127.0.0.1".into()), host_port: Some(8080), container_port: 80 });
         let err = project("", "services:\n  a:\n    image: x\n    ports:\n      - target: 53\n        protocol: udp\n").unwrap_err();
         assert!(err.to_string().contains("udp"), "{err}");
+    }
+
+    #[test]
+    fn redeploy_is_the_strongest_reaction() {
+        let p = project("[services.api]\non_change = [{ paths = [\"Dockerfile\", \"*.lock\"], action = \"redeploy\" }, { paths = [\"*.css\"], action = \"sync\" }]\n", COMPOSE).unwrap();
+        let rules = &p.service("api").unwrap().rules;
+        assert_eq!(rules.reaction(["a.css", "x.lock", "b.py"]), Reaction::Redeploy);
+        assert_eq!(rules.reaction(["a.css"]), Reaction::None);
     }
 
     #[test]

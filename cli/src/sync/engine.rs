@@ -29,6 +29,9 @@ pub trait Connector: Send + Sync {
     fn connect(&self) -> BoxFuture<'_, anyhow::Result<(Connected, String)>>;
 }
 
+/// Makes and rolls out a new version of the service; Ok(a line saying what was done).
+pub type Redeploy = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<String>> + Send + Sync>;
+
 pub struct SyncSettings {
     pub project: String,
     pub service: String,
@@ -38,6 +41,8 @@ pub struct SyncSettings {
     pub rules: Rules,
     /// Whether to print the service's output.
     pub show_logs: bool,
+    /// How `redeploy` rules are carried out (`devloop watch`); None: they restart instead.
+    pub redeploy: Option<Redeploy>,
 }
 
 /// How long a burst of events must be quiet before it is sent, and the longest a burst is
@@ -152,6 +157,7 @@ pub async fn run(settings: SyncSettings, connector: Arc<dyn Connector>, ui: Ui, 
             Ok(()) if shutdown.is_cancelled() => break,
             Ok(()) => ui.warn(&svc, "connection to the agent lost; reconnecting (edits are kept and sent after)"),
             Err(SessionEnd::Link(e)) => ui.warn(&svc, format!("connection to the agent lost ({e}); reconnecting (edits are kept and sent after)")),
+            Err(SessionEnd::Redeployed) => {}
             Err(SessionEnd::Fatal(e)) => {
                 status.errors.push(format!("{e:#}"));
                 save(&settings, &status);
@@ -172,6 +178,8 @@ fn is_read_only(kind: &notify::EventKind) -> bool {
 }
 
 enum SessionEnd {
+    /// A new version replaced the container: reconnect without alarm.
+    Redeployed,
     Link(crate::agent_link::LinkError),
     Fatal(anyhow::Error),
 }
@@ -414,6 +422,25 @@ async fn send_and_react(
 ) -> Result<(), SessionEnd> {
     let svc = &settings.service;
     let started = Instant::now();
+    if let (Reaction::Redeploy, Some(redeploy)) = (settings.rules.reaction(changes.iter().map(|c| c.path().as_str())), &settings.redeploy) {
+        // The running version is replaced as a whole: syncing into it first is wasted work.
+        let what: Vec<&str> = changes.iter().take(3).map(|c| c.path().as_str()).collect();
+        ui.info(svc, format!("redeploying for {}{}", what.join(", "), if changes.len() > 3 { ", ..." } else { "" }));
+        return match redeploy().await {
+            Ok(line) => {
+                ui.info(svc, line);
+                // The old container and this connection are gone; the next one reconciles.
+                Err(SessionEnd::Redeployed)
+            }
+            Err(e) => {
+                // The last good version keeps running; the next save tries again.
+                ui.warn(svc, format!("redeploy failed, the running version stays: {e:#}"));
+                status.errors.push(format!("redeploy failed: {e:#}"));
+                save(settings, status);
+                Ok(())
+            }
+        };
+    }
     let total: u64 = changes.iter().map(|c| if let Change::Put(_, _, s) = c { *s } else { 0 }).sum();
     let bar = (total > 8 * 1024 * 1024).then(|| ui.bytes_bar(svc, if initial { "initial sync" } else { "sync" }, total));
     let sent = send_changes(link, root, changes, |done, _| {
@@ -441,6 +468,10 @@ async fn send_and_react(
     match settings.rules.reaction(changed.iter().copied()) {
         Reaction::None => {}
         Reaction::Restart => {
+            link.restart().await?;
+        }
+        // Without a way to redeploy (`devloop up`), a redeploy rule restarts.
+        Reaction::Redeploy => {
             link.restart().await?;
         }
         Reaction::RunThenRestart(cmds) => {
