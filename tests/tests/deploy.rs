@@ -146,3 +146,29 @@ fn watch_redeploys_on_save_and_survives_a_broken_one() {
     let codes = shop.interrupt_all();
     assert!(codes.iter().all(|c| c.success()), "{codes:?}");
 }
+
+/// With a HEALTHCHECK in the image, that check decides, not the port: a version whose port
+/// answers but whose health endpoint fails never takes over.
+#[test]
+fn the_image_healthcheck_decides() {
+    let shop = Shop::new("healthcheck", false);
+    let dockerfile = shop.path().join("api/Dockerfile");
+    let text = std::fs::read_to_string(&dockerfile).unwrap();
+    std::fs::write(
+        &dockerfile,
+        format!("{text}HEALTHCHECK CMD python3 -c \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=1)\"\n"),
+    )
+    .unwrap();
+    shop.run_ok(&["deploy", "api"]);
+    let good = image_of(&shop, "api");
+    let app = shop.path().join("api/app.py");
+    let original = std::fs::read_to_string(&app).unwrap();
+    assert!(original.contains("if path == \"/health\":"));
+    // The port still answers, but /health is now a 404.
+    std::fs::write(&app, original.replace("if path == \"/health\":", "if path == \"/healthz\":")).unwrap();
+    let out = shop.run(&["deploy", "api", "--health-timeout", "4s"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("health check"), "{text}");
+    assert_eq!(image_of(&shop, "api"), good);
+}

@@ -61,6 +61,8 @@ pub struct ImageFacts {
     pub workdir: Option<String>,
     /// `EXPOSE`d ports, lowest first.
     pub exposed: Vec<u16>,
+    /// The image's HEALTHCHECK as a command to exec (`CMD` or `CMD-SHELL`), if it has one.
+    pub healthcheck: Option<Vec<String>>,
 }
 
 pub async fn image_facts(docker: &Docker, image: &str) -> Result<ImageFacts, DockerError> {
@@ -71,6 +73,12 @@ pub async fn image_facts(docker: &Docker, image: &str) -> Result<ImageFacts, Doc
         cmd: cfg.cmd.unwrap_or_default(),
         entrypoint: cfg.entrypoint.unwrap_or_default(),
         workdir: cfg.working_dir.filter(|w| !w.is_empty()),
+        healthcheck: cfg.healthcheck.as_ref().and_then(|h| h.test.clone()).and_then(|test| match test.first().map(String::as_str) {
+            Some("CMD") => Some(test[1..].to_vec()),
+            Some("CMD-SHELL") => Some(vec!["/bin/sh".into(), "-c".into(), test[1..].join(" ")]),
+            // "NONE" or empty: no health check.
+            _ => None,
+        }),
         exposed: {
             let mut ports: Vec<u16> = cfg
                 .exposed_ports

@@ -76,7 +76,11 @@ pub async fn roll_out(ctx: &RolloutContext<'_>, project: &Project, service: &Ser
     let started = Instant::now();
     let id = docker::create_agent_container(docker, &spec, &placement, ctx.agent_binary, ctx.tokens).await?;
     let port = service.ports.first().map(|p| p.container_port).or_else(|| facts.exposed.first().copied());
-    if let Err(reason) = wait_healthy(ctx, &id, &project.name, port).await {
+    let check = match &facts.healthcheck {
+        Some(cmd) => Health::Command(cmd.clone()),
+        None => Health::Port(port),
+    };
+    if let Err(reason) = wait_healthy(ctx, &id, &project.name, &check).await {
         let logs = last_logs(docker, &id, 20).await;
         let _ = docker::remove_container(docker, &id).await;
         ctx.tokens.remove(&staging);
@@ -105,8 +109,17 @@ pub async fn roll_out(ctx: &RolloutContext<'_>, project: &Project, service: &Ser
     Ok(Rollout::Replaced { healthy_ms, switch_ms, port_gap_ms })
 }
 
-/// Running, and answering on `port` (when the service has one), within the timeout.
-async fn wait_healthy(ctx: &RolloutContext<'_>, id: &str, project: &str, port: Option<u16>) -> Result<(), String> {
+/// What tells that a new version is ready.
+enum Health {
+    /// The image's HEALTHCHECK, run by devloop at a short interval during the rollout (the
+    /// engine's own interval, 30 s by default, would make every rollout slow).
+    Command(Vec<String>),
+    /// The service's first port answering; with no port, running a moment without exiting.
+    Port(Option<u16>),
+}
+
+/// Running, and healthy by `check`, within the timeout.
+async fn wait_healthy(ctx: &RolloutContext<'_>, id: &str, project: &str, check: &Health) -> Result<(), String> {
     let deadline = Instant::now() + ctx.health_timeout;
     let mut running_since: Option<Instant> = None;
     loop {
@@ -115,26 +128,22 @@ async fn wait_healthy(ctx: &RolloutContext<'_>, id: &str, project: &str, port: O
         if state.running != Some(true) {
             return Err(format!("it exited with code {}", state.exit_code.unwrap_or(-1)));
         }
-        if let Some(health) = state.health.as_ref().and_then(|h| h.status) {
-            if health.to_string() == "unhealthy" {
-                return Err("its health check failed".into());
-            }
-        }
-        let ok = match port {
-            Some(port) => probe(ctx, id, project, port).await,
-            // Nothing to probe: running a moment without exiting is the best sign there is.
-            None => running_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(500),
+        let ok = match check {
+            Health::Command(cmd) => run_exec(ctx.docker, id, cmd.clone()).await == Some(0),
+            Health::Port(Some(port)) => probe(ctx, id, project, *port).await,
+            Health::Port(None) => running_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(500),
         };
         if ok {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(match port {
-                Some(p) => format!("nothing answered on port {p} within {:?}", ctx.health_timeout),
-                None => format!("not running steadily within {:?}", ctx.health_timeout),
+            return Err(match check {
+                Health::Command(cmd) => format!("its health check `{}` did not pass within {:?}", cmd.join(" "), ctx.health_timeout),
+                Health::Port(Some(p)) => format!("nothing answered on port {p} within {:?}", ctx.health_timeout),
+                Health::Port(None) => format!("not running steadily within {:?}", ctx.health_timeout),
             });
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(if matches!(check, Health::Command(_)) { 100 } else { 20 })).await;
     }
 }
 
