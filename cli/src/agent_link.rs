@@ -2,7 +2,9 @@
 //! to their answers by id, and the agent's logs and process events as a stream.
 
 use devloop_proxy::codec::{decode, encode};
-use devloop_proxy::msg::{AgentMsg, FileOp, Hello, LaptopMsg, LogLine, Outcome, ProcessStatus, Welcome};
+use devloop_proxy::msg::{
+    AgentMsg, FileOp, Hello, LaptopMsg, LogLine, Outcome, ProcessStatus, Welcome,
+};
 use devloop_proxy::tree::Tree;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -72,19 +74,28 @@ impl AgentLink {
         config.max_message_size = Some(devloop_proxy::MAX_MESSAGE_BYTES + 4096);
         config.max_frame_size = Some(devloop_proxy::MAX_MESSAGE_BYTES + 4096);
         let url = format!("ws://agent{}", devloop_proxy::WS_PATH);
-        let (ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::client_async_with_config(url, io, Some(config)))
-            .await
-            .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
-            .map_err(|e| LinkError::Handshake(e.to_string()))?;
+        let (ws, _) = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_tungstenite::client_async_with_config(url, io, Some(config)),
+        )
+        .await
+        .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
+        .map_err(|e| LinkError::Handshake(e.to_string()))?;
         let (mut sink, mut stream) = ws.split();
         let hello = LaptopMsg::Hello(Hello {
             magic: devloop_proxy::MAGIC,
             protocol_version: devloop_proxy::PROTOCOL_VERSION,
             cli_version: devloop_proxy::CRATE_VERSION.into(),
-            capabilities: vec![devloop_proxy::caps::FILES.into(), devloop_proxy::caps::TAR.into(), devloop_proxy::caps::PROCESS.into()],
+            capabilities: vec![
+                devloop_proxy::caps::FILES.into(),
+                devloop_proxy::caps::TAR.into(),
+                devloop_proxy::caps::PROCESS.into(),
+            ],
             token: token.into(),
         });
-        sink.send(Message::Binary(encode(&hello).into())).await.map_err(|e| LinkError::Handshake(e.to_string()))?;
+        sink.send(Message::Binary(encode(&hello).into()))
+            .await
+            .map_err(|e| LinkError::Handshake(e.to_string()))?;
         let welcome = loop {
             let msg = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.next())
                 .await
@@ -93,11 +104,19 @@ impl AgentLink {
                 Some(Ok(Message::Binary(b))) => match decode::<AgentMsg>(&b) {
                     Ok(AgentMsg::Welcome(w)) => break w,
                     Ok(AgentMsg::Refused { reason }) => return Err(LinkError::Refused(reason)),
-                    Ok(other) => return Err(LinkError::Protocol(format!("expected a welcome, got {other:?}"))),
+                    Ok(other) => {
+                        return Err(LinkError::Protocol(format!(
+                            "expected a welcome, got {other:?}"
+                        )))
+                    }
                     Err(e) => return Err(LinkError::Protocol(e.to_string())),
                 },
                 Some(Ok(Message::Close(frame))) => {
-                    return Err(LinkError::Refused(frame.map(|f| f.reason.to_string()).unwrap_or_else(|| "closed".into())))
+                    return Err(LinkError::Refused(
+                        frame
+                            .map(|f| f.reason.to_string())
+                            .unwrap_or_else(|| "closed".into()),
+                    ))
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Err(LinkError::Handshake(e.to_string())),
@@ -166,7 +185,9 @@ impl AgentLink {
                         Some(Pending::Index(_, tx)) => {
                             let error = match outcome {
                                 Outcome::Failed { error } => error,
-                                other => format!("unexpected answer to an index request: {other:?}"),
+                                other => {
+                                    format!("unexpected answer to an index request: {other:?}")
+                                }
                             };
                             let _ = tx.send(Err(error));
                         }
@@ -196,7 +217,16 @@ impl AgentLink {
             lock(&reader_pending).clear();
         });
 
-        Ok(Connected { link: AgentLink { out_tx, pending, next_req: Arc::new(AtomicU64::new(1)), closed }, welcome, events })
+        Ok(Connected {
+            link: AgentLink {
+                out_tx,
+                pending,
+                next_req: Arc::new(AtomicU64::new(1)),
+                closed,
+            },
+            welcome,
+            events,
+        })
     }
 
     fn req_id(&self) -> u64 {
@@ -207,7 +237,10 @@ impl AgentLink {
         if self.closed.is_cancelled() {
             return Err(LinkError::Closed);
         }
-        self.out_tx.send(Message::Binary(encode(msg).into())).await.map_err(|_| LinkError::Closed)
+        self.out_tx
+            .send(Message::Binary(encode(msg).into()))
+            .await
+            .map_err(|_| LinkError::Closed)
     }
 
     async fn request_ack(&self, req: u64, msg: &LaptopMsg) -> Result<Outcome, LinkError> {
@@ -222,17 +255,26 @@ impl AgentLink {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(req, Pending::Index(Tree::new(), tx));
         self.send(&LaptopMsg::Index { req }).await?;
-        rx.await.map_err(|_| LinkError::Closed)?.map_err(LinkError::Failed)
+        rx.await
+            .map_err(|_| LinkError::Closed)?
+            .map_err(LinkError::Failed)
     }
 
     /// Applies `ops` in order; Ok(number applied).
     pub async fn batch(&self, ops: Vec<FileOp>) -> Result<u64, LinkError> {
         let req = self.req_id();
-        expect_ok(self.request_ack(req, &LaptopMsg::Batch { req, ops }).await?)
+        expect_ok(
+            self.request_ack(req, &LaptopMsg::Batch { req, ops })
+                .await?,
+        )
     }
 
     /// Sends a tar stream chunk by chunk; returns the number of entries applied.
-    pub async fn tar(&self, mut chunks: mpsc::Receiver<std::io::Result<Vec<u8>>>, mut on_chunk: impl FnMut(usize)) -> Result<u64, LinkError> {
+    pub async fn tar(
+        &self,
+        mut chunks: mpsc::Receiver<std::io::Result<Vec<u8>>>,
+        mut on_chunk: impl FnMut(usize),
+    ) -> Result<u64, LinkError> {
         let req = self.req_id();
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(req, Pending::Ack(tx));
@@ -243,22 +285,40 @@ impl AgentLink {
                 Some(Ok(data)) => {
                     if let Some(prev) = held.replace(data) {
                         let n = prev.len();
-                        self.send(&LaptopMsg::TarChunk { req, data: prev, last: false }).await?;
+                        self.send(&LaptopMsg::TarChunk {
+                            req,
+                            data: prev,
+                            last: false,
+                        })
+                        .await?;
                         on_chunk(n);
                     }
                 }
                 Some(Err(e)) => {
                     lock(&self.pending).remove(&req);
                     // Tell the agent the stream is over; what it applied so far is valid.
-                    let _ = self.send(&LaptopMsg::TarChunk { req, data: Vec::new(), last: true }).await;
-                    return Err(LinkError::Failed(format!("reading laptop files for the tar stream: {e}")));
+                    let _ = self
+                        .send(&LaptopMsg::TarChunk {
+                            req,
+                            data: Vec::new(),
+                            last: true,
+                        })
+                        .await;
+                    return Err(LinkError::Failed(format!(
+                        "reading laptop files for the tar stream: {e}"
+                    )));
                 }
                 None => break,
             }
         }
         let last = held.unwrap_or_default();
         let n = last.len();
-        self.send(&LaptopMsg::TarChunk { req, data: last, last: true }).await?;
+        self.send(&LaptopMsg::TarChunk {
+            req,
+            data: last,
+            last: true,
+        })
+        .await?;
         on_chunk(n);
         expect_ok(rx.await.map_err(|_| LinkError::Closed)?)
     }
@@ -305,7 +365,9 @@ fn expect_ok(outcome: Outcome) -> Result<u64, LinkError> {
     match outcome {
         Outcome::Ok { applied } => Ok(applied),
         Outcome::Failed { error } => Err(LinkError::Failed(error)),
-        Outcome::Exited { code } => Err(LinkError::Protocol(format!("unexpected exit status {code:?}"))),
+        Outcome::Exited { code } => Err(LinkError::Protocol(format!(
+            "unexpected exit status {code:?}"
+        ))),
     }
 }
 

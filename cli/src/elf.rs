@@ -24,7 +24,8 @@ pub fn is_static(path: &Path) -> std::io::Result<bool> {
     }
     let mut all = Vec::new();
     f = std::fs::File::open(path)?;
-    f.take((phoff + phentsize * phnum) as u64).read_to_end(&mut all)?;
+    f.take((phoff + phentsize * phnum) as u64)
+        .read_to_end(&mut all)?;
     if all.len() < phoff + phentsize * phnum {
         return Ok(false);
     }

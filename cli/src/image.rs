@@ -21,7 +21,11 @@ pub enum ImageError {
     #[error("building {image} failed: {message}")]
     Build { image: String, message: String },
     #[error("image {image} is not on the engine and cannot be pulled ({pull_error}); {hint}")]
-    Unavailable { image: String, pull_error: String, hint: String },
+    Unavailable {
+        image: String,
+        pull_error: String,
+        hint: String,
+    },
     #[error("{0}")]
     Io(String),
 }
@@ -31,19 +35,29 @@ pub fn dev_image_tag(project: &str, service: &str) -> String {
 }
 
 /// Makes the service's image available; returns its reference.
-pub async fn ensure_service_image(docker: &Docker, project: &Project, service: &Service, rebuild: bool, ui: &Ui) -> Result<String, ImageError> {
+pub async fn ensure_service_image(
+    docker: &Docker,
+    project: &Project,
+    service: &Service,
+    rebuild: bool,
+    ui: &Ui,
+) -> Result<String, ImageError> {
     match &service.image {
         ImageSource::Image(name) => {
             ensure_present(docker, name, ui, &service.name).await?;
             Ok(name.clone())
         }
-        ImageSource::Build { context, dockerfile } => {
+        ImageSource::Build {
+            context,
+            dockerfile,
+        } => {
             let tag = dev_image_tag(&project.name, &service.name);
             if !rebuild && docker.inspect_image(&tag).await.is_ok() {
                 return Ok(tag);
             }
-            let text = std::fs::read_to_string(dockerfile)
-                .map_err(|e| ImageError::Io(format!("cannot read {}: {e}", dockerfile.display())))?;
+            let text = std::fs::read_to_string(dockerfile).map_err(|e| {
+                ImageError::Io(format!("cannot read {}: {e}", dockerfile.display()))
+            })?;
             for base in base_images(&text) {
                 ensure_present(docker, &base, ui, &service.name).await?;
             }
@@ -62,11 +76,16 @@ pub fn base_images(dockerfile: &str) -> Vec<String> {
         if words.first().map(|w| w.eq_ignore_ascii_case("FROM")) != Some(true) {
             continue;
         }
-        let args: Vec<&str> = words[1..].iter().copied().filter(|w| !w.starts_with("--")).collect();
+        let args: Vec<&str> = words[1..]
+            .iter()
+            .copied()
+            .filter(|w| !w.starts_with("--"))
+            .collect();
         let Some(image) = args.first() else { continue };
         let image = image.to_string();
         // Stages named before this line are not images.
-        if image != "scratch" && !stages.contains(&image.to_lowercase()) && !bases.contains(&image) {
+        if image != "scratch" && !stages.contains(&image.to_lowercase()) && !bases.contains(&image)
+        {
             bases.push(image);
         }
         if let (Some(as_kw), Some(name)) = (args.get(1), args.get(2)) {
@@ -79,7 +98,12 @@ pub fn base_images(dockerfile: &str) -> Vec<String> {
 }
 
 /// Inspect, else pull, else build offline when a recipe exists.
-pub async fn ensure_present(docker: &Docker, image: &str, ui: &Ui, service: &str) -> Result<(), ImageError> {
+pub async fn ensure_present(
+    docker: &Docker,
+    image: &str,
+    ui: &Ui,
+    service: &str,
+) -> Result<(), ImageError> {
     if docker.inspect_image(image).await.is_ok() {
         return Ok(());
     }
@@ -101,7 +125,11 @@ pub async fn ensure_present(docker: &Docker, image: &str, ui: &Ui, service: &str
 }
 
 async fn pull(docker: &Docker, image: &str) -> Result<(), String> {
-    let mut stream = docker.create_image(Some(CreateImageOptionsBuilder::new().from_image(image).build()), None, None);
+    let mut stream = docker.create_image(
+        Some(CreateImageOptionsBuilder::new().from_image(image).build()),
+        None,
+        None,
+    );
     let pull = async {
         while let Some(item) = stream.next().await {
             match item {
@@ -123,8 +151,13 @@ async fn pull(docker: &Docker, image: &str) -> Result<(), String> {
 
 /// Whether images/base/build-base.sh knows how to make `image`.
 pub fn has_offline_recipe(image: &str) -> bool {
-    let name = image.strip_prefix("docker.io/").unwrap_or(image).strip_prefix("library/").unwrap_or(image);
-    (name.starts_with("python:3") && name.contains("bookworm")) || name.starts_with("debian:bookworm")
+    let name = image
+        .strip_prefix("docker.io/")
+        .unwrap_or(image)
+        .strip_prefix("library/")
+        .unwrap_or(image);
+    (name.starts_with("python:3") && name.contains("bookworm"))
+        || name.starts_with("debian:bookworm")
 }
 
 async fn build_offline_base(image: &str) -> Result<(), ImageError> {
@@ -140,43 +173,94 @@ async fn build_offline_base(image: &str) -> Result<(), ImageError> {
     if status.success() {
         Ok(())
     } else {
-        Err(ImageError::Build { image: image.into(), message: format!("the offline recipe exited with {status} (its output is above)") })
+        Err(ImageError::Build {
+            image: image.into(),
+            message: format!("the offline recipe exited with {status} (its output is above)"),
+        })
     }
 }
 
-async fn build(docker: &Docker, context: &Path, dockerfile: &Path, tag: &str, ui: &Ui, service: &str) -> Result<(), ImageError> {
-    ui.info(service, format!("building {tag} from {}", dockerfile.display()));
+async fn build(
+    docker: &Docker,
+    context: &Path,
+    dockerfile: &Path,
+    tag: &str,
+    ui: &Ui,
+    service: &str,
+) -> Result<(), ImageError> {
+    ui.info(
+        service,
+        format!("building {tag} from {}", dockerfile.display()),
+    );
     let ctx = context.to_path_buf();
     let archive = tokio::task::spawn_blocking(move || context_tar(&ctx, None))
         .await
         .map_err(|e| ImageError::Io(e.to_string()))?
-        .map_err(|e| ImageError::Io(format!("packing the build context {}: {e}", context.display())))?;
-    let rel_dockerfile = dockerfile.strip_prefix(context).unwrap_or(dockerfile).to_string_lossy().into_owned();
+        .map_err(|e| {
+            ImageError::Io(format!(
+                "packing the build context {}: {e}",
+                context.display()
+            ))
+        })?;
+    let rel_dockerfile = dockerfile
+        .strip_prefix(context)
+        .unwrap_or(dockerfile)
+        .to_string_lossy()
+        .into_owned();
     run_build(docker, archive, &rel_dockerfile, tag, ui, service).await
 }
 
 /// Builds `context` with `dockerfile` as the Dockerfile's text (added to the context under
 /// a name of its own).
-pub async fn build_dockerfile_text(docker: &Docker, context: &Path, dockerfile: &str, tag: &str, ui: &Ui, service: &str) -> Result<(), ImageError> {
+pub async fn build_dockerfile_text(
+    docker: &Docker,
+    context: &Path,
+    dockerfile: &str,
+    tag: &str,
+    ui: &Ui,
+    service: &str,
+) -> Result<(), ImageError> {
     let ctx = context.to_path_buf();
     let text = dockerfile.to_string();
     let archive = tokio::task::spawn_blocking(move || context_tar(&ctx, Some(&text)))
         .await
         .map_err(|e| ImageError::Io(e.to_string()))?
-        .map_err(|e| ImageError::Io(format!("packing the build context {}: {e}", context.display())))?;
+        .map_err(|e| {
+            ImageError::Io(format!(
+                "packing the build context {}: {e}",
+                context.display()
+            ))
+        })?;
     run_build(docker, archive, GENERATED_DOCKERFILE, tag, ui, service).await
 }
 
 const GENERATED_DOCKERFILE: &str = ".devloop.Dockerfile";
 
-async fn run_build(docker: &Docker, archive: Vec<u8>, dockerfile: &str, tag: &str, ui: &Ui, service: &str) -> Result<(), ImageError> {
+async fn run_build(
+    docker: &Docker,
+    archive: Vec<u8>,
+    dockerfile: &str,
+    tag: &str,
+    ui: &Ui,
+    service: &str,
+) -> Result<(), ImageError> {
     let started = std::time::Instant::now();
-    let opts = BuildImageOptionsBuilder::new().dockerfile(dockerfile).t(tag).rm(true).build();
+    let opts = BuildImageOptionsBuilder::new()
+        .dockerfile(dockerfile)
+        .t(tag)
+        .rm(true)
+        .build();
     let mut stream = docker.build_image(opts, None, Some(bollard::body_full(archive.into())));
     while let Some(item) = stream.next().await {
-        let info = item.map_err(|e| ImageError::Build { image: tag.into(), message: e.to_string() })?;
+        let info = item.map_err(|e| ImageError::Build {
+            image: tag.into(),
+            message: e.to_string(),
+        })?;
         if let Some(err) = info.error_detail.and_then(|d| d.message) {
-            return Err(ImageError::Build { image: tag.into(), message: err });
+            return Err(ImageError::Build {
+                image: tag.into(),
+                message: err,
+            });
         }
         if let Some(line) = info.stream {
             let line = line.trim_end();
@@ -186,8 +270,14 @@ async fn run_build(docker: &Docker, archive: Vec<u8>, dockerfile: &str, tag: &st
         }
     }
     // The engine reports some failures only by not producing the tag.
-    docker.inspect_image(tag).await.map_err(api(format!("inspecting the freshly built {tag}")))?;
-    ui.info(service, format!("built {tag} in {:.1} s", started.elapsed().as_secs_f64()));
+    docker
+        .inspect_image(tag)
+        .await
+        .map_err(api(format!("inspecting the freshly built {tag}")))?;
+    ui.info(
+        service,
+        format!("built {tag} in {:.1} s", started.elapsed().as_secs_f64()),
+    );
     Ok(())
 }
 
@@ -200,7 +290,9 @@ fn context_tar(context: &Path, extra_dockerfile: Option<&str>) -> std::io::Resul
             return Err(std::io::Error::other(e.to_string()));
         }
     }
-    let ig = ig.build().map_err(|e| std::io::Error::other(e.to_string()))?;
+    let ig = ig
+        .build()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut b = tar::Builder::new(Vec::new());
     b.follow_symlinks(false);
     let mut stack = vec![context.to_path_buf()];
@@ -235,7 +327,10 @@ mod tests {
     #[test]
     fn from_lines() {
         let df = "FROM --platform=linux/amd64 python:3.11-slim-bookworm AS build\nRUN x\nFROM build\nFROM scratch\nfrom debian:bookworm-slim\n";
-        assert_eq!(base_images(df), ["python:3.11-slim-bookworm", "debian:bookworm-slim"]);
+        assert_eq!(
+            base_images(df),
+            ["python:3.11-slim-bookworm", "debian:bookworm-slim"]
+        );
     }
 
     #[test]

@@ -88,11 +88,24 @@ fn main() -> std::process::ExitCode {
         1 => "info,devloop=info",
         _ => "debug,hyper=info,bollard=info",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 
-    let global = Global { dir: cli.dir.clone().unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))) };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let global = Global {
+        dir: cli
+            .dir
+            .clone()
+            .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("devloop: cannot start the async runtime: {e}");
@@ -101,19 +114,57 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Up { services, build, stop_on_exit, keep_on_exit, no_logs } => {
-                let on_exit = if stop_on_exit { Some(OnExit::Stop) } else if keep_on_exit { Some(OnExit::Keep) } else { None };
-                commands::up::up(&global, commands::up::UpOptions { services, build, on_exit, no_logs }).await
+            Command::Up {
+                services,
+                build,
+                stop_on_exit,
+                keep_on_exit,
+                no_logs,
+            } => {
+                let on_exit = if stop_on_exit {
+                    Some(OnExit::Stop)
+                } else if keep_on_exit {
+                    Some(OnExit::Keep)
+                } else {
+                    None
+                };
+                commands::up::up(
+                    &global,
+                    commands::up::UpOptions {
+                        services,
+                        build,
+                        on_exit,
+                        no_logs,
+                    },
+                )
+                .await
             }
-            Command::Sync { service, no_logs } => commands::up::sync(&global, &service, no_logs).await,
-            Command::Deploy { services, health_timeout } => {
-                commands::deploy::deploy(&global, commands::deploy::DeployOptions { services, health_timeout: Some(health_timeout) }).await
+            Command::Sync { service, no_logs } => {
+                commands::up::sync(&global, &service, no_logs).await
             }
-            Command::Watch { services, health_timeout, no_logs } => {
-                commands::watch::watch(&global, services, Some(health_timeout), no_logs).await
+            Command::Deploy {
+                services,
+                health_timeout,
+            } => {
+                commands::deploy::deploy(
+                    &global,
+                    commands::deploy::DeployOptions {
+                        services,
+                        health_timeout: Some(health_timeout),
+                    },
+                )
+                .await
             }
+            Command::Watch {
+                services,
+                health_timeout,
+                no_logs,
+            } => commands::watch::watch(&global, services, Some(health_timeout), no_logs).await,
             Command::History { service } => commands::deploy::history_cmd(&global, &service).await,
-            Command::Rollback { service, health_timeout } => commands::deploy::rollback(&global, &service, Some(health_timeout)).await,
+            Command::Rollback {
+                service,
+                health_timeout,
+            } => commands::deploy::rollback(&global, &service, Some(health_timeout)).await,
             Command::Status { json } => commands::status::status(&global, json).await,
             Command::Down { keep_volumes } => commands::down::down(&global, keep_volumes).await,
             Command::Doctor => commands::doctor::doctor(&global).await,

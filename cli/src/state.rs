@@ -14,7 +14,9 @@ pub fn state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("devloop");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".local/state/devloop")
 }
 
@@ -43,18 +45,28 @@ pub struct TokenStore {
 
 impl TokenStore {
     pub fn new() -> Self {
-        TokenStore { dir: state_dir().join("tokens") }
+        TokenStore {
+            dir: state_dir().join("tokens"),
+        }
     }
 
     pub fn read(&self, container: &str) -> Option<String> {
-        std::fs::read_to_string(self.dir.join(container)).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+        std::fs::read_to_string(self.dir.join(container))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
     }
 
     pub fn write(&self, container: &str, token: &str) -> std::io::Result<()> {
         ensure_private_dir(&self.dir)?;
         let path = self.dir.join(container);
         let tmp = self.dir.join(format!(".{container}.tmp"));
-        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(token.as_bytes())?;
         std::fs::rename(tmp, path)
     }
@@ -87,7 +99,10 @@ pub struct SyncStatus {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn sync_dir(project: &str) -> PathBuf {
@@ -132,7 +147,12 @@ impl SyncLock {
         let dir = sync_dir(project);
         let path = dir.join(format!("{service}.lock"));
         std::fs::create_dir_all(&dir).map_err(|e| LockError::Io(path.clone(), e))?;
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| LockError::Io(path.clone(), e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| LockError::Io(path.clone(), e))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(SyncLock { _lock: lock }),
             Err(_) => Err(LockError::Busy(service.to_string())),
@@ -142,7 +162,9 @@ impl SyncLock {
     /// Whether some process holds the lock now.
     pub fn is_held(project: &str, service: &str) -> bool {
         let path = sync_dir(project).join(format!("{service}.lock"));
-        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else { return false };
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
+            return false;
+        };
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
     }
 }

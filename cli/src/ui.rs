@@ -31,11 +31,20 @@ impl Ui {
     pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
         let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         let width = names.into_iter().map(|n| n.len()).max().unwrap_or(0).max(7);
-        Ui { inner: Arc::new(Inner { color, width, out: Mutex::new(()), progress: indicatif::MultiProgress::new() }) }
+        Ui {
+            inner: Arc::new(Inner {
+                color,
+                width,
+                out: Mutex::new(()),
+                progress: indicatif::MultiProgress::new(),
+            }),
+        }
     }
 
     fn color_of(name: &str) -> owo_colors::AnsiColors {
-        let h = name.bytes().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(b as usize));
+        let h = name
+            .bytes()
+            .fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(b as usize));
         PALETTE[h % PALETTE.len()]
     }
 
@@ -72,13 +81,21 @@ impl Ui {
     /// A message of devloop's about a service.
     pub fn info(&self, service: &str, msg: impl AsRef<str>) {
         let msg = msg.as_ref();
-        let body = if self.inner.color { format!("{}", format!("[devloop] {msg}").bold()) } else { format!("[devloop] {msg}") };
+        let body = if self.inner.color {
+            format!("{}", format!("[devloop] {msg}").bold())
+        } else {
+            format!("[devloop] {msg}")
+        };
         self.print(format!("{} {body}", self.prefix(service)));
     }
 
     pub fn warn(&self, service: &str, msg: impl AsRef<str>) {
         let msg = msg.as_ref();
-        let body = if self.inner.color { format!("{}", format!("[devloop] {msg}").yellow()) } else { format!("[devloop] {msg}") };
+        let body = if self.inner.color {
+            format!("{}", format!("[devloop] {msg}").yellow())
+        } else {
+            format!("[devloop] {msg}")
+        };
         self.print(format!("{} {body}", self.prefix(service)));
     }
 
@@ -104,11 +121,19 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 pub fn human_ms(ms: u64) -> String {
-    if ms < 1000 { format!("{ms} ms") } else { format!("{:.1} s", ms as f64 / 1000.0) }
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
 }
 
 /// "5 s ago", "3 min ago".

@@ -29,10 +29,22 @@ impl Env {
     pub(crate) async fn new(health_timeout: Option<Duration>) -> anyhow::Result<Env> {
         let (docker, engine) = connect_engine().await?;
         let (_, agent) = read_agent_binary()?;
-        Ok(Env { docker, engine, agent, tokens: crate::state::TokenStore::new(), health_timeout: health_timeout.unwrap_or(Duration::from_secs(30)) })
+        Ok(Env {
+            docker,
+            engine,
+            agent,
+            tokens: crate::state::TokenStore::new(),
+            health_timeout: health_timeout.unwrap_or(Duration::from_secs(30)),
+        })
     }
     fn ctx(&self) -> RolloutContext<'_> {
-        RolloutContext { docker: &self.docker, engine: &self.engine, agent_binary: &self.agent, tokens: &self.tokens, health_timeout: self.health_timeout }
+        RolloutContext {
+            docker: &self.docker,
+            engine: &self.engine,
+            agent_binary: &self.agent,
+            tokens: &self.tokens,
+            health_timeout: self.health_timeout,
+        }
     }
 }
 
@@ -41,7 +53,10 @@ pub async fn deploy(global: &Global, opts: DeployOptions) -> anyhow::Result<()> 
     let selected: Vec<&Service> = if opts.services.is_empty() {
         project.services.iter().collect()
     } else {
-        opts.services.iter().map(|s| project.service(s)).collect::<Result<_, _>>()?
+        opts.services
+            .iter()
+            .map(|s| project.service(s))
+            .collect::<Result<_, _>>()?
     };
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
     let env = Env::new(opts.health_timeout).await?;
@@ -52,9 +67,11 @@ pub async fn deploy(global: &Global, opts: DeployOptions) -> anyhow::Result<()> 
     let mut done: Vec<String> = Vec::new();
     let mut failures = Vec::new();
     while !pending.is_empty() {
-        let (wave, rest): (Vec<&Service>, Vec<&Service>) = pending
-            .into_iter()
-            .partition(|s| s.depends_on.iter().all(|d| done.contains(d) || !selected.iter().any(|x| &x.name == d)));
+        let (wave, rest): (Vec<&Service>, Vec<&Service>) = pending.into_iter().partition(|s| {
+            s.depends_on
+                .iter()
+                .all(|d| done.contains(d) || !selected.iter().any(|x| &x.name == d))
+        });
         pending = rest;
         if wave.is_empty() {
             // Only possible when a dependency failed: the rest waits for nothing more.
@@ -64,7 +81,9 @@ pub async fn deploy(global: &Global, opts: DeployOptions) -> anyhow::Result<()> 
             }
             break;
         }
-        let results = futures_util::future::join_all(wave.iter().map(|s| deploy_one(&env, &project, s, &ui))).await;
+        let results =
+            futures_util::future::join_all(wave.iter().map(|s| deploy_one(&env, &project, s, &ui)))
+                .await;
         for (s, r) in wave.iter().zip(results) {
             match r {
                 Ok(()) => done.push(s.name.clone()),
@@ -77,8 +96,9 @@ pub async fn deploy(global: &Global, opts: DeployOptions) -> anyhow::Result<()> 
         // What depends on a failure waits for nothing more: it is not deployed. Repeated
         // until nothing changes, so dependents of dependents follow.
         loop {
-            let (blocked, rest): (Vec<&Service>, Vec<&Service>) =
-                pending.into_iter().partition(|s| s.depends_on.iter().any(|d| failures.contains(d)));
+            let (blocked, rest): (Vec<&Service>, Vec<&Service>) = pending
+                .into_iter()
+                .partition(|s| s.depends_on.iter().any(|d| failures.contains(d)));
             pending = rest;
             if blocked.is_empty() {
                 break;
@@ -96,9 +116,17 @@ pub async fn deploy(global: &Global, opts: DeployOptions) -> anyhow::Result<()> 
     }
 }
 
-async fn deploy_one(env: &Env, project: &Project, service: &Service, ui: &Ui) -> anyhow::Result<()> {
+async fn deploy_one(
+    env: &Env,
+    project: &Project,
+    service: &Service,
+    ui: &Ui,
+) -> anyhow::Result<()> {
     if service.sync.is_none() {
-        ui.info(&service.name, "no `sync` in devloop.toml: nothing to snapshot, skipped");
+        ui.info(
+            &service.name,
+            "no `sync` in devloop.toml: nothing to snapshot, skipped",
+        );
         return Ok(());
     }
     let line = snapshot_and_roll_out(env, project, service, ui).await?;
@@ -107,7 +135,12 @@ async fn deploy_one(env: &Env, project: &Project, service: &Service, ui: &Ui) ->
 }
 
 /// The whole deploy of one service; Ok(the line that reports it).
-pub(crate) async fn snapshot_and_roll_out(env: &Env, project: &Project, service: &Service, ui: &Ui) -> anyhow::Result<String> {
+pub(crate) async fn snapshot_and_roll_out(
+    env: &Env,
+    project: &Project,
+    service: &Service,
+    ui: &Ui,
+) -> anyhow::Result<String> {
     let started = Instant::now();
     let base = deploy::ensure_base(&env.docker, project, service, ui).await?;
     let snap = deploy::snapshot(&env.docker, project, service, &base).await?;
@@ -122,9 +155,19 @@ fn report(snap: &Snapshot, rollout: &Rollout, started: Instant) -> String {
     let total = human_ms(started.elapsed().as_millis() as u64);
     match rollout {
         Rollout::Unchanged => format!("unchanged: {} already runs ({total})", snap.image),
-        Rollout::Replaced { healthy_ms, switch_ms, port_gap_ms } => {
-            let snap_what = if snap.reused { "snapshot reused" } else { "snapshot" };
-            let gap = port_gap_ms.map(|g| format!(", host ports handed to the relay in {}", human_ms(g))).unwrap_or_default();
+        Rollout::Replaced {
+            healthy_ms,
+            switch_ms,
+            port_gap_ms,
+        } => {
+            let snap_what = if snap.reused {
+                "snapshot reused"
+            } else {
+                "snapshot"
+            };
+            let gap = port_gap_ms
+                .map(|g| format!(", host ports handed to the relay in {}", human_ms(g)))
+                .unwrap_or_default();
             format!(
                 "deployed {} in {total} ({snap_what} {}, {} paths; start to healthy {}; switch {}{gap})",
                 snap.image,
@@ -140,13 +183,28 @@ fn report(snap: &Snapshot, rollout: &Rollout, started: Instant) -> String {
 /// Records the version and prunes what is beyond `keep` (images no container uses).
 async fn remember(env: &Env, project: &Project, service: &Service, snap: &Snapshot) {
     let mut h = history::load(&project.name, &service.name);
-    h.record(&snap.tag, &snap.image, snap.digest.clone(), crate::state::now_ms());
+    h.record(
+        &snap.tag,
+        &snap.image,
+        snap.digest.clone(),
+        crate::state::now_ms(),
+    );
     let old = h.beyond(project.keep_versions);
     let mut pruned = Vec::new();
     for v in &old {
-        match env.docker.remove_image(&v.image, None::<bollard::query_parameters::RemoveImageOptions>, None).await {
+        match env
+            .docker
+            .remove_image(
+                &v.image,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await
+        {
             Ok(_) => pruned.push(v.tag.clone()),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => pruned.push(v.tag.clone()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => pruned.push(v.tag.clone()),
             Err(e) => tracing::info!(image = %v.image, error = %e, "kept an old version (in use?)"),
         }
     }
@@ -157,12 +215,18 @@ async fn remember(env: &Env, project: &Project, service: &Service, snap: &Snapsh
 }
 
 /// The tag of the version that runs now, from its container's label.
-async fn running_tag(docker: &bollard::Docker, project: &str, service: &str) -> anyhow::Result<Option<String>> {
-    Ok(docker::list_project_containers(docker, project, Some(labels::KIND_DEPLOY))
-        .await?
-        .iter()
-        .find(|c| docker::label(c, labels::SERVICE) == Some(service) && docker::is_running(c))
-        .and_then(|c| docker::label(c, labels::VERSION).map(String::from)))
+async fn running_tag(
+    docker: &bollard::Docker,
+    project: &str,
+    service: &str,
+) -> anyhow::Result<Option<String>> {
+    Ok(
+        docker::list_project_containers(docker, project, Some(labels::KIND_DEPLOY))
+            .await?
+            .iter()
+            .find(|c| docker::label(c, labels::SERVICE) == Some(service) && docker::is_running(c))
+            .and_then(|c| docker::label(c, labels::VERSION).map(String::from)),
+    )
 }
 
 pub async fn history_cmd(global: &Global, service: &str) -> anyhow::Result<()> {
@@ -175,23 +239,47 @@ pub async fn history_cmd(global: &Global, service: &str) -> anyhow::Result<()> {
         println!("no versions of `{service}` deployed from this machine yet (`devloop deploy {service}` makes one)");
         return Ok(());
     }
-    println!("versions of {service}, newest first (* runs now; the last {} are kept):", project.keep_versions);
+    println!(
+        "versions of {service}, newest first (* runs now; the last {} are kept):",
+        project.keep_versions
+    );
     for v in h.versions.iter().rev() {
-        let mark = if running.as_deref() == Some(v.tag.as_str()) { "*" } else { " " };
-        let present = if docker.inspect_image(&v.image).await.is_ok() { "" } else { " [image gone]" };
-        println!("{mark} {}  {:<12}  {}{present}", v.tag, ago(v.at_ms), v.changes);
+        let mark = if running.as_deref() == Some(v.tag.as_str()) {
+            "*"
+        } else {
+            " "
+        };
+        let present = if docker.inspect_image(&v.image).await.is_ok() {
+            ""
+        } else {
+            " [image gone]"
+        };
+        println!(
+            "{mark} {}  {:<12}  {}{present}",
+            v.tag,
+            ago(v.at_ms),
+            v.changes
+        );
     }
     Ok(())
 }
 
-pub async fn rollback(global: &Global, service_name: &str, health_timeout: Option<Duration>) -> anyhow::Result<()> {
+pub async fn rollback(
+    global: &Global,
+    service_name: &str,
+    health_timeout: Option<Duration>,
+) -> anyhow::Result<()> {
     let project = load_project(global)?;
     let service = project.service(service_name)?;
     let ui = Ui::new([service_name]);
     let env = Env::new(health_timeout).await?;
     let current = running_tag(&env.docker, &project.name, service_name)
         .await?
-        .with_context(|| format!("`{service_name}` runs no deployed version (`devloop deploy {service_name}` first)"))?;
+        .with_context(|| {
+            format!(
+                "`{service_name}` runs no deployed version (`devloop deploy {service_name}` first)"
+            )
+        })?;
     let h = history::load(&project.name, service_name);
     let prev = h
         .previous(&current)
@@ -200,18 +288,41 @@ pub async fn rollback(global: &Global, service_name: &str, health_timeout: Optio
     env.docker
         .inspect_image(&prev.image)
         .await
-        .with_context(|| format!("the image {} of the previous version is gone from the engine", prev.image))?;
+        .with_context(|| {
+            format!(
+                "the image {} of the previous version is gone from the engine",
+                prev.image
+            )
+        })?;
     let started = Instant::now();
     let digest = h.last_tree.clone();
-    let snap = Snapshot { image: prev.image.clone(), tag: prev.tag.clone(), reused: true, files: 0, millis: 0, digest };
+    let snap = Snapshot {
+        image: prev.image.clone(),
+        tag: prev.tag.clone(),
+        reused: true,
+        files: 0,
+        millis: 0,
+        digest,
+    };
     let rollout = docker_deploy::roll_out(&env.ctx(), &project, service, &snap).await?;
-    ui.info(service_name, format!("rolled back from {current} to {} ({})", prev.tag, human_ms(started.elapsed().as_millis() as u64)));
+    ui.info(
+        service_name,
+        format!(
+            "rolled back from {current} to {} ({})",
+            prev.tag,
+            human_ms(started.elapsed().as_millis() as u64)
+        ),
+    );
     if let Rollout::Replaced { .. } = rollout {
         let mut h = h;
         // The previous version's tree is not stored; its entry keeps its own description.
         let at = crate::state::now_ms();
         h.versions.retain(|v| v.tag != prev.tag);
-        h.versions.push(history::Version { at_ms: at, changes: format!("rollback from {current}: {}", prev.changes), ..prev });
+        h.versions.push(history::Version {
+            at_ms: at,
+            changes: format!("rollback from {current}: {}", prev.changes),
+            ..prev
+        });
         h.last_tree.clear();
         let _ = history::save(&project.name, service_name, &h);
     }

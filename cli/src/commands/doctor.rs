@@ -14,7 +14,11 @@ impl Report {
     }
     fn fail(&mut self, what: &str, detail: impl AsRef<str>, fix: impl AsRef<str>) {
         self.failures += 1;
-        println!("  FAIL  {what}: {}\n        fix: {}", detail.as_ref(), fix.as_ref());
+        println!(
+            "  FAIL  {what}: {}\n        fix: {}",
+            detail.as_ref(),
+            fix.as_ref()
+        );
     }
     fn note(&self, what: &str, detail: impl AsRef<str>) {
         println!("  note  {what}: {}", detail.as_ref());
@@ -31,12 +35,21 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
             match d.version().await {
                 Ok(v) => r.ok(
                     "docker engine",
-                    format!("{} (API {}) at {} ({})", v.version.unwrap_or_default(), v.api_version.unwrap_or_default(), choice.host, choice.source),
+                    format!(
+                        "{} (API {}) at {} ({})",
+                        v.version.unwrap_or_default(),
+                        v.api_version.unwrap_or_default(),
+                        choice.host,
+                        choice.source
+                    ),
                 ),
                 Err(e) => r.fail("docker engine", e.to_string(), "check `docker version`"),
             }
             if !choice.is_local() {
-                r.note("agent route", "remote engine: the cli reaches agents through `docker exec` streams");
+                r.note(
+                    "agent route",
+                    "remote engine: the cli reaches agents through `docker exec` streams",
+                );
             }
             Some(d)
         }
@@ -48,14 +61,22 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
 
     match docker::find_agent_binary() {
         Ok(p) => r.ok("agent binary", format!("{} (static)", p.display())),
-        Err(e) => r.fail("agent binary", e, "run scripts/build-agent.sh, or set DEVLOOP_AGENT_BIN to a static devloop-agent"),
+        Err(e) => r.fail(
+            "agent binary",
+            e,
+            "run scripts/build-agent.sh, or set DEVLOOP_AGENT_BIN to a static devloop-agent",
+        ),
     }
 
     match std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches") {
         Ok(n) => {
             let n: u64 = n.trim().parse().unwrap_or(0);
             if n < 65536 {
-                r.fail("file watching", format!("fs.inotify.max_user_watches is {n}, one per synced folder"), "sudo sysctl fs.inotify.max_user_watches=524288");
+                r.fail(
+                    "file watching",
+                    format!("fs.inotify.max_user_watches is {n}, one per synced folder"),
+                    "sudo sysctl fs.inotify.max_user_watches=524288",
+                );
             } else {
                 r.ok("file watching", format!("{n} inotify watches per user"));
             }
@@ -65,11 +86,26 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
 
     let project = match load_project(global) {
         Ok(p) => {
-            r.ok("config", format!("project {} from {}", p.name, p.sources.iter().map(|s| s.display().to_string()).collect::<Vec<_>>().join(" + ")));
+            r.ok(
+                "config",
+                format!(
+                    "project {} from {}",
+                    p.name,
+                    p.sources
+                        .iter()
+                        .map(|s| s.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" + ")
+                ),
+            );
             Some(p)
         }
         Err(e) => {
-            r.fail("config", format!("{e:#}"), "fix the file named above (docs/CONFIG.md lists every key)");
+            r.fail(
+                "config",
+                format!("{e:#}"),
+                "fix the file named above (docs/CONFIG.md lists every key)",
+            );
             None
         }
     };
@@ -78,7 +114,11 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
         for svc in &project.services {
             if let Some(s) = &svc.sync {
                 if !s.laptop_dir.is_dir() {
-                    r.fail(&format!("{} sync", svc.name), format!("{} does not exist", s.laptop_dir.display()), "fix `sync.from` in devloop.toml");
+                    r.fail(
+                        &format!("{} sync", svc.name),
+                        format!("{} does not exist", s.laptop_dir.display()),
+                        "fix `sync.from` in devloop.toml",
+                    );
                 }
             }
             if let (Some(d), ImageSource::Build { dockerfile, .. }) = (&docker, &svc.image) {
@@ -90,11 +130,18 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
                         if crate::image::has_offline_recipe(&base) {
                             r.note(&format!("{} base image", svc.name), format!("{base} is not on the engine; `devloop up` pulls it or, with no registry, builds it from Debian packages"));
                         } else {
-                            r.note(&format!("{} base image", svc.name), format!("{base} is not on the engine; `devloop up` will pull it"));
+                            r.note(
+                                &format!("{} base image", svc.name),
+                                format!("{base} is not on the engine; `devloop up` will pull it"),
+                            );
                         }
                     }
                 } else {
-                    r.fail(&format!("{} build", svc.name), format!("cannot read {}", dockerfile.display()), "fix `build` in docker-compose.yml or devloop.toml");
+                    r.fail(
+                        &format!("{} build", svc.name),
+                        format!("cannot read {}", dockerfile.display()),
+                        "fix `build` in docker-compose.yml or devloop.toml",
+                    );
                 }
             }
         }
@@ -114,11 +161,17 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
             for p in &svc.ports {
                 let Some(hp) = p.host_port else { continue };
                 if ours.contains(&hp.to_string()) {
-                    r.ok(&format!("{} port {hp}", svc.name), "published by its dev container");
+                    r.ok(
+                        &format!("{} port {hp}", svc.name),
+                        "published by its dev container",
+                    );
                     continue;
                 }
                 if !choice.is_local() {
-                    r.note(&format!("{} port {hp}", svc.name), "remote engine: cannot check its host's ports from here");
+                    r.note(
+                        &format!("{} port {hp}", svc.name),
+                        "remote engine: cannot check its host's ports from here",
+                    );
                     continue;
                 }
                 let ip = p.host_ip.clone().unwrap_or_else(|| "0.0.0.0".into());

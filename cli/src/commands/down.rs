@@ -16,7 +16,11 @@ pub async fn down(global: &Global, keep_volumes: bool) -> anyhow::Result<()> {
     if removed.containers.is_empty() && removed.volumes.is_empty() && removed.networks.is_empty() {
         println!("nothing to remove for project {}", project.name);
     }
-    for (what, list) in [("container", &removed.containers), ("volume", &removed.volumes), ("network", &removed.networks)] {
+    for (what, list) in [
+        ("container", &removed.containers),
+        ("volume", &removed.volumes),
+        ("network", &removed.networks),
+    ] {
         for name in list {
             println!("removed {what} {name}");
         }

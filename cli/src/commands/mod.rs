@@ -48,13 +48,17 @@ pub struct DockerConnector {
 
 impl DockerConnector {
     pub async fn open(&self) -> anyhow::Result<(Connected, String)> {
-        let (io, route) = docker::open_transport(&self.docker, &self.engine, &self.container, &self.project).await?;
+        let (io, route) =
+            docker::open_transport(&self.docker, &self.engine, &self.container, &self.project)
+                .await?;
         let tokens = TokenStore::new();
         let token = match tokens.read(&self.container) {
             Some(t) => t,
             None => {
                 let t = docker::fetch_token(&self.docker, &self.container).await?;
-                tokens.write(&self.container, &t).context("saving the session token")?;
+                tokens
+                    .write(&self.container, &t)
+                    .context("saving the session token")?;
                 t
             }
         };
@@ -69,16 +73,28 @@ impl DockerConnector {
             Err(crate::agent_link::LinkError::Refused(reason)) if reason.contains("token") => {
                 let fresh = docker::fetch_token(&self.docker, &self.container).await?;
                 if fresh == token {
-                    anyhow::bail!("the agent in {} refused its own token: {reason}", self.container);
+                    anyhow::bail!(
+                        "the agent in {} refused its own token: {reason}",
+                        self.container
+                    );
                 }
-                tokens.write(&self.container, &fresh).context("saving the session token")?;
-                let (io, _) = docker::open_transport(&self.docker, &self.engine, &self.container, &self.project).await?;
+                tokens
+                    .write(&self.container, &fresh)
+                    .context("saving the session token")?;
+                let (io, _) = docker::open_transport(
+                    &self.docker,
+                    &self.engine,
+                    &self.container,
+                    &self.project,
+                )
+                .await?;
                 let connected = AgentLink::connect(io, &fresh)
                     .await
                     .with_context(|| format!("connecting to the agent in {}", self.container))?;
                 Ok((connected, route))
             }
-            Err(e) => Err(anyhow::Error::new(e).context(format!("connecting to the agent in {}", self.container))),
+            Err(e) => Err(anyhow::Error::new(e)
+                .context(format!("connecting to the agent in {}", self.container))),
         }
     }
 }
@@ -89,7 +105,12 @@ impl Connector for DockerConnector {
     }
 }
 
-pub fn connector(docker: &Docker, engine: &EngineChoice, project: &str, service: &str) -> Arc<DockerConnector> {
+pub fn connector(
+    docker: &Docker,
+    engine: &EngineChoice,
+    project: &str,
+    service: &str,
+) -> Arc<DockerConnector> {
     Arc::new(DockerConnector {
         docker: docker.clone(),
         engine: engine.clone(),

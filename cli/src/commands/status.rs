@@ -37,11 +37,15 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
         // The service's container: a dev container, or a deployed version.
         let dev = containers.iter().find(|c| {
             docker::label(c, labels::SERVICE) == Some(svc.name.as_str())
-                && matches!(docker::label(c, labels::KIND), Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY))
+                && matches!(
+                    docker::label(c, labels::KIND),
+                    Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY)
+                )
         });
-        let intercepted = containers
-            .iter()
-            .any(|c| docker::label(c, labels::SERVICE) == Some(svc.name.as_str()) && docker::label(c, labels::KIND) == Some(labels::KIND_INTERCEPT));
+        let intercepted = containers.iter().any(|c| {
+            docker::label(c, labels::SERVICE) == Some(svc.name.as_str())
+                && docker::label(c, labels::KIND) == Some(labels::KIND_INTERCEPT)
+        });
         let mut r = ServiceReport {
             service: svc.name.clone(),
             container: None,
@@ -58,7 +62,11 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
             errors: Vec::new(),
         };
         if let Some(c) = dev {
-            r.container = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string());
+            r.container = c
+                .names
+                .as_ref()
+                .and_then(|n| n.first())
+                .map(|n| n.trim_start_matches('/').to_string());
             r.state = c.status.clone().unwrap_or_default();
             if let Some(version) = docker::label(c, labels::VERSION) {
                 r.state = format!("deployed version {version}, {}", r.state);
@@ -91,7 +99,11 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
             "-".into()
         } else if syncing {
             let s = saved.unwrap_or_default();
-            let link = if s.connected { format!("connected ({})", s.route) } else { "reconnecting".into() };
+            let link = if s.connected {
+                format!("connected ({})", s.route)
+            } else {
+                "reconnecting".into()
+            };
             format!(
                 "syncing (pid {}, {link}): {} files, {}, last sync {}, {} pending",
                 s.pid,
@@ -102,7 +114,9 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
             )
         } else {
             r.stale = true;
-            let since = saved.as_ref().and_then(|s| s.stopped_at_ms.or(s.last_sync_ms));
+            let since = saved
+                .as_ref()
+                .and_then(|s| s.stopped_at_ms.or(s.last_sync_ms));
             match since {
                 Some(t) => format!("NOT SYNCING: the container's files may be stale since {} (run `devloop sync {}`)", ago(t), svc.name),
                 None => format!("NOT SYNCING: never synced; files are the image's (run `devloop sync {}`)", svc.name),
@@ -118,10 +132,17 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
     for r in &reports {
         println!("{}", r.service);
         if r.intercepted {
-            println!("  INTERCEPTED: traffic goes to a laptop process; `devloop leave {}` restores it", r.service);
+            println!(
+                "  INTERCEPTED: traffic goes to a laptop process; `devloop leave {}` restores it",
+                r.service
+            );
         }
         match &r.container {
-            Some(c) => println!("  container  {c} ({}), agent {}", r.state, r.agent_version.as_deref().unwrap_or("?")),
+            Some(c) => println!(
+                "  container  {c} ({}), agent {}",
+                r.state,
+                r.agent_version.as_deref().unwrap_or("?")
+            ),
             None => println!("  container  none (start it with `devloop up`)"),
         }
         if let Some(p) = &r.process {
@@ -148,11 +169,17 @@ pub fn describe_process(p: &ProcessStatus) -> String {
     match &p.state {
         ProcessState::NoCommand => "no command (sync only)".into(),
         ProcessState::Running { pid } if p.quick_exits > 0 => {
-            format!("running (pid {pid}) after {} quick exits in a row{exit}; {} starts", p.quick_exits, p.starts)
+            format!(
+                "running (pid {pid}) after {} quick exits in a row{exit}; {} starts",
+                p.quick_exits, p.starts
+            )
         }
         ProcessState::Running { pid } => format!("running (pid {pid}), {} starts{exit}", p.starts),
         ProcessState::BackingOff { retry_in_ms } => {
-            format!("CRASH LOOP: {} quick exits in a row{exit}; next start in {} ms", p.quick_exits, retry_in_ms)
+            format!(
+                "CRASH LOOP: {} quick exits in a row{exit}; next start in {} ms",
+                p.quick_exits, retry_in_ms
+            )
         }
         ProcessState::Stopped => format!("stopped{exit}"),
     }

@@ -7,7 +7,6 @@ use tokio_util::sync::CancellationToken;
 use super::{connect_engine, connector, load_project, read_agent_binary, Global};
 use crate::config::file::OnExit;
 use crate::sync::engine::{self, SyncSettings};
-use crate::sync::filter::FilterSettings;
 use crate::target::docker::{self, Ensured};
 use crate::target::labels;
 use crate::ui::Ui;
@@ -28,27 +27,35 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
     let selected: Vec<&crate::config::Service> = if opts.services.is_empty() {
         project.services.iter().collect()
     } else {
-        opts.services.iter().map(|s| project.service(s)).collect::<Result<_, _>>()?
+        opts.services
+            .iter()
+            .map(|s| project.service(s))
+            .collect::<Result<_, _>>()?
     };
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
     let (docker, engine_choice) = connect_engine().await?;
     let (_, agent) = read_agent_binary()?;
     let tokens = crate::state::TokenStore::new();
 
-    let intercepted: Vec<String> = docker::list_project_containers(&docker, &project.name, Some(labels::KIND_INTERCEPT))
-        .await?
-        .iter()
-        .filter_map(|c| docker::label(c, labels::SERVICE).map(String::from))
-        .collect();
+    let intercepted: Vec<String> =
+        docker::list_project_containers(&docker, &project.name, Some(labels::KIND_INTERCEPT))
+            .await?
+            .iter()
+            .filter_map(|c| docker::label(c, labels::SERVICE).map(String::from))
+            .collect();
 
     let mut started = Vec::new();
     for service in &selected {
         if intercepted.contains(&service.name) {
-            ui.warn(&service.name, "intercepted: left alone (end it with `devloop leave`)");
+            ui.warn(
+                &service.name,
+                "intercepted: left alone (end it with `devloop leave`)",
+            );
             continue;
         }
         let t = Instant::now();
-        let image = crate::image::ensure_service_image(&docker, &project, service, opts.build, &ui).await?;
+        let image =
+            crate::image::ensure_service_image(&docker, &project, service, opts.build, &ui).await?;
         let facts = docker::image_facts(&docker, &image).await?;
         let spec = docker::DevSpec::new(&project, service, &image, &facts);
         let (name, what) = docker::ensure_dev_container(&docker, &spec, &agent, &tokens)
@@ -62,10 +69,23 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
         let ports: Vec<String> = service
             .ports
             .iter()
-            .filter_map(|p| p.host_port.map(|h| format!("http://{}:{h}", p.host_ip.as_deref().unwrap_or("127.0.0.1"))))
+            .filter_map(|p| {
+                p.host_port
+                    .map(|h| format!("http://{}:{h}", p.host_ip.as_deref().unwrap_or("127.0.0.1")))
+            })
             .collect();
-        let at = if ports.is_empty() { String::new() } else { format!(", serving at {}", ports.join(" ")) };
-        ui.info(&service.name, format!("container {name} {verb} ({:.1} s){at}", t.elapsed().as_secs_f64()));
+        let at = if ports.is_empty() {
+            String::new()
+        } else {
+            format!(", serving at {}", ports.join(" "))
+        };
+        ui.info(
+            &service.name,
+            format!(
+                "container {name} {verb} ({:.1} s){at}",
+                t.elapsed().as_secs_f64()
+            ),
+        );
         started.push(service.name.clone());
     }
 
@@ -74,15 +94,7 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for name in &started {
         let service = project.service(name)?;
-        let settings = SyncSettings {
-            project: project.name.clone(),
-            service: service.name.clone(),
-            laptop_dir: service.sync.as_ref().map(|s| s.laptop_dir.clone()),
-            filter: FilterSettings { excludes: service.excludes.clone(), include_node_modules: service.include_node_modules },
-            rules: service.rules.clone(),
-            show_logs: !opts.no_logs,
-            redeploy: None,
-        };
+        let settings = SyncSettings::for_service(&project.name, service, !opts.no_logs, None);
         let conn = connector(&docker, &engine_choice, &project.name, &service.name);
         let (ui, shutdown, name) = (ui.clone(), shutdown.clone(), name.clone());
         tasks.spawn(async move { (name, engine::run(settings, conn, ui, shutdown).await) });
@@ -90,10 +102,14 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
     if started.is_empty() {
         return Ok(());
     }
-    eprintln!("devloop: syncing {}; Ctrl-C stops syncing and {}", started.join(", "), match on_exit {
-        OnExit::Keep => "leaves the containers running (--stop-on-exit stops them)",
-        OnExit::Stop => "stops the containers",
-    });
+    eprintln!(
+        "devloop: syncing {}; Ctrl-C stops syncing and {}",
+        started.join(", "),
+        match on_exit {
+            OnExit::Keep => "leaves the containers running (--stop-on-exit stops them)",
+            OnExit::Stop => "stops the containers",
+        }
+    );
 
     let mut failed = None;
     tokio::select! {
@@ -135,23 +151,21 @@ pub async fn sync(global: &Global, service: &str, no_logs: bool) -> anyhow::Resu
     let (docker, engine_choice) = connect_engine().await?;
     let containers = docker::list_project_containers(&docker, &project.name, None).await?;
     let Some(c) = containers.iter().find(|c| {
-        docker::label(c, labels::SERVICE) == Some(service) && matches!(docker::label(c, labels::KIND), Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY))
+        docker::label(c, labels::SERVICE) == Some(service)
+            && matches!(
+                docker::label(c, labels::KIND),
+                Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY)
+            )
     }) else {
         anyhow::bail!("`{service}` has no dev container; start it with `devloop up {service}`");
     };
     if !docker::is_running(c) {
-        anyhow::bail!("the dev container of `{service}` is not running; start it with `devloop up {service}`");
+        anyhow::bail!(
+            "the dev container of `{service}` is not running; start it with `devloop up {service}`"
+        );
     }
     let ui = Ui::new([service]);
-    let settings = SyncSettings {
-        project: project.name.clone(),
-        service: svc.name.clone(),
-        laptop_dir: svc.sync.as_ref().map(|s| s.laptop_dir.clone()),
-        filter: FilterSettings { excludes: svc.excludes.clone(), include_node_modules: svc.include_node_modules },
-        rules: svc.rules.clone(),
-        show_logs: !no_logs,
-        redeploy: None,
-    };
+    let settings = SyncSettings::for_service(&project.name, svc, !no_logs, None);
     let shutdown = CancellationToken::new();
     let conn = connector(&docker, &engine_choice, &project.name, service);
     let task = tokio::spawn(engine::run(settings, conn, ui, shutdown.clone()));
@@ -160,7 +174,9 @@ pub async fn sync(global: &Global, service: &str, no_logs: bool) -> anyhow::Resu
         _ = wait_for_signal() => { shutdown.cancel(); (&mut task).await??; }
         r = &mut task => { r??; }
     }
-    eprintln!("devloop: sync of `{service}` stopped; the container's files no longer follow your edits");
+    eprintln!(
+        "devloop: sync of `{service}` stopped; the container's files no longer follow your edits"
+    );
     Ok(())
 }
 

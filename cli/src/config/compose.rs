@@ -30,7 +30,10 @@ pub struct ComposeService {
 #[serde(untagged)]
 pub enum ComposeBuild {
     Context(String),
-    Full { context: Option<String>, dockerfile: Option<String> },
+    Full {
+        context: Option<String>,
+        dockerfile: Option<String>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,7 +41,12 @@ pub enum ComposeBuild {
 pub enum ComposePort {
     Number(u32),
     Short(String),
-    Long { target: u32, published: Option<serde_yaml_ng::Value>, host_ip: Option<String>, protocol: Option<String> },
+    Long {
+        target: u32,
+        published: Option<serde_yaml_ng::Value>,
+        host_ip: Option<String>,
+        protocol: Option<String>,
+    },
 }
 
 impl ComposePort {
@@ -47,7 +55,12 @@ impl ComposePort {
         match self {
             ComposePort::Number(n) => n.to_string(),
             ComposePort::Short(s) => s.clone(),
-            ComposePort::Long { target, published, host_ip, protocol } => {
+            ComposePort::Long {
+                target,
+                published,
+                host_ip,
+                protocol,
+            } => {
                 let published = match published {
                     Some(serde_yaml_ng::Value::Number(n)) => Some(n.to_string()),
                     Some(serde_yaml_ng::Value::String(s)) => Some(s.clone()),
@@ -82,11 +95,16 @@ impl ComposeEnv {
                 .map(|(k, v)| {
                     let v = match v {
                         // As compose does: a name without a value takes the laptop's.
-                        None | Some(serde_yaml_ng::Value::Null) => std::env::var(k).unwrap_or_default(),
+                        None | Some(serde_yaml_ng::Value::Null) => {
+                            std::env::var(k).unwrap_or_default()
+                        }
                         Some(serde_yaml_ng::Value::String(s)) => s.clone(),
                         Some(serde_yaml_ng::Value::Number(n)) => n.to_string(),
                         Some(serde_yaml_ng::Value::Bool(b)) => b.to_string(),
-                        Some(other) => serde_yaml_ng::to_string(other).unwrap_or_default().trim().to_string(),
+                        Some(other) => serde_yaml_ng::to_string(other)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string(),
                     };
                     (k.clone(), v)
                 })

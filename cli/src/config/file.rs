@@ -111,7 +111,9 @@ impl CommandLine {
     pub fn to_argv(&self) -> Result<Vec<String>, String> {
         match self {
             CommandLine::List(v) => Ok(v.clone()),
-            CommandLine::Shell(s) => shell_words::split(s).map_err(|e| format!("cannot split {s:?}: {e}")),
+            CommandLine::Shell(s) => {
+                shell_words::split(s).map_err(|e| format!("cannot split {s:?}: {e}"))
+            }
         }
     }
 }

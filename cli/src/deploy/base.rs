@@ -4,8 +4,22 @@
 //! adds its layer on top of the base and cannot replay a RUN that needed the files.
 
 /// Instructions that change the image's config but not its files.
-const METADATA_ONLY: &[&str] =
-    &["ENV", "CMD", "ENTRYPOINT", "EXPOSE", "LABEL", "USER", "WORKDIR", "HEALTHCHECK", "STOPSIGNAL", "ARG", "VOLUME", "SHELL", "MAINTAINER", "ONBUILD"];
+const METADATA_ONLY: &[&str] = &[
+    "ENV",
+    "CMD",
+    "ENTRYPOINT",
+    "EXPOSE",
+    "LABEL",
+    "USER",
+    "WORKDIR",
+    "HEALTHCHECK",
+    "STOPSIGNAL",
+    "ARG",
+    "VOLUME",
+    "SHELL",
+    "MAINTAINER",
+    "ONBUILD",
+];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BaseError {
@@ -46,13 +60,23 @@ fn instructions(dockerfile: &str) -> Vec<Instruction> {
         let mut parts = joined.trim().splitn(2, char::is_whitespace);
         let keyword = parts.next().unwrap_or_default().to_uppercase();
         let args = parts.next().unwrap_or_default().trim().to_string();
-        out.push(Instruction { line: start, keyword, args, text });
+        out.push(Instruction {
+            line: start,
+            keyword,
+            args,
+            text,
+        });
     }
     if let Some((start, text)) = pending {
         let mut parts = text.trim().splitn(2, char::is_whitespace);
         let keyword = parts.next().unwrap_or_default().to_uppercase();
         let args = parts.next().unwrap_or_default().trim().to_string();
-        out.push(Instruction { line: start, keyword, args, text });
+        out.push(Instruction {
+            line: start,
+            keyword,
+            args,
+            text,
+        });
     }
     out
 }
@@ -63,13 +87,19 @@ fn destination(args: &str, workdir: &str) -> Option<String> {
         let v: Vec<String> = serde_json::from_str(args.trim()).ok()?;
         v.last()?.clone()
     } else {
-        args.split_whitespace().rfind(|w| !w.starts_with("--"))?.to_string()
+        args.split_whitespace()
+            .rfind(|w| !w.starts_with("--"))?
+            .to_string()
     };
     Some(resolve(workdir, &dest))
 }
 
 fn resolve(workdir: &str, path: &str) -> String {
-    let joined = if path.starts_with('/') { path.to_string() } else { format!("{}/{}", workdir.trim_end_matches('/'), path) };
+    let joined = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{}", workdir.trim_end_matches('/'), path)
+    };
     let mut parts: Vec<&str> = Vec::new();
     for c in joined.split('/') {
         match c {
@@ -86,14 +116,20 @@ fn resolve(workdir: &str, path: &str) -> String {
 /// The Dockerfile of the base: the original without the COPY of `sync_to`.
 pub fn derive(dockerfile: &str, sync_to: &str) -> Result<String, BaseError> {
     let all = instructions(dockerfile);
-    let last_from = all.iter().rposition(|i| i.keyword == "FROM").ok_or(BaseError::NoFrom)?;
+    let last_from = all
+        .iter()
+        .rposition(|i| i.keyword == "FROM")
+        .ok_or(BaseError::NoFrom)?;
     let target = resolve("/", sync_to);
     let mut workdir = "/".to_string();
     let mut copy_at = None;
     for (idx, ins) in all.iter().enumerate().skip(last_from) {
         match ins.keyword.as_str() {
             "WORKDIR" => workdir = resolve(&workdir, ins.args.trim_matches('"')),
-            "COPY" | "ADD" if !ins.args.contains("--from") && destination(&ins.args, &workdir).as_deref() == Some(target.as_str()) => {
+            "COPY" | "ADD"
+                if !ins.args.contains("--from")
+                    && destination(&ins.args, &workdir).as_deref() == Some(target.as_str()) =>
+            {
                 copy_at = Some(idx);
             }
             _ => {}
@@ -102,7 +138,10 @@ pub fn derive(dockerfile: &str, sync_to: &str) -> Result<String, BaseError> {
     let copy_at = copy_at.ok_or_else(|| BaseError::NoSyncCopy(target.clone()))?;
     for ins in &all[copy_at + 1..] {
         if !METADATA_ONLY.contains(&ins.keyword.as_str()) {
-            return Err(BaseError::FilesystemStepAfterCopy { line: ins.line, instruction: ins.text.trim().to_string() });
+            return Err(BaseError::FilesystemStepAfterCopy {
+                line: ins.line,
+                instruction: ins.text.trim().to_string(),
+            });
         }
     }
     let mut out = String::new();
@@ -124,7 +163,10 @@ mod tests {
         let df = "FROM python:3.11-slim-bookworm\nWORKDIR /app\nCOPY . /app\nEXPOSE 8000\nENV PYTHONUNBUFFERED=1\nCMD [\"python3\", \"app.py\"]\n";
         let base = derive(df, "/app").unwrap();
         assert!(!base.contains("COPY"), "{base}");
-        assert!(base.contains("WORKDIR /app") && base.contains("CMD [\"python3\", \"app.py\"]"), "{base}");
+        assert!(
+            base.contains("WORKDIR /app") && base.contains("CMD [\"python3\", \"app.py\"]"),
+            "{base}"
+        );
     }
 
     #[test]
@@ -141,13 +183,19 @@ mod tests {
         let df = "FROM x\nWORKDIR /app\nCOPY . .\nRUN pip install -r requirements.txt\n";
         assert_eq!(
             derive(df, "/app"),
-            Err(BaseError::FilesystemStepAfterCopy { line: 4, instruction: "RUN pip install -r requirements.txt".into() })
+            Err(BaseError::FilesystemStepAfterCopy {
+                line: 4,
+                instruction: "RUN pip install -r requirements.txt".into()
+            })
         );
     }
 
     #[test]
     fn no_copy_of_the_folder() {
-        assert_eq!(derive("FROM x\nCOPY a /elsewhere\n", "/app"), Err(BaseError::NoSyncCopy("/app".into())));
+        assert_eq!(
+            derive("FROM x\nCOPY a /elsewhere\n", "/app"),
+            Err(BaseError::NoSyncCopy("/app".into()))
+        );
         assert_eq!(derive("# nothing\n", "/app"), Err(BaseError::NoFrom));
     }
 }

@@ -24,11 +24,17 @@ pub struct History {
 }
 
 fn path(project: &str, service: &str) -> PathBuf {
-    crate::state::state_dir().join("deploys").join(project).join(format!("{service}.json"))
+    crate::state::state_dir()
+        .join("deploys")
+        .join(project)
+        .join(format!("{service}.json"))
 }
 
 pub fn load(project: &str, service: &str) -> History {
-    std::fs::read_to_string(path(project, service)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+    std::fs::read_to_string(path(project, service))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
 }
 
 pub fn save(project: &str, service: &str, history: &History) -> std::io::Result<()> {
@@ -37,7 +43,10 @@ pub fn save(project: &str, service: &str, history: &History) -> std::io::Result<
         std::fs::create_dir_all(dir)?;
     }
     let tmp = p.with_extension(format!("json.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(history).map_err(std::io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(history).map_err(std::io::Error::other)?,
+    )?;
     std::fs::rename(tmp, p)
 }
 
@@ -46,7 +55,9 @@ pub fn digest(tree: &Tree) -> BTreeMap<String, String> {
     tree.iter()
         .map(|(p, e)| {
             let d = match e {
-                Entry::File { mode, hash, .. } => format!("f{:o}{}", mode & 0o777, &hex(hash)[..16]),
+                Entry::File { mode, hash, .. } => {
+                    format!("f{:o}{}", mode & 0o777, &hex(hash)[..16])
+                }
                 Entry::Dir { .. } => "d".to_string(),
                 Entry::Symlink { target } => format!("l{target}"),
             };
@@ -56,7 +67,11 @@ pub fn digest(tree: &Tree) -> BTreeMap<String, String> {
 }
 
 /// "2 changed, 1 added, 1 deleted: a, b, c (+N more)", or "first version" / "no change".
-pub fn summarize(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>, first: bool) -> String {
+pub fn summarize(
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+    first: bool,
+) -> String {
     if first {
         return format!("first version ({} paths)", after.len());
     }
@@ -79,14 +94,27 @@ pub fn summarize(before: &BTreeMap<String, String>, after: &BTreeMap<String, Str
         return "no file change (settings or base changed)".into();
     }
     let mut counts = Vec::new();
-    for (n, what) in [(changed.len(), "changed"), (added.len(), "added"), (deleted.len(), "deleted")] {
+    for (n, what) in [
+        (changed.len(), "changed"),
+        (added.len(), "added"),
+        (deleted.len(), "deleted"),
+    ] {
         if n > 0 {
             counts.push(format!("{n} {what}"));
         }
     }
-    let names: Vec<&str> = changed.iter().chain(&added).chain(&deleted).copied().collect();
+    let names: Vec<&str> = changed
+        .iter()
+        .chain(&added)
+        .chain(&deleted)
+        .copied()
+        .collect();
     let shown = names.iter().take(5).copied().collect::<Vec<_>>().join(", ");
-    let more = if names.len() > 5 { format!(" (+{} more)", names.len() - 5) } else { String::new() };
+    let more = if names.len() > 5 {
+        format!(" (+{} more)", names.len() - 5)
+    } else {
+        String::new()
+    };
     format!("{}: {shown}{more}", counts.join(", "))
 }
 
@@ -96,7 +124,12 @@ impl History {
     pub fn record(&mut self, tag: &str, image: &str, tree: BTreeMap<String, String>, at_ms: u64) {
         let changes = summarize(&self.last_tree, &tree, self.versions.is_empty());
         self.versions.retain(|v| v.tag != tag);
-        self.versions.push(Version { tag: tag.into(), image: image.into(), at_ms, changes });
+        self.versions.push(Version {
+            tag: tag.into(),
+            image: image.into(),
+            at_ms,
+            changes,
+        });
         self.last_tree = tree;
     }
 
@@ -122,16 +155,28 @@ mod tests {
     use super::*;
 
     fn t(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn summaries() {
         let a = t(&[("app.py", "1"), ("old.txt", "1"), ("same", "1")]);
         let b = t(&[("app.py", "2"), ("new.txt", "1"), ("same", "1")]);
-        assert_eq!(summarize(&a, &b, false), "1 changed, 1 added, 1 deleted: app.py, new.txt, old.txt");
-        assert_eq!(summarize(&a, &a, false), "no file change (settings or base changed)");
-        assert_eq!(summarize(&BTreeMap::new(), &a, true), "first version (3 paths)");
+        assert_eq!(
+            summarize(&a, &b, false),
+            "1 changed, 1 added, 1 deleted: app.py, new.txt, old.txt"
+        );
+        assert_eq!(
+            summarize(&a, &a, false),
+            "no file change (settings or base changed)"
+        );
+        assert_eq!(
+            summarize(&BTreeMap::new(), &a, true),
+            "first version (3 paths)"
+        );
     }
 
     #[test]
@@ -142,10 +187,22 @@ mod tests {
         h.record("c", "img:c", t(&[("x", "3")]), 3);
         assert_eq!(h.previous("c").unwrap().tag, "b");
         assert!(h.previous("a").is_none());
-        assert_eq!(h.beyond(2).iter().map(|v| v.tag.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            h.beyond(2)
+                .iter()
+                .map(|v| v.tag.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
         // Rolling back to b makes b the newest; its predecessor is then c.
         h.record("b", "img:b", t(&[("x", "2")]), 4);
-        assert_eq!(h.versions.iter().map(|v| v.tag.as_str()).collect::<Vec<_>>(), ["a", "c", "b"]);
+        assert_eq!(
+            h.versions
+                .iter()
+                .map(|v| v.tag.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "c", "b"]
+        );
         assert_eq!(h.versions[2].changes, "1 changed: x");
     }
 }

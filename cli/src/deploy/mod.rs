@@ -39,40 +39,76 @@ pub const LABEL_SNAPSHOT_OF: &str = "dev.devloop.snapshot-of";
 
 /// The image the snapshot layer goes on; built from the derived Dockerfile when the
 /// service has one (cached by the derived Dockerfile's hash).
-pub async fn ensure_base(docker: &Docker, project: &Project, service: &Service, ui: &Ui) -> anyhow::Result<String> {
+pub async fn ensure_base(
+    docker: &Docker,
+    project: &Project,
+    service: &Service,
+    ui: &Ui,
+) -> anyhow::Result<String> {
     let sync = service.sync.as_ref().context("deploy needs the service's `sync` (from, to) in devloop.toml: it names the tree to snapshot")?;
     match &service.image {
         ImageSource::Image(name) => {
             crate::image::ensure_present(docker, name, ui, &service.name).await?;
             Ok(name.clone())
         }
-        ImageSource::Build { context, dockerfile } => {
-            let text = std::fs::read_to_string(dockerfile).with_context(|| format!("reading {}", dockerfile.display()))?;
-            let derived = base::derive(&text, &sync.container_dir).with_context(|| format!("{}", dockerfile.display()))?;
-            let hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(derived.as_bytes()));
-            let tag = format!("{}:base-{}", snapshot_repo(&project.name, &service.name), &hash[..12]);
+        ImageSource::Build {
+            context,
+            dockerfile,
+        } => {
+            let text = std::fs::read_to_string(dockerfile)
+                .with_context(|| format!("reading {}", dockerfile.display()))?;
+            let derived = base::derive(&text, &sync.container_dir)
+                .with_context(|| format!("{}", dockerfile.display()))?;
+            let hash =
+                devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(derived.as_bytes()));
+            let tag = format!(
+                "{}:base-{}",
+                snapshot_repo(&project.name, &service.name),
+                &hash[..12]
+            );
             if docker.inspect_image(&tag).await.is_ok() {
                 return Ok(tag);
             }
             for from in crate::image::base_images(&derived) {
                 crate::image::ensure_present(docker, &from, ui, &service.name).await?;
             }
-            ui.info(&service.name, format!("building the snapshot base {tag} (the Dockerfile without `COPY` of {})", sync.container_dir));
-            crate::image::build_dockerfile_text(docker, context, &derived, &tag, ui, &service.name).await?;
+            ui.info(
+                &service.name,
+                format!(
+                    "building the snapshot base {tag} (the Dockerfile without `COPY` of {})",
+                    sync.container_dir
+                ),
+            );
+            crate::image::build_dockerfile_text(docker, context, &derived, &tag, ui, &service.name)
+                .await?;
             Ok(tag)
         }
     }
 }
 
 /// Makes the snapshot image of the service's laptop tree on `base`.
-pub async fn snapshot(docker: &Docker, project: &Project, service: &Service, base: &str) -> anyhow::Result<Snapshot> {
+pub async fn snapshot(
+    docker: &Docker,
+    project: &Project,
+    service: &Service,
+    base: &str,
+) -> anyhow::Result<Snapshot> {
     let started = Instant::now();
-    let sync = service.sync.as_ref().context("deploy needs `sync` in devloop.toml")?;
-    let base_info = docker.inspect_image(base).await.with_context(|| format!("inspecting {base}"))?;
+    let sync = service
+        .sync
+        .as_ref()
+        .context("deploy needs `sync` in devloop.toml")?;
+    let base_info = docker
+        .inspect_image(base)
+        .await
+        .with_context(|| format!("inspecting {base}"))?;
     let base_id = base_info.id.clone().unwrap_or_default();
     let base_json = serde_json::to_value(&base_info)?;
     let root = sync.laptop_dir.clone();
-    let settings = FilterSettings { excludes: service.excludes.clone(), include_node_modules: service.include_node_modules };
+    let settings = FilterSettings {
+        excludes: service.excludes.clone(),
+        include_node_modules: service.include_node_modules,
+    };
     let (tree, errors) = tokio::task::spawn_blocking({
         let root = root.clone();
         move || -> anyhow::Result<_> {
@@ -85,8 +121,14 @@ pub async fn snapshot(docker: &Docker, project: &Project, service: &Service, bas
         anyhow::bail!("cannot read the tree to snapshot: {e}");
     }
     let labels = vec![
-        (crate::target::labels::PROJECT.to_string(), project.name.clone()),
-        (crate::target::labels::SERVICE.to_string(), service.name.clone()),
+        (
+            crate::target::labels::PROJECT.to_string(),
+            project.name.clone(),
+        ),
+        (
+            crate::target::labels::SERVICE.to_string(),
+            service.name.clone(),
+        ),
         (LABEL_SNAPSHOT_OF.to_string(), base.to_string()),
     ];
     let tag = snapshot::content_tag(&base_id, &tree, &sync.container_dir, &labels);
@@ -94,7 +136,14 @@ pub async fn snapshot(docker: &Docker, project: &Project, service: &Service, bas
     let files = tree.len();
     let digest = history::digest(&tree);
     if docker.inspect_image(&image).await.is_ok() {
-        return Ok(Snapshot { image, tag, reused: true, files, millis: started.elapsed().as_millis() as u64, digest });
+        return Ok(Snapshot {
+            image,
+            tag,
+            reused: true,
+            files,
+            millis: started.elapsed().as_millis() as u64,
+            digest,
+        });
     }
     let container_dir = sync.container_dir.clone();
     let image_ref = image.clone();
@@ -111,13 +160,27 @@ pub async fn snapshot(docker: &Docker, project: &Project, service: &Service, bas
     })
     .await??;
     let mut stream = docker.import_image(
-        bollard::query_parameters::ImportImageOptionsBuilder::new().quiet(true).build(),
+        bollard::query_parameters::ImportImageOptionsBuilder::new()
+            .quiet(true)
+            .build(),
         bollard::body_full(archive.bytes.into()),
         None,
     );
     while let Some(item) = stream.next().await {
-        item.with_context(|| format!("loading the snapshot {image} (the engine refused the archive)"))?;
+        item.with_context(|| {
+            format!("loading the snapshot {image} (the engine refused the archive)")
+        })?;
     }
-    docker.inspect_image(&image).await.with_context(|| format!("the engine did not keep the snapshot {image}"))?;
-    Ok(Snapshot { image, tag, reused: false, files, millis: started.elapsed().as_millis() as u64, digest })
+    docker
+        .inspect_image(&image)
+        .await
+        .with_context(|| format!("the engine did not keep the snapshot {image}"))?;
+    Ok(Snapshot {
+        image,
+        tag,
+        reused: false,
+        files,
+        millis: started.elapsed().as_millis() as u64,
+        digest,
+    })
 }

@@ -22,7 +22,12 @@ pub struct SnapshotInput<'a> {
 }
 
 /// The tag part of a snapshot: a hash of base, tree and settings.
-pub fn content_tag(base_id: &str, tree: &Tree, container_dir: &str, labels: &[(String, String)]) -> String {
+pub fn content_tag(
+    base_id: &str,
+    tree: &Tree,
+    container_dir: &str,
+    labels: &[(String, String)],
+) -> String {
     let mut h = blake3::Hasher::new();
     h.update(b"devloop-snapshot-v1\0");
     h.update(base_id.as_bytes());
@@ -54,21 +59,41 @@ pub fn layer_tar(laptop_root: &Path, tree: &Tree, container_dir: &str) -> std::i
     };
     let mut prefix = String::new();
     for part in dir.split('/').filter(|p| !p.is_empty()) {
-        prefix = if prefix.is_empty() { part.to_string() } else { format!("{prefix}/{part}") };
-        b.append_data(&mut header(tar::EntryType::Directory, 0o755, 0), format!("{prefix}/"), std::io::empty())?;
+        prefix = if prefix.is_empty() {
+            part.to_string()
+        } else {
+            format!("{prefix}/{part}")
+        };
+        b.append_data(
+            &mut header(tar::EntryType::Directory, 0o755, 0),
+            format!("{prefix}/"),
+            std::io::empty(),
+        )?;
     }
-    b.append_data(&mut header(tar::EntryType::Regular, 0o644, 0), format!("{dir}/.wh..wh..opq"), std::io::empty())?;
+    b.append_data(
+        &mut header(tar::EntryType::Regular, 0o644, 0),
+        format!("{dir}/.wh..wh..opq"),
+        std::io::empty(),
+    )?;
     for (path, entry) in tree {
         let name = format!("{dir}/{}", path.as_str());
         match entry {
-            Entry::Dir { mode } => b.append_data(&mut header(tar::EntryType::Directory, *mode, 0), format!("{name}/"), std::io::empty())?,
+            Entry::Dir { mode } => b.append_data(
+                &mut header(tar::EntryType::Directory, *mode, 0),
+                format!("{name}/"),
+                std::io::empty(),
+            )?,
             Entry::Symlink { target } => {
                 let mut h = header(tar::EntryType::Symlink, 0o777, 0);
                 b.append_link(&mut h, &name, target)?;
             }
             Entry::File { mode, .. } => {
                 let data = std::fs::read(laptop_root.join(path.as_str()))?;
-                b.append_data(&mut header(tar::EntryType::Regular, *mode, data.len() as u64), &name, &data[..])?;
+                b.append_data(
+                    &mut header(tar::EntryType::Regular, *mode, data.len() as u64),
+                    &name,
+                    &data[..],
+                )?;
             }
         }
     }
@@ -88,9 +113,17 @@ pub fn archive(input: &SnapshotInput, repo_tag: &str) -> std::io::Result<Archive
         .base
         .pointer("/RootFS/Layers")
         .and_then(|l| l.as_array())
-        .map(|l| l.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|l| {
+            l.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
-    let mut config = input.base.get("Config").cloned().unwrap_or_else(|| serde_json::json!({}));
+    let mut config = input
+        .base
+        .get("Config")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
     if let Some(obj) = config.as_object_mut() {
         let labels = obj.entry("Labels").or_insert_with(|| serde_json::json!({}));
         if labels.is_null() {
@@ -102,7 +135,11 @@ pub fn archive(input: &SnapshotInput, repo_tag: &str) -> std::io::Result<Archive
             }
         }
     }
-    let created = input.base.get("Created").cloned().unwrap_or_else(|| serde_json::json!("1970-01-01T00:00:00Z"));
+    let created = input
+        .base
+        .get("Created")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!("1970-01-01T00:00:00Z"));
     let mut diff_ids = base_layers.clone();
     diff_ids.push(format!("sha256:{layer_digest}"));
     let image_config = serde_json::json!({
@@ -115,8 +152,10 @@ pub fn archive(input: &SnapshotInput, repo_tag: &str) -> std::io::Result<Archive
     });
     let config_bytes = serde_json::to_vec(&image_config).map_err(std::io::Error::other)?;
     let config_digest = hex_sha256(&config_bytes);
-    let mut layer_paths: Vec<String> =
-        base_layers.iter().map(|d| format!("{}/layer.tar", d.trim_start_matches("sha256:"))).collect();
+    let mut layer_paths: Vec<String> = base_layers
+        .iter()
+        .map(|d| format!("{}/layer.tar", d.trim_start_matches("sha256:")))
+        .collect();
     layer_paths.push(format!("{layer_digest}/layer.tar"));
     let manifest = serde_json::json!([{ "Config": format!("{config_digest}.json"), "RepoTags": [repo_tag], "Layers": layer_paths }]);
     let manifest_bytes = serde_json::to_vec(&manifest).map_err(std::io::Error::other)?;
@@ -133,7 +172,10 @@ pub fn archive(input: &SnapshotInput, repo_tag: &str) -> std::io::Result<Archive
         h.set_mtime(0);
         b.append_data(&mut h, name, data)?;
     }
-    Ok(Archive { bytes: b.into_inner()?, image_id: format!("sha256:{config_digest}") })
+    Ok(Archive {
+        bytes: b.into_inner()?,
+        image_id: format!("sha256:{config_digest}"),
+    })
 }
 
 fn hex_sha256(data: &[u8]) -> String {
@@ -150,7 +192,14 @@ mod tests {
         std::fs::create_dir_all(dir.join("pkg")).unwrap();
         std::fs::write(dir.join("app.py"), "print(1)\n").unwrap();
         std::fs::write(dir.join("pkg/m.py"), "x = 1\n").unwrap();
-        let mut f = crate::sync::filter::Filter::new(dir, crate::sync::filter::FilterSettings { excludes: vec![], include_node_modules: false }).unwrap();
+        let mut f = crate::sync::filter::Filter::new(
+            dir,
+            crate::sync::filter::FilterSettings {
+                excludes: vec![],
+                include_node_modules: false,
+            },
+        )
+        .unwrap();
         crate::sync::scan::scan(dir, &mut f).0
     }
 
@@ -160,13 +209,32 @@ mod tests {
         let b = tempfile::tempdir().unwrap();
         let ta = tree_in(a.path());
         let tb = tree_in(b.path());
-        assert_eq!(layer_tar(a.path(), &ta, "/app").unwrap(), layer_tar(b.path(), &tb, "/app").unwrap());
-        assert_eq!(content_tag("sha256:1", &ta, "/app", &[]), content_tag("sha256:1", &tb, "/app", &[]));
-        assert_ne!(content_tag("sha256:1", &ta, "/app", &[]), content_tag("sha256:2", &ta, "/app", &[]));
+        assert_eq!(
+            layer_tar(a.path(), &ta, "/app").unwrap(),
+            layer_tar(b.path(), &tb, "/app").unwrap()
+        );
+        assert_eq!(
+            content_tag("sha256:1", &ta, "/app", &[]),
+            content_tag("sha256:1", &tb, "/app", &[])
+        );
+        assert_ne!(
+            content_tag("sha256:1", &ta, "/app", &[]),
+            content_tag("sha256:2", &ta, "/app", &[])
+        );
         std::fs::write(b.path().join("app.py"), "print(2)\n").unwrap();
-        let mut f = crate::sync::filter::Filter::new(b.path(), crate::sync::filter::FilterSettings { excludes: vec![], include_node_modules: false }).unwrap();
+        let mut f = crate::sync::filter::Filter::new(
+            b.path(),
+            crate::sync::filter::FilterSettings {
+                excludes: vec![],
+                include_node_modules: false,
+            },
+        )
+        .unwrap();
         let tb2 = crate::sync::scan::scan(b.path(), &mut f).0;
-        assert_ne!(content_tag("sha256:1", &ta, "/app", &[]), content_tag("sha256:1", &tb2, "/app", &[]));
+        assert_ne!(
+            content_tag("sha256:1", &ta, "/app", &[]),
+            content_tag("sha256:1", &tb2, "/app", &[])
+        );
     }
 
     #[test]
@@ -175,8 +243,22 @@ mod tests {
         let t = tree_in(a.path());
         let bytes = layer_tar(a.path(), &t, "/srv/app").unwrap();
         let mut ar = tar::Archive::new(&bytes[..]);
-        let names: Vec<String> = ar.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
-        assert_eq!(names, ["srv/", "srv/app/", "srv/app/.wh..wh..opq", "srv/app/app.py", "srv/app/pkg/", "srv/app/pkg/m.py"]);
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "srv/",
+                "srv/app/",
+                "srv/app/.wh..wh..opq",
+                "srv/app/app.py",
+                "srv/app/pkg/",
+                "srv/app/pkg/m.py"
+            ]
+        );
         assert!(t.contains_key(&RelPath::new("pkg/m.py").unwrap()));
     }
 
@@ -185,7 +267,14 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let t = tree_in(a.path());
         let base = serde_json::json!({"RootFS": {"Layers": ["sha256:aa"]}, "Config": {"Cmd": ["python3"], "Labels": null}, "Architecture": "amd64", "Os": "linux", "Created": "2026-01-01T00:00:00Z"});
-        let input = SnapshotInput { base_id: "sha256:b", base: &base, laptop_root: a.path(), tree: &t, container_dir: "/app", labels: vec![("k".into(), "v".into())] };
+        let input = SnapshotInput {
+            base_id: "sha256:b",
+            base: &base,
+            laptop_root: a.path(),
+            tree: &t,
+            container_dir: "/app",
+            labels: vec![("k".into(), "v".into())],
+        };
         let ar = archive(&input, "x:1").unwrap();
         let mut tar = tar::Archive::new(&ar.bytes[..]);
         let mut manifest = None;

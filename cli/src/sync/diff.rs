@@ -18,7 +18,11 @@ pub enum Change {
 impl Change {
     pub fn path(&self) -> &RelPath {
         match self {
-            Change::Delete(p) | Change::Mkdir(p, _) | Change::Put(p, _, _) | Change::Symlink(p, _) | Change::Chmod(p, _) => p,
+            Change::Delete(p)
+            | Change::Mkdir(p, _)
+            | Change::Put(p, _, _)
+            | Change::Symlink(p, _)
+            | Change::Chmod(p, _) => p,
         }
     }
 }
@@ -45,8 +49,15 @@ pub fn diff(laptop: &Tree, agent: &Tree, scope: Option<&[RelPath]>) -> Vec<Chang
         match (want, have) {
             (Entry::Dir { mode }, None) => creates.push(Change::Mkdir(path.clone(), *mode)),
             (Entry::Dir { .. }, Some(_)) => {}
-            (Entry::File { mode, size, .. }, None) => creates.push(Change::Put(path.clone(), *mode, *size)),
-            (Entry::File { mode, size, hash }, Some(Entry::File { mode: hm, hash: hh, .. })) => {
+            (Entry::File { mode, size, .. }, None) => {
+                creates.push(Change::Put(path.clone(), *mode, *size))
+            }
+            (
+                Entry::File { mode, size, hash },
+                Some(Entry::File {
+                    mode: hm, hash: hh, ..
+                }),
+            ) => {
                 if hash != hh {
                     creates.push(Change::Put(path.clone(), *mode, *size));
                 } else if mode & MODE_MASK != hm & MODE_MASK {
@@ -54,11 +65,19 @@ pub fn diff(laptop: &Tree, agent: &Tree, scope: Option<&[RelPath]>) -> Vec<Chang
                 }
             }
             (Entry::Symlink { target }, Some(Entry::Symlink { target: ht })) if target == ht => {}
-            (Entry::Symlink { target }, _) => creates.push(Change::Symlink(path.clone(), target.clone())),
-            (Entry::File { mode, size, .. }, Some(_)) => creates.push(Change::Put(path.clone(), *mode, *size)),
+            (Entry::Symlink { target }, _) => {
+                creates.push(Change::Symlink(path.clone(), target.clone()))
+            }
+            (Entry::File { mode, size, .. }, Some(_)) => {
+                creates.push(Change::Put(path.clone(), *mode, *size))
+            }
         }
     }
-    deletes.into_iter().map(Change::Delete).chain(creates).collect()
+    deletes
+        .into_iter()
+        .map(Change::Delete)
+        .chain(creates)
+        .collect()
 }
 
 fn kind(e: &Entry) -> u8 {
@@ -74,7 +93,11 @@ fn kind(e: &Entry) -> u8 {
 pub fn apply_to_model(model: &mut Tree, change: &Change, entry: Option<&Entry>) {
     match change {
         Change::Delete(p) => {
-            let doomed: Vec<RelPath> = model.range(p.clone()..).take_while(|(k, _)| k.starts_with(p)).map(|(k, _)| k.clone()).collect();
+            let doomed: Vec<RelPath> = model
+                .range(p.clone()..)
+                .take_while(|(k, _)| k.starts_with(p))
+                .map(|(k, _)| k.clone())
+                .collect();
             for k in doomed {
                 model.remove(&k);
             }
@@ -100,7 +123,11 @@ mod tests {
         RelPath::new(s).unwrap()
     }
     fn file(mode: u32, content: &[u8]) -> Entry {
-        Entry::File { mode, size: content.len() as u64, hash: devloop_proxy::tree::hash_bytes(content) }
+        Entry::File {
+            mode,
+            size: content.len() as u64,
+            hash: devloop_proxy::tree::hash_bytes(content),
+        }
     }
     fn tree(entries: &[(&str, Entry)]) -> Tree {
         entries.iter().map(|(k, v)| (p(k), v.clone())).collect()
@@ -108,7 +135,10 @@ mod tests {
 
     #[test]
     fn equal_trees_need_nothing() {
-        let t = tree(&[("a", Entry::Dir { mode: 0o755 }), ("a/b", file(0o644, b"x"))]);
+        let t = tree(&[
+            ("a", Entry::Dir { mode: 0o755 }),
+            ("a/b", file(0o644, b"x")),
+        ]);
         assert!(diff(&t, &t, None).is_empty());
     }
 
@@ -116,23 +146,44 @@ mod tests {
     fn content_not_mtime_decides_and_modes_are_chmods() {
         let laptop = tree(&[("a", file(0o755, b"x")), ("b", file(0o644, b"new"))]);
         let agent = tree(&[("a", file(0o644, b"x")), ("b", file(0o644, b"old"))]);
-        assert_eq!(diff(&laptop, &agent, None), vec![Change::Chmod(p("a"), 0o755), Change::Put(p("b"), 0o644, 3)]);
+        assert_eq!(
+            diff(&laptop, &agent, None),
+            vec![Change::Chmod(p("a"), 0o755), Change::Put(p("b"), 0o644, 3)]
+        );
     }
 
     #[test]
     fn deletes_first_and_only_the_topmost() {
-        let laptop = tree(&[("new", Entry::Dir { mode: 0o755 }), ("new/f", file(0o644, b"1"))]);
-        let agent = tree(&[("old", Entry::Dir { mode: 0o755 }), ("old/f", file(0o644, b"1")), ("old/g", file(0o644, b"2"))]);
+        let laptop = tree(&[
+            ("new", Entry::Dir { mode: 0o755 }),
+            ("new/f", file(0o644, b"1")),
+        ]);
+        let agent = tree(&[
+            ("old", Entry::Dir { mode: 0o755 }),
+            ("old/f", file(0o644, b"1")),
+            ("old/g", file(0o644, b"2")),
+        ]);
         assert_eq!(
             diff(&laptop, &agent, None),
-            vec![Change::Delete(p("old")), Change::Mkdir(p("new"), 0o755), Change::Put(p("new/f"), 0o644, 1)]
+            vec![
+                Change::Delete(p("old")),
+                Change::Mkdir(p("new"), 0o755),
+                Change::Put(p("new/f"), 0o644, 1)
+            ]
         );
     }
 
     #[test]
     fn kind_changes_delete_then_create() {
-        let laptop = tree(&[("x", Entry::Symlink { target: "y".into() }), ("d", file(0o644, b""))]);
-        let agent = tree(&[("x", file(0o644, b"1")), ("d", Entry::Dir { mode: 0o755 }), ("d/c", file(0o644, b"1"))]);
+        let laptop = tree(&[
+            ("x", Entry::Symlink { target: "y".into() }),
+            ("d", file(0o644, b"")),
+        ]);
+        let agent = tree(&[
+            ("x", file(0o644, b"1")),
+            ("d", Entry::Dir { mode: 0o755 }),
+            ("d/c", file(0o644, b"1")),
+        ]);
         assert_eq!(
             diff(&laptop, &agent, None),
             vec![
@@ -149,13 +200,23 @@ mod tests {
         let laptop = tree(&[("a/1", file(0o644, b"1")), ("b/1", file(0o644, b"1"))]);
         let agent = Tree::new();
         let scope = [p("a")];
-        assert_eq!(diff(&laptop, &agent, Some(&scope)), vec![Change::Put(p("a/1"), 0o644, 1)]);
+        assert_eq!(
+            diff(&laptop, &agent, Some(&scope)),
+            vec![Change::Put(p("a/1"), 0o644, 1)]
+        );
     }
 
     #[test]
     fn model_follows_changes() {
-        let laptop = tree(&[("d", Entry::Dir { mode: 0o755 }), ("d/f", file(0o644, b"1"))]);
-        let mut model = tree(&[("gone", Entry::Dir { mode: 0o755 }), ("gone/x", file(0o644, b"1")), ("gonez", file(0o644, b"1"))]);
+        let laptop = tree(&[
+            ("d", Entry::Dir { mode: 0o755 }),
+            ("d/f", file(0o644, b"1")),
+        ]);
+        let mut model = tree(&[
+            ("gone", Entry::Dir { mode: 0o755 }),
+            ("gone/x", file(0o644, b"1")),
+            ("gonez", file(0o644, b"1")),
+        ]);
         for c in diff(&laptop, &model.clone(), None) {
             apply_to_model(&mut model, &c, laptop.get(c.path()));
         }

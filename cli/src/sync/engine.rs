@@ -45,6 +45,29 @@ pub struct SyncSettings {
     pub redeploy: Option<Redeploy>,
 }
 
+impl SyncSettings {
+    /// The sync of `service` as the project's config describes it.
+    pub fn for_service(
+        project: &str,
+        service: &crate::config::Service,
+        show_logs: bool,
+        redeploy: Option<Redeploy>,
+    ) -> Self {
+        SyncSettings {
+            project: project.to_string(),
+            service: service.name.clone(),
+            laptop_dir: service.sync.as_ref().map(|s| s.laptop_dir.clone()),
+            filter: FilterSettings {
+                excludes: service.excludes.clone(),
+                include_node_modules: service.include_node_modules,
+            },
+            rules: service.rules.clone(),
+            show_logs,
+            redeploy,
+        }
+    }
+}
+
 /// How long a burst of events must be quiet before it is sent, and the longest a burst is
 /// held back. A lone save goes out after about a millisecond.
 const QUIET: Duration = Duration::from_millis(1);
@@ -61,16 +84,28 @@ enum WatchMsg {
 
 /// Runs until `shutdown`. Errors only for what retrying cannot fix (the folder cannot be
 /// watched, another process syncs the service).
-pub async fn run(settings: SyncSettings, connector: Arc<dyn Connector>, ui: Ui, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: SyncSettings,
+    connector: Arc<dyn Connector>,
+    ui: Ui,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let _lock = SyncLock::acquire(&settings.project, &settings.service)?;
-    let mut status = SyncStatus { pid: std::process::id(), started_at_ms: now_ms(), ..Default::default() };
+    let mut status = SyncStatus {
+        pid: std::process::id(),
+        started_at_ms: now_ms(),
+        ..Default::default()
+    };
     let svc = settings.service.clone();
 
     let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<WatchMsg>();
     let mut _watcher = None;
     if let Some(dir) = &settings.laptop_dir {
         if !dir.is_dir() {
-            anyhow::bail!("sync folder {} of `{svc}` does not exist; fix `sync.from` in devloop.toml", dir.display());
+            anyhow::bail!(
+                "sync folder {} of `{svc}` does not exist; fix `sync.from` in devloop.toml",
+                dir.display()
+            );
         }
         let tx = watch_tx.clone();
         let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -106,7 +141,14 @@ pub async fn run(settings: SyncSettings, connector: Arc<dyn Connector>, ui: Ui, 
             r = connector.connect() => r,
             _ = shutdown.cancelled() => break,
         };
-        let (Connected { link, welcome, events }, route) = match connected {
+        let (
+            Connected {
+                link,
+                welcome,
+                events,
+            },
+            route,
+        ) = match connected {
             Ok(c) => c,
             Err(e) => {
                 if !announced_wait {
@@ -138,10 +180,25 @@ pub async fn run(settings: SyncSettings, connector: Arc<dyn Connector>, ui: Ui, 
                 ui.log(&svc, line);
             }
         }
-        let log_task = tokio::spawn(forward_events(events, ui.clone(), svc.clone(), settings.show_logs));
+        let log_task = tokio::spawn(forward_events(
+            events,
+            ui.clone(),
+            svc.clone(),
+            settings.show_logs,
+        ));
 
         let result = match &root {
-            Some(root) => session(&settings, root, &link, &mut watch_rx, &ui, &mut status, first, &shutdown).await,
+            Some(root) => {
+                let mut session = Session {
+                    settings: &settings,
+                    root,
+                    link: &link,
+                    ui: &ui,
+                    status: &mut status,
+                    known: Tree::new(),
+                };
+                session.run(&mut watch_rx, first, &shutdown).await
+            }
             None => {
                 tokio::select! {
                     _ = link.closed() => Ok(()),
@@ -213,7 +270,10 @@ struct Laptop {
 }
 
 impl Laptop {
-    async fn full_scan(root: &Path, settings: FilterSettings) -> anyhow::Result<(Laptop, Vec<String>)> {
+    async fn full_scan(
+        root: &Path,
+        settings: FilterSettings,
+    ) -> anyhow::Result<(Laptop, Vec<String>)> {
         let root = root.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let mut filter = Filter::new(&root, settings)?;
@@ -224,267 +284,357 @@ impl Laptop {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    settings: &SyncSettings,
-    root: &Path,
-    link: &AgentLink,
-    watch_rx: &mut mpsc::UnboundedReceiver<WatchMsg>,
-    ui: &Ui,
-    status: &mut SyncStatus,
-    first: bool,
-    shutdown: &CancellationToken,
-) -> Result<(), SessionEnd> {
-    let svc = &settings.service;
-    // Everything queued so far is covered by the full reconcile below.
-    while watch_rx.try_recv().is_ok() {}
-    let mut known = Tree::new();
-    let mut laptop = reconcile(settings, root, link, ui, status, &mut known, first, true).await?;
-
-    loop {
-        let first_msg = tokio::select! {
-            m = watch_rx.recv() => m,
-            _ = link.closed() => return Ok(()),
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        let Some(first_msg) = first_msg else { return Ok(()) };
-        let started = Instant::now();
-        let mut paths: BTreeSet<PathBuf> = BTreeSet::new();
-        let mut rescan: Option<String> = None;
-        let take = |m: WatchMsg, paths: &mut BTreeSet<PathBuf>, rescan: &mut Option<String>| match m {
-            WatchMsg::Paths(p) => paths.extend(p),
-            WatchMsg::Rescan(why) => *rescan = Some(why),
-            WatchMsg::Error(e) => ui.warn(svc, e),
-        };
-        take(first_msg, &mut paths, &mut rescan);
-        // Coalesce the burst.
-        loop {
-            let quiet = if paths.iter().any(|p| !p.exists()) { QUIET_AFTER_DELETE } else { QUIET };
-            tokio::time::sleep(quiet).await;
-            let mut got = false;
-            while let Ok(m) = watch_rx.try_recv() {
-                take(m, &mut paths, &mut rescan);
-                got = true;
-            }
-            if !got || started.elapsed() > MAX_HOLD {
-                break;
-            }
-        }
-        let rel: Vec<PathBuf> = paths.iter().filter_map(|p| p.strip_prefix(root).ok().map(Path::to_path_buf)).collect();
-        let rules_changed = rel.iter().any(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(Filter::is_rule_file));
-        if let Some(why) = rescan.or_else(|| rules_changed.then(|| "ignore rules changed".to_string())) {
-            tracing::info!(service = %svc, reason = %why, "full rescan");
-            laptop = reconcile(settings, root, link, ui, status, &mut known, false, false).await?;
-            continue;
-        }
-        // Update the laptop tree for each path, then diff only there.
-        let placeholder = Laptop { root: PathBuf::new(), filter: laptop.filter.clone(), tree: Tree::new() };
-        let mut lt = std::mem::replace(&mut laptop, placeholder);
-        let (lt_back, scope) = tokio::task::spawn_blocking(move || {
-            let mut scope = Vec::new();
-            for r in rel {
-                let Ok(path) = RelPath::from_path(&r) else { continue };
-                remove_under(&mut lt.tree, &path);
-                match scan::read_entry(&lt.root, &r, &lt.filter) {
-                    Ok(Some(entry)) => {
-                        let is_dir = matches!(entry, Entry::Dir { .. });
-                        lt.tree.insert(path.clone(), entry);
-                        if is_dir {
-                            let mut errors = Vec::new();
-                            scan::scan_into(&lt.root.clone(), &r, &mut lt.filter, &mut lt.tree, &mut errors);
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(path = %r.display(), error = %e, "cannot read"),
-                }
-                scope.push(path);
-            }
-            (lt, scope)
-        })
-        .await
-        .map_err(|e| SessionEnd::Fatal(e.into()))?;
-        laptop = lt_back;
-        let changes = diff(&laptop.tree, &known, Some(&scope));
-        if changes.is_empty() {
-            continue;
-        }
-        status.pending = changes.len() as u64;
-        let result = send_and_react(settings, root, link, ui, status, &mut known, changes, false).await;
-        absorb_refusal(result, settings, link, ui, status, &mut known, &laptop.filter).await?;
-    }
+/// One connection's worth of syncing: what it needs at hand, and the model of the agent's
+/// tree (`known`) that every diff is taken against.
+struct Session<'a> {
+    settings: &'a SyncSettings,
+    root: &'a Path,
+    link: &'a AgentLink,
+    ui: &'a Ui,
+    status: &'a mut SyncStatus,
+    known: Tree,
 }
 
-/// The agent refused an operation (a path it will not write, a command it cannot start):
-/// that is not a broken connection, so say it, record it for `status`, learn what the agent
-/// holds now, and go on. Other errors pass through.
-async fn absorb_refusal(
-    result: Result<(), SessionEnd>,
-    settings: &SyncSettings,
-    link: &AgentLink,
-    ui: &Ui,
-    status: &mut SyncStatus,
-    known: &mut Tree,
-    filter: &Filter,
-) -> Result<(), SessionEnd> {
-    match result {
-        Err(SessionEnd::Link(crate::agent_link::LinkError::Failed(error))) => {
-            ui.warn(&settings.service, format!("the agent refused part of the sync: {error}"));
-            status.errors.push(error);
-            save(settings, status);
-            *known = filtered(link.index().await?, filter);
-            Ok(())
+impl Session<'_> {
+    /// Reconciles, then sends each burst of edits until the connection ends or `shutdown`.
+    async fn run(
+        &mut self,
+        watch_rx: &mut mpsc::UnboundedReceiver<WatchMsg>,
+        first: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        let settings = self.settings;
+        let ui = self.ui;
+        let link = self.link;
+        let root = self.root;
+        let svc = &settings.service;
+        // Everything queued so far is covered by the full reconcile below.
+        while watch_rx.try_recv().is_ok() {}
+        let s = self;
+        let mut laptop = s.reconcile(first, true).await?;
+
+        loop {
+            let first_msg = tokio::select! {
+                m = watch_rx.recv() => m,
+                _ = link.closed() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let Some(first_msg) = first_msg else {
+                return Ok(());
+            };
+            let started = Instant::now();
+            let mut paths: BTreeSet<PathBuf> = BTreeSet::new();
+            let mut rescan: Option<String> = None;
+            let take =
+                |m: WatchMsg, paths: &mut BTreeSet<PathBuf>, rescan: &mut Option<String>| match m {
+                    WatchMsg::Paths(p) => paths.extend(p),
+                    WatchMsg::Rescan(why) => *rescan = Some(why),
+                    WatchMsg::Error(e) => ui.warn(svc, e),
+                };
+            take(first_msg, &mut paths, &mut rescan);
+            // Coalesce the burst.
+            loop {
+                let quiet = if paths.iter().any(|p| !p.exists()) {
+                    QUIET_AFTER_DELETE
+                } else {
+                    QUIET
+                };
+                tokio::time::sleep(quiet).await;
+                let mut got = false;
+                while let Ok(m) = watch_rx.try_recv() {
+                    take(m, &mut paths, &mut rescan);
+                    got = true;
+                }
+                if !got || started.elapsed() > MAX_HOLD {
+                    break;
+                }
+            }
+            let rel: Vec<PathBuf> = paths
+                .iter()
+                .filter_map(|p| p.strip_prefix(root).ok().map(Path::to_path_buf))
+                .collect();
+            let rules_changed = rel.iter().any(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(Filter::is_rule_file)
+            });
+            if let Some(why) =
+                rescan.or_else(|| rules_changed.then(|| "ignore rules changed".to_string()))
+            {
+                tracing::info!(service = %svc, reason = %why, "full rescan");
+                laptop = s.reconcile(false, false).await?;
+                continue;
+            }
+            // Update the laptop tree for each path, then diff only there.
+            let placeholder = Laptop {
+                root: PathBuf::new(),
+                filter: laptop.filter.clone(),
+                tree: Tree::new(),
+            };
+            let mut lt = std::mem::replace(&mut laptop, placeholder);
+            let (lt_back, scope) = tokio::task::spawn_blocking(move || {
+                let mut scope = Vec::new();
+                for r in rel {
+                    let Ok(path) = RelPath::from_path(&r) else {
+                        continue;
+                    };
+                    remove_under(&mut lt.tree, &path);
+                    match scan::read_entry(&lt.root, &r, &lt.filter) {
+                        Ok(Some(entry)) => {
+                            let is_dir = matches!(entry, Entry::Dir { .. });
+                            lt.tree.insert(path.clone(), entry);
+                            if is_dir {
+                                let mut errors = Vec::new();
+                                scan::scan_into(
+                                    &lt.root.clone(),
+                                    &r,
+                                    &mut lt.filter,
+                                    &mut lt.tree,
+                                    &mut errors,
+                                );
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(path = %r.display(), error = %e, "cannot read"),
+                    }
+                    scope.push(path);
+                }
+                (lt, scope)
+            })
+            .await
+            .map_err(|e| SessionEnd::Fatal(e.into()))?;
+            laptop = lt_back;
+            let changes = diff(&laptop.tree, &s.known, Some(&scope));
+            if changes.is_empty() {
+                continue;
+            }
+            s.status.pending = changes.len() as u64;
+            let result = s.send_and_react(changes, false).await;
+            s.absorb_refusal(result, &laptop.filter).await?;
         }
-        other => other,
+    }
+
+    /// The agent refused an operation (a path it will not write, a command it cannot
+    /// start): that is not a broken connection, so say it, record it for `status`, learn what
+    /// the agent holds now, and go on. Other errors pass through.
+    async fn absorb_refusal(
+        &mut self,
+        result: Result<(), SessionEnd>,
+        filter: &Filter,
+    ) -> Result<(), SessionEnd> {
+        match result {
+            Err(SessionEnd::Link(crate::agent_link::LinkError::Failed(error))) => {
+                self.ui.warn(
+                    &self.settings.service,
+                    format!("the agent refused part of the sync: {error}"),
+                );
+                self.status.errors.push(error);
+                save(self.settings, self.status);
+                self.known = filtered(self.link.index().await?, filter);
+                Ok(())
+            }
+            other => other,
+        }
     }
 }
 
 /// What the agent holds under ignored paths (a build output, node_modules installed in the
 /// container) is none of the sync's business: it is left out, so it is never deleted.
 fn filtered(agent_tree: Tree, filter: &Filter) -> Tree {
-    agent_tree.into_iter().filter(|(p, e)| !filter.is_ignored(Path::new(p.as_str()), matches!(e, Entry::Dir { .. }))).collect()
+    agent_tree
+        .into_iter()
+        .filter(|(p, e)| !filter.is_ignored(Path::new(p.as_str()), matches!(e, Entry::Dir { .. })))
+        .collect()
 }
 
 fn remove_under(tree: &mut Tree, path: &RelPath) {
-    let doomed: Vec<RelPath> = tree.range(path.clone()..).take_while(|(k, _)| k.starts_with(path)).map(|(k, _)| k.clone()).collect();
+    let doomed: Vec<RelPath> = tree
+        .range(path.clone()..)
+        .take_while(|(k, _)| k.starts_with(path))
+        .map(|(k, _)| k.clone())
+        .collect();
     for k in doomed {
         tree.remove(&k);
     }
 }
 
-/// Full scan of both sides, then send the difference.
-#[allow(clippy::too_many_arguments)]
-async fn reconcile(
-    settings: &SyncSettings,
-    root: &Path,
-    link: &AgentLink,
-    ui: &Ui,
-    status: &mut SyncStatus,
-    known: &mut Tree,
-    initial: bool,
-    reindex: bool,
-) -> Result<Laptop, SessionEnd> {
-    let started = Instant::now();
-    let scan_fut = Laptop::full_scan(root, settings.filter.clone());
-    let (laptop, agent_tree) = if reindex || known.is_empty() {
-        let (l, a) = tokio::join!(scan_fut, link.index());
-        (l, Some(a?))
-    } else {
-        (scan_fut.await, None)
-    };
-    let (laptop, errors) = laptop.map_err(SessionEnd::Fatal)?;
-    for e in errors.iter().take(5) {
-        ui.warn(&settings.service, format!("not synced: {e}"));
-    }
-    status.errors = errors;
-    if let Some(agent_tree) = agent_tree {
-        *known = filtered(agent_tree, &laptop.filter);
-    }
-    let changes = diff(&laptop.tree, known, None);
-    let scanned_ms = started.elapsed().as_millis() as u64;
-    status.pending = changes.len() as u64;
-    let count = changes.len();
-    if count > 0 {
-        let result = send_and_react(settings, root, link, ui, status, known, changes, initial).await;
-        absorb_refusal(result, settings, link, ui, status, known, &laptop.filter).await?;
-    }
-    let files = laptop.tree.values().filter(|e| matches!(e, Entry::File { .. })).count() as u64;
-    let bytes: u64 = laptop.tree.values().map(|e| if let Entry::File { size, .. } = e { *size } else { 0 }).sum();
-    status.files = files;
-    status.bytes = bytes;
-    status.pending = 0;
-    status.last_sync_ms = Some(now_ms());
-    save(settings, status);
-    if initial || count > 0 {
-        ui.info(
-            &settings.service,
-            format!(
-                "in sync: {files} files, {} ({} changes sent; {} total, scan {})",
-                human_bytes(bytes),
-                count,
-                human_ms(started.elapsed().as_millis() as u64),
-                human_ms(scanned_ms)
-            ),
-        );
-    }
-    Ok(laptop)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn send_and_react(
-    settings: &SyncSettings,
-    root: &Path,
-    link: &AgentLink,
-    ui: &Ui,
-    status: &mut SyncStatus,
-    known: &mut Tree,
-    changes: Vec<Change>,
-    initial: bool,
-) -> Result<(), SessionEnd> {
-    let svc = &settings.service;
-    let started = Instant::now();
-    if let (Reaction::Redeploy, Some(redeploy)) = (settings.rules.reaction(changes.iter().map(|c| c.path().as_str())), &settings.redeploy) {
-        // The running version is replaced as a whole: syncing into it first is wasted work.
-        let what: Vec<&str> = changes.iter().take(3).map(|c| c.path().as_str()).collect();
-        ui.info(svc, format!("redeploying for {}{}", what.join(", "), if changes.len() > 3 { ", ..." } else { "" }));
-        return match redeploy().await {
-            Ok(line) => {
-                ui.info(svc, line);
-                // The old container and this connection are gone; the next one reconciles.
-                Err(SessionEnd::Redeployed)
-            }
-            Err(e) => {
-                // The last good version keeps running; the next save tries again.
-                ui.warn(svc, format!("redeploy failed, the running version stays: {e:#}"));
-                status.errors.push(format!("redeploy failed: {e:#}"));
-                save(settings, status);
-                Ok(())
-            }
+impl Session<'_> {
+    /// Full scan of both sides, then send the difference.
+    async fn reconcile(&mut self, initial: bool, reindex: bool) -> Result<Laptop, SessionEnd> {
+        let started = Instant::now();
+        let scan_fut = Laptop::full_scan(self.root, self.settings.filter.clone());
+        let (laptop, agent_tree) = if reindex || self.known.is_empty() {
+            let (l, a) = tokio::join!(scan_fut, self.link.index());
+            (l, Some(a?))
+        } else {
+            (scan_fut.await, None)
         };
-    }
-    let total: u64 = changes.iter().map(|c| if let Change::Put(_, _, s) = c { *s } else { 0 }).sum();
-    let bar = (total > 8 * 1024 * 1024).then(|| ui.bytes_bar(svc, if initial { "initial sync" } else { "sync" }, total));
-    let sent = send_changes(link, root, changes, |done, _| {
-        if let Some(b) = &bar {
-            b.set_position(done)
+        let (laptop, errors) = laptop.map_err(SessionEnd::Fatal)?;
+        for e in errors.iter().take(5) {
+            self.ui
+                .warn(&self.settings.service, format!("not synced: {e}"));
         }
-    })
-    .await;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    let sent = sent?;
-    for (change, entry) in &sent.applied {
-        apply_to_model(known, change, entry.as_ref());
-    }
-    status.last_sync_ms = Some(now_ms());
-    status.pending = 0;
-    let changed: Vec<&str> = sent.applied.iter().map(|(c, _)| c.path().as_str()).collect();
-    tracing::debug!(service = %svc, changes = changed.len(), bytes = sent.bytes, took_us = started.elapsed().as_micros() as u64, "synced");
-    if !initial && changed.len() <= 3 {
-        ui.info(svc, format!("synced {} ({})", changed.join(", "), human_ms(started.elapsed().as_millis() as u64)));
-    } else if !initial {
-        ui.info(svc, format!("synced {} changes, {} ({})", changed.len(), human_bytes(sent.bytes), human_ms(started.elapsed().as_millis() as u64)));
-    }
-    match settings.rules.reaction(changed.iter().copied()) {
-        Reaction::None => {}
-        Reaction::Restart => {
-            link.restart().await?;
+        self.status.errors = errors;
+        if let Some(agent_tree) = agent_tree {
+            self.known = filtered(agent_tree, &laptop.filter);
         }
-        // Without a way to redeploy (`devloop up`), a redeploy rule restarts.
-        Reaction::Redeploy => {
-            link.restart().await?;
+        let changes = diff(&laptop.tree, &self.known, None);
+        let scanned_ms = started.elapsed().as_millis() as u64;
+        self.status.pending = changes.len() as u64;
+        let count = changes.len();
+        if count > 0 {
+            let result = self.send_and_react(changes, initial).await;
+            self.absorb_refusal(result, &laptop.filter).await?;
         }
-        Reaction::RunThenRestart(cmds) => {
-            for cmd in cmds {
-                ui.info(svc, format!("running {}", cmd.join(" ")));
-                match link.run(cmd.clone()).await? {
-                    Some(0) => {}
-                    code => ui.warn(svc, format!("`{}` exited with {code:?}", cmd.join(" "))),
+        let files = laptop
+            .tree
+            .values()
+            .filter(|e| matches!(e, Entry::File { .. }))
+            .count() as u64;
+        let bytes: u64 = laptop
+            .tree
+            .values()
+            .map(|e| {
+                if let Entry::File { size, .. } = e {
+                    *size
+                } else {
+                    0
                 }
-            }
-            link.restart().await?;
+            })
+            .sum();
+        self.status.files = files;
+        self.status.bytes = bytes;
+        self.status.pending = 0;
+        self.status.last_sync_ms = Some(now_ms());
+        save(self.settings, self.status);
+        if initial || count > 0 {
+            self.ui.info(
+                &self.settings.service,
+                format!(
+                    "in sync: {files} files, {} ({} changes sent; {} total, scan {})",
+                    human_bytes(bytes),
+                    count,
+                    human_ms(started.elapsed().as_millis() as u64),
+                    human_ms(scanned_ms)
+                ),
+            );
         }
+        Ok(laptop)
     }
-    save(settings, status);
-    Ok(())
+
+    async fn send_and_react(
+        &mut self,
+        changes: Vec<Change>,
+        initial: bool,
+    ) -> Result<(), SessionEnd> {
+        let svc = &self.settings.service;
+        let started = Instant::now();
+        if let (Reaction::Redeploy, Some(redeploy)) = (
+            self.settings
+                .rules
+                .reaction(changes.iter().map(|c| c.path().as_str())),
+            &self.settings.redeploy,
+        ) {
+            // The running version is replaced as a whole: syncing into it first is wasted work.
+            let what: Vec<&str> = changes.iter().take(3).map(|c| c.path().as_str()).collect();
+            self.ui.info(
+                svc,
+                format!(
+                    "redeploying for {}{}",
+                    what.join(", "),
+                    if changes.len() > 3 { ", ..." } else { "" }
+                ),
+            );
+            return match redeploy().await {
+                Ok(line) => {
+                    self.ui.info(svc, line);
+                    // The old container and this connection are gone; the next one reconciles.
+                    Err(SessionEnd::Redeployed)
+                }
+                Err(e) => {
+                    // The last good version keeps running; the next save tries again.
+                    self.ui.warn(
+                        svc,
+                        format!("redeploy failed, the running version stays: {e:#}"),
+                    );
+                    self.status.errors.push(format!("redeploy failed: {e:#}"));
+                    save(self.settings, self.status);
+                    Ok(())
+                }
+            };
+        }
+        let total: u64 = changes
+            .iter()
+            .map(|c| if let Change::Put(_, _, s) = c { *s } else { 0 })
+            .sum();
+        let bar = (total > 8 * 1024 * 1024).then(|| {
+            self.ui
+                .bytes_bar(svc, if initial { "initial sync" } else { "sync" }, total)
+        });
+        let sent = send_changes(self.link, self.root, changes, |done, _| {
+            if let Some(b) = &bar {
+                b.set_position(done)
+            }
+        })
+        .await;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let sent = sent?;
+        for (change, entry) in &sent.applied {
+            apply_to_model(&mut self.known, change, entry.as_ref());
+        }
+        self.status.last_sync_ms = Some(now_ms());
+        self.status.pending = 0;
+        let changed: Vec<&str> = sent
+            .applied
+            .iter()
+            .map(|(c, _)| c.path().as_str())
+            .collect();
+        tracing::debug!(service = %svc, changes = changed.len(), bytes = sent.bytes, took_us = started.elapsed().as_micros() as u64, "synced");
+        if !initial && changed.len() <= 3 {
+            self.ui.info(
+                svc,
+                format!(
+                    "synced {} ({})",
+                    changed.join(", "),
+                    human_ms(started.elapsed().as_millis() as u64)
+                ),
+            );
+        } else if !initial {
+            self.ui.info(
+                svc,
+                format!(
+                    "synced {} changes, {} ({})",
+                    changed.len(),
+                    human_bytes(sent.bytes),
+                    human_ms(started.elapsed().as_millis() as u64)
+                ),
+            );
+        }
+        match self.settings.rules.reaction(changed.iter().copied()) {
+            Reaction::None => {}
+            Reaction::Restart => {
+                self.link.restart().await?;
+            }
+            // Without a way to redeploy (`devloop up`), a redeploy rule restarts.
+            Reaction::Redeploy => {
+                self.link.restart().await?;
+            }
+            Reaction::RunThenRestart(cmds) => {
+                for cmd in cmds {
+                    self.ui.info(svc, format!("running {}", cmd.join(" ")));
+                    match self.link.run(cmd.clone()).await? {
+                        Some(0) => {}
+                        code => self
+                            .ui
+                            .warn(svc, format!("`{}` exited with {code:?}", cmd.join(" "))),
+                    }
+                }
+                self.link.restart().await?;
+            }
+        }
+        save(self.settings, self.status);
+        Ok(())
+    }
 }

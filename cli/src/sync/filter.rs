@@ -30,7 +30,11 @@ pub const DEFAULT_EXCLUDES: &[&str] = &[
 ];
 
 /// Ignore files read at the root; the ones marked nested are read in sub-folders too.
-const ROOT_IGNORE_FILES: &[(&str, bool)] = &[(".gitignore", true), (".dockerignore", false), (".devloopignore", true)];
+const ROOT_IGNORE_FILES: &[(&str, bool)] = &[
+    (".gitignore", true),
+    (".dockerignore", false),
+    (".devloopignore", true),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
@@ -61,7 +65,10 @@ impl Filter {
             let path = root.join(name);
             if path.is_file() {
                 if let Some(err) = b.add(&path) {
-                    return Err(FilterError::Rule { file: path.display().to_string(), message: err.to_string() });
+                    return Err(FilterError::Rule {
+                        file: path.display().to_string(),
+                        message: err.to_string(),
+                    });
                 }
             }
         }
@@ -73,12 +80,23 @@ impl Filter {
         for rule in DEFAULT_EXCLUDES {
             add_line(&mut b, rule, "built-in excludes")?;
         }
-        let node_modules = if settings.include_node_modules { "!node_modules/" } else { "node_modules/" };
+        let node_modules = if settings.include_node_modules {
+            "!node_modules/"
+        } else {
+            "node_modules/"
+        };
         add_line(&mut b, node_modules, "built-in excludes")?;
-        let root_matcher = b.build().map_err(|e| FilterError::Rule { file: root.display().to_string(), message: e.to_string() })?;
+        let root_matcher = b.build().map_err(|e| FilterError::Rule {
+            file: root.display().to_string(),
+            message: e.to_string(),
+        })?;
         let mut matchers = BTreeMap::new();
         matchers.insert(PathBuf::new(), root_matcher);
-        Ok(Filter { root: root.to_path_buf(), settings, matchers })
+        Ok(Filter {
+            root: root.to_path_buf(),
+            settings,
+            matchers,
+        })
     }
 
     /// Reads the nested ignore files of `dir` (relative), if any.
@@ -150,7 +168,10 @@ impl Filter {
 fn add_line(b: &mut GitignoreBuilder, line: &str, from: &str) -> Result<(), FilterError> {
     b.add_line(None, line)
         .map(|_| ())
-        .map_err(|e| FilterError::Rule { file: from.to_string(), message: e.to_string() })
+        .map_err(|e| FilterError::Rule {
+            file: from.to_string(),
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -158,7 +179,14 @@ mod tests {
     use super::*;
 
     fn filter(dir: &Path, excludes: &[&str]) -> Filter {
-        Filter::new(dir, FilterSettings { excludes: excludes.iter().map(|s| s.to_string()).collect(), include_node_modules: false }).unwrap()
+        Filter::new(
+            dir,
+            FilterSettings {
+                excludes: excludes.iter().map(|s| s.to_string()).collect(),
+                include_node_modules: false,
+            },
+        )
+        .unwrap()
     }
 
     #[test]
@@ -202,14 +230,28 @@ mod tests {
         std::fs::write(d.path().join(".gitignore"), "!.git/\nnode_modules/\n").unwrap();
         let f = filter(d.path(), &[]);
         assert!(f.is_ignored(Path::new(".git/HEAD"), false));
-        let f = Filter::new(d.path(), FilterSettings { excludes: vec![], include_node_modules: true }).unwrap();
+        let f = Filter::new(
+            d.path(),
+            FilterSettings {
+                excludes: vec![],
+                include_node_modules: true,
+            },
+        )
+        .unwrap();
         assert!(!f.is_ignored(Path::new("node_modules/x.js"), false));
     }
 
     #[test]
     fn node_modules_when_asked() {
         let d = tempfile::tempdir().unwrap();
-        let f = Filter::new(d.path(), FilterSettings { excludes: vec![], include_node_modules: true }).unwrap();
+        let f = Filter::new(
+            d.path(),
+            FilterSettings {
+                excludes: vec![],
+                include_node_modules: true,
+            },
+        )
+        .unwrap();
         assert!(!f.is_ignored(Path::new("node_modules/x.js"), false));
     }
 }

@@ -25,7 +25,9 @@ pub fn read_entry(root: &Path, rel: &Path, filter: &Filter) -> std::io::Result<O
         Ok(Some(Entry::Dir { mode }))
     } else if ft.is_symlink() {
         let target = std::fs::read_link(&abs)?;
-        Ok(Some(Entry::Symlink { target: target.to_string_lossy().into_owned() }))
+        Ok(Some(Entry::Symlink {
+            target: target.to_string_lossy().into_owned(),
+        }))
     } else if ft.is_file() {
         match hash_file(&abs) {
             Ok((size, hash)) => Ok(Some(Entry::File { mode, size, hash })),
@@ -56,7 +58,13 @@ pub fn hash_file(path: &Path) -> std::io::Result<(u64, devloop_proxy::tree::Hash
 /// Walks `rel_dir` (relative; empty for the whole root) and adds what it holds to `tree`,
 /// reading nested ignore files into `filter` on the way. Unreadable entries are reported in
 /// `errors` and left out (a later event retries them).
-pub fn scan_into(root: &Path, rel_dir: &Path, filter: &mut Filter, tree: &mut Tree, errors: &mut Vec<String>) {
+pub fn scan_into(
+    root: &Path,
+    rel_dir: &Path,
+    filter: &mut Filter,
+    tree: &mut Tree,
+    errors: &mut Vec<String>,
+) {
     let mut stack = vec![rel_dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
         filter.load_dir(&dir);
@@ -73,7 +81,10 @@ pub fn scan_into(root: &Path, rel_dir: &Path, filter: &mut Filter, tree: &mut Tr
             match read_entry(root, &rel, filter) {
                 Ok(Some(entry)) => {
                     let Ok(path) = RelPath::from_path(&rel) else {
-                        errors.push(format!("{}: name is not valid UTF-8, not synced", rel.display()));
+                        errors.push(format!(
+                            "{}: name is not valid UTF-8, not synced",
+                            rel.display()
+                        ));
                         continue;
                     };
                     if matches!(entry, Entry::Dir { .. }) {
@@ -113,13 +124,28 @@ mod tests {
         std::fs::create_dir_all(r.join(".git")).unwrap();
         std::fs::write(r.join(".git/HEAD"), "ref").unwrap();
         std::fs::write(r.join("x.pyc"), "").unwrap();
-        let mut f = Filter::new(r, FilterSettings { excludes: vec!["*.pyc".into()], include_node_modules: false }).unwrap();
+        let mut f = Filter::new(
+            r,
+            FilterSettings {
+                excludes: vec!["*.pyc".into()],
+                include_node_modules: false,
+            },
+        )
+        .unwrap();
         let (tree, errors) = scan(r, &mut f);
         assert!(errors.is_empty(), "{errors:?}");
         let keys: Vec<&str> = tree.keys().map(|k| k.as_str()).collect();
         assert_eq!(keys, ["link", "run.sh", "src", "src/app.py", "src/empty"]);
-        assert!(matches!(tree[&RelPath::new("run.sh").unwrap()], Entry::File { mode: 0o755, .. }));
-        assert_eq!(tree[&RelPath::new("link").unwrap()], Entry::Symlink { target: "src/app.py".into() });
+        assert!(matches!(
+            tree[&RelPath::new("run.sh").unwrap()],
+            Entry::File { mode: 0o755, .. }
+        ));
+        assert_eq!(
+            tree[&RelPath::new("link").unwrap()],
+            Entry::Symlink {
+                target: "src/app.py".into()
+            }
+        );
         match &tree[&RelPath::new("src/app.py").unwrap()] {
             Entry::File { size, hash, .. } => {
                 assert_eq!(*size, 1);

@@ -30,9 +30,20 @@ pub async fn send_changes(
     changes: Vec<Change>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Sent, LinkError> {
-    let put_bytes: u64 = changes.iter().map(|c| if let Change::Put(_, _, s) = c { *s } else { 0 }).sum();
-    let put_count = changes.iter().filter(|c| matches!(c, Change::Put(..))).count();
-    if put_bytes <= BATCH_MAX_BYTES && put_count <= BATCH_MAX_FILES && !changes.iter().any(|c| matches!(c, Change::Put(_, _, s) if *s > devloop_proxy::MAX_INLINE_FILE)) {
+    let put_bytes: u64 = changes
+        .iter()
+        .map(|c| if let Change::Put(_, _, s) = c { *s } else { 0 })
+        .sum();
+    let put_count = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Put(..)))
+        .count();
+    if put_bytes <= BATCH_MAX_BYTES
+        && put_count <= BATCH_MAX_FILES
+        && !changes
+            .iter()
+            .any(|c| matches!(c, Change::Put(_, _, s) if *s > devloop_proxy::MAX_INLINE_FILE))
+    {
         let root = root.to_path_buf();
         let (ops, sent) = tokio::task::spawn_blocking(move || build_ops(&root, changes))
             .await
@@ -44,11 +55,20 @@ pub async fn send_changes(
     }
 
     // Large: deletions and chmods as batches around one tar stream of everything else.
-    let (deletes, rest): (Vec<Change>, Vec<Change>) = changes.into_iter().partition(|c| matches!(c, Change::Delete(_)));
-    let (chmods, creates): (Vec<Change>, Vec<Change>) = rest.into_iter().partition(|c| matches!(c, Change::Chmod(..)));
+    let (deletes, rest): (Vec<Change>, Vec<Change>) = changes
+        .into_iter()
+        .partition(|c| matches!(c, Change::Delete(_)));
+    let (chmods, creates): (Vec<Change>, Vec<Change>) = rest
+        .into_iter()
+        .partition(|c| matches!(c, Change::Chmod(..)));
     let mut sent = Sent::default();
     if !deletes.is_empty() {
-        let ops = deletes.iter().map(|c| FileOp::Delete { path: c.path().clone() }).collect();
+        let ops = deletes
+            .iter()
+            .map(|c| FileOp::Delete {
+                path: c.path().clone(),
+            })
+            .collect();
         link.batch(ops).await?;
         sent.applied.extend(deletes.into_iter().map(|c| (c, None)));
     }
@@ -62,7 +82,9 @@ pub async fn send_changes(
             progress(done, put_bytes);
         })
         .await;
-    let tar_sent = builder.await.map_err(|e| LinkError::Failed(format!("building the tar stream: {e}")))?;
+    let tar_sent = builder
+        .await
+        .map_err(|e| LinkError::Failed(format!("building the tar stream: {e}")))?;
     result?;
     sent.files += tar_sent.files;
     sent.bytes += tar_sent.bytes;
@@ -90,23 +112,42 @@ fn build_ops(root: &Path, changes: Vec<Change>) -> (Vec<FileOp>, Sent) {
                 None
             }
             Change::Mkdir(p, mode) => {
-                ops.push(FileOp::Mkdir { path: p.clone(), mode: *mode });
+                ops.push(FileOp::Mkdir {
+                    path: p.clone(),
+                    mode: *mode,
+                });
                 Some(Entry::Dir { mode: *mode })
             }
             Change::Symlink(p, target) => {
-                ops.push(FileOp::Symlink { path: p.clone(), target: target.clone() });
-                Some(Entry::Symlink { target: target.clone() })
+                ops.push(FileOp::Symlink {
+                    path: p.clone(),
+                    target: target.clone(),
+                });
+                Some(Entry::Symlink {
+                    target: target.clone(),
+                })
             }
             Change::Chmod(p, mode) => {
-                ops.push(FileOp::Chmod { path: p.clone(), mode: *mode });
+                ops.push(FileOp::Chmod {
+                    path: p.clone(),
+                    mode: *mode,
+                });
                 None
             }
             Change::Put(p, mode, _) => match std::fs::read(abs(root, p)) {
                 Ok(data) => {
-                    let e = Entry::File { mode: *mode, size: data.len() as u64, hash: hash_bytes(&data) };
+                    let e = Entry::File {
+                        mode: *mode,
+                        size: data.len() as u64,
+                        hash: hash_bytes(&data),
+                    };
                     sent.files += 1;
                     sent.bytes += data.len() as u64;
-                    ops.push(FileOp::Put { path: p.clone(), mode: *mode, data });
+                    ops.push(FileOp::Put {
+                        path: p.clone(),
+                        mode: *mode,
+                        data,
+                    });
                     Some(e)
                 }
                 Err(_) => continue,
@@ -137,17 +178,32 @@ impl Write for ChunkWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
-            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(devloop_proxy::TAR_CHUNK_BYTES + 64 * 1024));
-            self.tx.blocking_send(Ok(chunk)).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection to the agent closed"))?;
+            let chunk = std::mem::replace(
+                &mut self.buf,
+                Vec::with_capacity(devloop_proxy::TAR_CHUNK_BYTES + 64 * 1024),
+            );
+            self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "connection to the agent closed",
+                )
+            })?;
         }
         Ok(())
     }
 }
 
-fn write_tar(root: &Path, creates: Vec<Change>, tx: mpsc::Sender<std::io::Result<Vec<u8>>>) -> Sent {
+fn write_tar(
+    root: &Path,
+    creates: Vec<Change>,
+    tx: mpsc::Sender<std::io::Result<Vec<u8>>>,
+) -> Sent {
     let err_tx = tx.clone();
     let mut sent = Sent::default();
-    let mut b = tar::Builder::new(ChunkWriter { buf: Vec::with_capacity(devloop_proxy::TAR_CHUNK_BYTES + 64 * 1024), tx });
+    let mut b = tar::Builder::new(ChunkWriter {
+        buf: Vec::with_capacity(devloop_proxy::TAR_CHUNK_BYTES + 64 * 1024),
+        tx,
+    });
     b.mode(tar::HeaderMode::Deterministic);
     let run = || -> std::io::Result<()> {
         for change in creates {
@@ -166,10 +222,14 @@ fn write_tar(root: &Path, creates: Vec<Change>, tx: mpsc::Sender<std::io::Result
                     h.set_size(0);
                     h.set_mode(0o777);
                     b.append_link(&mut h, p.as_str(), target)?;
-                    Entry::Symlink { target: target.clone() }
+                    Entry::Symlink {
+                        target: target.clone(),
+                    }
                 }
                 Change::Put(p, mode, _) => {
-                    let Ok(data) = std::fs::read(abs(root, p)) else { continue };
+                    let Ok(data) = std::fs::read(abs(root, p)) else {
+                        continue;
+                    };
                     let mut h = tar::Header::new_gnu();
                     h.set_entry_type(tar::EntryType::Regular);
                     h.set_mode(*mode);
@@ -177,7 +237,11 @@ fn write_tar(root: &Path, creates: Vec<Change>, tx: mpsc::Sender<std::io::Result
                     b.append_data(&mut h, p.as_str(), &data[..])?;
                     sent.files += 1;
                     sent.bytes += data.len() as u64;
-                    Entry::File { mode: *mode, size: data.len() as u64, hash: hash_bytes(&data) }
+                    Entry::File {
+                        mode: *mode,
+                        size: data.len() as u64,
+                        hash: hash_bytes(&data),
+                    }
                 }
                 Change::Delete(_) | Change::Chmod(..) => continue,
             };

@@ -3,12 +3,13 @@
 
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerSummary, EndpointSettings, HostConfig, Mount, MountType, NetworkCreateRequest,
-    NetworkingConfig, PortBinding, VolumeCreateRequest,
+    ContainerCreateBody, ContainerSummary, EndpointSettings, HostConfig, Mount, MountType,
+    NetworkCreateRequest, NetworkingConfig, PortBinding, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder, ListVolumesOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
+    ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -32,7 +33,11 @@ pub const TOKEN_PATH: &str = "/.devloop/token";
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("docker: {action}: {source}")]
-    Api { action: String, #[source] source: bollard::errors::Error },
+    Api {
+        action: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -66,19 +71,26 @@ pub struct ImageFacts {
 }
 
 pub async fn image_facts(docker: &Docker, image: &str) -> Result<ImageFacts, DockerError> {
-    let i = docker.inspect_image(image).await.map_err(api(format!("inspecting image {image}")))?;
+    let i = docker
+        .inspect_image(image)
+        .await
+        .map_err(api(format!("inspecting image {image}")))?;
     let cfg = i.config.unwrap_or_default();
     Ok(ImageFacts {
         id: i.id.unwrap_or_default(),
         cmd: cfg.cmd.unwrap_or_default(),
         entrypoint: cfg.entrypoint.unwrap_or_default(),
         workdir: cfg.working_dir.filter(|w| !w.is_empty()),
-        healthcheck: cfg.healthcheck.as_ref().and_then(|h| h.test.clone()).and_then(|test| match test.first().map(String::as_str) {
-            Some("CMD") => Some(test[1..].to_vec()),
-            Some("CMD-SHELL") => Some(vec!["/bin/sh".into(), "-c".into(), test[1..].join(" ")]),
-            // "NONE" or empty: no health check.
-            _ => None,
-        }),
+        healthcheck: cfg
+            .healthcheck
+            .as_ref()
+            .and_then(|h| h.test.clone())
+            .and_then(|test| match test.first().map(String::as_str) {
+                Some("CMD") => Some(test[1..].to_vec()),
+                Some("CMD-SHELL") => Some(vec!["/bin/sh".into(), "-c".into(), test[1..].join(" ")]),
+                // "NONE" or empty: no health check.
+                _ => None,
+            }),
         exposed: {
             let mut ports: Vec<u16> = cfg
                 .exposed_ports
@@ -110,14 +122,21 @@ pub struct DevSpec {
 impl DevSpec {
     pub fn new(project: &Project, service: &Service, image: &str, facts: &ImageFacts) -> Self {
         // Docker's rule: overriding the entrypoint drops the image's cmd.
-        let entrypoint = service.entrypoint.clone().unwrap_or_else(|| facts.entrypoint.clone());
+        let entrypoint = service
+            .entrypoint
+            .clone()
+            .unwrap_or_else(|| facts.entrypoint.clone());
         let cmd = match (&service.command, &service.entrypoint) {
             (Some(c), _) => c.clone(),
             (None, Some(_)) => Vec::new(),
             (None, None) => facts.cmd.clone(),
         };
         let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
-        let root = service.sync.as_ref().map(|s| s.container_dir.clone()).unwrap_or_else(|| format!("{AGENT_DIR}/no-sync"));
+        let root = service
+            .sync
+            .as_ref()
+            .map(|s| s.container_dir.clone())
+            .unwrap_or_else(|| format!("{AGENT_DIR}/no-sync"));
         let workdir = service
             .workdir
             .clone()
@@ -127,12 +146,20 @@ impl DevSpec {
         DevSpec {
             project: project.name.clone(),
             service: service.name.clone(),
-            image: if facts.id.is_empty() { image.to_string() } else { facts.id.clone() },
+            image: if facts.id.is_empty() {
+                image.to_string()
+            } else {
+                facts.id.clone()
+            },
             argv,
             workdir,
             root,
             has_sync: service.sync.is_some(),
-            env: service.environment.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            env: service
+                .environment
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
             ports: service.ports.clone(),
         }
     }
@@ -141,9 +168,17 @@ impl DevSpec {
     pub fn hash(&self) -> String {
         let text = format!(
             "{}\0{:?}\0{}\0{}\0{}\0{:?}\0{:?}\0{}",
-            self.image, self.argv, self.workdir, self.root, self.has_sync, self.env, self.ports, devloop_proxy::CRATE_VERSION
+            self.image,
+            self.argv,
+            self.workdir,
+            self.root,
+            self.has_sync,
+            self.env,
+            self.ports,
+            devloop_proxy::CRATE_VERSION
         );
-        devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(text.as_bytes()))[..16].to_string()
+        devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(text.as_bytes()))[..16]
+            .to_string()
     }
 
     fn agent_cmd(&self) -> Vec<String> {
@@ -169,10 +204,17 @@ impl DevSpec {
 pub async fn ensure_network(docker: &Docker, project: &str) -> Result<String, DockerError> {
     let name = network_name(project);
     let existing = docker
-        .list_networks(Some(ListNetworksOptionsBuilder::new().filters(&labels::filter(&[(labels::PROJECT, project)])).build()))
+        .list_networks(Some(
+            ListNetworksOptionsBuilder::new()
+                .filters(&labels::filter(&[(labels::PROJECT, project)]))
+                .build(),
+        ))
         .await
         .map_err(api("listing networks"))?;
-    if existing.iter().any(|n| n.name.as_deref() == Some(name.as_str())) {
+    if existing
+        .iter()
+        .any(|n| n.name.as_deref() == Some(name.as_str()))
+    {
         return Ok(name);
     }
     docker
@@ -188,23 +230,38 @@ pub async fn ensure_network(docker: &Docker, project: &str) -> Result<String, Do
 }
 
 /// Containers of the project (all states), optionally of one kind.
-pub async fn list_project_containers(docker: &Docker, project: &str, kind: Option<&str>) -> Result<Vec<ContainerSummary>, DockerError> {
+pub async fn list_project_containers(
+    docker: &Docker,
+    project: &str,
+    kind: Option<&str>,
+) -> Result<Vec<ContainerSummary>, DockerError> {
     let mut pairs = vec![(labels::PROJECT, project)];
     if let Some(k) = kind {
         pairs.push((labels::KIND, k));
     }
     docker
-        .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&labels::filter(&pairs)).build()))
+        .list_containers(Some(
+            ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&labels::filter(&pairs))
+                .build(),
+        ))
         .await
         .map_err(api("listing containers"))
 }
 
 pub fn label<'a>(c: &'a ContainerSummary, key: &str) -> Option<&'a str> {
-    c.labels.as_ref().and_then(|l| l.get(key)).map(|s| s.as_str())
+    c.labels
+        .as_ref()
+        .and_then(|l| l.get(key))
+        .map(|s| s.as_str())
 }
 
 pub fn is_running(c: &ContainerSummary) -> bool {
-    c.state.as_ref().map(|s| s.to_string() == "running").unwrap_or(false)
+    c.state
+        .as_ref()
+        .map(|s| s.to_string() == "running")
+        .unwrap_or(false)
 }
 
 /// What `ensure_dev_container` did.
@@ -225,14 +282,20 @@ pub async fn ensure_dev_container(
     let name = container_name(&spec.project, &spec.service);
     let hash = spec.hash();
     let existing = list_project_containers(docker, &spec.project, Some(labels::KIND_DEV)).await?;
-    if let Some(c) = existing.iter().find(|c| label(c, labels::SERVICE) == Some(spec.service.as_str())) {
+    if let Some(c) = existing
+        .iter()
+        .find(|c| label(c, labels::SERVICE) == Some(spec.service.as_str()))
+    {
         let id = c.id.clone().unwrap_or_default();
         let same = label(c, labels::SPEC_HASH) == Some(hash.as_str());
         if same && token_store.read(&name).is_some() {
             if is_running(c) {
                 return Ok((name, Ensured::AlreadyRunning));
             }
-            docker.start_container(&id, None).await.map_err(api(format!("starting {name}")))?;
+            docker
+                .start_container(&id, None)
+                .await
+                .map_err(api(format!("starting {name}")))?;
             return Ok((name, Ensured::Started));
         }
         tracing::info!(container = %name, "settings changed; recreating the dev container");
@@ -242,11 +305,19 @@ pub async fn ensure_dev_container(
     // A deployed version (and the relay holding its ports) gives way to the dev container.
     for c in list_project_containers(docker, &spec.project, None).await? {
         let kind = label(&c, labels::KIND);
-        if label(&c, labels::SERVICE) == Some(spec.service.as_str()) && (kind == Some(labels::KIND_DEPLOY) || kind == Some(labels::KIND_PORTS)) {
+        if label(&c, labels::SERVICE) == Some(spec.service.as_str())
+            && (kind == Some(labels::KIND_DEPLOY) || kind == Some(labels::KIND_PORTS))
+        {
             remove_container(docker, c.id.as_deref().unwrap_or_default()).await?;
         }
     }
-    let placement = Placement { name: name.clone(), kind: labels::KIND_DEV, volume: spec.has_sync, publish: true, extra_labels: vec![(labels::SPEC_HASH.into(), hash)] };
+    let placement = Placement {
+        name: name.clone(),
+        kind: labels::KIND_DEV,
+        volume: spec.has_sync,
+        publish: true,
+        extra_labels: vec![(labels::SPEC_HASH.into(), hash)],
+    };
     create_agent_container(docker, spec, &placement, agent_binary, token_store).await?;
     Ok((name, Ensured::Created))
 }
@@ -276,7 +347,10 @@ pub async fn create_agent_container(
     let mut container_labels = labels::base(&spec.project);
     container_labels.insert(labels::SERVICE.into(), spec.service.clone());
     container_labels.insert(labels::KIND.into(), placement.kind.into());
-    container_labels.insert(labels::AGENT_VERSION.into(), devloop_proxy::CRATE_VERSION.into());
+    container_labels.insert(
+        labels::AGENT_VERSION.into(),
+        devloop_proxy::CRATE_VERSION.into(),
+    );
     for (k, v) in &placement.extra_labels {
         container_labels.insert(k.clone(), v.clone());
     }
@@ -287,18 +361,37 @@ pub async fn create_agent_container(
         let mut vlabels = labels::base(&spec.project);
         vlabels.insert(labels::SERVICE.into(), spec.service.clone());
         docker
-            .create_volume(VolumeCreateRequest { name: Some(volume.clone()), labels: Some(vlabels), ..Default::default() })
+            .create_volume(VolumeCreateRequest {
+                name: Some(volume.clone()),
+                labels: Some(vlabels),
+                ..Default::default()
+            })
             .await
             .map_err(api(format!("creating volume {volume}")))?;
-        mounts.push(Mount { target: Some(spec.root.clone()), source: Some(volume), typ: Some(MountType::VOLUME), ..Default::default() });
+        mounts.push(Mount {
+            target: Some(spec.root.clone()),
+            source: Some(volume),
+            typ: Some(MountType::VOLUME),
+            ..Default::default()
+        });
     }
     let mut exposed = Vec::new();
     for p in &spec.ports {
         exposed.push(format!("{}/tcp", p.container_port));
     }
-    let port_bindings = if placement.publish { port_bindings(&spec.ports) } else { HashMap::new() };
+    let port_bindings = if placement.publish {
+        port_bindings(&spec.ports)
+    } else {
+        HashMap::new()
+    };
     let mut endpoints = HashMap::new();
-    endpoints.insert(network.clone(), EndpointSettings { aliases: Some(vec![spec.service.clone()]), ..Default::default() });
+    endpoints.insert(
+        network.clone(),
+        EndpointSettings {
+            aliases: Some(vec![spec.service.clone()]),
+            ..Default::default()
+        },
+    );
     let body = ContainerCreateBody {
         image: Some(spec.image.clone()),
         entrypoint: Some(vec![AGENT_PATH.into()]),
@@ -314,17 +407,25 @@ pub async fn create_agent_container(
             network_mode: Some(network.clone()),
             ..Default::default()
         }),
-        networking_config: Some(NetworkingConfig { endpoints_config: Some(endpoints) }),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: Some(endpoints),
+        }),
         ..Default::default()
     };
     let created = docker
-        .create_container(Some(CreateContainerOptionsBuilder::new().name(name).build()), body)
+        .create_container(
+            Some(CreateContainerOptionsBuilder::new().name(name).build()),
+            body,
+        )
         .await
         .map_err(api(format!("creating container {name}")))?;
 
     let token = crate::state::new_token();
-    token_store.write(name, &token).map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
-    let archive = agent_archive(agent_binary, &token).map_err(|e| DockerError::Other(format!("packing the agent: {e}")))?;
+    token_store
+        .write(name, &token)
+        .map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
+    let archive = agent_archive(agent_binary, &token)
+        .map_err(|e| DockerError::Other(format!("packing the agent: {e}")))?;
     docker
         .upload_to_container(
             &created.id,
@@ -333,12 +434,17 @@ pub async fn create_agent_container(
         )
         .await
         .map_err(api(format!("copying the agent into {name}")))?;
-    docker.start_container(&created.id, None).await.map_err(api(format!("starting {name}")))?;
+    docker
+        .start_container(&created.id, None)
+        .await
+        .map_err(api(format!("starting {name}")))?;
     Ok(created.id)
 }
 
 /// Host port bindings; a mapping without a host port gets one the engine picks, as in compose.
-pub fn port_bindings(ports: &[crate::config::PortMapping]) -> HashMap<String, Option<Vec<PortBinding>>> {
+pub fn port_bindings(
+    ports: &[crate::config::PortMapping],
+) -> HashMap<String, Option<Vec<PortBinding>>> {
     let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
     for p in ports {
         let host_port = p.host_port.map(|hp| hp.to_string()).unwrap_or_default();
@@ -346,7 +452,10 @@ pub fn port_bindings(ports: &[crate::config::PortMapping]) -> HashMap<String, Op
             .entry(format!("{}/tcp", p.container_port))
             .or_insert_with(|| Some(Vec::new()))
             .get_or_insert_with(Vec::new)
-            .push(PortBinding { host_ip: p.host_ip.clone(), host_port: Some(host_port) });
+            .push(PortBinding {
+                host_ip: p.host_ip.clone(),
+                host_port: Some(host_port),
+            });
     }
     bindings
 }
@@ -371,9 +480,22 @@ fn agent_archive(agent_binary: &[u8], token: &str) -> std::io::Result<Vec<u8>> {
 }
 
 pub async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerError> {
-    match docker.remove_container(id, Some(RemoveContainerOptionsBuilder::new().force(true).v(false).build())).await {
+    match docker
+        .remove_container(
+            id,
+            Some(
+                RemoveContainerOptionsBuilder::new()
+                    .force(true)
+                    .v(false)
+                    .build(),
+            ),
+        )
+        .await
+    {
         Ok(()) => Ok(()),
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
         Err(e) => Err(api(format!("removing container {id}"))(e)),
     }
 }
@@ -395,7 +517,11 @@ pub struct Removed {
 
 /// Removes every container, volume and network labelled with the project (all but
 /// intercepts, which `leave` ends).
-pub async fn down(docker: &Docker, project: &str, keep_volumes: bool) -> Result<Removed, DockerError> {
+pub async fn down(
+    docker: &Docker,
+    project: &str,
+    keep_volumes: bool,
+) -> Result<Removed, DockerError> {
     let mut removed = Removed::default();
     for c in list_project_containers(docker, project, None).await? {
         // Intercepts are ended with `leave`, which restores what they replaced.
@@ -404,27 +530,50 @@ pub async fn down(docker: &Docker, project: &str, keep_volumes: bool) -> Result<
         }
         let id = c.id.clone().unwrap_or_default();
         remove_container(docker, &id).await?;
-        removed.containers.push(c.names.and_then(|n| n.first().cloned()).unwrap_or(id).trim_start_matches('/').to_string());
+        removed.containers.push(
+            c.names
+                .and_then(|n| n.first().cloned())
+                .unwrap_or(id)
+                .trim_start_matches('/')
+                .to_string(),
+        );
     }
     if !keep_volumes {
         let vols = docker
-            .list_volumes(Some(ListVolumesOptionsBuilder::new().filters(&labels::filter(&[(labels::PROJECT, project)])).build()))
+            .list_volumes(Some(
+                ListVolumesOptionsBuilder::new()
+                    .filters(&labels::filter(&[(labels::PROJECT, project)]))
+                    .build(),
+            ))
             .await
             .map_err(api("listing volumes"))?;
         for v in vols.volumes.unwrap_or_default() {
-            docker.remove_volume(&v.name, None::<bollard::query_parameters::RemoveVolumeOptions>).await.map_err(api(format!("removing volume {}", v.name)))?;
+            docker
+                .remove_volume(
+                    &v.name,
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
+                .await
+                .map_err(api(format!("removing volume {}", v.name)))?;
             removed.volumes.push(v.name);
         }
     }
     let nets = docker
-        .list_networks(Some(ListNetworksOptionsBuilder::new().filters(&labels::filter(&[(labels::PROJECT, project)])).build()))
+        .list_networks(Some(
+            ListNetworksOptionsBuilder::new()
+                .filters(&labels::filter(&[(labels::PROJECT, project)]))
+                .build(),
+        ))
         .await
         .map_err(api("listing networks"))?;
     let others = list_project_containers(docker, project, None).await?;
     if others.is_empty() {
         for n in nets {
             let name = n.name.unwrap_or_default();
-            docker.remove_network(&name).await.map_err(api(format!("removing network {name}")))?;
+            docker
+                .remove_network(&name)
+                .await
+                .map_err(api(format!("removing network {name}")))?;
             removed.networks.push(name);
         }
     }
@@ -441,15 +590,27 @@ pub enum AgentRoute {
 }
 
 /// The container's address on the project network.
-pub async fn agent_address(docker: &Docker, container: &str, project: &str) -> Result<Option<SocketAddr>, DockerError> {
-    let info = docker.inspect_container(container, None).await.map_err(api(format!("inspecting {container}")))?;
-    let nets = info.network_settings.and_then(|n| n.networks).unwrap_or_default();
+pub async fn agent_address(
+    docker: &Docker,
+    container: &str,
+    project: &str,
+) -> Result<Option<SocketAddr>, DockerError> {
+    let info = docker
+        .inspect_container(container, None)
+        .await
+        .map_err(api(format!("inspecting {container}")))?;
+    let nets = info
+        .network_settings
+        .and_then(|n| n.networks)
+        .unwrap_or_default();
     let ip = nets
         .get(&network_name(project))
         .or_else(|| nets.values().next())
         .and_then(|n| n.ip_address.clone())
         .filter(|ip| !ip.is_empty());
-    Ok(ip.and_then(|ip| ip.parse().ok()).map(|ip| SocketAddr::new(ip, AGENT_PORT)))
+    Ok(ip
+        .and_then(|ip| ip.parse().ok())
+        .map(|ip| SocketAddr::new(ip, AGENT_PORT)))
 }
 
 /// Opens a byte stream to the agent: directly when the engine is local and the address
@@ -462,7 +623,12 @@ pub async fn open_transport(
 ) -> Result<(Box<dyn TransportBox>, AgentRoute), DockerError> {
     if engine.is_local() && std::env::var("DEVLOOP_AGENT_PATH").as_deref() != Ok("exec") {
         if let Some(addr) = agent_address(docker, container, project).await? {
-            match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+            match tokio::time::timeout(
+                Duration::from_millis(300),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     return Ok((Box::new(s), AgentRoute::Direct));
@@ -470,20 +636,28 @@ pub async fn open_transport(
                 // The address answers but nothing listens yet: the agent is still starting.
                 // Retrying the fast route beats settling for the slow one.
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    return Err(DockerError::Other(format!("the agent at {addr} is not listening yet")));
+                    return Err(DockerError::Other(format!(
+                        "the agent at {addr} is not listening yet"
+                    )));
                 }
                 _ => tracing::info!(%addr, "container address unreachable; using docker exec"),
             }
         }
     }
-    Ok((Box::new(exec_transport(docker, container).await?), AgentRoute::Exec))
+    Ok((
+        Box::new(exec_transport(docker, container).await?),
+        AgentRoute::Exec,
+    ))
 }
 
 /// Object-safe form of [`Transport`] so both paths fit one type.
 pub trait TransportBox: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> TransportBox for T {}
 
-pub async fn exec_transport(docker: &Docker, container: &str) -> Result<impl Transport, DockerError> {
+pub async fn exec_transport(
+    docker: &Docker,
+    container: &str,
+) -> Result<impl Transport, DockerError> {
     let exec = docker
         .create_exec(
             container,
@@ -492,13 +666,22 @@ pub async fn exec_transport(docker: &Docker, container: &str) -> Result<impl Tra
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
                 tty: Some(false),
-                cmd: Some(vec![AGENT_PATH.to_string(), "bridge".into(), "--to".into(), format!("127.0.0.1:{AGENT_PORT}")]),
+                cmd: Some(vec![
+                    AGENT_PATH.to_string(),
+                    "bridge".into(),
+                    "--to".into(),
+                    format!("127.0.0.1:{AGENT_PORT}"),
+                ]),
                 ..Default::default()
             },
         )
         .await
         .map_err(api(format!("exec into {container}")))?;
-    match docker.start_exec(&exec.id, None).await.map_err(api(format!("starting exec in {container}")))? {
+    match docker
+        .start_exec(&exec.id, None)
+        .await
+        .map_err(api(format!("starting exec in {container}")))?
+    {
         StartExecResults::Attached { output, input } => {
             let reader = tokio_util::io::StreamReader::new(output.filter_map(|item| async move {
                 match item {
@@ -513,7 +696,9 @@ pub async fn exec_transport(docker: &Docker, container: &str) -> Result<impl Tra
             }));
             Ok(tokio::io::join(Box::pin(reader), input))
         }
-        StartExecResults::Detached => Err(DockerError::Other("docker exec started detached".into())),
+        StartExecResults::Detached => {
+            Err(DockerError::Other("docker exec started detached".into()))
+        }
     }
 }
 
@@ -523,20 +708,27 @@ pub async fn exec_transport(docker: &Docker, container: &str) -> Result<impl Tra
 pub async fn fetch_token(docker: &Docker, container: &str) -> Result<String, DockerError> {
     let mut stream = docker.download_from_container(
         container,
-        Some(bollard::query_parameters::DownloadFromContainerOptionsBuilder::new().path(TOKEN_PATH).build()),
+        Some(
+            bollard::query_parameters::DownloadFromContainerOptionsBuilder::new()
+                .path(TOKEN_PATH)
+                .build(),
+        ),
     );
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
         bytes.extend_from_slice(&chunk.map_err(api(format!("reading the token of {container}")))?);
     }
     let mut archive = tar::Archive::new(&bytes[..]);
-    let mut entries = archive.entries().map_err(|e| DockerError::Other(e.to_string()))?;
+    let mut entries = archive
+        .entries()
+        .map_err(|e| DockerError::Other(e.to_string()))?;
     let Some(entry) = entries.next() else {
         return Err(DockerError::Other(format!("{container} holds no token")));
     };
     let mut entry = entry.map_err(|e| DockerError::Other(e.to_string()))?;
     let mut s = String::new();
-    std::io::Read::read_to_string(&mut entry, &mut s).map_err(|e| DockerError::Other(e.to_string()))?;
+    std::io::Read::read_to_string(&mut entry, &mut s)
+        .map_err(|e| DockerError::Other(e.to_string()))?;
     Ok(s.trim().to_string())
 }
 
@@ -555,7 +747,10 @@ pub fn find_agent_binary() -> Result<std::path::PathBuf, String> {
     if let Some(dir) = exe.parent() {
         candidates.push(dir.join("devloop-agent"));
         // In a cargo target folder: target/{debug,release}[/deps]/devloop -> target/x86_64-.../release.
-        for up in [dir.parent(), dir.parent().and_then(Path::parent)].into_iter().flatten() {
+        for up in [dir.parent(), dir.parent().and_then(Path::parent)]
+            .into_iter()
+            .flatten()
+        {
             candidates.push(up.join("x86_64-unknown-linux-gnu/release/devloop-agent"));
         }
     }

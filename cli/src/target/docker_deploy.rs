@@ -6,7 +6,10 @@
 //! takes them over.
 
 use bollard::models::{ContainerCreateBody, EndpointSettings, HostConfig, NetworkingConfig};
-use bollard::query_parameters::{CreateContainerOptionsBuilder, CreateImageOptionsBuilder, LogsOptionsBuilder, RenameContainerOptionsBuilder};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, LogsOptionsBuilder,
+    RenameContainerOptionsBuilder,
+};
 use bollard::Docker;
 use futures_util::StreamExt;
 use std::collections::HashMap;
@@ -23,7 +26,11 @@ use crate::state::TokenStore;
 pub enum Rollout {
     /// That version already runs.
     Unchanged,
-    Replaced { healthy_ms: u64, switch_ms: u64, port_gap_ms: Option<u64> },
+    Replaced {
+        healthy_ms: u64,
+        switch_ms: u64,
+        port_gap_ms: Option<u64>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +38,11 @@ pub enum RolloutError {
     #[error(transparent)]
     Docker(#[from] DockerError),
     #[error("the new version of `{service}` did not become healthy: {reason}; the old version keeps serving.\nlast lines of its output:\n{logs}")]
-    Unhealthy { service: String, reason: String, logs: String },
+    Unhealthy {
+        service: String,
+        reason: String,
+        logs: String,
+    },
 }
 
 pub fn relay_name(project: &str, service: &str) -> String {
@@ -46,7 +57,12 @@ pub struct RolloutContext<'a> {
     pub health_timeout: Duration,
 }
 
-pub async fn roll_out(ctx: &RolloutContext<'_>, project: &Project, service: &Service, snapshot: &Snapshot) -> Result<Rollout, RolloutError> {
+pub async fn roll_out(
+    ctx: &RolloutContext<'_>,
+    project: &Project,
+    service: &Service,
+    snapshot: &Snapshot,
+) -> Result<Rollout, RolloutError> {
     let docker = ctx.docker;
     let facts = docker::image_facts(docker, &snapshot.image).await?;
     let spec = DevSpec::new(project, service, &snapshot.image, &facts);
@@ -54,10 +70,17 @@ pub async fn roll_out(ctx: &RolloutContext<'_>, project: &Project, service: &Ser
         .await?
         .into_iter()
         .filter(|c| docker::label(c, labels::SERVICE) == Some(service.name.as_str()))
-        .filter(|c| matches!(docker::label(c, labels::KIND), Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY)))
+        .filter(|c| {
+            matches!(
+                docker::label(c, labels::KIND),
+                Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY)
+            )
+        })
         .collect();
     if current.iter().any(|c| {
-        docker::label(c, labels::KIND) == Some(labels::KIND_DEPLOY) && docker::label(c, labels::VERSION) == Some(snapshot.tag.as_str()) && docker::is_running(c)
+        docker::label(c, labels::KIND) == Some(labels::KIND_DEPLOY)
+            && docker::label(c, labels::VERSION) == Some(snapshot.tag.as_str())
+            && docker::is_running(c)
     }) && relay_ok(ctx, project, service).await?
     {
         return Ok(Rollout::Unchanged);
@@ -74,8 +97,14 @@ pub async fn roll_out(ctx: &RolloutContext<'_>, project: &Project, service: &Ser
         extra_labels: vec![(labels::VERSION.into(), snapshot.tag.clone())],
     };
     let started = Instant::now();
-    let id = docker::create_agent_container(docker, &spec, &placement, ctx.agent_binary, ctx.tokens).await?;
-    let port = service.ports.first().map(|p| p.container_port).or_else(|| facts.exposed.first().copied());
+    let id =
+        docker::create_agent_container(docker, &spec, &placement, ctx.agent_binary, ctx.tokens)
+            .await?;
+    let port = service
+        .ports
+        .first()
+        .map(|p| p.container_port)
+        .or_else(|| facts.exposed.first().copied());
     let check = match &facts.healthcheck {
         Some(cmd) => Health::Command(cmd.clone()),
         None => Health::Port(port),
@@ -84,29 +113,47 @@ pub async fn roll_out(ctx: &RolloutContext<'_>, project: &Project, service: &Ser
         let logs = last_logs(docker, &id, 20).await;
         let _ = docker::remove_container(docker, &id).await;
         ctx.tokens.remove(&staging);
-        return Err(RolloutError::Unhealthy { service: service.name.clone(), reason, logs });
+        return Err(RolloutError::Unhealthy {
+            service: service.name.clone(),
+            reason,
+            logs,
+        });
     }
     let healthy_ms = started.elapsed().as_millis() as u64;
 
     // Switch: the old version goes, the new one takes its name.
     let switch = Instant::now();
-    let held_ports = current.iter().any(|c| docker::label(c, labels::KIND) == Some(labels::KIND_DEV));
+    let held_ports = current
+        .iter()
+        .any(|c| docker::label(c, labels::KIND) == Some(labels::KIND_DEV));
     for c in &current {
         docker::remove_container(docker, c.id.as_deref().unwrap_or_default()).await?;
     }
     docker
-        .rename_container(&id, RenameContainerOptionsBuilder::new().name(&canonical).build())
+        .rename_container(
+            &id,
+            RenameContainerOptionsBuilder::new()
+                .name(&canonical)
+                .build(),
+        )
         .await
         .map_err(api(format!("renaming {staging} to {canonical}")))?;
     if let Some(token) = ctx.tokens.read(&staging) {
-        ctx.tokens.write(&canonical, &token).map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
+        ctx.tokens
+            .write(&canonical, &token)
+            .map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
         ctx.tokens.remove(&staging);
     }
     let switch_ms = switch.elapsed().as_millis() as u64;
     let gap = Instant::now();
     ensure_relay(ctx, project, service).await?;
-    let port_gap_ms = (held_ports && service.ports.iter().any(|p| p.host_port.is_some())).then(|| gap.elapsed().as_millis() as u64 + switch_ms);
-    Ok(Rollout::Replaced { healthy_ms, switch_ms, port_gap_ms })
+    let port_gap_ms = (held_ports && service.ports.iter().any(|p| p.host_port.is_some()))
+        .then(|| gap.elapsed().as_millis() as u64 + switch_ms);
+    Ok(Rollout::Replaced {
+        healthy_ms,
+        switch_ms,
+        port_gap_ms,
+    })
 }
 
 /// What tells that a new version is ready.
@@ -119,31 +166,62 @@ enum Health {
 }
 
 /// Running, and healthy by `check`, within the timeout.
-async fn wait_healthy(ctx: &RolloutContext<'_>, id: &str, project: &str, check: &Health) -> Result<(), String> {
+async fn wait_healthy(
+    ctx: &RolloutContext<'_>,
+    id: &str,
+    project: &str,
+    check: &Health,
+) -> Result<(), String> {
     let deadline = Instant::now() + ctx.health_timeout;
     let mut running_since: Option<Instant> = None;
     loop {
-        let info = ctx.docker.inspect_container(id, None).await.map_err(|e| e.to_string())?;
+        let info = ctx
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| e.to_string())?;
         let state = info.state.clone().unwrap_or_default();
         if state.running != Some(true) {
-            return Err(format!("it exited with code {}", state.exit_code.unwrap_or(-1)));
+            return Err(format!(
+                "it exited with code {}",
+                state.exit_code.unwrap_or(-1)
+            ));
         }
         let ok = match check {
             Health::Command(cmd) => run_exec(ctx.docker, id, cmd.clone()).await == Some(0),
             Health::Port(Some(port)) => probe(ctx, id, project, *port).await,
-            Health::Port(None) => running_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(500),
+            Health::Port(None) => {
+                running_since.get_or_insert_with(Instant::now).elapsed()
+                    > Duration::from_millis(500)
+            }
         };
         if ok {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(match check {
-                Health::Command(cmd) => format!("its health check `{}` did not pass within {:?}", cmd.join(" "), ctx.health_timeout),
-                Health::Port(Some(p)) => format!("nothing answered on port {p} within {:?}", ctx.health_timeout),
-                Health::Port(None) => format!("not running steadily within {:?}", ctx.health_timeout),
+                Health::Command(cmd) => format!(
+                    "its health check `{}` did not pass within {:?}",
+                    cmd.join(" "),
+                    ctx.health_timeout
+                ),
+                Health::Port(Some(p)) => format!(
+                    "nothing answered on port {p} within {:?}",
+                    ctx.health_timeout
+                ),
+                Health::Port(None) => {
+                    format!("not running steadily within {:?}", ctx.health_timeout)
+                }
             });
         }
-        tokio::time::sleep(Duration::from_millis(if matches!(check, Health::Command(_)) { 100 } else { 20 })).await;
+        tokio::time::sleep(Duration::from_millis(
+            if matches!(check, Health::Command(_)) {
+                100
+            } else {
+                20
+            },
+        ))
+        .await;
     }
 }
 
@@ -151,27 +229,59 @@ async fn probe(ctx: &RolloutContext<'_>, id: &str, project: &str, port: u16) -> 
     if ctx.engine.is_local() {
         if let Ok(Some(addr)) = docker::agent_address(ctx.docker, id, project).await {
             let addr = std::net::SocketAddr::new(addr.ip(), port);
-            return matches!(tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)));
+            return matches!(
+                tokio::time::timeout(
+                    Duration::from_millis(200),
+                    tokio::net::TcpStream::connect(addr)
+                )
+                .await,
+                Ok(Ok(_))
+            );
         }
     }
     // Remote engine: ask the agent inside the container to try.
-    let cmd = vec![docker::AGENT_PATH.to_string(), "probe".into(), format!("127.0.0.1:{port}"), "--timeout-ms".into(), "1".into()];
+    let cmd = vec![
+        docker::AGENT_PATH.to_string(),
+        "probe".into(),
+        format!("127.0.0.1:{port}"),
+        "--timeout-ms".into(),
+        "1".into(),
+    ];
     run_exec(ctx.docker, id, cmd).await == Some(0)
 }
 
 async fn run_exec(docker: &Docker, id: &str, cmd: Vec<String>) -> Option<i64> {
     let exec = docker
-        .create_exec(id, bollard::exec::CreateExecOptions { cmd: Some(cmd), attach_stdout: Some(true), attach_stderr: Some(true), ..Default::default() })
+        .create_exec(
+            id,
+            bollard::exec::CreateExecOptions {
+                cmd: Some(cmd),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
         .await
         .ok()?;
-    if let Ok(bollard::exec::StartExecResults::Attached { mut output, .. }) = docker.start_exec(&exec.id, None).await {
+    if let Ok(bollard::exec::StartExecResults::Attached { mut output, .. }) =
+        docker.start_exec(&exec.id, None).await
+    {
         while output.next().await.is_some() {}
     }
     docker.inspect_exec(&exec.id).await.ok()?.exit_code
 }
 
 async fn last_logs(docker: &Docker, id: &str, lines: usize) -> String {
-    let mut stream = docker.logs(id, Some(LogsOptionsBuilder::new().stdout(true).stderr(true).tail(&lines.to_string()).build()));
+    let mut stream = docker.logs(
+        id,
+        Some(
+            LogsOptionsBuilder::new()
+                .stdout(true)
+                .stderr(true)
+                .tail(&lines.to_string())
+                .build(),
+        ),
+    );
     let mut out = String::new();
     while let Some(Ok(chunk)) = stream.next().await {
         out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
@@ -180,7 +290,10 @@ async fn last_logs(docker: &Docker, id: &str, lines: usize) -> String {
 }
 
 /// The agent as an image of its own (FROM scratch: just the static binary), for relays.
-pub async fn ensure_agent_image(docker: &Docker, agent_binary: &[u8]) -> Result<String, DockerError> {
+pub async fn ensure_agent_image(
+    docker: &Docker,
+    agent_binary: &[u8],
+) -> Result<String, DockerError> {
     let hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(agent_binary));
     let tag = format!("{}-{}", devloop_proxy::CRATE_VERSION, &hash[..12]);
     let image = format!("devloop-agent:{tag}");
@@ -191,15 +304,21 @@ pub async fn ensure_agent_image(docker: &Docker, agent_binary: &[u8]) -> Result<
     let mut h = tar::Header::new_gnu();
     h.set_mode(0o755);
     h.set_size(agent_binary.len() as u64);
-    b.append_data(&mut h, "devloop-agent", agent_binary).map_err(|e| DockerError::Other(e.to_string()))?;
-    let archive = b.into_inner().map_err(|e| DockerError::Other(e.to_string()))?;
+    b.append_data(&mut h, "devloop-agent", agent_binary)
+        .map_err(|e| DockerError::Other(e.to_string()))?;
+    let archive = b
+        .into_inner()
+        .map_err(|e| DockerError::Other(e.to_string()))?;
     let mut stream = docker.create_image(
         Some(
             CreateImageOptionsBuilder::new()
                 .from_src("-")
                 .repo("devloop-agent")
                 .tag(&tag)
-                .changes(vec!["ENTRYPOINT [\"/devloop-agent\"]".into(), format!("LABEL {}=true", labels::MANAGED)])
+                .changes(vec![
+                    "ENTRYPOINT [\"/devloop-agent\"]".into(),
+                    format!("LABEL {}=true", labels::MANAGED),
+                ])
                 .build(),
         ),
         Some(bollard::body_full(archive.into())),
@@ -216,31 +335,58 @@ fn relay_maps(service: &Service) -> Vec<String> {
         .ports
         .iter()
         .filter(|p| p.host_port.is_some())
-        .map(|p| format!("0.0.0.0:{}={}:{}", p.container_port, service.name, p.container_port))
+        .map(|p| {
+            format!(
+                "0.0.0.0:{}={}:{}",
+                p.container_port, service.name, p.container_port
+            )
+        })
         .collect()
 }
 
-async fn relay_ok(ctx: &RolloutContext<'_>, project: &Project, service: &Service) -> Result<bool, DockerError> {
+async fn relay_ok(
+    ctx: &RolloutContext<'_>,
+    project: &Project,
+    service: &Service,
+) -> Result<bool, DockerError> {
     if relay_maps(service).is_empty() {
         return Ok(true);
     }
-    Ok(match ctx.docker.inspect_container(&relay_name(&project.name, &service.name), None).await {
-        Ok(info) => info.state.and_then(|s| s.running) == Some(true),
-        Err(_) => false,
-    })
+    Ok(
+        match ctx
+            .docker
+            .inspect_container(&relay_name(&project.name, &service.name), None)
+            .await
+        {
+            Ok(info) => info.state.and_then(|s| s.running) == Some(true),
+            Err(_) => false,
+        },
+    )
 }
 
 /// Makes the relay holding the service's published ports run (recreating it when the
 /// mapping changed).
-pub async fn ensure_relay(ctx: &RolloutContext<'_>, project: &Project, service: &Service) -> Result<(), DockerError> {
+pub async fn ensure_relay(
+    ctx: &RolloutContext<'_>,
+    project: &Project,
+    service: &Service,
+) -> Result<(), DockerError> {
     let maps = relay_maps(service);
     let name = relay_name(&project.name, &service.name);
     if maps.is_empty() {
         return docker::remove_container(ctx.docker, &name).await;
     }
-    let spec_hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(format!("{maps:?}{:?}", service.ports).as_bytes()))[..16].to_string();
+    let spec_hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(
+        format!("{maps:?}{:?}", service.ports).as_bytes(),
+    ))[..16]
+        .to_string();
     if let Ok(info) = ctx.docker.inspect_container(&name, None).await {
-        let same = info.config.as_ref().and_then(|c| c.labels.as_ref()).and_then(|l| l.get(labels::SPEC_HASH)) == Some(&spec_hash);
+        let same = info
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.as_ref())
+            .and_then(|l| l.get(labels::SPEC_HASH))
+            == Some(&spec_hash);
         if same && info.state.as_ref().and_then(|s| s.running) == Some(true) {
             return Ok(());
         }
@@ -263,27 +409,47 @@ pub async fn ensure_relay(ctx: &RolloutContext<'_>, project: &Project, service: 
         image: Some(image),
         cmd: Some(cmd),
         labels: Some(l),
-        exposed_ports: Some(service.ports.iter().map(|p| format!("{}/tcp", p.container_port)).collect()),
+        exposed_ports: Some(
+            service
+                .ports
+                .iter()
+                .map(|p| format!("{}/tcp", p.container_port))
+                .collect(),
+        ),
         host_config: Some(HostConfig {
             port_bindings: Some(docker::port_bindings(&service.ports)),
             network_mode: Some(network),
             ..Default::default()
         }),
-        networking_config: Some(NetworkingConfig { endpoints_config: Some(endpoints) }),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: Some(endpoints),
+        }),
         ..Default::default()
     };
     let created = ctx
         .docker
-        .create_container(Some(CreateContainerOptionsBuilder::new().name(&name).build()), body)
+        .create_container(
+            Some(CreateContainerOptionsBuilder::new().name(&name).build()),
+            body,
+        )
         .await
         .map_err(api(format!("creating the port relay {name}")))?;
-    ctx.docker.start_container(&created.id, None).await.map_err(api(format!("starting the port relay {name}")))?;
+    ctx.docker
+        .start_container(&created.id, None)
+        .await
+        .map_err(api(format!("starting the port relay {name}")))?;
     // A relay that cannot bind (a port taken meanwhile) exits at once: say so now.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let info = ctx.docker.inspect_container(&created.id, None).await.map_err(api(format!("inspecting {name}")))?;
+    let info = ctx
+        .docker
+        .inspect_container(&created.id, None)
+        .await
+        .map_err(api(format!("inspecting {name}")))?;
     if info.state.and_then(|s| s.running) != Some(true) {
         let logs = last_logs(ctx.docker, &created.id, 10).await;
-        return Err(DockerError::Other(format!("the port relay {name} stopped at once:\n{logs}")));
+        return Err(DockerError::Other(format!(
+            "the port relay {name} stopped at once:\n{logs}"
+        )));
     }
     Ok(())
 }

@@ -23,19 +23,32 @@ impl EngineChoice {
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("cannot use the Docker engine at {host} (from {source_name}): {message}; check that it runs (`docker info`) or set DOCKER_HOST")]
-    Connect { host: String, source_name: String, message: String },
+    Connect {
+        host: String,
+        source_name: String,
+        message: String,
+    },
 }
 
 pub fn choose() -> EngineChoice {
     if let Ok(host) = std::env::var("DOCKER_HOST") {
         if !host.is_empty() {
-            return EngineChoice { host, source: "DOCKER_HOST".into() };
+            return EngineChoice {
+                host,
+                source: "DOCKER_HOST".into(),
+            };
         }
     }
     if let Some((name, host)) = current_context() {
-        return EngineChoice { host, source: format!("docker context `{name}`") };
+        return EngineChoice {
+            host,
+            source: format!("docker context `{name}`"),
+        };
     }
-    EngineChoice { host: "unix:///var/run/docker.sock".into(), source: "the default socket".into() }
+    EngineChoice {
+        host: "unix:///var/run/docker.sock".into(),
+        source: "the default socket".into(),
+    }
 }
 
 fn docker_config_dir() -> Option<PathBuf> {
@@ -49,18 +62,30 @@ fn docker_config_dir() -> Option<PathBuf> {
 /// meta file is read and matched by its `Name`.
 fn current_context() -> Option<(String, String)> {
     let dir = docker_config_dir()?;
-    let name = std::env::var("DOCKER_CONTEXT").ok().filter(|s| !s.is_empty()).or_else(|| {
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
-        cfg.get("currentContext")?.as_str().map(String::from)
-    })?;
+    let name = std::env::var("DOCKER_CONTEXT")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?)
+                    .ok()?;
+            cfg.get("currentContext")?.as_str().map(String::from)
+        })?;
     if name == "default" {
         return None;
     }
     for entry in std::fs::read_dir(dir.join("contexts/meta")).ok()?.flatten() {
-        let Ok(text) = std::fs::read_to_string(entry.path().join("meta.json")) else { continue };
-        let Ok(meta) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+        let Ok(text) = std::fs::read_to_string(entry.path().join("meta.json")) else {
+            continue;
+        };
+        let Ok(meta) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
         if meta.get("Name").and_then(|n| n.as_str()) == Some(name.as_str()) {
-            let host = meta.pointer("/Endpoints/docker/Host")?.as_str()?.to_string();
+            let host = meta
+                .pointer("/Endpoints/docker/Host")?
+                .as_str()?
+                .to_string();
             return Some((name, host));
         }
     }
@@ -68,10 +93,17 @@ fn current_context() -> Option<(String, String)> {
 }
 
 pub async fn connect(choice: &EngineChoice) -> Result<Docker, EngineError> {
-    let err = |message: String| EngineError::Connect { host: choice.host.clone(), source_name: choice.source.clone(), message };
+    let err = |message: String| EngineError::Connect {
+        host: choice.host.clone(),
+        source_name: choice.source.clone(),
+        message,
+    };
     let docker = Docker::connect_with_host(&choice.host).map_err(|e| err(e.to_string()))?;
     // The engine may speak an older API than bollard's default (20.10 speaks 1.41).
-    let docker = docker.negotiate_version().await.map_err(|e| err(e.to_string()))?;
+    let docker = docker
+        .negotiate_version()
+        .await
+        .map_err(|e| err(e.to_string()))?;
     docker.ping().await.map_err(|e| err(e.to_string()))?;
     Ok(docker)
 }

@@ -38,6 +38,9 @@ pub fn base(project: &str) -> HashMap<String, String> {
 /// A label filter for list calls: `key=value` pairs, all of which must match.
 pub fn filter(pairs: &[(&str, &str)]) -> HashMap<String, Vec<String>> {
     let mut f = HashMap::new();
-    f.insert("label".to_string(), pairs.iter().map(|(k, v)| format!("{k}={v}")).collect());
+    f.insert(
+        "label".to_string(),
+        pairs.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+    );
     f
 }
