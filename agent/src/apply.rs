@@ -70,6 +70,23 @@ impl Root {
         const OP: &str = "put";
         let (dir, name) = self.parent_dir(OP, path, true)?.ok_or_else(|| not_found(OP, path))?;
         let target = dir.join(name);
+        // A path nothing holds yet (the bulk of a first sync) is written in place: no reader
+        // can be looking for an old version of it, and create + rename would cost twice.
+        // O_EXCL refuses a path that appeared meanwhile (a symlink included), which then
+        // takes the careful way below.
+        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&target) {
+            Ok(mut file) => {
+                let written = fill(&mut file).and_then(|()| file.set_permissions(Permissions::from_mode(mode & MODE_MASK)));
+                if let Err(e) = written {
+                    drop(file);
+                    let _ = fs::remove_file(&target);
+                    return Err(AgentError::io(OP, path, e));
+                }
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(AgentError::io(OP, path, e)),
+        }
         let (tmp, mut file) = create_temp_file(&dir).map_err(|e| AgentError::io(OP, path, e))?;
         let written = fill(&mut file)
             .and_then(|()| file.set_permissions(Permissions::from_mode(mode & MODE_MASK)));

@@ -69,12 +69,22 @@ impl SyncSettings {
 }
 
 /// How long a burst of events must be quiet before it is sent, and the longest a burst is
-/// held back. A lone save goes out after about a millisecond.
-const QUIET: Duration = Duration::from_millis(1);
-/// When a burst deletes files, wait a little longer: editors that save by rename delete and
+/// held back. A lone save goes out about 0.3 ms after its last event.
+const QUIET: Duration = Duration::from_micros(300);
+/// When a burst deletes synced files, wait a little longer: editors that save by rename delete and
 /// re-create within a few milliseconds, and sending the gap would restart the service twice.
 const QUIET_AFTER_DELETE: Duration = Duration::from_millis(15);
 const MAX_HOLD: Duration = Duration::from_millis(100);
+
+/// Sleeps `d` with microsecond precision: tokio's timer rounds up to whole milliseconds,
+/// which alone would double the latency of a save.
+async fn pause(d: Duration) {
+    if d >= Duration::from_millis(5) {
+        tokio::time::sleep(d).await;
+    } else {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(d)).await;
+    }
+}
 
 enum WatchMsg {
     Paths(Vec<PathBuf>),
@@ -270,6 +280,8 @@ struct Laptop {
 }
 
 impl Laptop {
+    /// Walks the tree without reading files; [`Laptop::hash_against`] reads what must be
+    /// compared.
     async fn full_scan(
         root: &Path,
         settings: FilterSettings,
@@ -277,10 +289,37 @@ impl Laptop {
         let root = root.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let mut filter = Filter::new(&root, settings)?;
-            let (tree, errors) = scan::scan(&root, &mut filter);
+            let (tree, errors) = scan::scan_meta(&root, &mut filter);
             Ok((Laptop { root, filter, tree }, errors))
         })
         .await?
+    }
+
+    /// Hashes the files the agent also holds at the same size: only for those can content
+    /// decide. A file the agent lacks, or holds at another size, is sent without being read
+    /// twice (sending hashes what it reads), which is what makes a first sync fast.
+    async fn hash_against(
+        mut self,
+        agent: &Tree,
+        errors: &mut Vec<String>,
+    ) -> anyhow::Result<Laptop> {
+        let sizes: std::collections::HashMap<RelPath, u64> = agent
+            .iter()
+            .filter_map(|(p, e)| match e {
+                Entry::File { size, .. } => Some((p.clone(), *size)),
+                _ => None,
+            })
+            .collect();
+        let (laptop, new_errors) = tokio::task::spawn_blocking(move || {
+            let mut errors = Vec::new();
+            scan::hash_where(&self.root, &mut self.tree, &mut errors, |p, size| {
+                sizes.get(p) == Some(&size)
+            });
+            (self, errors)
+        })
+        .await?;
+        errors.extend(new_errors);
+        Ok(laptop)
     }
 }
 
@@ -332,14 +371,19 @@ impl Session<'_> {
                     WatchMsg::Error(e) => ui.warn(svc, e),
                 };
             take(first_msg, &mut paths, &mut rescan);
-            // Coalesce the burst.
+            // Coalesce the burst. A synced file that is missing now may be an editor's
+            // rename-save under way (vim moves the original aside, then writes anew): wait
+            // longer then. A temp file that came and went is not synced and does not count.
             loop {
-                let quiet = if paths.iter().any(|p| !p.exists()) {
-                    QUIET_AFTER_DELETE
-                } else {
-                    QUIET
-                };
-                tokio::time::sleep(quiet).await;
+                let deleting = paths.iter().any(|p| {
+                    !p.exists()
+                        && p.strip_prefix(root)
+                            .ok()
+                            .and_then(|r| RelPath::from_path(r).ok())
+                            .is_some_and(|r| laptop.tree.contains_key(&r))
+                });
+                let quiet = if deleting { QUIET_AFTER_DELETE } else { QUIET };
+                pause(quiet).await;
                 let mut got = false;
                 while let Ok(m) = watch_rx.try_recv() {
                     take(m, &mut paths, &mut rescan);
@@ -469,7 +513,12 @@ impl Session<'_> {
         } else {
             (scan_fut.await, None)
         };
-        let (laptop, errors) = laptop.map_err(SessionEnd::Fatal)?;
+        let (laptop, mut errors) = laptop.map_err(SessionEnd::Fatal)?;
+        let reference = agent_tree.as_ref().unwrap_or(&self.known);
+        let laptop = laptop
+            .hash_against(reference, &mut errors)
+            .await
+            .map_err(SessionEnd::Fatal)?;
         for e in errors.iter().take(5) {
             self.ui
                 .warn(&self.settings.service, format!("not synced: {e}"));
