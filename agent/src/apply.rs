@@ -68,15 +68,23 @@ impl Root {
         fill: impl FnOnce(&mut File) -> io::Result<()>,
     ) -> Result<(), AgentError> {
         const OP: &str = "put";
-        let (dir, name) = self.parent_dir(OP, path, true)?.ok_or_else(|| not_found(OP, path))?;
+        let (dir, name) = self
+            .parent_dir(OP, path, true)?
+            .ok_or_else(|| not_found(OP, path))?;
         let target = dir.join(name);
         // A path nothing holds yet (the bulk of a first sync) is written in place: no reader
         // can be looking for an old version of it, and create + rename would cost twice.
         // O_EXCL refuses a path that appeared meanwhile (a symlink included), which then
         // takes the careful way below.
-        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&target) {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&target)
+        {
             Ok(mut file) => {
-                let written = fill(&mut file).and_then(|()| file.set_permissions(Permissions::from_mode(mode & MODE_MASK)));
+                let written = fill(&mut file)
+                    .and_then(|()| file.set_permissions(Permissions::from_mode(mode & MODE_MASK)));
                 if let Err(e) = written {
                     drop(file);
                     let _ = fs::remove_file(&target);
@@ -105,7 +113,9 @@ impl Root {
     /// file or symlink in its place is replaced.
     pub fn mkdir(&self, path: &RelPath, mode: u32) -> Result<(), AgentError> {
         const OP: &str = "mkdir";
-        let (dir, name) = self.parent_dir(OP, path, true)?.ok_or_else(|| not_found(OP, path))?;
+        let (dir, name) = self
+            .parent_dir(OP, path, true)?
+            .ok_or_else(|| not_found(OP, path))?;
         let target = dir.join(name);
         let io_err = |e| AgentError::io(OP, path, e);
         match fs::symlink_metadata(&target) {
@@ -114,7 +124,9 @@ impl Root {
                 fs::remove_file(&target).map_err(io_err)?;
                 create_real_dir(&target).map_err(io_err)?;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => create_real_dir(&target).map_err(io_err)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                create_real_dir(&target).map_err(io_err)?
+            }
             Err(e) => return Err(io_err(e)),
         }
         set_mode_nofollow(&target, mode).map_err(io_err)
@@ -124,7 +136,9 @@ impl Root {
     /// text is stored as given and never followed.
     pub fn symlink(&self, path: &RelPath, link_target: &str) -> Result<(), AgentError> {
         const OP: &str = "symlink";
-        let (dir, name) = self.parent_dir(OP, path, true)?.ok_or_else(|| not_found(OP, path))?;
+        let (dir, name) = self
+            .parent_dir(OP, path, true)?
+            .ok_or_else(|| not_found(OP, path))?;
         let target = dir.join(name);
         let mut attempt = 0;
         let tmp = loop {
@@ -165,11 +179,15 @@ impl Root {
     /// Sets the permission bits of a file or directory; refuses symlinks.
     pub fn chmod(&self, path: &RelPath, mode: u32) -> Result<(), AgentError> {
         const OP: &str = "chmod";
-        let (dir, name) = self.parent_dir(OP, path, false)?.ok_or_else(|| not_found(OP, path))?;
+        let (dir, name) = self
+            .parent_dir(OP, path, false)?
+            .ok_or_else(|| not_found(OP, path))?;
         let target = dir.join(name);
         match fs::symlink_metadata(&target) {
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(AgentError::ChmodSymlink { path: path.to_string() })
+                return Err(AgentError::ChmodSymlink {
+                    path: path.to_string(),
+                })
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found(OP, path)),
@@ -177,7 +195,9 @@ impl Root {
         }
         set_mode_nofollow(&target, mode).map_err(|e| {
             if e.raw_os_error() == Some(nix::libc::ELOOP) {
-                AgentError::ChmodSymlink { path: path.to_string() }
+                AgentError::ChmodSymlink {
+                    path: path.to_string(),
+                }
             } else {
                 AgentError::io(OP, path, e)
             }
@@ -212,7 +232,8 @@ impl Root {
                         Ok(()) => {}
                         // Created by someone else meanwhile: check what it is.
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                            let m = fs::symlink_metadata(&dir).map_err(|e| AgentError::io(op, path, e))?;
+                            let m = fs::symlink_metadata(&dir)
+                                .map_err(|e| AgentError::io(op, path, e))?;
                             check_parent_type(op, path, &m, parent)?;
                         }
                         Err(e) => return Err(AgentError::io(op, path, e)),
@@ -239,7 +260,9 @@ pub fn apply_ops(root: &Root, ops: &[FileOp]) -> Outcome {
             };
         }
     }
-    Outcome::Ok { applied: ops.len() as u64 }
+    Outcome::Ok {
+        applied: ops.len() as u64,
+    }
 }
 
 fn check_parent_type(
@@ -250,16 +273,27 @@ fn check_parent_type(
 ) -> Result<(), AgentError> {
     let ft = meta.file_type();
     if ft.is_symlink() {
-        Err(AgentError::ParentIsSymlink { op, path: path.to_string(), parent: parent() })
+        Err(AgentError::ParentIsSymlink {
+            op,
+            path: path.to_string(),
+            parent: parent(),
+        })
     } else if !ft.is_dir() {
-        Err(AgentError::ParentNotDir { op, path: path.to_string(), parent: parent() })
+        Err(AgentError::ParentNotDir {
+            op,
+            path: path.to_string(),
+            parent: parent(),
+        })
     } else {
         Ok(())
     }
 }
 
 fn not_found(op: &'static str, path: &RelPath) -> AgentError {
-    AgentError::NotFound { op, path: path.to_string() }
+    AgentError::NotFound {
+        op,
+        path: path.to_string(),
+    }
 }
 
 fn temp_name() -> String {
@@ -271,7 +305,12 @@ fn create_temp_file(dir: &Path) -> io::Result<(PathBuf, File)> {
     let mut attempt = 0;
     loop {
         let tmp = dir.join(temp_name());
-        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
             Ok(f) => return Ok((tmp, f)),
             // A leftover of an earlier agent with the same pid: take the next name.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
@@ -296,7 +335,10 @@ fn remove_if_dir(path: &Path) -> io::Result<()> {
 /// the open), then fchmod.
 fn set_mode_nofollow(path: &Path, mode: u32) -> io::Result<()> {
     let flags = OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
-    let file = OpenOptions::new().read(true).custom_flags(flags.bits()).open(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(path)?;
     file.set_permissions(Permissions::from_mode(mode & MODE_MASK))
 }
 
@@ -317,7 +359,11 @@ mod tests {
     }
 
     fn put(path: &str, data: &[u8]) -> FileOp {
-        FileOp::Put { path: p(path), mode: 0o644, data: data.to_vec() }
+        FileOp::Put {
+            path: p(path),
+            mode: 0o644,
+            data: data.to_vec(),
+        }
     }
 
     fn mode_of(path: &Path) -> u32 {
@@ -339,7 +385,10 @@ mod tests {
         root.apply(&put("a/b/c.txt", b"again")).unwrap();
         assert_eq!(fs::read(root.path().join("a/b/c.txt")).unwrap(), b"again");
         // No temporary files are left behind.
-        let names: Vec<_> = fs::read_dir(root.path().join("a/b")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(root.path().join("a/b"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("c.txt")]);
     }
 
@@ -368,15 +417,32 @@ mod tests {
 
         for op in [
             put("alias/new", b"x"),
-            FileOp::Mkdir { path: p("alias/d"), mode: 0o755 },
-            FileOp::Symlink { path: p("alias/l"), target: "/etc".into() },
-            FileOp::Delete { path: p("alias/keep") },
-            FileOp::Chmod { path: p("alias/keep"), mode: 0o777 },
+            FileOp::Mkdir {
+                path: p("alias/d"),
+                mode: 0o755,
+            },
+            FileOp::Symlink {
+                path: p("alias/l"),
+                target: "/etc".into(),
+            },
+            FileOp::Delete {
+                path: p("alias/keep"),
+            },
+            FileOp::Chmod {
+                path: p("alias/keep"),
+                mode: 0o777,
+            },
             FileOp::Delete { path: p("out/x") },
-            FileOp::Chmod { path: p("out/x"), mode: 0o777 },
+            FileOp::Chmod {
+                path: p("out/x"),
+                mode: 0o777,
+            },
         ] {
             let err = root.apply(&op).unwrap_err();
-            assert!(matches!(err, AgentError::ParentIsSymlink { .. }), "{op:?}: {err}");
+            assert!(
+                matches!(err, AgentError::ParentIsSymlink { .. }),
+                "{op:?}: {err}"
+            );
         }
         assert_eq!(fs::read(root.path().join("real/keep")).unwrap(), b"keep");
         assert!(!root.path().join("real/new").exists());
@@ -410,9 +476,20 @@ mod tests {
         let (_r, outside, root) = setup();
         let victim = outside.path().join("victim");
         fs::write(&victim, b"original").unwrap();
-        root.apply(&FileOp::Symlink { path: p("l"), target: victim.to_string_lossy().into() }).unwrap();
-        root.apply(&FileOp::Symlink { path: p("l"), target: "elsewhere".into() }).unwrap();
-        assert_eq!(fs::read_link(root.path().join("l")).unwrap(), Path::new("elsewhere"));
+        root.apply(&FileOp::Symlink {
+            path: p("l"),
+            target: victim.to_string_lossy().into(),
+        })
+        .unwrap();
+        root.apply(&FileOp::Symlink {
+            path: p("l"),
+            target: "elsewhere".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            fs::read_link(root.path().join("l")).unwrap(),
+            Path::new("elsewhere")
+        );
         symlink(outside.path(), root.path().join("dirlink")).unwrap();
         root.apply(&FileOp::Delete { path: p("dirlink") }).unwrap();
         assert!(fs::symlink_metadata(root.path().join("dirlink")).is_err());
@@ -426,7 +503,12 @@ mod tests {
         fs::write(&victim, b"x").unwrap();
         fs::set_permissions(&victim, Permissions::from_mode(0o600)).unwrap();
         symlink(&victim, root.path().join("l")).unwrap();
-        let err = root.apply(&FileOp::Chmod { path: p("l"), mode: 0o777 }).unwrap_err();
+        let err = root
+            .apply(&FileOp::Chmod {
+                path: p("l"),
+                mode: 0o777,
+            })
+            .unwrap_err();
         assert!(matches!(err, AgentError::ChmodSymlink { .. }), "{err}");
         assert_eq!(mode_of(&victim), 0o600);
     }
@@ -434,14 +516,38 @@ mod tests {
     #[test]
     fn exec_bit_round_trips() {
         let (_r, _o, root) = setup();
-        root.apply(&FileOp::Put { path: p("run.sh"), mode: 0o755, data: b"#!/bin/sh\n".to_vec() }).unwrap();
+        root.apply(&FileOp::Put {
+            path: p("run.sh"),
+            mode: 0o755,
+            data: b"#!/bin/sh\n".to_vec(),
+        })
+        .unwrap();
         assert_eq!(mode_of(&root.path().join("run.sh")), 0o755);
-        root.apply(&FileOp::Chmod { path: p("run.sh"), mode: 0o640 }).unwrap();
+        root.apply(&FileOp::Chmod {
+            path: p("run.sh"),
+            mode: 0o640,
+        })
+        .unwrap();
         assert_eq!(mode_of(&root.path().join("run.sh")), 0o640);
         // Setuid and friends are never set from the wire.
-        root.apply(&FileOp::Chmod { path: p("run.sh"), mode: 0o4755 }).unwrap();
-        assert_eq!(fs::metadata(root.path().join("run.sh")).unwrap().permissions().mode() & 0o7777, 0o755);
-        root.apply(&FileOp::Mkdir { path: p("d/e"), mode: 0o700 }).unwrap();
+        root.apply(&FileOp::Chmod {
+            path: p("run.sh"),
+            mode: 0o4755,
+        })
+        .unwrap();
+        assert_eq!(
+            fs::metadata(root.path().join("run.sh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o755
+        );
+        root.apply(&FileOp::Mkdir {
+            path: p("d/e"),
+            mode: 0o700,
+        })
+        .unwrap();
         assert_eq!(mode_of(&root.path().join("d/e")), 0o700);
     }
 
@@ -451,17 +557,33 @@ mod tests {
         root.apply(&put("x/inner/f", b"1")).unwrap();
         root.apply(&put("x", b"now a file")).unwrap();
         assert_eq!(fs::read(root.path().join("x")).unwrap(), b"now a file");
-        root.apply(&FileOp::Mkdir { path: p("x"), mode: 0o755 }).unwrap();
-        assert!(fs::symlink_metadata(root.path().join("x")).unwrap().is_dir());
+        root.apply(&FileOp::Mkdir {
+            path: p("x"),
+            mode: 0o755,
+        })
+        .unwrap();
+        assert!(fs::symlink_metadata(root.path().join("x"))
+            .unwrap()
+            .is_dir());
         root.apply(&put("x/y", b"2")).unwrap();
-        root.apply(&FileOp::Symlink { path: p("x"), target: "y".into() }).unwrap();
-        assert!(fs::symlink_metadata(root.path().join("x")).unwrap().file_type().is_symlink());
+        root.apply(&FileOp::Symlink {
+            path: p("x"),
+            target: "y".into(),
+        })
+        .unwrap();
+        assert!(fs::symlink_metadata(root.path().join("x"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]
     fn delete_missing_is_success_and_tree_removal_works() {
         let (_r, _o, root) = setup();
-        root.apply(&FileOp::Delete { path: p("nothing/here") }).unwrap();
+        root.apply(&FileOp::Delete {
+            path: p("nothing/here"),
+        })
+        .unwrap();
         root.apply(&put("t/a/b", b"1")).unwrap();
         root.apply(&FileOp::Delete { path: p("t") }).unwrap();
         assert!(!root.path().join("t").exists());
@@ -481,6 +603,9 @@ mod tests {
         }
         assert!(root.path().join("one").exists());
         assert!(!root.path().join("three").exists());
-        assert_eq!(apply_ops(&root, &[put("four", b"4")]), Outcome::Ok { applied: 1 });
+        assert_eq!(
+            apply_ops(&root, &[put("four", b"4")]),
+            Outcome::Ok { applied: 1 }
+        );
     }
 }

@@ -12,7 +12,9 @@ const BUF_BYTES: usize = 64 * 1024;
 /// Copies until the socket side ends. On stdin EOF the socket's write side is shut down and
 /// the socket is still read to its end.
 pub async fn run(to: SocketAddr) -> anyhow::Result<()> {
-    let socket = TcpStream::connect(to).await.with_context(|| format!("cannot connect to the agent at {to}"))?;
+    let socket = TcpStream::connect(to)
+        .await
+        .with_context(|| format!("cannot connect to the agent at {to}"))?;
     let _ = socket.set_nodelay(true);
     let (mut socket_rx, mut socket_tx) = socket.into_split();
     let upstream = tokio::spawn(async move {

@@ -36,11 +36,16 @@ pub struct DevConfig {
 
 /// Reads the token file: surrounding whitespace is dropped; missing or empty is an error.
 pub fn read_token(path: &Path) -> Result<String, AgentError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| AgentError::Token { path: path.to_path_buf(), reason: format!("cannot read it: {e}") })?;
+    let text = std::fs::read_to_string(path).map_err(|e| AgentError::Token {
+        path: path.to_path_buf(),
+        reason: format!("cannot read it: {e}"),
+    })?;
     let token = text.trim();
     if token.is_empty() {
-        return Err(AgentError::Token { path: path.to_path_buf(), reason: "it is empty".into() });
+        return Err(AgentError::Token {
+            path: path.to_path_buf(),
+            reason: "it is empty".into(),
+        });
     }
     Ok(token.to_string())
 }
@@ -85,7 +90,11 @@ impl DevAgent {
             supervisor,
             mirror_output: config.mirror_output,
         });
-        Ok(DevAgent { listener, shared, supervisor_task })
+        Ok(DevAgent {
+            listener,
+            shared,
+            supervisor_task,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -120,7 +129,9 @@ impl DevAgent {
         }
         tracing::info!("shutting down");
         self.shared.supervisor.shutdown().await;
-        self.supervisor_task.await.context("the supervisor task failed")?;
+        self.supervisor_task
+            .await
+            .context("the supervisor task failed")?;
         Ok(())
     }
 }

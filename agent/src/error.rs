@@ -9,10 +9,18 @@ pub enum AgentError {
     /// A parent component of an operation's path is a symlink: writing through it could
     /// leave the root, so the operation is refused even when the link points inside.
     #[error("refused {op} {path}: parent {parent} is a symlink, and the agent never writes through symlinks")]
-    ParentIsSymlink { op: &'static str, path: String, parent: String },
+    ParentIsSymlink {
+        op: &'static str,
+        path: String,
+        parent: String,
+    },
 
     #[error("refused {op} {path}: parent {parent} is not a directory")]
-    ParentNotDir { op: &'static str, path: String, parent: String },
+    ParentNotDir {
+        op: &'static str,
+        path: String,
+        parent: String,
+    },
 
     #[error("refused chmod {path}: it is a symlink, and the agent never changes what a symlink points to")]
     ChmodSymlink { path: String },
@@ -40,6 +48,10 @@ pub enum AgentError {
 
 impl AgentError {
     pub fn io(op: &'static str, path: impl std::fmt::Display, source: std::io::Error) -> Self {
-        AgentError::Io { op, path: path.to_string(), source }
+        AgentError::Io {
+            op,
+            path: path.to_string(),
+            source,
+        }
     }
 }

@@ -72,10 +72,14 @@ pub fn walk(root: &Path) -> io::Result<Vec<(RelPath, Entry)>> {
                 match fs::read_link(&full) {
                     Ok(target) => match target.into_os_string().into_string() {
                         Ok(target) => entries.push((path, Entry::Symlink { target })),
-                        Err(_) => tracing::warn!(path = %path, "index: symlink target is not UTF-8, skipped"),
+                        Err(_) => {
+                            tracing::warn!(path = %path, "index: symlink target is not UTF-8, skipped")
+                        }
                     },
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => tracing::warn!(path = %path, error = %e, "index: cannot read symlink, skipped"),
+                    Err(e) => {
+                        tracing::warn!(path = %path, error = %e, "index: cannot read symlink, skipped")
+                    }
                 }
             } else if ft.is_dir() {
                 entries.push((path.clone(), Entry::Dir { mode }));
@@ -84,7 +88,9 @@ pub fn walk(root: &Path) -> io::Result<Vec<(RelPath, Entry)>> {
                 match hash_file(&full, meta.len()) {
                     Ok((size, hash)) => entries.push((path, Entry::File { mode, size, hash })),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => tracing::warn!(path = %path, error = %e, "index: cannot read file, skipped"),
+                    Err(e) => {
+                        tracing::warn!(path = %path, error = %e, "index: cannot read file, skipped")
+                    }
                 }
             }
         }
@@ -109,7 +115,11 @@ fn hash_file(path: &Path, len_hint: u64) -> io::Result<(u64, Hash)> {
 }
 
 /// Cuts `entries` into parts that each fit comfortably into one message.
-pub fn parts(entries: Vec<(RelPath, Entry)>, max_entries: usize, max_bytes: usize) -> Vec<Vec<(RelPath, Entry)>> {
+pub fn parts(
+    entries: Vec<(RelPath, Entry)>,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Vec<Vec<(RelPath, Entry)>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;
@@ -156,19 +166,47 @@ mod tests {
 
         let entries = walk(r).unwrap();
         let names: Vec<&str> = entries.iter().map(|(p, _)| p.as_str()).collect();
-        assert_eq!(names, vec!["app", "big.bin", "out", "src", "src/app.py", "src/deep"]);
-        let get = |n: &str| entries.iter().find(|(p, _)| p.as_str() == n).unwrap().1.clone();
+        assert_eq!(
+            names,
+            vec!["app", "big.bin", "out", "src", "src/app.py", "src/deep"]
+        );
+        let get = |n: &str| {
+            entries
+                .iter()
+                .find(|(p, _)| p.as_str() == n)
+                .unwrap()
+                .1
+                .clone()
+        };
         assert_eq!(
             get("src/app.py"),
-            Entry::File { mode: 0o755, size: 9, hash: devloop_proxy::tree::hash_bytes(b"print(1)\n") }
+            Entry::File {
+                mode: 0o755,
+                size: 9,
+                hash: devloop_proxy::tree::hash_bytes(b"print(1)\n")
+            }
         );
         assert_eq!(
             get("big.bin"),
-            Entry::File { mode: 0o644 & get_mode(&r.join("big.bin")), size: big.len() as u64, hash: *blake3::hash(&big).as_bytes() }
+            Entry::File {
+                mode: 0o644 & get_mode(&r.join("big.bin")),
+                size: big.len() as u64,
+                hash: *blake3::hash(&big).as_bytes()
+            }
         );
         assert_eq!(get("src/deep"), Entry::Dir { mode: 0o700 });
-        assert_eq!(get("out"), Entry::Symlink { target: outside.path().to_string_lossy().into() });
-        assert_eq!(get("app"), Entry::Symlink { target: "src/app.py".into() });
+        assert_eq!(
+            get("out"),
+            Entry::Symlink {
+                target: outside.path().to_string_lossy().into()
+            }
+        );
+        assert_eq!(
+            get("app"),
+            Entry::Symlink {
+                target: "src/app.py".into()
+            }
+        );
     }
 
     fn get_mode(p: &Path) -> u32 {
@@ -186,10 +224,18 @@ mod tests {
     #[test]
     fn parts_respect_limits() {
         let entries: Vec<_> = (0..25)
-            .map(|i| (RelPath::new(format!("f{i:02}")).unwrap(), Entry::Dir { mode: 0o755 }))
+            .map(|i| {
+                (
+                    RelPath::new(format!("f{i:02}")).unwrap(),
+                    Entry::Dir { mode: 0o755 },
+                )
+            })
             .collect();
         let cut = parts(entries.clone(), 10, usize::MAX);
-        assert_eq!(cut.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10, 5]);
+        assert_eq!(
+            cut.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
         let cut = parts(entries, 1000, 3 * 67);
         assert!(cut.iter().all(|p| p.len() <= 3));
         assert_eq!(cut.iter().map(Vec::len).sum::<usize>(), 25);

@@ -9,6 +9,7 @@ pub mod bridge;
 pub mod dev;
 pub mod error;
 pub mod index;
+pub mod intercept;
 pub mod logs;
 pub mod relay;
 pub mod server;

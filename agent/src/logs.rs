@@ -41,7 +41,10 @@ pub struct Subscription {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Default for Hub {
@@ -57,7 +60,12 @@ impl Hub {
             state: Mutex::new(State {
                 ring: VecDeque::new(),
                 ring_bytes: 0,
-                status: ProcessStatus { state: ProcessState::NoCommand, starts: 0, quick_exits: 0, last_exit: None },
+                status: ProcessStatus {
+                    state: ProcessState::NoCommand,
+                    starts: 0,
+                    quick_exits: 0,
+                    last_exit: None,
+                },
             }),
             event_tx,
         }
@@ -70,11 +78,17 @@ impl Hub {
     }
 
     pub fn log(&self, stream: LogStream, line: Vec<u8>) {
-        let line = LogLine { stream, at_ms: now_ms(), line };
+        let line = LogLine {
+            stream,
+            at_ms: now_ms(),
+            line,
+        };
         let mut state = self.lock();
         state.ring_bytes += line.line.len();
         state.ring.push_back(line.clone());
-        while state.ring.len() > RING_LINES || (state.ring_bytes > RING_BYTES && state.ring.len() > 1) {
+        while state.ring.len() > RING_LINES
+            || (state.ring_bytes > RING_BYTES && state.ring.len() > 1)
+        {
             if let Some(old) = state.ring.pop_front() {
                 state.ring_bytes -= old.line.len();
             }

@@ -13,7 +13,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "devloop-agent", about = "The devloop agent: runs inside a container, applies synced files and supervises the service")]
+#[command(
+    name = "devloop-agent",
+    about = "The devloop agent: runs inside a container, applies synced files and supervises the service"
+)]
 struct Args {
     #[command(subcommand)]
     mode: Mode,
@@ -34,6 +37,24 @@ enum Mode {
         /// LISTEN_ADDR=HOST:PORT, e.g. 0.0.0.0:8080=web:8080 (repeatable).
         #[arg(long = "map", required = true)]
         maps: Vec<relay::Mapping>,
+    },
+    /// Stand in for a service: tunnel the connections on its ports to the cli that holds the intercept.
+    Intercept {
+        /// File holding the session token the cli created.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// Address of the control WebSocket (path /devloop).
+        #[arg(long, default_value = "0.0.0.0:7717")]
+        control: SocketAddr,
+        /// Accept control connections only on this network (A.B.C.D/LEN) or loopback.
+        #[arg(long)]
+        control_subnet: Option<devloop_agent::intercept::Subnet>,
+        /// A port of the service (repeatable).
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+        /// HOST:PORT a laptop-opened stream may reach, by position (repeatable).
+        #[arg(long = "expose")]
+        expose: Vec<String>,
     },
     /// Exit 0 once ADDR accepts a TCP connection, 1 after the timeout.
     Probe {
@@ -81,9 +102,14 @@ fn main() {
         .with_writer(std::io::stderr)
         // Colours only on a terminal: `docker logs` and the cli's captures stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("devloop-agent: error: cannot start the async runtime: {e}");
@@ -95,13 +121,38 @@ fn main() {
             Mode::Dev(dev_args) => run_dev(dev_args).await,
             Mode::Bridge { to } => bridge::run(to).await,
             Mode::Relay { maps } => {
-                let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+                let mut terminate =
+                    signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
                 relay::run(maps, async move {
                     terminate.recv().await;
                 })
                 .await
             }
-            Mode::Probe { addr, timeout_ms } => relay::probe(&addr, Duration::from_millis(timeout_ms)).await,
+            Mode::Intercept {
+                token_file,
+                control,
+                control_subnet,
+                ports,
+                expose,
+            } => {
+                let token = dev::read_token(&token_file)?;
+                let mut terminate =
+                    signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+                let config = devloop_agent::intercept::InterceptConfig {
+                    token,
+                    control,
+                    control_subnet,
+                    ports,
+                    expose,
+                };
+                devloop_agent::intercept::run(config, async move {
+                    terminate.recv().await;
+                })
+                .await
+            }
+            Mode::Probe { addr, timeout_ms } => {
+                relay::probe(&addr, Duration::from_millis(timeout_ms)).await
+            }
             Mode::Version => Ok(()),
         }
     });
@@ -144,15 +195,32 @@ mod tests {
     #[test]
     fn parses_the_dev_command_line() {
         let args = Args::try_parse_from([
-            "devloop-agent", "dev", "--root", "/app", "--listen", "0.0.0.0:7717", "--token-file", "/.devloop/token",
-            "--grace-ms", "500", "--", "python3", "-m", "http.server", "--bind", "0.0.0.0",
+            "devloop-agent",
+            "dev",
+            "--root",
+            "/app",
+            "--listen",
+            "0.0.0.0:7717",
+            "--token-file",
+            "/.devloop/token",
+            "--grace-ms",
+            "500",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "0.0.0.0",
         ])
         .unwrap();
         let Mode::Dev(dev) = args.mode else { panic!() };
         assert_eq!(dev.root, PathBuf::from("/app"));
         assert_eq!(dev.grace_ms, 500);
         assert_eq!(dev.workdir, None);
-        assert_eq!(dev.command, ["python3", "-m", "http.server", "--bind", "0.0.0.0"]);
+        assert_eq!(
+            dev.command,
+            ["python3", "-m", "http.server", "--bind", "0.0.0.0"]
+        );
         let args = Args::try_parse_from(["devloop-agent", "bridge"]).unwrap();
         assert!(matches!(args.mode, Mode::Bridge { to } if to.port() == 7717));
         assert!(Args::try_parse_from(["devloop-agent", "dev", "--root", "/app"]).is_err());

@@ -16,19 +16,29 @@ pub struct Mapping {
 impl std::str::FromStr for Mapping {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (listen, target) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected LISTEN_ADDR=HOST:PORT"))?;
+        let (listen, target) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected LISTEN_ADDR=HOST:PORT"))?;
         let listen = listen.parse().map_err(|e| format!("{listen:?}: {e}"))?;
         if !target.contains(':') {
             return Err(format!("{target:?}: expected HOST:PORT"));
         }
-        Ok(Mapping { listen, target: target.to_string() })
+        Ok(Mapping {
+            listen,
+            target: target.to_string(),
+        })
     }
 }
 
-pub async fn run(mappings: Vec<Mapping>, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    mappings: Vec<Mapping>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for m in mappings {
-        let listener = TcpListener::bind(m.listen).await.with_context(|| format!("cannot listen on {}", m.listen))?;
+        let listener = TcpListener::bind(m.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", m.listen))?;
         tracing::info!(listen = %m.listen, target = %m.target, "relaying");
         tasks.spawn(accept_loop(listener, m.target));
     }
@@ -49,7 +59,9 @@ async fn accept_loop(listener: TcpListener, target: String) -> anyhow::Result<()
                     let _ = outbound.set_nodelay(true);
                     match tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await {
                         Ok((up, down)) => tracing::debug!(%peer, %target, up, down, "relay closed"),
-                        Err(e) => tracing::debug!(%peer, %target, error = %e, "relay ended with an error"),
+                        Err(e) => {
+                            tracing::debug!(%peer, %target, error = %e, "relay ended with an error")
+                        }
                     }
                 }
                 // Nothing serves the name right now (between versions, or crashed): the
@@ -109,7 +121,9 @@ mod tests {
         let relay = tokio::spawn(run(vec![Mapping { listen, target }], async move {
             let _ = stop_rx.await;
         }));
-        probe(&listen.to_string(), std::time::Duration::from_secs(5)).await.unwrap();
+        probe(&listen.to_string(), std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
         let mut c = TcpStream::connect(listen).await.unwrap();
         c.write_all(b"hello").await.unwrap();
         c.shutdown().await.unwrap();
@@ -125,6 +139,8 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
-        assert!(probe(&addr, std::time::Duration::from_millis(100)).await.is_err());
+        assert!(probe(&addr, std::time::Duration::from_millis(100))
+            .await
+            .is_err());
     }
 }

@@ -51,7 +51,7 @@ pub struct Shared {
     pub mirror_output: bool,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 enum Outgoing {
     Msg(AgentMsg),
@@ -66,7 +66,12 @@ pub fn ws_config() -> WebSocketConfig {
 }
 
 /// Serves one accepted TCP connection until it ends. Never panics on peer input.
-pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn_id: u64) {
+pub async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+) {
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     // The signature is tungstenite's callback type; the large error is its HTTP response.
@@ -75,12 +80,14 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
         if request.uri().path() == WS_PATH {
             Ok(response)
         } else {
-            let mut refusal = ErrorResponse::new(Some(format!("devloop agent: the endpoint is {WS_PATH}\n")));
+            let mut refusal =
+                ErrorResponse::new(Some(format!("devloop agent: the endpoint is {WS_PATH}\n")));
             *refusal.status_mut() = StatusCode::NOT_FOUND;
             Err(refusal)
         }
     };
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config()));
+    let upgrade =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config()));
     let mut ws = match timeout_at(deadline, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
@@ -95,7 +102,15 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
     let hello = match timeout_at(deadline, read_hello(&mut ws)).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(reason)) => return refuse(ws, peer, conn_id, reason).await,
-        Err(_) => return refuse(ws, peer, conn_id, format!("no hello within {HANDSHAKE_TIMEOUT:?}")).await,
+        Err(_) => {
+            return refuse(
+                ws,
+                peer,
+                conn_id,
+                format!("no hello within {HANDSHAKE_TIMEOUT:?}"),
+            )
+            .await
+        }
     };
     if let Err(reason) = check_hello(&hello, &shared.token) {
         return refuse(ws, peer, conn_id, reason).await;
@@ -106,7 +121,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
 }
 
 /// Reads the first data message, which must be a hello.
-async fn read_hello(ws: &mut Ws) -> Result<Hello, String> {
+pub(crate) async fn read_hello(ws: &mut Ws) -> Result<Hello, String> {
     loop {
         let message = match ws.next().await {
             None => return Err("connection closed before the hello".into()),
@@ -118,7 +133,9 @@ async fn read_hello(ws: &mut Ws) -> Result<Hello, String> {
                 return match decode::<LaptopMsg>(&bytes) {
                     Ok(LaptopMsg::Hello(hello)) => Ok(hello),
                     Ok(_) => Err("the first message must be a hello".into()),
-                    Err(e) => Err(format!("undecodable hello ({e}): not a devloop client of this protocol")),
+                    Err(e) => Err(format!(
+                        "undecodable hello ({e}): not a devloop client of this protocol"
+                    )),
                 };
             }
             Message::Text(_) => return Err("expected a binary hello, got a text message".into()),
@@ -150,7 +167,12 @@ pub fn check_hello(hello: &Hello, token: &str) -> Result<(), String> {
 
 /// Compares in time that depends only on the length, not on where the first difference is.
 fn tokens_match(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn close_frame(reason: &str) -> Message {
@@ -158,14 +180,22 @@ fn close_frame(reason: &str) -> Message {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    Message::Close(Some(CloseFrame { code: CloseCode::Policy, reason: reason[..end].to_string().into() }))
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::Policy,
+        reason: reason[..end].to_string().into(),
+    }))
 }
 
 /// Tells the peer why, closes, and reads (and drops) whatever it still sends for a moment.
 /// Nothing it sent is applied.
-async fn refuse(mut ws: Ws, peer: SocketAddr, conn_id: u64, reason: String) {
+pub(crate) async fn refuse(mut ws: Ws, peer: SocketAddr, conn_id: u64, reason: String) {
     tracing::warn!(conn_id, %peer, %reason, "connection refused");
-    let refused = Message::Binary(encode(&AgentMsg::Refused { reason: reason.clone() }).into());
+    let refused = Message::Binary(
+        encode(&AgentMsg::Refused {
+            reason: reason.clone(),
+        })
+        .into(),
+    );
     let _ = timeout(CLOSE_LINGER, async {
         let _ = ws.send(refused).await;
         let _ = ws.send(close_frame(&reason)).await;
@@ -182,7 +212,9 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
     let welcome = Welcome {
         protocol_version: PROTOCOL_VERSION,
         agent_version: devloop_proxy::CRATE_VERSION.to_string(),
-        capabilities: [caps::FILES, caps::TAR, caps::PROCESS].map(String::from).to_vec(),
+        capabilities: [caps::FILES, caps::TAR, caps::PROCESS]
+            .map(String::from)
+            .to_vec(),
         root: shared.root.path().display().to_string(),
         process: subscription.status,
         recent_logs: subscription.recent_logs,
@@ -203,9 +235,18 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
         }
     });
     let _ = out_tx.send(Outgoing::Msg(AgentMsg::Welcome(welcome))).await;
-    let forwarder = tokio::spawn(forward_events(subscription.event_rx, out_tx.clone(), conn_id));
+    let forwarder = tokio::spawn(forward_events(
+        subscription.event_rx,
+        out_tx.clone(),
+        conn_id,
+    ));
 
-    let mut session = Session { shared, out_tx: out_tx.clone(), tar: None, conn_id };
+    let mut session = Session {
+        shared,
+        out_tx: out_tx.clone(),
+        tar: None,
+        conn_id,
+    };
     let mut close_reason = None;
     while let Some(message) = stream.next().await {
         let bytes = match message {
@@ -213,7 +254,8 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
             Ok(Message::Close(_)) => break,
             Ok(Message::Text(_)) => {
-                close_reason = Some("text messages are not part of the devloop protocol".to_string());
+                close_reason =
+                    Some("text messages are not part of the devloop protocol".to_string());
                 break;
             }
             Err(e) => {
@@ -239,7 +281,12 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
     if let Some(tar) = session.tar.take() {
         let req = tar.req;
         let outcome = tar.finish().await;
-        tracing::warn!(conn_id, req, ?outcome, "connection ended inside a tar stream");
+        tracing::warn!(
+            conn_id,
+            req,
+            ?outcome,
+            "connection ended inside a tar stream"
+        );
     }
     if let Some(reason) = &close_reason {
         let _ = out_tx.send(Outgoing::Close(reason.clone())).await;
@@ -251,17 +298,28 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
         tracing::debug!(conn_id, "writer did not finish in time");
     }
     if close_reason.is_some() {
-        let _ = timeout(CLOSE_LINGER, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+        let _ = timeout(CLOSE_LINGER, async {
+            while let Some(Ok(_)) = stream.next().await {}
+        })
+        .await;
     }
 }
 
-async fn forward_events(mut event_rx: broadcast::Receiver<Event>, out_tx: mpsc::Sender<Outgoing>, conn_id: u64) {
+async fn forward_events(
+    mut event_rx: broadcast::Receiver<Event>,
+    out_tx: mpsc::Sender<Outgoing>,
+    conn_id: u64,
+) {
     loop {
         let msg = match event_rx.recv().await {
             Ok(Event::Log(line)) => AgentMsg::Log(line),
             Ok(Event::Process(status)) => AgentMsg::Process(status),
             Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                tracing::warn!(conn_id, skipped, "cli reads too slowly, skipped log lines and status events");
+                tracing::warn!(
+                    conn_id,
+                    skipped,
+                    "cli reads too slowly, skipped log lines and status events"
+                );
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => break,
@@ -307,7 +365,9 @@ impl Session {
                 let count = ops.len();
                 let outcome = tokio::task::spawn_blocking(move || apply_ops(&root, &ops))
                     .await
-                    .unwrap_or_else(|e| Outcome::Failed { error: format!("apply task failed: {e}") });
+                    .unwrap_or_else(|e| Outcome::Failed {
+                        error: format!("apply task failed: {e}"),
+                    });
                 if let Outcome::Failed { error } = &outcome {
                     tracing::warn!(conn_id = self.conn_id, req, %error, "batch failed");
                 } else {
@@ -319,12 +379,16 @@ impl Session {
                 if let Some(open) = self.tar.take_if(|open| open.req != req) {
                     let old = open.req;
                     let _ = open.finish().await;
-                    let error = format!("tar stream {old} abandoned: stream {req} began before its last chunk");
+                    let error = format!(
+                        "tar stream {old} abandoned: stream {req} began before its last chunk"
+                    );
                     tracing::warn!(conn_id = self.conn_id, %error);
                     self.ack(old, Outcome::Failed { error }).await;
                 }
                 let root = &self.shared.root;
-                let session = self.tar.get_or_insert_with(|| TarSession::start(root.clone(), req));
+                let session = self
+                    .tar
+                    .get_or_insert_with(|| TarSession::start(root.clone(), req));
                 session.feed(data).await;
                 if last {
                     if let Some(done) = self.tar.take() {
@@ -352,11 +416,15 @@ impl Session {
                 let mirror = self.shared.mirror_output;
                 tokio::spawn(async move {
                     let outcome = if argv.is_empty() {
-                        Outcome::Failed { error: "run: empty command".into() }
+                        Outcome::Failed {
+                            error: "run: empty command".into(),
+                        }
                     } else {
                         run_once(&argv, &workdir, &hub, mirror).await
                     };
-                    let _ = out_tx.send(Outgoing::Msg(AgentMsg::Ack { req, outcome })).await;
+                    let _ = out_tx
+                        .send(Outgoing::Msg(AgentMsg::Ack { req, outcome }))
+                        .await;
                 });
             }
         }
@@ -372,12 +440,26 @@ impl Session {
                 let error = format!("index of {}: {e}", self.shared.root.path().display());
                 return self.ack(req, Outcome::Failed { error }).await;
             }
-            Err(e) => return self.ack(req, Outcome::Failed { error: format!("index task failed: {e}") }).await,
+            Err(e) => {
+                return self
+                    .ack(
+                        req,
+                        Outcome::Failed {
+                            error: format!("index task failed: {e}"),
+                        },
+                    )
+                    .await
+            }
         };
         let parts = index::parts(entries, INDEX_PART_ENTRIES, INDEX_PART_BYTES);
         let count = parts.len();
         for (i, entries) in parts.into_iter().enumerate() {
-            self.send(AgentMsg::Index { req, entries, last: i + 1 == count }).await;
+            self.send(AgentMsg::Index {
+                req,
+                entries,
+                last: i + 1 == count,
+            })
+            .await;
         }
     }
 }
@@ -399,15 +481,28 @@ mod tests {
     #[test]
     fn hello_checks_name_the_reason() {
         assert!(check_hello(&hello("secret"), "secret").is_ok());
-        assert_eq!(check_hello(&hello("secreT"), "secret").unwrap_err(), "wrong token");
-        assert_eq!(check_hello(&hello("secret2"), "secret").unwrap_err(), "wrong token");
-        assert_eq!(check_hello(&hello(""), "secret").unwrap_err(), "missing token");
+        assert_eq!(
+            check_hello(&hello("secreT"), "secret").unwrap_err(),
+            "wrong token"
+        );
+        assert_eq!(
+            check_hello(&hello("secret2"), "secret").unwrap_err(),
+            "wrong token"
+        );
+        assert_eq!(
+            check_hello(&hello(""), "secret").unwrap_err(),
+            "missing token"
+        );
         let mut h = hello("secret");
         h.magic = *b"HTTP/1.1";
-        assert!(check_hello(&h, "secret").unwrap_err().starts_with("bad magic"));
+        assert!(check_hello(&h, "secret")
+            .unwrap_err()
+            .starts_with("bad magic"));
         let mut h = hello("secret");
         h.protocol_version = 9;
-        assert!(check_hello(&h, "secret").unwrap_err().starts_with("unsupported protocol version 9, this agent speaks 1"));
+        assert!(check_hello(&h, "secret")
+            .unwrap_err()
+            .starts_with("unsupported protocol version 9, this agent speaks 1"));
     }
 
     #[test]

@@ -46,8 +46,13 @@ pub enum Restarted {
 }
 
 enum Command {
-    Restart { reason: String, done: oneshot::Sender<Result<Restarted, String>> },
-    Shutdown { done: oneshot::Sender<()> },
+    Restart {
+        reason: String,
+        done: oneshot::Sender<Result<Restarted, String>>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// A handle to the supervisor task.
@@ -61,13 +66,24 @@ impl Supervisor {
     pub fn spawn(config: SupervisorConfig, hub: Arc<Hub>) -> (Supervisor, JoinHandle<()>) {
         let (command_tx, command_rx) = mpsc::channel(16);
         let status = ProcessStatus {
-            state: if config.argv.is_empty() { ProcessState::NoCommand } else { ProcessState::Stopped },
+            state: if config.argv.is_empty() {
+                ProcessState::NoCommand
+            } else {
+                ProcessState::Stopped
+            },
             starts: 0,
             quick_exits: 0,
             last_exit: None,
         };
         hub.set_status(status.clone());
-        let task = tokio::spawn(Runner { config, hub, status }.run(command_rx));
+        let task = tokio::spawn(
+            Runner {
+                config,
+                hub,
+                status,
+            }
+            .run(command_rx),
+        );
         (Supervisor { command_tx }, task)
     }
 
@@ -76,16 +92,26 @@ impl Supervisor {
     pub async fn restart(&self, reason: &str) -> Result<Restarted, String> {
         let (done, done_rx) = oneshot::channel();
         self.command_tx
-            .send(Command::Restart { reason: reason.to_string(), done })
+            .send(Command::Restart {
+                reason: reason.to_string(),
+                done,
+            })
             .await
             .map_err(|_| "the supervisor has stopped".to_string())?;
-        done_rx.await.map_err(|_| "the supervisor has stopped".to_string())?
+        done_rx
+            .await
+            .map_err(|_| "the supervisor has stopped".to_string())?
     }
 
     /// Stops the process for good; the supervisor task ends after this.
     pub async fn shutdown(&self) {
         let (done, done_rx) = oneshot::channel();
-        if self.command_tx.send(Command::Shutdown { done }).await.is_ok() {
+        if self
+            .command_tx
+            .send(Command::Shutdown { done })
+            .await
+            .is_ok()
+        {
             let _ = done_rx.await;
         }
     }
@@ -199,19 +225,34 @@ impl Runner {
 
     fn start(&mut self) -> Result<Running, String> {
         let argv = &self.config.argv;
-        let spawned = spawn_piped(argv, &self.config.workdir, &self.hub, self.config.mirror_output);
+        let spawned = spawn_piped(
+            argv,
+            &self.config.workdir,
+            &self.hub,
+            self.config.mirror_output,
+        );
         match spawned {
             Ok((child, pumps)) => {
                 // A freshly spawned child that has not been waited for always has a pid.
                 let pid = child.id().unwrap_or(0);
                 self.status.starts += 1;
                 self.status.state = ProcessState::Running { pid };
-                self.hub.agent_line(format!("started pid {pid} (start #{})", self.status.starts));
+                self.hub
+                    .agent_line(format!("started pid {pid} (start #{})", self.status.starts));
                 self.hub.set_status(self.status.clone());
-                Ok(Running { child, pid, started: Instant::now(), pumps })
+                Ok(Running {
+                    child,
+                    pid,
+                    started: Instant::now(),
+                    pumps,
+                })
             }
             Err(e) => {
-                let error = format!("cannot start {:?} in {}: {e}", argv[0], self.config.workdir.display());
+                let error = format!(
+                    "cannot start {:?} in {}: {e}",
+                    argv[0],
+                    self.config.workdir.display()
+                );
                 self.hub.agent_line(error.clone());
                 Err(error)
             }
@@ -226,7 +267,11 @@ impl Runner {
         kill_group(running.pid, Signal::SIGKILL);
         drain(running.pumps).await;
         let info = exit_info(exit.as_ref().ok(), ran);
-        self.hub.agent_line(format!("{} after {:.1}s", describe_exit(&info), ran.as_secs_f64()));
+        self.hub.agent_line(format!(
+            "{} after {:.1}s",
+            describe_exit(&info),
+            ran.as_secs_f64()
+        ));
         self.status.last_exit = Some(info);
         self.after_exit(ran)
     }
@@ -248,10 +293,13 @@ impl Runner {
                     seconds(delay)
                 ));
             } else {
-                self.hub.agent_line(format!("next start in {}", seconds(delay)));
+                self.hub
+                    .agent_line(format!("next start in {}", seconds(delay)));
             }
         }
-        self.status.state = ProcessState::BackingOff { retry_in_ms: delay.as_millis() as u64 };
+        self.status.state = ProcessState::BackingOff {
+            retry_in_ms: delay.as_millis() as u64,
+        };
         self.hub.set_status(self.status.clone());
         Phase::WaitingUntil(Instant::now() + delay)
     }
@@ -274,7 +322,12 @@ impl Runner {
         };
         kill_group(running.pid, Signal::SIGKILL);
         let info = exit_info(exit.as_ref().ok(), ran);
-        self.hub.agent_line(format!("stopped pid {}: {} after {:.1}s", running.pid, describe_exit(&info), ran.as_secs_f64()));
+        self.hub.agent_line(format!(
+            "stopped pid {}: {} after {:.1}s",
+            running.pid,
+            describe_exit(&info),
+            ran.as_secs_f64()
+        ));
         self.status.last_exit = Some(info);
     }
 }
@@ -343,7 +396,10 @@ fn spawn_piped(
     mirror: bool,
 ) -> std::io::Result<(Child, Vec<JoinHandle<()>>)> {
     let Some((program, args)) = argv.split_first() else {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "empty command",
+        ));
     };
     let mut child = ProcessCommand::new(program)
         .args(args)
@@ -355,17 +411,32 @@ fn spawn_piped(
         .spawn()?;
     let mut pumps = Vec::new();
     if let Some(out) = child.stdout.take() {
-        pumps.push(tokio::spawn(pump_lines(out, LogStream::Stdout, hub.clone(), mirror)));
+        pumps.push(tokio::spawn(pump_lines(
+            out,
+            LogStream::Stdout,
+            hub.clone(),
+            mirror,
+        )));
     }
     if let Some(err) = child.stderr.take() {
-        pumps.push(tokio::spawn(pump_lines(err, LogStream::Stderr, hub.clone(), mirror)));
+        pumps.push(tokio::spawn(pump_lines(
+            err,
+            LogStream::Stderr,
+            hub.clone(),
+            mirror,
+        )));
     }
     Ok((child, pumps))
 }
 
 /// Reads `reader` line by line (bytes, no UTF-8 requirement) into the hub; a line longer
 /// than [`MAX_LINE_BYTES`] is cut into pieces.
-async fn pump_lines(reader: impl AsyncRead + Unpin, stream: LogStream, hub: Arc<Hub>, mirror: bool) {
+async fn pump_lines(
+    reader: impl AsyncRead + Unpin,
+    stream: LogStream,
+    hub: Arc<Hub>,
+    mirror: bool,
+) {
     let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, reader);
     let mut line = Vec::new();
     loop {
@@ -419,7 +490,9 @@ fn mirror_line(stream: LogStream, line: &[u8]) {
     let _ = match stream {
         LogStream::Stdout => {
             let mut out = std::io::stdout().lock();
-            out.write_all(line).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush())
+            out.write_all(line)
+                .and_then(|()| out.write_all(b"\n"))
+                .and_then(|()| out.flush())
         }
         LogStream::Stderr | LogStream::Agent => {
             let mut err = std::io::stderr().lock();
@@ -429,7 +502,12 @@ fn mirror_line(stream: LogStream, line: &[u8]) {
 }
 
 /// Runs `argv` in `workdir` to completion (a `Run` request); its output goes to the hub.
-pub async fn run_once(argv: &[String], workdir: &std::path::Path, hub: &Arc<Hub>, mirror: bool) -> Outcome {
+pub async fn run_once(
+    argv: &[String],
+    workdir: &std::path::Path,
+    hub: &Arc<Hub>,
+    mirror: bool,
+) -> Outcome {
     let shown = argv.join(" ");
     hub.agent_line(format!("run: {shown}"));
     let (mut child, pumps) = match spawn_piped(argv, workdir, hub, mirror) {
@@ -444,10 +522,18 @@ pub async fn run_once(argv: &[String], workdir: &std::path::Path, hub: &Arc<Hub>
     let exit = child.wait().await;
     drain(pumps).await;
     let info = exit_info(exit.as_ref().ok(), started.elapsed());
-    hub.agent_line(format!("run {shown:?}: {} after {:.1}s", describe_exit(&info), started.elapsed().as_secs_f64()));
+    hub.agent_line(format!(
+        "run {shown:?}: {} after {:.1}s",
+        describe_exit(&info),
+        started.elapsed().as_secs_f64()
+    ));
     match exit {
-        Ok(status) => Outcome::Exited { code: status.code() },
-        Err(e) => Outcome::Failed { error: format!("waiting for {shown:?}: {e}") },
+        Ok(status) => Outcome::Exited {
+            code: status.code(),
+        },
+        Err(e) => Outcome::Failed {
+            error: format!("waiting for {shown:?}: {e}"),
+        },
     }
 }
 
@@ -475,7 +561,10 @@ mod tests {
     ) -> ProcessStatus {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let event = tokio::time::timeout_at(deadline, rx.recv()).await.expect("timed out").unwrap();
+            let event = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("timed out")
+                .unwrap();
             match event {
                 Event::Log(l) => lines.push(l),
                 Event::Process(s) if until(&s) => return s,
@@ -485,13 +574,20 @@ mod tests {
     }
 
     fn text(lines: &[LogLine], stream: LogStream) -> Vec<String> {
-        lines.iter().filter(|l| l.stream == stream).map(|l| String::from_utf8_lossy(&l.line).into_owned()).collect()
+        lines
+            .iter()
+            .filter(|l| l.stream == stream)
+            .map(|l| String::from_utf8_lossy(&l.line).into_owned())
+            .collect()
     }
 
     #[test]
     fn backoff_doubles_and_caps() {
         let ms: Vec<u128> = (0..10).map(|n| backoff(n).as_millis()).collect();
-        assert_eq!(ms, vec![0, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+        assert_eq!(
+            ms,
+            vec![0, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
         assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
     }
 
@@ -499,9 +595,15 @@ mod tests {
     async fn output_lines_exit_code_and_backoff() {
         let hub = Arc::new(Hub::new());
         let mut rx = hub.subscribe().event_rx;
-        let (sup, task) = Supervisor::spawn(config("echo out; printf 'no newline' >&2; exit 3", 1000), hub.clone());
+        let (sup, task) = Supervisor::spawn(
+            config("echo out; printf 'no newline' >&2; exit 3", 1000),
+            hub.clone(),
+        );
         let mut lines = Vec::new();
-        let first = collect_until(&mut rx, &mut lines, |s| matches!(s.state, ProcessState::BackingOff { .. })).await;
+        let first = collect_until(&mut rx, &mut lines, |s| {
+            matches!(s.state, ProcessState::BackingOff { .. })
+        })
+        .await;
         assert_eq!(first.state, ProcessState::BackingOff { retry_in_ms: 500 });
         assert_eq!(first.quick_exits, 1);
         assert_eq!(first.starts, 1);
@@ -509,10 +611,23 @@ mod tests {
         assert_eq!(text(&lines, LogStream::Stdout), vec!["out"]);
         assert_eq!(text(&lines, LogStream::Stderr), vec!["no newline"]);
         let agent = text(&lines, LogStream::Agent);
-        assert!(agent.iter().any(|l| l.starts_with("started pid ") && l.ends_with("(start #1)")), "{agent:?}");
-        assert!(agent.iter().any(|l| l.starts_with("exited with code 3 after")), "{agent:?}");
+        assert!(
+            agent
+                .iter()
+                .any(|l| l.starts_with("started pid ") && l.ends_with("(start #1)")),
+            "{agent:?}"
+        );
+        assert!(
+            agent
+                .iter()
+                .any(|l| l.starts_with("exited with code 3 after")),
+            "{agent:?}"
+        );
 
-        let second = collect_until(&mut rx, &mut lines, |s| matches!(s.state, ProcessState::BackingOff { .. })).await;
+        let second = collect_until(&mut rx, &mut lines, |s| {
+            matches!(s.state, ProcessState::BackingOff { .. })
+        })
+        .await;
         assert_eq!(second.state, ProcessState::BackingOff { retry_in_ms: 1000 });
         assert_eq!(second.quick_exits, 2);
         assert_eq!(second.starts, 2);
@@ -530,15 +645,30 @@ mod tests {
         let hub = Arc::new(Hub::new());
         let mut rx = hub.subscribe().event_rx;
         let (sup, task) = Supervisor::spawn(
-            SupervisorConfig { argv: vec!["sleep".into(), "1000".into()], workdir: std::env::temp_dir(), grace: Duration::from_secs(2), mirror_output: false },
+            SupervisorConfig {
+                argv: vec!["sleep".into(), "1000".into()],
+                workdir: std::env::temp_dir(),
+                grace: Duration::from_secs(2),
+                mirror_output: false,
+            },
             hub.clone(),
         );
         let mut lines = Vec::new();
-        let running = collect_until(&mut rx, &mut lines, |s| matches!(s.state, ProcessState::Running { .. })).await;
-        let ProcessState::Running { pid: old } = running.state else { panic!() };
+        let running = collect_until(&mut rx, &mut lines, |s| {
+            matches!(s.state, ProcessState::Running { .. })
+        })
+        .await;
+        let ProcessState::Running { pid: old } = running.state else {
+            panic!()
+        };
         let began = Instant::now();
-        let Restarted::Spawned { pid: new } = sup.restart("files changed").await.unwrap() else { panic!() };
-        assert!(began.elapsed() < Duration::from_secs(1), "sleep dies on SIGTERM, no grace wait");
+        let Restarted::Spawned { pid: new } = sup.restart("files changed").await.unwrap() else {
+            panic!()
+        };
+        assert!(
+            began.elapsed() < Duration::from_secs(1),
+            "sleep dies on SIGTERM, no grace wait"
+        );
         assert_ne!(old, new);
         // The old process is gone (reaped, not a zombie).
         assert!(nix::sys::signal::kill(Pid::from_raw(old as i32), None).is_err());
@@ -556,8 +686,13 @@ mod tests {
     async fn stop_escalates_to_sigkill_after_grace() {
         let hub = Arc::new(Hub::new());
         let mut rx = hub.subscribe().event_rx;
-        let (sup, task) =
-            Supervisor::spawn(config("trap '' TERM; echo ready; while true; do sleep 0.05; done", 300), hub.clone());
+        let (sup, task) = Supervisor::spawn(
+            config(
+                "trap '' TERM; echo ready; while true; do sleep 0.05; done",
+                300,
+            ),
+            hub.clone(),
+        );
         // Wait until the trap is in place.
         loop {
             if let Event::Log(l) = rx.recv().await.unwrap() {
@@ -578,7 +713,12 @@ mod tests {
     async fn no_command_restart_has_nothing_to_do() {
         let hub = Arc::new(Hub::new());
         let (sup, task) = Supervisor::spawn(
-            SupervisorConfig { argv: vec![], workdir: std::env::temp_dir(), grace: Duration::from_secs(1), mirror_output: false },
+            SupervisorConfig {
+                argv: vec![],
+                workdir: std::env::temp_dir(),
+                grace: Duration::from_secs(1),
+                mirror_output: false,
+            },
             hub.clone(),
         );
         assert_eq!(hub.status().state, ProcessState::NoCommand);
@@ -592,13 +732,22 @@ mod tests {
         let hub = Arc::new(Hub::new());
         let mut rx = hub.subscribe().event_rx;
         let argv: Vec<String> = vec!["sh".into(), "-c".into(), "echo built; exit 4".into()];
-        assert_eq!(run_once(&argv, &std::env::temp_dir(), &hub, false).await, Outcome::Exited { code: Some(4) });
+        assert_eq!(
+            run_once(&argv, &std::env::temp_dir(), &hub, false).await,
+            Outcome::Exited { code: Some(4) }
+        );
         let mut seen = Vec::new();
         while let Ok(Event::Log(l)) = rx.try_recv() {
             seen.push(l);
         }
         assert_eq!(text(&seen, LogStream::Stdout), vec!["built"]);
-        let missing = run_once(&["/nonexistent/prog".to_string()], &std::env::temp_dir(), &hub, false).await;
+        let missing = run_once(
+            &["/nonexistent/prog".to_string()],
+            &std::env::temp_dir(),
+            &hub,
+            false,
+        )
+        .await;
         assert!(matches!(missing, Outcome::Failed { .. }));
     }
 
@@ -606,8 +755,14 @@ mod tests {
     async fn long_lines_are_cut() {
         let hub = Arc::new(Hub::new());
         let mut rx = hub.subscribe().event_rx;
-        let argv: Vec<String> =
-            vec!["sh".into(), "-c".into(), format!("head -c {} /dev/zero | tr '\\0' a; echo", MAX_LINE_BYTES + 10)];
+        let argv: Vec<String> = vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "head -c {} /dev/zero | tr '\\0' a; echo",
+                MAX_LINE_BYTES + 10
+            ),
+        ];
         run_once(&argv, &std::env::temp_dir(), &hub, false).await;
         let mut out = Vec::new();
         while let Ok(event) = rx.try_recv() {

@@ -65,7 +65,13 @@ pub fn apply_tar(root: &Root, reader: impl Read) -> Result<u64, AgentError> {
             continue;
         };
         let kind = entry.header().entry_type();
-        let mode = || entry.header().mode().map(|m| m & MODE_MASK).map_err(AgentError::Tar);
+        let mode = || {
+            entry
+                .header()
+                .mode()
+                .map(|m| m & MODE_MASK)
+                .map_err(AgentError::Tar)
+        };
         if kind.is_file() || kind == tar::EntryType::Continuous {
             let size = entry.size();
             let mode = mode()?;
@@ -76,15 +82,27 @@ pub fn apply_tar(root: &Root, reader: impl Read) -> Result<u64, AgentError> {
                 if copied == size {
                     Ok(())
                 } else {
-                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar stream ended inside this entry"))
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "tar stream ended inside this entry",
+                    ))
                 }
             })?;
         } else if kind.is_dir() {
             root.mkdir(&path, mode()?)?;
         } else if kind.is_symlink() {
-            let refuse = |reason: &str| AgentError::TarEntry { entry: path.to_string(), reason: reason.into() };
-            let target = entry.link_name().map_err(AgentError::Tar)?.ok_or_else(|| refuse("symlink without a target"))?;
-            let target = target.to_str().ok_or_else(|| refuse("symlink target is not UTF-8"))?.to_string();
+            let refuse = |reason: &str| AgentError::TarEntry {
+                entry: path.to_string(),
+                reason: reason.into(),
+            };
+            let target = entry
+                .link_name()
+                .map_err(AgentError::Tar)?
+                .ok_or_else(|| refuse("symlink without a target"))?;
+            let target = target
+                .to_str()
+                .ok_or_else(|| refuse("symlink target is not UTF-8"))?
+                .to_string();
             root.symlink(&path, &target)?;
         } else {
             tracing::debug!(entry = %path, kind = ?kind, "tar: entry kind not synced, skipped");
@@ -100,11 +118,16 @@ pub fn apply_tar(root: &Root, reader: impl Read) -> Result<u64, AgentError> {
 /// The entry's path as a [`RelPath`]; `None` for the archive's root (`.` or `./`). Anything
 /// that is absolute or climbs with `..` is refused.
 fn entry_path(raw: &Path) -> Result<Option<RelPath>, AgentError> {
-    let refuse = |reason: &str| AgentError::TarEntry { entry: raw.to_string_lossy().into_owned(), reason: reason.into() };
+    let refuse = |reason: &str| AgentError::TarEntry {
+        entry: raw.to_string_lossy().into_owned(),
+        reason: reason.into(),
+    };
     let mut parts = Vec::new();
     for c in raw.components() {
         match c {
-            Component::Normal(s) => parts.push(s.to_str().ok_or_else(|| refuse("name is not UTF-8"))?),
+            Component::Normal(s) => {
+                parts.push(s.to_str().ok_or_else(|| refuse("name is not UTF-8"))?)
+            }
             Component::CurDir => {}
             Component::ParentDir => return Err(refuse("`..` leaves the root")),
             Component::RootDir | Component::Prefix(_) => return Err(refuse("absolute path")),
@@ -113,7 +136,9 @@ fn entry_path(raw: &Path) -> Result<Option<RelPath>, AgentError> {
     if parts.is_empty() {
         return Ok(None);
     }
-    RelPath::new(parts.join("/")).map(Some).map_err(|e| refuse(&e.to_string()))
+    RelPath::new(parts.join("/"))
+        .map(Some)
+        .map_err(|e| refuse(&e.to_string()))
 }
 
 /// One open tar stream of a connection.
@@ -129,9 +154,21 @@ impl TarSession {
     pub fn start(root: Root, req: u64) -> Self {
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
         let (consumed_tx, consumed_rx) = watch::channel(0);
-        let reader = ChunkReader { chunk_rx, buf: Vec::new(), pos: 0, taken: 0, consumed_tx };
+        let reader = ChunkReader {
+            chunk_rx,
+            buf: Vec::new(),
+            pos: 0,
+            taken: 0,
+            consumed_tx,
+        };
         let task = tokio::task::spawn_blocking(move || apply_tar(&root, reader));
-        TarSession { req, chunk_tx, consumed_rx, sent: 0, task }
+        TarSession {
+            req,
+            chunk_tx,
+            consumed_rx,
+            sent: 0,
+            task,
+        }
     }
 
     /// Hands a chunk to the reader (waits while it is behind). When the reader has already
@@ -155,8 +192,12 @@ impl TarSession {
         drop(self.chunk_tx);
         match self.task.await {
             Ok(Ok(applied)) => Outcome::Ok { applied },
-            Ok(Err(e)) => Outcome::Failed { error: e.to_string() },
-            Err(e) => Outcome::Failed { error: format!("tar stream task failed: {e}") },
+            Ok(Err(e)) => Outcome::Failed {
+                error: e.to_string(),
+            },
+            Err(e) => Outcome::Failed {
+                error: format!("tar stream task failed: {e}"),
+            },
         }
     }
 }
@@ -219,11 +260,27 @@ mod tests {
         let applied = apply_tar(&root, &sample_tar()[..]).unwrap();
         assert_eq!(applied, 4, "root entry and fifo are skipped");
         let r = root.path();
-        assert_eq!(fs::read(r.join("bin/run.sh")).unwrap(), b"#!/bin/sh\necho hi\n");
-        assert_eq!(fs::metadata(r.join("bin/run.sh")).unwrap().permissions().mode() & 0o777, 0o755);
-        assert_eq!(fs::metadata(r.join("bin")).unwrap().permissions().mode() & 0o777, 0o750);
+        assert_eq!(
+            fs::read(r.join("bin/run.sh")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
+        assert_eq!(
+            fs::metadata(r.join("bin/run.sh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+        assert_eq!(
+            fs::metadata(r.join("bin")).unwrap().permissions().mode() & 0o777,
+            0o750
+        );
         assert_eq!(fs::read(r.join("data/big.bin")).unwrap().len(), 700_000);
-        assert_eq!(fs::read_link(r.join("run")).unwrap(), Path::new("bin/run.sh"));
+        assert_eq!(
+            fs::read_link(r.join("run")).unwrap(),
+            Path::new("bin/run.sh")
+        );
         assert!(!r.join("fifo").exists());
     }
 
@@ -242,7 +299,10 @@ mod tests {
         assert!(!dir.path().join("evil").exists());
 
         let abs = raw_named_entry(b"/tmp/devloop-evil-abs", b"pwned");
-        assert!(matches!(apply_tar(&root, &abs[..]).unwrap_err(), AgentError::TarEntry { .. }));
+        assert!(matches!(
+            apply_tar(&root, &abs[..]).unwrap_err(),
+            AgentError::TarEntry { .. }
+        ));
         assert!(!Path::new("/tmp/devloop-evil-abs").exists());
     }
 
@@ -256,7 +316,10 @@ mod tests {
         let mut h = header(tar::EntryType::Regular, 0o644, 1);
         b.append_data(&mut h, "out/x", &b"x"[..]).unwrap();
         let t = b.into_inner().unwrap();
-        assert!(matches!(apply_tar(&root, &t[..]).unwrap_err(), AgentError::ParentIsSymlink { .. }));
+        assert!(matches!(
+            apply_tar(&root, &t[..]).unwrap_err(),
+            AgentError::ParentIsSymlink { .. }
+        ));
         assert!(!outside.join("x").exists());
     }
 

@@ -49,13 +49,19 @@ async fn start(root: &std::path::Path, command: &[&str]) -> Running {
 impl Running {
     async fn shutdown(self) {
         let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }
 
 async fn connect(addr: SocketAddr) -> Ws {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/devloop"), tcp).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/devloop"), tcp)
+        .await
+        .unwrap();
     ws
 }
 
@@ -76,7 +82,9 @@ async fn send(ws: &mut Ws, msg: &LaptopMsg) {
 /// The next protocol message, or `None` when the agent closed the connection.
 async fn next_msg(ws: &mut Ws) -> Option<AgentMsg> {
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("agent is silent");
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("agent is silent");
         match message {
             Some(Ok(Message::Binary(bytes))) => return Some(decode(&bytes).unwrap()),
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
@@ -88,7 +96,10 @@ async fn next_msg(ws: &mut Ws) -> Option<AgentMsg> {
 /// The next reply, skipping pushed logs and status changes.
 async fn reply(ws: &mut Ws) -> AgentMsg {
     loop {
-        match next_msg(ws).await.expect("connection closed while waiting for a reply") {
+        match next_msg(ws)
+            .await
+            .expect("connection closed while waiting for a reply")
+        {
             AgentMsg::Log(_) | AgentMsg::Process(_) => {}
             other => return other,
         }
@@ -105,7 +116,11 @@ async fn connect_and_welcome(addr: SocketAddr) -> (Ws, devloop_proxy::msg::Welco
 }
 
 fn put(path: &str, data: &[u8]) -> FileOp {
-    FileOp::Put { path: RelPath::new(path).unwrap(), mode: 0o644, data: data.to_vec() }
+    FileOp::Put {
+        path: RelPath::new(path).unwrap(),
+        mode: 0o644,
+        data: data.to_vec(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,12 +130,22 @@ async fn wrong_token_is_refused_and_nothing_is_applied() {
     let mut ws = connect(agent.addr).await;
     send(&mut ws, &hello("not-the-token")).await;
     // Sent right after the hello, before the refusal could arrive.
-    send(&mut ws, &LaptopMsg::Batch { req: 1, ops: vec![put("pwned.txt", b"x")] }).await;
+    send(
+        &mut ws,
+        &LaptopMsg::Batch {
+            req: 1,
+            ops: vec![put("pwned.txt", b"x")],
+        },
+    )
+    .await;
     match next_msg(&mut ws).await {
         Some(AgentMsg::Refused { reason }) => assert_eq!(reason, "wrong token"),
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert!(next_msg(&mut ws).await.is_none(), "the agent closes after refusing");
+    assert!(
+        next_msg(&mut ws).await.is_none(),
+        "the agent closes after refusing"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!dir.path().join("pwned.txt").exists());
 
@@ -130,7 +155,9 @@ async fn wrong_token_is_refused_and_nothing_is_applied() {
         (MAGIC, PROTOCOL_VERSION + 1, "unsupported protocol version"),
     ] {
         let mut ws = connect(agent.addr).await;
-        let LaptopMsg::Hello(mut h) = hello(TOKEN) else { unreachable!() };
+        let LaptopMsg::Hello(mut h) = hello(TOKEN) else {
+            unreachable!()
+        };
         h.magic = magic;
         h.protocol_version = version;
         send(&mut ws, &LaptopMsg::Hello(h)).await;
@@ -142,13 +169,27 @@ async fn wrong_token_is_refused_and_nothing_is_applied() {
 
     // A first message that is not a hello is refused too.
     let mut ws = connect(agent.addr).await;
-    send(&mut ws, &LaptopMsg::Batch { req: 1, ops: vec![put("pwned2.txt", b"x")] }).await;
-    assert!(matches!(next_msg(&mut ws).await, Some(AgentMsg::Refused { .. })));
+    send(
+        &mut ws,
+        &LaptopMsg::Batch {
+            req: 1,
+            ops: vec![put("pwned2.txt", b"x")],
+        },
+    )
+    .await;
+    assert!(matches!(
+        next_msg(&mut ws).await,
+        Some(AgentMsg::Refused { .. })
+    ));
     assert!(!dir.path().join("pwned2.txt").exists());
 
     // Another path than /devloop is not upgraded.
     let tcp = TcpStream::connect(agent.addr).await.unwrap();
-    assert!(tokio_tungstenite::client_async(format!("ws://{}/other", agent.addr), tcp).await.is_err());
+    assert!(
+        tokio_tungstenite::client_async(format!("ws://{}/other", agent.addr), tcp)
+            .await
+            .is_err()
+    );
     agent.shutdown().await;
 }
 
@@ -163,19 +204,54 @@ async fn files_index_and_tar_over_one_connection() {
     for cap in [caps::FILES, caps::TAR, caps::PROCESS] {
         assert!(welcome.capabilities.iter().any(|c| c == cap), "{cap}");
     }
-    assert_eq!(welcome.root, root.canonicalize().unwrap().display().to_string());
+    assert_eq!(
+        welcome.root,
+        root.canonicalize().unwrap().display().to_string()
+    );
     assert_eq!(welcome.process.state, ProcessState::NoCommand);
 
-    send(&mut ws, &LaptopMsg::Batch { req: 1, ops: vec![put("src/app.py", b"print(1)\n")] }).await;
-    assert_eq!(reply(&mut ws).await, AgentMsg::Ack { req: 1, outcome: Outcome::Ok { applied: 1 } });
-    assert_eq!(std::fs::read(root.join("src/app.py")).unwrap(), b"print(1)\n");
+    send(
+        &mut ws,
+        &LaptopMsg::Batch {
+            req: 1,
+            ops: vec![put("src/app.py", b"print(1)\n")],
+        },
+    )
+    .await;
+    assert_eq!(
+        reply(&mut ws).await,
+        AgentMsg::Ack {
+            req: 1,
+            outcome: Outcome::Ok { applied: 1 }
+        }
+    );
+    assert_eq!(
+        std::fs::read(root.join("src/app.py")).unwrap(),
+        b"print(1)\n"
+    );
 
     send(&mut ws, &LaptopMsg::Index { req: 2 }).await;
     match reply(&mut ws).await {
-        AgentMsg::Index { req: 2, entries, last: true } => {
-            let file = entries.iter().find(|(p, _)| p.as_str() == "src/app.py").unwrap();
-            assert_eq!(file.1, Entry::File { mode: 0o644, size: 9, hash: hash_bytes(b"print(1)\n") });
-            assert!(entries.iter().any(|(p, e)| p.as_str() == "src" && matches!(e, Entry::Dir { .. })));
+        AgentMsg::Index {
+            req: 2,
+            entries,
+            last: true,
+        } => {
+            let file = entries
+                .iter()
+                .find(|(p, _)| p.as_str() == "src/app.py")
+                .unwrap();
+            assert_eq!(
+                file.1,
+                Entry::File {
+                    mode: 0o644,
+                    size: 9,
+                    hash: hash_bytes(b"print(1)\n")
+                }
+            );
+            assert!(entries
+                .iter()
+                .any(|(p, e)| p.as_str() == "src" && matches!(e, Entry::Dir { .. })));
         }
         other => panic!("{other:?}"),
     }
@@ -196,7 +272,15 @@ async fn files_index_and_tar_over_one_connection() {
     let chunks: Vec<&[u8]> = archive.chunks(100_000).collect();
     let n = chunks.len();
     for (i, chunk) in chunks.iter().enumerate() {
-        send(&mut ws, &LaptopMsg::TarChunk { req: 3, data: chunk.to_vec(), last: i + 1 == n }).await;
+        send(
+            &mut ws,
+            &LaptopMsg::TarChunk {
+                req: 3,
+                data: chunk.to_vec(),
+                last: i + 1 == n,
+            },
+        )
+        .await;
         if i == n - 1 {
             break;
         }
@@ -205,15 +289,52 @@ async fn files_index_and_tar_over_one_connection() {
             assert_eq!(reply(&mut ws).await, AgentMsg::Pong { nonce: 42 });
         }
     }
-    assert_eq!(reply(&mut ws).await, AgentMsg::Ack { req: 3, outcome: Outcome::Ok { applied: 2 } });
+    assert_eq!(
+        reply(&mut ws).await,
+        AgentMsg::Ack {
+            req: 3,
+            outcome: Outcome::Ok { applied: 2 }
+        }
+    );
     assert_eq!(std::fs::read(root.join("bin/tool")).unwrap(), big);
-    assert_eq!(std::fs::read_link(root.join("tool")).unwrap(), std::path::Path::new("bin/tool"));
+    assert_eq!(
+        std::fs::read_link(root.join("tool")).unwrap(),
+        std::path::Path::new("bin/tool")
+    );
 
     // A new stream while one is open fails the old one.
-    send(&mut ws, &LaptopMsg::TarChunk { req: 4, data: archive[..1024].to_vec(), last: false }).await;
-    send(&mut ws, &LaptopMsg::TarChunk { req: 5, data: Vec::new(), last: true }).await;
-    assert!(matches!(reply(&mut ws).await, AgentMsg::Ack { req: 4, outcome: Outcome::Failed { .. } }));
-    assert_eq!(reply(&mut ws).await, AgentMsg::Ack { req: 5, outcome: Outcome::Ok { applied: 0 } });
+    send(
+        &mut ws,
+        &LaptopMsg::TarChunk {
+            req: 4,
+            data: archive[..1024].to_vec(),
+            last: false,
+        },
+    )
+    .await;
+    send(
+        &mut ws,
+        &LaptopMsg::TarChunk {
+            req: 5,
+            data: Vec::new(),
+            last: true,
+        },
+    )
+    .await;
+    assert!(matches!(
+        reply(&mut ws).await,
+        AgentMsg::Ack {
+            req: 4,
+            outcome: Outcome::Failed { .. }
+        }
+    ));
+    assert_eq!(
+        reply(&mut ws).await,
+        AgentMsg::Ack {
+            req: 5,
+            outcome: Outcome::Ok { applied: 0 }
+        }
+    );
 
     // A second connection works alongside the first.
     let (mut other, _) = connect_and_welcome(agent.addr).await;
@@ -221,7 +342,9 @@ async fn files_index_and_tar_over_one_connection() {
     assert_eq!(reply(&mut other).await, AgentMsg::Pong { nonce: 7 });
 
     // Garbage closes the connection (nothing applied, no panic); the agent keeps serving.
-    ws.send(Message::Binary(vec![0xff; 64].into())).await.unwrap();
+    ws.send(Message::Binary(vec![0xff; 64].into()))
+        .await
+        .unwrap();
     assert!(next_msg(&mut ws).await.is_none());
     send(&mut other, &LaptopMsg::Ping { nonce: 8 }).await;
     assert_eq!(reply(&mut other).await, AgentMsg::Pong { nonce: 8 });
@@ -234,14 +357,23 @@ async fn files_index_and_tar_over_one_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_logs_restart_and_run() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = start(dir.path(), &["sh", "-c", "echo hello from $$; exec sleep 1000"]).await;
+    let agent = start(
+        dir.path(),
+        &["sh", "-c", "echo hello from $$; exec sleep 1000"],
+    )
+    .await;
     // Let the process print before connecting, so the line comes in the welcome's recent logs.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut ws, welcome) = connect_and_welcome(agent.addr).await;
-    let ProcessState::Running { pid } = welcome.process.state else { panic!("{:?}", welcome.process) };
+    let ProcessState::Running { pid } = welcome.process.state else {
+        panic!("{:?}", welcome.process)
+    };
     let expected = format!("hello from {pid}");
     assert!(
-        welcome.recent_logs.iter().any(|l| l.stream == LogStream::Stdout && l.line == expected.as_bytes()),
+        welcome
+            .recent_logs
+            .iter()
+            .any(|l| l.stream == LogStream::Stdout && l.line == expected.as_bytes()),
         "{:?}",
         welcome.recent_logs
     );
@@ -251,7 +383,11 @@ async fn process_logs_restart_and_run() {
     // pushed events travel separately).
     let (mut acked, mut new_pid, mut lines) = (false, None, Vec::new());
     let greeted = |new_pid: Option<u32>, lines: &[Vec<u8>]| {
-        new_pid.is_some_and(|p| lines.iter().any(|l| l == format!("hello from {p}").as_bytes()))
+        new_pid.is_some_and(|p| {
+            lines
+                .iter()
+                .any(|l| l == format!("hello from {p}").as_bytes())
+        })
     };
     while !(acked && greeted(new_pid, &lines)) {
         match next_msg(&mut ws).await.expect("connection closed") {
@@ -270,7 +406,14 @@ async fn process_logs_restart_and_run() {
         }
     }
 
-    send(&mut ws, &LaptopMsg::Run { req: 2, argv: vec!["sh".into(), "-c".into(), "echo ran; exit 5".into()] }).await;
+    send(
+        &mut ws,
+        &LaptopMsg::Run {
+            req: 2,
+            argv: vec!["sh".into(), "-c".into(), "echo ran; exit 5".into()],
+        },
+    )
+    .await;
     let mut saw_output = false;
     loop {
         match next_msg(&mut ws).await.unwrap() {

@@ -6,6 +6,7 @@ use devloop_proxy::msg::{
     AgentMsg, FileOp, Hello, LaptopMsg, LogLine, Outcome, ProcessStatus, Welcome,
 };
 use devloop_proxy::tree::Tree;
+use devloop_proxy::tunnel::{Incoming, Mux, Side, TunnelFrame};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +58,8 @@ pub struct AgentLink {
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     next_req: Arc<AtomicU64>,
     closed: tokio_util::sync::CancellationToken,
+    /// The tunnel multiplexer, once [`AgentLink::open_tunnel`] made one.
+    tunnel: Arc<Mutex<Option<Mux>>>,
 }
 
 pub struct Connected {
@@ -90,6 +93,7 @@ impl AgentLink {
                 devloop_proxy::caps::FILES.into(),
                 devloop_proxy::caps::TAR.into(),
                 devloop_proxy::caps::PROCESS.into(),
+                devloop_proxy::caps::TUNNEL.into(),
             ],
             token: token.into(),
         });
@@ -149,6 +153,8 @@ impl AgentLink {
             writer_closed.cancel();
         });
 
+        let tunnel: Arc<Mutex<Option<Mux>>> = Arc::default();
+        let reader_tunnel = tunnel.clone();
         let reader_pending = pending.clone();
         let reader_closed = closed.clone();
         tokio::spawn(async move {
@@ -209,12 +215,20 @@ impl AgentLink {
                             let _ = tx.send(());
                         }
                     }
-                    AgentMsg::Welcome(_) | AgentMsg::Refused { .. } | AgentMsg::Tunnel(_) => {}
+                    AgentMsg::Tunnel(frame) => {
+                        if let Some(mux) = lock(&reader_tunnel).as_ref() {
+                            mux.handle(frame);
+                        }
+                    }
+                    AgentMsg::Welcome(_) | AgentMsg::Refused { .. } => {}
                 }
             }
             reader_closed.cancel();
             // Waiters see their sender dropped and report the connection as closed.
             lock(&reader_pending).clear();
+            if let Some(mux) = lock(&reader_tunnel).take() {
+                mux.shutdown(devloop_proxy::tunnel::CONNECTION_LOST);
+            }
         });
 
         Ok(Connected {
@@ -223,10 +237,36 @@ impl AgentLink {
                 pending,
                 next_req: Arc::new(AtomicU64::new(1)),
                 closed,
+                tunnel,
             },
             welcome,
             events,
         })
+    }
+
+    /// The laptop end of the tunnel: streams the agent opens arrive on the `Incoming`, and
+    /// the `Mux` opens streams towards the agent (`--expose`). One per connection.
+    pub fn open_tunnel(&self) -> (Mux, Incoming) {
+        let (frames_tx, mut frames_rx) =
+            mpsc::channel::<TunnelFrame>(devloop_proxy::tunnel::OUT_QUEUE_FRAMES);
+        let (mux, incoming) = Mux::new(Side::Laptop, frames_tx);
+        *lock(&self.tunnel) = Some(mux.clone());
+        let out_tx = self.out_tx.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = frames_rx.recv().await {
+                if out_tx
+                    .send(Message::Binary(encode(&LaptopMsg::Tunnel(frame)).into()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        if self.closed.is_cancelled() {
+            mux.shutdown(devloop_proxy::tunnel::CONNECTION_LOST);
+        }
+        (mux, incoming)
     }
 
     fn req_id(&self) -> u64 {

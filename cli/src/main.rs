@@ -57,6 +57,31 @@ enum Command {
         #[arg(long)]
         no_logs: bool,
     },
+    /// Swap a running service's container for the agent and tunnel its traffic to the laptop
+    /// (`intercept list` shows every active intercept).
+    Intercept {
+        /// Container name, or compose/devloop service name; `list` lists intercepts.
+        target: String,
+        /// REMOTE:LOCAL: the service's port in its container -> a port on the laptop (repeatable).
+        #[arg(long = "port", value_parser = commands::intercept::parse_port)]
+        ports: Vec<(u16, u16)>,
+        /// Also write the service's environment to this file.
+        #[arg(long)]
+        env_file: Option<PathBuf>,
+        /// NAME:PORT[:LOCAL]: make a service of the system reachable at 127.0.0.1:LOCAL.
+        #[arg(long)]
+        expose: Vec<commands::intercept::Expose>,
+        /// The laptop command to run with the service's environment; the intercept ends when it exits.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// End an intercept: the original container back, exactly.
+    Leave {
+        target: Option<String>,
+        /// End every intercept.
+        #[arg(long)]
+        all: bool,
+    },
     /// A service's deployed versions: tag, time, what changed.
     History { service: String },
     /// Roll a service back to its previous version, with the same health-checked rollout.
@@ -160,6 +185,27 @@ fn main() -> std::process::ExitCode {
                 health_timeout,
                 no_logs,
             } => commands::watch::watch(&global, services, Some(health_timeout), no_logs).await,
+            Command::Intercept {
+                target,
+                ports,
+                env_file,
+                expose,
+                command,
+            } => {
+                if target == "list" && ports.is_empty() {
+                    commands::intercept::list().await
+                } else {
+                    commands::intercept::intercept(commands::intercept::InterceptOptions {
+                        target,
+                        ports,
+                        env_file,
+                        expose,
+                        command,
+                    })
+                    .await
+                }
+            }
+            Command::Leave { target, all } => commands::intercept::leave(target, all).await,
             Command::History { service } => commands::deploy::history_cmd(&global, &service).await,
             Command::Rollback {
                 service,

@@ -161,7 +161,8 @@ impl Shop {
 
     /// Starts a long-running devloop command with its output in a file; returns the file.
     pub fn spawn(&mut self, args: &[&str]) -> PathBuf {
-        let log = self.state.path().join(format!("{}.log", args.join("-")));
+        let name: String = args.join("-").chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(80).collect();
+        let log = self.state.path().join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
         let child = self.cmd(args).stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null()).spawn().expect("spawn devloop");
         self.children.push(child);

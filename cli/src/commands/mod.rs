@@ -3,6 +3,7 @@
 pub mod deploy;
 pub mod doctor;
 pub mod down;
+pub mod intercept;
 pub mod status;
 pub mod up;
 pub mod watch;

@@ -658,6 +658,16 @@ pub async fn exec_transport(
     docker: &Docker,
     container: &str,
 ) -> Result<impl Transport, DockerError> {
+    exec_transport_with(docker, container, AGENT_PATH).await
+}
+
+/// [`exec_transport`] for an agent installed at `agent_path` (the agent image has it at
+/// `/devloop-agent`).
+pub async fn exec_transport_with(
+    docker: &Docker,
+    container: &str,
+    agent_path: &str,
+) -> Result<impl Transport, DockerError> {
     let exec = docker
         .create_exec(
             container,
@@ -667,7 +677,7 @@ pub async fn exec_transport(
                 attach_stderr: Some(true),
                 tty: Some(false),
                 cmd: Some(vec![
-                    AGENT_PATH.to_string(),
+                    agent_path.to_string(),
                     "bridge".into(),
                     "--to".into(),
                     format!("127.0.0.1:{AGENT_PORT}"),

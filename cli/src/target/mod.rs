@@ -3,5 +3,6 @@
 
 pub mod docker;
 pub mod docker_deploy;
+pub mod docker_intercept;
 pub mod engine;
 pub mod labels;

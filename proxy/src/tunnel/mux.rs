@@ -360,6 +360,11 @@ impl Mux {
         (Mux { shared }, Incoming { rx: incoming_rx })
     }
 
+    /// Whether both handles are the same multiplexer.
+    pub fn same_as(&self, other: &Mux) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     pub fn side(&self) -> Side {
         self.shared.side
     }

@@ -1,0 +1,559 @@
+//! `devloop intercept`, `intercept list` and `leave`: a service's traffic to a process on the
+//! laptop, for as long as `intercept` runs; the original back, exactly, when it ends.
+
+use anyhow::Context;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::connect_engine;
+use crate::agent_link::{AgentLink, Connected};
+use crate::state::{now_ms, TokenStore};
+use crate::target::docker;
+use crate::target::docker_intercept::{self as di, Record};
+use crate::target::engine::EngineChoice;
+use crate::ui::{ago, human_ms};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expose {
+    pub name: String,
+    pub port: u16,
+    pub local: u16,
+}
+
+impl std::str::FromStr for Expose {
+    type Err = String;
+    /// `NAME:PORT[:LOCAL]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("{s:?}: {p:?} is not a port"))
+        };
+        match parts.as_slice() {
+            [name, p] if !name.is_empty() => Ok(Expose {
+                name: name.to_string(),
+                port: port(p)?,
+                local: port(p)?,
+            }),
+            [name, p, l] if !name.is_empty() => Ok(Expose {
+                name: name.to_string(),
+                port: port(p)?,
+                local: port(l)?,
+            }),
+            _ => Err(format!("{s:?}: expected NAME:PORT[:LOCAL]")),
+        }
+    }
+}
+
+/// `REMOTE:LOCAL` (or one port for both).
+pub fn parse_port(s: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("{s:?}: {p:?} is not a port"))
+    };
+    match s.split_once(':') {
+        Some((r, l)) => Ok((port(r)?, port(l)?)),
+        None => Ok((port(s)?, port(s)?)),
+    }
+}
+
+pub struct InterceptOptions {
+    pub target: String,
+    pub ports: Vec<(u16, u16)>,
+    pub env_file: Option<PathBuf>,
+    pub expose: Vec<Expose>,
+    pub command: Vec<String>,
+}
+
+/// Environment values naming an exposed service (`http://db:5432`, `db:5432`) point at its
+/// laptop address instead.
+pub fn rewrite_env(env: &[(String, String)], expose: &[Expose]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| {
+            let mut v = v.clone();
+            for e in expose {
+                v = v.replace(
+                    &format!("{}:{}", e.name, e.port),
+                    &format!("127.0.0.1:{}", e.local),
+                );
+            }
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// Variables of the container that would break a laptop process.
+const LAPTOP_KEEPS: &[&str] = &[
+    "PATH", "HOME", "HOSTNAME", "TERM", "USER", "SHELL", "LANG", "PWD",
+];
+
+pub async fn intercept(opts: InterceptOptions) -> anyhow::Result<()> {
+    if opts.ports.is_empty() {
+        anyhow::bail!("say which port to intercept: --port REMOTE:LOCAL (REMOTE is the port the service listens on in its container)");
+    }
+    let (docker, engine) = connect_engine().await?;
+    // In a project folder, its own service is meant when several projects have one so named.
+    let here = std::env::current_dir()
+        .ok()
+        .and_then(|d| super::load_project(&super::Global { dir: d }).ok())
+        .map(|p| p.name);
+    if let Some(r) = di::load_records().into_iter().find(|r| {
+        (r.service == opts.target && here.as_deref().is_none_or(|h| h == r.project))
+            || r.original_name == opts.target
+    }) {
+        anyhow::bail!(
+            "{} is already intercepted (by pid {}, {}); end that with `devloop leave {}`",
+            r.original_name,
+            r.cli_pid,
+            ago(r.started_ms),
+            r.service
+        );
+    }
+    let original = di::find_target(&docker, &opts.target, here.as_deref()).await?;
+    let orig_name = di::container_name(&original);
+    let orig_id = original.id.clone().unwrap_or_default();
+    if let Some(r) = di::load_records()
+        .into_iter()
+        .find(|r| r.original_id == orig_id || r.original_name == orig_name)
+    {
+        anyhow::bail!(
+            "{orig_name} is already intercepted (by pid {}, {}); end that with `devloop leave {}`",
+            r.cli_pid,
+            ago(r.started_ms),
+            r.service
+        );
+    }
+    let (service, project) = di::service_of(&original);
+    let record = Record {
+        original_id: orig_id,
+        original_name: orig_name.clone(),
+        service: service.clone(),
+        project,
+        agent_container: format!("{orig_name}-devloop-intercept"),
+        ports: opts.ports.clone(),
+        started_ms: now_ms(),
+        cli_pid: std::process::id(),
+    };
+    let env = di::env_of(&original);
+    let (_, agent) = super::read_agent_binary()?;
+    let token = crate::state::new_token();
+    let tokens = TokenStore::new();
+
+    // Crash safety: the record is on disk before anything changes.
+    di::save_record(&record).context("saving the restore record")?;
+    tokens
+        .write(&record.agent_container, &token)
+        .context("saving the session token")?;
+    let started = Instant::now();
+    let expose_targets: Vec<String> = opts
+        .expose
+        .iter()
+        .map(|e| format!("{}:{}", e.name, e.port))
+        .collect();
+    if let Err(e) = di::swap_in(&docker, &original, &record, &agent, &token, &expose_targets).await
+    {
+        eprintln!("devloop: the swap failed ({e}); restoring {orig_name}");
+        di::restore(&docker, &record)
+            .await
+            .context("restoring after a failed swap")?;
+        return Err(e.into());
+    }
+
+    // Listeners for exposed services on the laptop.
+    let mux_slot: Arc<Mutex<Option<devloop_proxy::tunnel::Mux>>> = Arc::default();
+    for (i, e) in opts.expose.iter().enumerate() {
+        let listener = TcpListener::bind(("127.0.0.1", e.local))
+            .await
+            .with_context(|| {
+                format!(
+                    "listening on 127.0.0.1:{} for --expose {}:{}",
+                    e.local, e.name, e.port
+                )
+            })?;
+        tokio::spawn(expose_loop(listener, i as u16, mux_slot.clone()));
+    }
+    let locals: HashMap<u16, u16> = opts.ports.iter().copied().collect();
+    let link = connect_agent(&docker, &engine, &record.agent_container, &token).await?;
+    start_tunnel(&link, &locals, &mux_slot, &service);
+    let ports: Vec<String> = opts
+        .ports
+        .iter()
+        .map(|(r, l)| format!("{r} -> laptop {l}"))
+        .collect();
+    eprintln!(
+        "devloop: {orig_name} intercepted in {} ({}); `devloop leave {service}` or Ctrl-C restores it",
+        human_ms(started.elapsed().as_millis() as u64),
+        ports.join(", ")
+    );
+
+    let env = rewrite_env(&env, &opts.expose);
+    if let Some(path) = &opts.env_file {
+        let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "devloop: wrote the environment of {orig_name} to {}",
+            path.display()
+        );
+    }
+    let mut child = if opts.command.is_empty() {
+        None
+    } else {
+        let mut c = tokio::process::Command::new(&opts.command[0]);
+        c.args(&opts.command[1..]);
+        for (k, v) in env
+            .iter()
+            .filter(|(k, _)| !LAPTOP_KEEPS.contains(&k.as_str()))
+        {
+            c.env(k, v);
+        }
+        Some(
+            c.spawn()
+                .with_context(|| format!("starting `{}`", opts.command.join(" ")))?,
+        )
+    };
+
+    let mut link = link;
+    let outcome = loop {
+        tokio::select! {
+            _ = super::up::wait_for_signal() => break "interrupted",
+            status = async { match child.as_mut() { Some(c) => c.wait().await.ok(), None => std::future::pending().await } } => {
+                eprintln!("devloop: `{}` exited ({})", opts.command.join(" "), status.map(|s| s.to_string()).unwrap_or_default());
+                break "the command exited";
+            }
+            _ = link.link.closed() => {
+                if ended_elsewhere(&docker, &record).await {
+                    eprintln!("devloop: the intercept was ended elsewhere (`devloop leave`); exiting");
+                    if let Some(c) = child.as_mut() { let _ = c.kill().await; }
+                    return Ok(());
+                }
+                eprintln!("devloop: the tunnel to the agent is down; reconnecting (callers of {service} get closed connections meanwhile)");
+                loop {
+                    match connect_agent(&docker, &engine, &record.agent_container, &token).await {
+                        Ok(l) => {
+                            link = l;
+                            start_tunnel(&link, &locals, &mux_slot, &service);
+                            eprintln!("devloop: tunnel back up");
+                            break;
+                        }
+                        Err(_) if ended_elsewhere(&docker, &record).await => break,
+                        Err(e) => eprintln!("devloop: cannot reach the agent yet: {e:#}"),
+                    }
+                }
+            }
+        }
+    };
+    if let Some(c) = child.as_mut() {
+        let _ = c.kill().await;
+    }
+    let t = Instant::now();
+    link.link.close();
+    di::restore(&docker, &record).await?;
+    eprintln!(
+        "devloop: {outcome}; {orig_name} restored in {}",
+        human_ms(t.elapsed().as_millis() as u64)
+    );
+    Ok(())
+}
+
+/// `leave` from another shell removes the record, then the agent container.
+async fn ended_elsewhere(docker: &bollard::Docker, record: &Record) -> bool {
+    !di::load_records()
+        .iter()
+        .any(|r| r.original_id == record.original_id)
+        || matches!(
+            docker
+                .inspect_container(&record.agent_container, None)
+                .await,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                ..
+            })
+        )
+}
+
+fn start_tunnel(
+    link: &Connected,
+    locals: &HashMap<u16, u16>,
+    slot: &Arc<Mutex<Option<devloop_proxy::tunnel::Mux>>>,
+    service: &str,
+) {
+    let (mux, mut incoming) = link.link.open_tunnel();
+    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(mux);
+    let locals = locals.clone();
+    let service = service.to_string();
+    tokio::spawn(async move {
+        while let Some((remote, stream)) = incoming.accept().await {
+            let Some(local) = locals.get(&remote).copied() else {
+                stream.reset(&format!("port {remote} is not intercepted"));
+                continue;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                match TcpStream::connect(("127.0.0.1", local)).await {
+                    Ok(mut tcp) => {
+                        let _ = tcp.set_nodelay(true);
+                        let _ = stream.bridge(&mut tcp).await;
+                    }
+                    Err(e) => {
+                        eprintln!("devloop: a call to {service}:{remote} found nothing on laptop port {local} ({e})");
+                        stream.reset(&format!("nothing listens on the laptop's port {local}"));
+                    }
+                }
+            });
+        }
+    });
+}
+
+async fn expose_loop(
+    listener: TcpListener,
+    index: u16,
+    slot: Arc<Mutex<Option<devloop_proxy::tunnel::Mux>>>,
+) {
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        let mux = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(mux) = mux else { continue };
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            if let Ok(stream) = mux.open(index).await {
+                let _ = stream.bridge(&mut tcp).await;
+            }
+        });
+    }
+}
+
+/// The agent over devloop-control when its address answers, else through `docker exec`.
+async fn connect_agent(
+    docker: &bollard::Docker,
+    engine: &EngineChoice,
+    container: &str,
+    token: &str,
+) -> anyhow::Result<Connected> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let attempt: anyhow::Result<Connected> = async {
+            let info = docker.inspect_container(container, None).await?;
+            let ip = info
+                .network_settings
+                .and_then(|n| n.networks)
+                .and_then(|n| {
+                    n.get(di::CONTROL_NETWORK)
+                        .and_then(|e| e.ip_address.clone())
+                })
+                .filter(|ip| !ip.is_empty());
+            if engine.is_local() {
+                if let Some(ip) = ip {
+                    let addr: SocketAddr = format!("{ip}:{}", docker::AGENT_PORT).parse()?;
+                    if let Ok(Ok(s)) =
+                        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr))
+                            .await
+                    {
+                        let _ = s.set_nodelay(true);
+                        return Ok(AgentLink::connect(s, token).await?);
+                    }
+                }
+            }
+            let io = docker::exec_transport_with(docker, container, "/devloop-agent").await?;
+            Ok(AgentLink::connect(io, token).await?)
+        }
+        .await;
+        match attempt {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("connecting to the agent in {container}")))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+pub async fn list() -> anyhow::Result<()> {
+    let (docker, _) = connect_engine().await?;
+    let agents = di::agents(&docker).await?;
+    let records = di::load_records();
+    if agents.is_empty() && records.is_empty() {
+        println!("no active intercepts");
+        return Ok(());
+    }
+    let mut seen = Vec::new();
+    for r in &records {
+        let agent = agents
+            .iter()
+            .find(|a| docker::label(a, di::INTERCEPT_OF) == Some(r.original_id.as_str()));
+        let alive =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.cli_pid as i32), None).is_ok();
+        let state = match (agent.map(docker::is_running), alive) {
+            (Some(true), true) => format!("active, held by pid {}", r.cli_pid),
+            (Some(true), false) => {
+                "ORPHANED: its cli is gone; `devloop leave` restores the original".to_string()
+            }
+            _ => {
+                "BROKEN: the agent is missing and the original stopped; `devloop leave` restores it"
+                    .to_string()
+            }
+        };
+        let ports: Vec<String> = r.ports.iter().map(|(a, b)| format!("{a}->{b}")).collect();
+        println!(
+            "{}  ({})  ports {}  since {}  {state}",
+            r.service,
+            r.original_name,
+            ports.join(","),
+            ago(r.started_ms)
+        );
+        seen.push(r.original_id.clone());
+    }
+    for a in agents.iter().filter(|a| {
+        !seen
+            .iter()
+            .any(|s| Some(s.as_str()) == docker::label(a, di::INTERCEPT_OF))
+    }) {
+        println!(
+            "{}  ({})  ORPHANED: no restore record on this machine; `devloop leave {}` restores it from the agent's labels",
+            docker::label(a, crate::target::labels::SERVICE).unwrap_or("?"),
+            docker::label(a, di::INTERCEPT_OF_NAME).unwrap_or("?"),
+            docker::label(a, crate::target::labels::SERVICE).unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+pub async fn leave(target: Option<String>, all: bool) -> anyhow::Result<()> {
+    let (docker, _) = connect_engine().await?;
+    let mut records = di::load_records();
+    // Intercepts known only from an agent container's labels (another machine's, or a lost
+    // state folder) are restored from those labels.
+    for a in di::agents(&docker).await? {
+        let (Some(id), Some(name)) = (
+            docker::label(&a, di::INTERCEPT_OF),
+            docker::label(&a, di::INTERCEPT_OF_NAME),
+        ) else {
+            continue;
+        };
+        if !records.iter().any(|r| r.original_id == id) {
+            records.push(Record {
+                original_id: id.to_string(),
+                original_name: name.to_string(),
+                service: docker::label(&a, crate::target::labels::SERVICE)
+                    .unwrap_or(name)
+                    .to_string(),
+                project: docker::label(&a, crate::target::labels::PROJECT)
+                    .unwrap_or_default()
+                    .to_string(),
+                agent_container: a
+                    .names
+                    .as_ref()
+                    .and_then(|n| n.first())
+                    .map(|n| n.trim_start_matches('/').to_string())
+                    .unwrap_or_default(),
+                ports: Vec::new(),
+                started_ms: 0,
+                cli_pid: 0,
+            });
+        }
+    }
+    let chosen: Vec<Record> = match (&target, all) {
+        (_, true) => records,
+        (Some(t), false) => {
+            let named: Vec<Record> = records
+                .into_iter()
+                .filter(|r| &r.service == t || &r.original_name == t)
+                .collect();
+            // Several projects' `api`: the current folder's project is meant.
+            let here = std::env::current_dir()
+                .ok()
+                .and_then(|d| super::load_project(&super::Global { dir: d }).ok())
+                .map(|p| p.name);
+            match here {
+                Some(h) if named.len() > 1 && named.iter().any(|r| r.project == h) => {
+                    named.into_iter().filter(|r| r.project == h).collect()
+                }
+                _ if named.len() > 1 => anyhow::bail!(
+                    "`{t}` names several intercepts ({}); name the container instead",
+                    named
+                        .iter()
+                        .map(|r| r.original_name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                _ => named,
+            }
+        }
+        (None, false) => {
+            anyhow::bail!("say which intercept to end (`devloop leave SERVICE`), or --all")
+        }
+    };
+    if chosen.is_empty() {
+        match target {
+            Some(t) if !all => {
+                anyhow::bail!("`{t}` is not intercepted (`devloop intercept list` shows what is)")
+            }
+            _ => {
+                println!("no active intercepts");
+                return Ok(());
+            }
+        }
+    }
+    for r in chosen {
+        let t = Instant::now();
+        di::restore(&docker, &r).await?;
+        println!(
+            "{} restored ({}) in {}",
+            r.service,
+            r.original_name,
+            human_ms(t.elapsed().as_millis() as u64)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_and_exposes_parse() {
+        assert_eq!(parse_port("8080:3000"), Ok((8080, 3000)));
+        assert_eq!(parse_port("8080"), Ok((8080, 8080)));
+        assert!(parse_port("x:1").is_err());
+        assert_eq!(
+            "db:5432".parse::<Expose>(),
+            Ok(Expose {
+                name: "db".into(),
+                port: 5432,
+                local: 5432
+            })
+        );
+        assert_eq!(
+            "db:5432:15432".parse::<Expose>(),
+            Ok(Expose {
+                name: "db".into(),
+                port: 5432,
+                local: 15432
+            })
+        );
+        assert!(":1".parse::<Expose>().is_err());
+    }
+
+    #[test]
+    fn env_values_pointing_at_exposed_services_are_rewritten() {
+        let env = vec![
+            ("DB".into(), "postgres://u@db:5432/x".into()),
+            ("API".into(), "http://api:8000".into()),
+            ("N".into(), "db".into()),
+        ];
+        let out = rewrite_env(
+            &env,
+            &[Expose {
+                name: "db".into(),
+                port: 5432,
+                local: 15432,
+            }],
+        );
+        assert_eq!(out[0].1, "postgres://u@127.0.0.1:15432/x");
+        assert_eq!(out[1].1, "http://api:8000");
+        assert_eq!(out[2].1, "db");
+    }
+}

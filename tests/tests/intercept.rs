@@ -1,0 +1,103 @@
+//! Intercept on the real engine with the example system: the service's callers reach a
+//! process on the laptop, and `leave` (also after the cli was killed) brings the very same
+//! container back with the same configuration.
+
+use devloop_tests::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const LAPTOP_API: &str = r#"
+import http.server, json, os, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = json.dumps({"version": "laptop", "items": [], "port_env": os.environ.get("PORT")}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The parts of `docker inspect` that an intercept must leave exactly as they were.
+fn config_of(container: &str) -> serde_json::Value {
+    let out = docker_ok(&["inspect", container]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c = &v[0];
+    let mut networks = serde_json::Map::new();
+    for (name, ep) in c["NetworkSettings"]["Networks"].as_object().unwrap() {
+        let mut aliases: Vec<String> = ep["Aliases"].as_array().map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect()).unwrap_or_default();
+        aliases.sort();
+        networks.insert(name.clone(), serde_json::json!(aliases));
+    }
+    serde_json::json!({
+        "id": c["Id"], "name": c["Name"], "image": c["Config"]["Image"], "cmd": c["Config"]["Cmd"],
+        "entrypoint": c["Config"]["Entrypoint"], "env": c["Config"]["Env"], "labels": c["Config"]["Labels"],
+        "workdir": c["Config"]["WorkingDir"], "user": c["Config"]["User"], "exposed": c["Config"]["ExposedPorts"],
+        "bindings": c["HostConfig"]["PortBindings"], "mounts": c["Mounts"], "restart": c["HostConfig"]["RestartPolicy"],
+        "networks": networks,
+    })
+}
+
+#[test]
+fn web_reaches_the_laptop_and_leave_restores() {
+    let mut shop = Shop::new("icpt", false);
+    let up = shop.spawn(&["up", "--no-logs"]);
+    wait_for_log(&up, "in sync", Duration::from_secs(240));
+    assert_eq!(wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version")).as_deref(), Some("1"));
+    let before = config_of(&shop.container("api"));
+
+    let port = free_port();
+    let script = shop.state.path().join("laptop_api.py");
+    std::fs::write(&script, LAPTOP_API).unwrap();
+    let spec = format!("8000:{port}");
+    let log = shop.spawn(&["intercept", "api", "--port", &spec, "--", "python3", script.to_str().unwrap(), &port.to_string()]);
+    wait_for_log(&log, "intercepted in", Duration::from_secs(60));
+    let got = wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "laptop"));
+    assert!(got.is_some(), "web does not reach the laptop process:\n{}", std::fs::read_to_string(&log).unwrap());
+
+    let list = shop.run_ok(&["intercept", "list"]);
+    assert!(list.contains("api") && list.contains("active"), "{list}");
+    let status = shop.run_ok(&["status"]);
+    assert!(status.contains("INTERCEPTED"), "{status}");
+
+    let left = shop.run_ok(&["leave", "api"]);
+    assert!(left.contains("restored"), "{left}");
+    wait_for_log(&log, "ended elsewhere", Duration::from_secs(15));
+    let back = wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "1"));
+    assert!(back.is_some(), "the original api does not answer after leave");
+    assert_eq!(config_of(&shop.container("api")), before, "the restored container differs from the original");
+    assert_eq!(shop.run_ok(&["intercept", "list"]).trim(), "no active intercepts");
+    shop.interrupt_all();
+}
+
+#[test]
+fn a_killed_cli_leaves_an_intercept_that_leave_restores() {
+    let mut shop = Shop::new("icptkill", false);
+    let up = shop.spawn(&["up", "api", "--no-logs"]);
+    wait_for_log(&up, "in sync", Duration::from_secs(240));
+    shop.interrupt_all();
+    let before = config_of(&shop.container("api"));
+
+    let port = free_port();
+    let spec = format!("8000:{port}");
+    let log = shop.state.path().join("icpt.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let mut cli = shop.cmd(&["intercept", "api", "--port", &spec]).stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null()).spawn().unwrap();
+    wait_for_log(&log, "intercepted in", Duration::from_secs(60));
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+
+    let list = shop.run_ok(&["intercept", "list"]);
+    assert!(list.contains("ORPHANED"), "{list}");
+    let again = shop.run(&["intercept", "api", "--port", &spec]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already intercepted"), "{}", String::from_utf8_lossy(&again.stderr));
+
+    let out = shop.run_ok(&["leave", "--all"]);
+    assert!(out.contains("api restored"), "{out}");
+    assert_eq!(config_of(&shop.container("api")), before, "the restored container differs from the original");
+    assert!(Command::new("docker").args(["inspect", &format!("{}-devloop-intercept", shop.container("api"))]).output().map(|o| !o.status.success()).unwrap());
+}
