@@ -29,7 +29,10 @@ pub struct Ctx {
 impl Ctx {
     pub fn new(quick: bool) -> Result<Ctx> {
         let pid = std::process::id();
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("bench/ has a parent")?.to_path_buf();
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("bench/ has a parent")?
+            .to_path_buf();
         let exe = std::env::current_exe()?;
         let devloop = exe.parent().context("exe dir")?.join("devloop");
         if !devloop.is_file() {
@@ -37,14 +40,36 @@ impl Ctx {
         }
         let agent = std::env::var_os("DEVLOOP_AGENT_BIN")
             .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target/x86_64-unknown-linux-gnu/release/devloop-agent"));
+            .unwrap_or_else(|| {
+                workspace.join("target/x86_64-unknown-linux-gnu/release/devloop-agent")
+            });
         if !agent.is_file() {
-            bail!("{} is missing: run scripts/build-agent.sh (scripts/bench.sh does)", agent.display());
+            bail!(
+                "{} is missing: run scripts/build-agent.sh (scripts/bench.sh does)",
+                agent.display()
+            );
         }
-        let debs = std::env::var_os("DEVLOOP_BENCH_DEBS").map(PathBuf::from).filter(|p| p.is_dir());
-        let tmp = tempfile::Builder::new().prefix("devloop-bench-").tempdir()?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        Ok(Ctx { quick, run: format!("bench-{pid}"), pid, workspace, devloop, agent, debs, tmp, rt })
+        let debs = std::env::var_os("DEVLOOP_BENCH_DEBS")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir());
+        let tmp = tempfile::Builder::new()
+            .prefix("devloop-bench-")
+            .tempdir()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        Ok(Ctx {
+            quick,
+            run: format!("bench-{pid}"),
+            pid,
+            workspace,
+            devloop,
+            agent,
+            debs,
+            tmp,
+            rt,
+        })
     }
 
     pub fn project_name(&self, scenario: &str) -> String {
@@ -69,13 +94,24 @@ impl Cleanup {
             args.extend(ids);
             let _ = docker(&args);
         }
-        for v in docker_out(&["volume", "ls", "-q", "--filter", &filter]).lines().filter(|l| !l.is_empty()) {
+        for v in docker_out(&["volume", "ls", "-q", "--filter", &filter])
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
             let _ = docker(&["volume", "rm", "-f", v]);
         }
-        for n in docker_out(&["network", "ls", "-q", "--filter", &filter]).lines().filter(|l| !l.is_empty()) {
+        for n in docker_out(&["network", "ls", "-q", "--filter", &filter])
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
             let _ = docker(&["network", "rm", n]);
         }
-        for i in self.images.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for i in self
+            .images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = docker(&["rmi", "-f", &i]);
         }
     }
@@ -84,10 +120,19 @@ impl Cleanup {
     pub fn leftovers(&self) -> Vec<String> {
         let filter = format!("label={TEST_RUN_LABEL}={}", self.run);
         let mut all = Vec::new();
-        for args in [vec!["ps", "-aq"], vec!["volume", "ls", "-q"], vec!["network", "ls", "-q"]] {
+        for args in [
+            vec!["ps", "-aq"],
+            vec!["volume", "ls", "-q"],
+            vec!["network", "ls", "-q"],
+        ] {
             let mut a = args.clone();
             a.extend(["--filter", &filter]);
-            all.extend(docker_out(&a).lines().filter(|l| !l.is_empty()).map(|l| format!("{} {l}", args[0])));
+            all.extend(
+                docker_out(&a)
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| format!("{} {l}", args[0])),
+            );
         }
         all
     }
@@ -100,17 +145,26 @@ impl Drop for Cleanup {
 }
 
 pub fn docker(args: &[&str]) -> Result<Output> {
-    Command::new("docker").args(args).output().context("running the docker CLI")
+    Command::new("docker")
+        .args(args)
+        .output()
+        .context("running the docker CLI")
 }
 
 pub fn docker_out(args: &[&str]) -> String {
-    docker(args).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    docker(args)
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 pub fn docker_ok(args: &[&str]) -> Result<String> {
     let o = docker(args)?;
     if !o.status.success() {
-        bail!("docker {} failed: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+        bail!(
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
@@ -118,13 +172,21 @@ pub fn docker_ok(args: &[&str]) -> Result<String> {
 pub fn run_ok(cmd: &mut Command) -> Result<Output> {
     let o = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !o.status.success() {
-        bail!("{cmd:?} failed ({}): {}{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     Ok(o)
 }
 
 pub fn now_ns() -> i128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
 }
 
 /// A devloop project in a temp folder, with its own state folder.
@@ -142,7 +204,10 @@ impl Project {
         let state = ctx.tmp.path().join(format!("{scenario}-state"));
         std::fs::create_dir_all(&dir)?;
         std::fs::create_dir_all(&state)?;
-        std::fs::write(dir.join("devloop.toml"), format!("project = \"{name}\"\n{toml}"))?;
+        std::fs::write(
+            dir.join("devloop.toml"),
+            format!("project = \"{name}\"\n{toml}"),
+        )?;
         Ok(Project { name, dir, state })
     }
 
@@ -158,7 +223,11 @@ impl Project {
     }
 
     pub fn spawn(&self, ctx: &Ctx, args: &[&str]) -> Result<Proc> {
-        let log = self.state.join(format!("{}-{}.log", args.join("-").replace('/', "_"), now_ns()));
+        let log = self.state.join(format!(
+            "{}-{}.log",
+            args.join("-").replace('/', "_"),
+            now_ns()
+        ));
         Proc::spawn(self.cmd(ctx, args), log)
     }
 
@@ -171,13 +240,19 @@ impl Project {
     }
 
     pub fn ip(&self, service: &str) -> Result<String> {
-        let fmt = format!("{{{{(index .NetworkSettings.Networks \"devloop-{}\").IPAddress}}}}", self.name);
+        let fmt = format!(
+            "{{{{(index .NetworkSettings.Networks \"devloop-{}\").IPAddress}}}}",
+            self.name
+        );
         docker_ok(&["inspect", "-f", &fmt, &self.container(service)])
     }
 
     pub fn token(&self, service: &str) -> Result<String> {
         let p = self.state.join("tokens").join(self.container(service));
-        Ok(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .trim()
+            .to_string())
     }
 }
 
@@ -197,23 +272,43 @@ impl Proc {
         let file = Arc::new(Mutex::new(std::fs::File::create(&log)?));
         let lines: Lines = Arc::default();
         let started = Instant::now();
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
         let out = child.stdout.take().context("stdout")?;
         let err = child.stderr.take().context("stderr")?;
-        for (reader, tag) in [(Box::new(out) as Box<dyn std::io::Read + Send>, "out"), (Box::new(err), "err")] {
+        for (reader, tag) in [
+            (Box::new(out) as Box<dyn std::io::Read + Send>, "out"),
+            (Box::new(err), "err"),
+        ] {
             let (lines, file) = (lines.clone(), file.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(reader).lines() {
                     let Ok(line) = line else { break };
                     let at = Instant::now();
                     if let Ok(mut f) = file.lock() {
-                        let _ = writeln!(f, "{:>9.3} {tag} {line}", at.duration_since(started).as_secs_f64());
+                        let _ = writeln!(
+                            f,
+                            "{:>9.3} {tag} {line}",
+                            at.duration_since(started).as_secs_f64()
+                        );
                     }
-                    lines.lock().unwrap_or_else(|e| e.into_inner()).push((at, line));
+                    lines
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((at, line));
                 }
             });
         }
-        Ok(Proc { child, started, lines, log })
+        Ok(Proc {
+            child,
+            started,
+            lines,
+            log,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -221,7 +316,12 @@ impl Proc {
     }
 
     /// The first line at index >= `from` matching `pred`: (index, arrival, text).
-    pub fn wait_line(&mut self, from: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<(usize, Instant, String)> {
+    pub fn wait_line(
+        &mut self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(usize, Instant, String)> {
         let deadline = Instant::now() + timeout;
         let mut next = from;
         loop {
@@ -238,13 +338,26 @@ impl Proc {
                 // Let the reader threads drain what is left, then look once more.
                 std::thread::sleep(Duration::from_millis(50));
                 let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((i, (at, l))) = lines.iter().enumerate().skip(next).find(|(_, (_, l))| pred(l)) {
+                if let Some((i, (at, l))) = lines
+                    .iter()
+                    .enumerate()
+                    .skip(next)
+                    .find(|(_, (_, l))| pred(l))
+                {
                     return Ok((i, *at, l.clone()));
                 }
-                bail!("devloop exited ({status}) before the expected line; its output is in {}:\n{}", self.log.display(), self.tail(30));
+                bail!(
+                    "devloop exited ({status}) before the expected line; its output is in {}:\n{}",
+                    self.log.display(),
+                    self.tail(30)
+                );
             }
             if Instant::now() > deadline {
-                bail!("the expected line did not come within {timeout:?}; output in {}:\n{}", self.log.display(), self.tail(30));
+                bail!(
+                    "the expected line did not come within {timeout:?}; output in {}:\n{}",
+                    self.log.display(),
+                    self.tail(30)
+                );
             }
             std::thread::sleep(Duration::from_micros(300));
         }
@@ -252,16 +365,30 @@ impl Proc {
 
     pub fn tail(&self, n: usize) -> String {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        lines.iter().rev().take(n).rev().map(|(_, l)| format!("    {l}\n")).collect()
+        lines
+            .iter()
+            .rev()
+            .take(n)
+            .rev()
+            .map(|(_, l)| format!("    {l}\n"))
+            .collect()
     }
 
     pub fn all_lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, l)| l.clone()).collect()
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
     }
 
     /// SIGINT (as Ctrl-C), then waits up to 15 s before killing.
     pub fn interrupt(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -287,12 +414,21 @@ impl Drop for Proc {
 /// (nothing is downloaded in the container: this engine has no registry and containers no
 /// network to a mirror). Ok(false) when no packages were given.
 pub fn install_rsync(ctx: &Ctx, container: &str) -> Result<bool> {
-    if docker(&["exec", container, "sh", "-c", "command -v rsync"])?.status.success() {
+    if docker(&["exec", container, "sh", "-c", "command -v rsync"])?
+        .status
+        .success()
+    {
         return Ok(true);
     }
-    let Some(debs) = &ctx.debs else { return Ok(false) };
+    let Some(debs) = &ctx.debs else {
+        return Ok(false);
+    };
     docker_ok(&["exec", container, "mkdir", "-p", "/tmp/bench-debs"])?;
-    docker_ok(&["cp", &format!("{}/.", debs.display()), &format!("{container}:/tmp/bench-debs")])?;
+    docker_ok(&[
+        "cp",
+        &format!("{}/.", debs.display()),
+        &format!("{container}:/tmp/bench-debs"),
+    ])?;
     docker_ok(&["exec", container, "sh", "-c", "dpkg -i /tmp/bench-debs/*.deb >/dev/null && rm -rf /tmp/bench-debs && rsync --version | head -1"])?;
     Ok(true)
 }
@@ -322,7 +458,13 @@ impl Rng {
 
 /// Writes `files` files of `total_bytes` in all (sizes vary from 0 to 2x the mean) into
 /// `dirs` folders two levels deep under `root`. Returns the bytes written.
-pub fn gen_tree(root: &Path, files: usize, total_bytes: u64, dirs: usize, seed: u64) -> Result<u64> {
+pub fn gen_tree(
+    root: &Path,
+    files: usize,
+    total_bytes: u64,
+    dirs: usize,
+    seed: u64,
+) -> Result<u64> {
     let mut rng = Rng::new(seed);
     let mean = total_bytes / files as u64;
     let per_top = (dirs as f64).sqrt().ceil() as usize;
@@ -330,11 +472,17 @@ pub fn gen_tree(root: &Path, files: usize, total_bytes: u64, dirs: usize, seed: 
     let mut written = 0u64;
     for i in 0..files {
         let d = i % dirs;
-        let dir = root.join(format!("d{:03}", d / per_top)).join(format!("s{:03}", d % per_top));
+        let dir = root
+            .join(format!("d{:03}", d / per_top))
+            .join(format!("s{:03}", d % per_top));
         if i < dirs {
             std::fs::create_dir_all(&dir)?;
         }
-        let size = if i + 1 == files { total_bytes.saturating_sub(written).min(mean * 2) } else { rng.next_u64() % (mean * 2 + 1) };
+        let size = if i + 1 == files {
+            total_bytes.saturating_sub(written).min(mean * 2)
+        } else {
+            rng.next_u64() % (mean * 2 + 1)
+        };
         let data = &mut buf[..size as usize];
         rng.fill(data);
         std::fs::write(dir.join(format!("f{i:06}.bin")), &*data)?;
@@ -389,8 +537,20 @@ pub struct Row {
     pub pass: Option<bool>,
 }
 
-pub fn row(scenario: &str, metric: impl Into<String>, value: impl Into<String>, target: impl Into<String>, pass: Option<bool>) -> Row {
-    Row { scenario: scenario.into(), metric: metric.into(), value: value.into(), target: target.into(), pass }
+pub fn row(
+    scenario: &str,
+    metric: impl Into<String>,
+    value: impl Into<String>,
+    target: impl Into<String>,
+    pass: Option<bool>,
+) -> Row {
+    Row {
+        scenario: scenario.into(),
+        metric: metric.into(),
+        value: value.into(),
+        target: target.into(),
+        pass,
+    }
 }
 
 pub fn ms(d: Duration) -> f64 {
@@ -428,7 +588,11 @@ pub fn agent_host_pid(container: &str) -> Result<u32> {
     out.lines()
         .skip(1)
         // Not docker-init (tini), whose arguments name the agent too.
-        .find(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with("devloop-agent")))
+        .find(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with("devloop-agent"))
+        })
         .and_then(|l| l.split_whitespace().next())
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| anyhow!("no devloop-agent process in `docker top {container}`:\n{out}"))

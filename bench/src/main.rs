@@ -31,7 +31,10 @@ fn parse_args() -> Result<Args> {
                 None => bail!("--scenario needs a name: one of {}", SCENARIOS.join(", ")),
             },
             "-h" | "--help" => {
-                println!("usage: devloop-bench [--quick] [--scenario NAME]...\n  scenarios: {}", SCENARIOS.join(", "));
+                println!(
+                    "usage: devloop-bench [--quick] [--scenario NAME]...\n  scenarios: {}",
+                    SCENARIOS.join(", ")
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument `{other}` (try --help)"),
@@ -64,7 +67,10 @@ fn main() -> std::process::ExitCode {
 /// Ok(true) when every scenario ran (targets may still fail: that is a result, not an error).
 fn run(args: Args) -> Result<bool> {
     let ctx = Ctx::new(args.quick)?;
-    let cleanup = Cleanup { run: ctx.run.clone(), images: Default::default() };
+    let cleanup = Cleanup {
+        run: ctx.run.clone(),
+        images: Default::default(),
+    };
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let mut results = serde_json::Map::new();
@@ -87,13 +93,25 @@ fn run(args: Args) -> Result<bool> {
             Ok((r, json)) => {
                 eprintln!("bench: {s} done in {secs:.1} s");
                 rows.extend(r);
-                results.insert(s.clone(), serde_json::json!({ "ok": true, "seconds": secs, "result": json }));
+                results.insert(
+                    s.clone(),
+                    serde_json::json!({ "ok": true, "seconds": secs, "result": json }),
+                );
             }
             Err(e) => {
                 eprintln!("bench: {s} FAILED after {secs:.1} s: {e:#}");
                 all_ran = false;
-                rows.push(harness::row(s, "scenario failed", format!("{e}").lines().next().unwrap_or("").to_string(), "", Some(false)));
-                results.insert(s.clone(), serde_json::json!({ "ok": false, "seconds": secs, "error": format!("{e:#}") }));
+                rows.push(harness::row(
+                    s,
+                    "scenario failed",
+                    format!("{e}").lines().next().unwrap_or("").to_string(),
+                    "",
+                    Some(false),
+                ));
+                results.insert(
+                    s.clone(),
+                    serde_json::json!({ "ok": false, "seconds": secs, "error": format!("{e:#}") }),
+                );
             }
         }
     }
@@ -120,25 +138,48 @@ fn run(args: Args) -> Result<bool> {
     eprintln!("bench: wrote {}", dir.join("latest.json").display());
     if std::env::var_os("DEVLOOP_BENCH_KEEP").is_some() {
         let kept = ctx.tmp.keep();
-        eprintln!("bench: kept the projects and devloop's logs in {}", kept.display());
+        eprintln!(
+            "bench: kept the projects and devloop's logs in {}",
+            kept.display()
+        );
     }
     Ok(all_ran)
 }
 
 fn machine() -> serde_json::Value {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let docker = harness::docker_out(&["version", "--format", "{{.Server.Version}}"]);
     let driver = harness::docker_out(&["info", "--format", "{{.Driver}}"]);
     serde_json::json!({ "cpus": cpus, "docker": docker, "storage_driver": driver })
 }
 
 fn print_table(rows: &[Row], total: f64, quick: bool) {
-    let w_s = rows.iter().map(|r| r.scenario.len()).max().unwrap_or(8).max(8);
-    let w_m = rows.iter().map(|r| r.metric.len()).max().unwrap_or(6).max(6);
+    let w_s = rows
+        .iter()
+        .map(|r| r.scenario.len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    let w_m = rows
+        .iter()
+        .map(|r| r.metric.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     let w_v = rows.iter().map(|r| r.value.len()).max().unwrap_or(5).max(5);
-    let w_t = rows.iter().map(|r| r.target.len()).max().unwrap_or(6).max(6);
+    let w_t = rows
+        .iter()
+        .map(|r| r.target.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     println!();
-    println!("{:<w_s$}  {:<w_m$}  {:>w_v$}  {:<w_t$}  result", "scenario", "metric", "value", "target");
+    println!(
+        "{:<w_s$}  {:<w_m$}  {:>w_v$}  {:<w_t$}  result",
+        "scenario", "metric", "value", "target"
+    );
     println!("{}", "-".repeat(w_s + w_m + w_v + w_t + 14));
     for r in rows {
         let verdict = match r.pass {
@@ -146,7 +187,13 @@ fn print_table(rows: &[Row], total: f64, quick: bool) {
             Some(false) => "FAIL",
             None => "",
         };
-        println!("{:<w_s$}  {:<w_m$}  {:>w_v$}  {:<w_t$}  {verdict}", r.scenario, r.metric, r.value, r.target);
+        println!(
+            "{:<w_s$}  {:<w_m$}  {:>w_v$}  {:<w_t$}  {verdict}",
+            r.scenario, r.metric, r.value, r.target
+        );
     }
-    println!("\ntotal {total:.1} s{}", if quick { " (--quick)" } else { "" });
+    println!(
+        "\ntotal {total:.1} s{}",
+        if quick { " (--quick)" } else { "" }
+    );
 }

