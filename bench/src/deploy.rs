@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{docker, docker_ok, fmt_ms, median, ms, pct, row, run_ok, summary, Cleanup, Ctx, Project, Row, TEST_RUN_LABEL};
+use crate::harness::{docker_ok, fmt_ms, median, ms, pct, row, run_ok, summary, Cleanup, Ctx, Project, Row, TEST_RUN_LABEL};
 
 fn get_version(addr: &str) -> Option<String> {
     let sock: std::net::SocketAddr = addr.parse().ok()?;
@@ -32,7 +32,9 @@ fn wait_version(addr: &str, version: &str, timeout: Duration) -> Result<Instant>
         if Instant::now() > deadline {
             bail!("{addr} did not serve version {version} within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(2));
+        // Each poll is a new connection through the relay (a DNS lookup and a connect);
+        // polling faster would load the two cores the rollouts themselves need.
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -49,53 +51,50 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-pub fn deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Value)> {
-    let rounds = if ctx.quick { 2 } else { 7 };
+/// A project with one service `api` (the example's), published on a free host port.
+fn api_project(ctx: &Ctx, scenario: &str) -> Result<(Project, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let p = Project::new(
         ctx,
-        "deploy",
+        scenario,
         &format!(
             "[services.api]\nbuild = {{ context = \"api\" }}\nports = [\"127.0.0.1:{port}:8000\"]\nenvironment = {{ PORT = \"8000\" }}\nsync = {{ from = \"api\", to = \"/app\" }}\nexclude = [\"__pycache__/\", \"*.pyc\"]\n"
         ),
     )?;
     copy_dir(&ctx.workspace.join("examples/shop/api"), &p.dir.join("api"))?;
-    let app = p.dir.join("api/app.py");
-    let original = std::fs::read_to_string(&app)?;
+    // The relay on the host port, the base and the first version.
+    p.run(ctx, &["deploy", "api"]).context("first deploy")?;
+    let addr = format!("127.0.0.1:{port}");
+    wait_version(&addr, "1", Duration::from_secs(30))?;
+    Ok((p, addr))
+}
+
+pub fn deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Value)> {
+    let rounds = if ctx.quick { 2 } else { 7 };
+    // Two projects, so each path replaces only its own previous version; both are observed
+    // the same way, through a relay on a host port that reaches `api` by name.
+    let (p, addr) = api_project(ctx, "deploy")?;
+    let (alt_p, alt_addr) = api_project(ctx, "deploy-alt")?;
+    let original = std::fs::read_to_string(p.dir.join("api/app.py"))?;
     let with_version = |v: &str| original.replace("VERSION = \"1\"", &format!("VERSION = \"{v}\""));
     if with_version("x") == original {
         bail!("examples/shop/api/app.py has no `VERSION = \"1\"` line to edit");
     }
-    let addr = format!("127.0.0.1:{port}");
     let alt_repo = format!("bench{}-deploy-built", ctx.pid);
     cleanup.images.lock().unwrap_or_else(|e| e.into_inner()).push(alt_repo.clone());
+    run_ok(Command::new("docker").env("DOCKER_BUILDKIT", "0").args(["build", "-q", "-t", &format!("{alt_repo}:warm")]).arg(alt_p.dir.join("api")))?;
+    let alt_network = format!("devloop-{}", alt_p.name);
+    // What serves `api` in the alternative's project now: devloop's first version, then the
+    // alternative's containers.
+    let mut alt_current: Vec<String> = vec![alt_p.container("api")];
 
-    // Warm-up: the base, the relay, and the docker build cache.
-    p.run(ctx, &["deploy", "api"]).context("first deploy")?;
-    wait_version(&addr, "1", Duration::from_secs(30))?;
-    run_ok(Command::new("docker").env("DOCKER_BUILDKIT", "0").args(["build", "-q", "-t", &format!("{alt_repo}:warm")]).arg(p.dir.join("api")))?;
-
-    let network = format!("devloop-{}", p.name);
-    let serving = |alias_only_alt: bool| -> Vec<String> {
-        // Containers answering to `api`: devloop's and the alternative's.
-        let filter = format!("label={TEST_RUN_LABEL}={}", ctx.run);
-        let ids = crate::harness::docker_out(&["ps", "-q", "--filter", &filter, "--filter", &format!("network={network}")]);
-        ids.lines()
-            .filter(|id| !id.is_empty())
-            .filter(|id| {
-                let name = crate::harness::docker_out(&["inspect", "-f", "{{.Name}}", id]);
-                let alt = name.contains("-deploy-alt-");
-                (alt || !alias_only_alt) && !name.ends_with("-ports")
-            })
-            .map(String::from)
-            .collect()
-    };
     let (mut dl, mut alt, mut dl_cmd) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
         let devloop_round = |dl: &mut Vec<f64>, dl_cmd: &mut Vec<f64>| -> Result<()> {
-            let v = format!("d{r}");
-            let stale_alts = serving(true);
-            std::fs::write(&app, with_version(&v))?;
+            // Unique per run: a version seen before would be served from caches (devloop's
+            // same-tree tag, docker build's layer cache) and measure nothing.
+            let v = format!("d{r}-{}", ctx.pid);
+            std::fs::write(p.dir.join("api/app.py"), with_version(&v))?;
             let t0 = Instant::now();
             let mut cmd = p.cmd(ctx, &["deploy", "api"]);
             let child = std::thread::spawn(move || cmd.output());
@@ -105,32 +104,31 @@ pub fn deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Val
                 bail!("devloop deploy failed: {}", String::from_utf8_lossy(&out.stderr));
             }
             dl_cmd.push(ms(t0.elapsed()));
-            dl.push(ms(seen - t0));
-            for id in stale_alts {
-                let _ = docker(&["rm", "-f", &id]);
+            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            if let Some(line) = text.lines().find(|l| l.contains("deployed")) {
+                eprintln!("    {}", line.trim());
             }
-            // The alternative's containers would keep answering; only the new one may.
-            wait_version(&addr, &v, Duration::from_secs(10))?;
+            dl.push(ms(seen - t0));
             Ok(())
         };
-        let alt_round = |alt: &mut Vec<f64>| -> Result<()> {
-            let v = format!("a{r}");
-            let old = serving(false);
-            std::fs::write(&app, with_version(&v))?;
+        let mut alt_round = |alt: &mut Vec<f64>| -> Result<()> {
+            let v = format!("a{r}-{}", ctx.pid);
+            std::fs::write(alt_p.dir.join("api/app.py"), with_version(&v))?;
             let t0 = Instant::now();
             let image = format!("{alt_repo}:{v}");
-            run_ok(Command::new("docker").env("DOCKER_BUILDKIT", "0").args(["build", "-q", "-t", &image]).arg(p.dir.join("api")))?;
+            run_ok(Command::new("docker").env("DOCKER_BUILDKIT", "0").args(["build", "-q", "-t", &image]).arg(alt_p.dir.join("api")))?;
             let name = format!("bench{}-deploy-alt-{v}", ctx.pid);
             docker_ok(&[
-                "run", "-d", "--name", &name, "--label", &format!("{TEST_RUN_LABEL}={}", ctx.run), "--network", &network,
+                "run", "-d", "--name", &name, "--label", &format!("{TEST_RUN_LABEL}={}", ctx.run), "--network", &alt_network,
                 "--network-alias", "api", "-e", "PORT=8000", &image,
             ])?;
-            let ip = docker_ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"), &name])?;
+            let ip = docker_ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{alt_network}\").IPAddress}}}}"), &name])?;
             wait_version(&format!("{ip}:8000"), &v, Duration::from_secs(60))?;
-            for id in &old {
-                docker_ok(&["rm", "-f", id])?;
+            for old in alt_current.drain(..) {
+                docker_ok(&["rm", "-f", &old])?;
             }
-            let seen = wait_version(&addr, &v, Duration::from_secs(60))?;
+            alt_current.push(name);
+            let seen = wait_version(&alt_addr, &v, Duration::from_secs(60))?;
             alt.push(ms(seen - t0));
             Ok(())
         };

@@ -4,6 +4,7 @@
 //! bench/results/latest.json. See bench/README.md.
 #![forbid(unsafe_code)]
 
+mod deploy;
 mod harness;
 mod scenarios;
 
@@ -11,7 +12,7 @@ use anyhow::{bail, Result};
 use harness::{Cleanup, Ctx, Row};
 use std::time::Instant;
 
-const SCENARIOS: [&str; 5] = ["latency", "burst", "initial", "restart", "index100k"];
+const SCENARIOS: [&str; 6] = ["latency", "burst", "initial", "restart", "index100k", "deploy"];
 
 struct Args {
     quick: bool,
@@ -84,6 +85,7 @@ fn run(args: Args) -> Result<bool> {
             "initial" => scenarios::initial(&ctx),
             "restart" => scenarios::restart(&ctx, &cleanup),
             "index100k" => scenarios::index100k(&ctx),
+            "deploy" => deploy::deploy(&ctx, &cleanup),
             _ => unreachable!("parse_args checks the names"),
         };
         // Between scenarios, so each starts on a quiet engine.

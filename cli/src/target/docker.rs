@@ -27,7 +27,10 @@ use crate::config::{Project, Service};
 pub const AGENT_PORT: u16 = 7717;
 /// Where the agent binary and the session token go in every container.
 pub const AGENT_DIR: &str = "/.devloop";
-pub const AGENT_PATH: &str = "/.devloop/devloop-agent";
+/// The agent binary comes from a shared read-only volume mounted here (one per agent
+/// build), so starting a container copies only the token into it.
+pub const AGENT_BIN_DIR: &str = "/.devloop/bin";
+pub const AGENT_PATH: &str = "/.devloop/bin/devloop-agent";
 pub const TOKEN_PATH: &str = "/.devloop/token";
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +170,7 @@ impl DevSpec {
     /// Changes to any of these settings recreate the container.
     pub fn hash(&self) -> String {
         let text = format!(
-            "{}\0{:?}\0{}\0{}\0{}\0{:?}\0{:?}\0{}",
+            "{}\0{:?}\0{}\0{}\0{}\0{:?}\0{:?}\0{} bin-volume",
             self.image,
             self.argv,
             self.workdir,
@@ -175,6 +178,8 @@ impl DevSpec {
             self.has_sync,
             self.env,
             self.ports,
+            // With the layout of /.devloop ("bin-volume"): a change recreates containers
+            // made with the old one.
             devloop_proxy::CRATE_VERSION
         );
         devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(text.as_bytes()))[..16]
@@ -355,7 +360,14 @@ pub async fn create_agent_container(
         container_labels.insert(k.clone(), v.clone());
     }
 
-    let mut mounts = Vec::new();
+    let agent_volume = ensure_agent_volume(docker, agent_binary, false).await?;
+    let mut mounts = vec![Mount {
+        target: Some(AGENT_BIN_DIR.into()),
+        source: Some(agent_volume),
+        typ: Some(MountType::VOLUME),
+        read_only: Some(true),
+        ..Default::default()
+    }];
     if placement.volume {
         let volume = volume_name(&spec.project, &spec.service);
         let mut vlabels = labels::base(&spec.project);
@@ -424,8 +436,8 @@ pub async fn create_agent_container(
     token_store
         .write(name, &token)
         .map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
-    let archive = agent_archive(agent_binary, &token)
-        .map_err(|e| DockerError::Other(format!("packing the agent: {e}")))?;
+    let archive =
+        token_archive(&token).map_err(|e| DockerError::Other(format!("packing the token: {e}")))?;
     docker
         .upload_to_container(
             &created.id,
@@ -433,12 +445,100 @@ pub async fn create_agent_container(
             bollard::body_full(archive.into()),
         )
         .await
-        .map_err(api(format!("copying the agent into {name}")))?;
-    docker
-        .start_container(&created.id, None)
-        .await
-        .map_err(api(format!("starting {name}")))?;
+        .map_err(api(format!("copying the token into {name}")))?;
+    if let Err(e) = docker.start_container(&created.id, None).await {
+        // An agent volume left empty by an interrupted first fill: fill it and try once more.
+        if e.to_string().contains(AGENT_PATH) {
+            ensure_agent_volume(docker, agent_binary, true).await?;
+            docker
+                .start_container(&created.id, None)
+                .await
+                .map_err(api(format!("starting {name}")))?;
+        } else {
+            return Err(api(format!("starting {name}"))(e));
+        }
+    }
     Ok(created.id)
+}
+
+/// The volume holding this agent build (named by its hash), filled once through a container
+/// that is created, never started, and removed.
+pub async fn ensure_agent_volume(
+    docker: &Docker,
+    agent_binary: &[u8],
+    refill: bool,
+) -> Result<String, DockerError> {
+    let hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(agent_binary));
+    let name = format!(
+        "devloop-agent-{}-{}",
+        devloop_proxy::CRATE_VERSION,
+        &hash[..12]
+    );
+    // Two devloop processes of this machine must not fill it at once, nor one start a
+    // container while the other is still writing: the check and the fill hold a lock.
+    let lock_path = std::env::temp_dir().join("devloop-agent-volume.lock");
+    let _lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .ok()
+        .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
+    if !refill && docker.inspect_volume(&name).await.is_ok() {
+        return Ok(name);
+    }
+    let mut l = HashMap::new();
+    l.insert(labels::MANAGED.to_string(), "true".to_string());
+    l.insert(labels::KIND.to_string(), "agent".to_string());
+    docker
+        .create_volume(VolumeCreateRequest {
+            name: Some(name.clone()),
+            labels: Some(l),
+            ..Default::default()
+        })
+        .await
+        .map_err(api(format!("creating volume {name}")))?;
+    let image = super::docker_deploy::ensure_agent_image(docker, agent_binary).await?;
+    let filler = format!("{name}-fill-{}", std::process::id());
+    let body = ContainerCreateBody {
+        image: Some(image),
+        host_config: Some(HostConfig {
+            mounts: Some(vec![Mount {
+                target: Some("/fill".into()),
+                source: Some(name.clone()),
+                typ: Some(MountType::VOLUME),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let created = docker
+        .create_container(
+            Some(CreateContainerOptionsBuilder::new().name(&filler).build()),
+            body,
+        )
+        .await
+        .map_err(api("creating the agent volume's filler"))?;
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(agent_binary.len() as u64);
+    b.append_data(&mut h, "devloop-agent", agent_binary)
+        .map_err(|e| DockerError::Other(e.to_string()))?;
+    let archive = b
+        .into_inner()
+        .map_err(|e| DockerError::Other(e.to_string()))?;
+    let uploaded = docker
+        .upload_to_container(
+            &created.id,
+            Some(UploadToContainerOptionsBuilder::new().path("/fill").build()),
+            bollard::body_full(archive.into()),
+        )
+        .await;
+    remove_container(docker, &created.id).await?;
+    uploaded.map_err(api(format!("filling volume {name}")))?;
+    Ok(name)
 }
 
 /// Host port bindings; a mapping without a host port gets one the engine picks, as in compose.
@@ -460,18 +560,14 @@ pub fn port_bindings(
     bindings
 }
 
-/// A tar holding the agent binary and the token (readable by the container's root only).
-fn agent_archive(agent_binary: &[u8], token: &str) -> std::io::Result<Vec<u8>> {
+/// A tar holding the session token, readable by the container's root only.
+fn token_archive(token: &str) -> std::io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dir = tar::Header::new_gnu();
     dir.set_entry_type(tar::EntryType::Directory);
     dir.set_mode(0o711);
     dir.set_size(0);
     b.append_data(&mut dir, ".devloop/", std::io::empty())?;
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o755);
-    h.set_size(agent_binary.len() as u64);
-    b.append_data(&mut h, ".devloop/devloop-agent", agent_binary)?;
     let mut h = tar::Header::new_gnu();
     h.set_mode(0o600);
     h.set_size(token.len() as u64);
