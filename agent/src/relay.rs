@@ -54,7 +54,7 @@ async fn accept_loop(listener: TcpListener, target: String) -> anyhow::Result<()
         let target = target.clone();
         tokio::spawn(async move {
             let _ = inbound.set_nodelay(true);
-            match TcpStream::connect(&target).await {
+            match connect_any(&target).await {
                 Ok(mut outbound) => {
                     let _ = outbound.set_nodelay(true);
                     match tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await {
@@ -70,6 +70,34 @@ async fn accept_loop(listener: TcpListener, target: String) -> anyhow::Result<()
             }
         });
     }
+}
+
+/// Connects to the first address of `target` that answers. During a rollout the name
+/// resolves to the old and the new version, and a removed container's address swallows
+/// SYNs until the kernel gives up (seconds): each address gets a short time, then the next.
+async fn connect_any(target: &str) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{target} resolves to nothing"),
+    );
+    for addr in tokio::net::lookup_host(target).await? {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(250),
+            TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{addr} did not answer"),
+                )
+            }
+        }
+    }
+    Err(last)
 }
 
 /// `probe` mode: exit 0 once `addr` accepts a TCP connection, 1 after `timeout`.
