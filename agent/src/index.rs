@@ -19,8 +19,26 @@ const READ_WHOLE_BYTES: u64 = 1024 * 1024;
 /// special files (sockets, FIFOs, devices) are skipped.
 pub fn walk(root: &Path) -> io::Result<Vec<(RelPath, Entry)>> {
     let mut entries = Vec::new();
+    walk_with(root, |e| {
+        entries.push(e);
+        true
+    })?;
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(entries)
+}
+
+/// [`walk`] without collecting: each entry goes to `emit` as it is found (in no particular
+/// order), so a large tree never sits in memory whole. `emit` returning false stops the walk.
+pub fn walk_with(root: &Path, mut emit: impl FnMut((RelPath, Entry)) -> bool) -> io::Result<()> {
+    let mut entries = Emitter {
+        emit: &mut emit,
+        stopped: false,
+    };
     let mut pending: Vec<(std::path::PathBuf, Option<RelPath>)> = vec![(root.to_path_buf(), None)];
     while let Some((dir, rel)) = pending.pop() {
+        if entries.stopped {
+            break;
+        }
         let read = match fs::read_dir(&dir) {
             Ok(read) => read,
             // The root itself must be readable; anything below may vanish meanwhile.
@@ -95,8 +113,21 @@ pub fn walk(root: &Path) -> io::Result<Vec<(RelPath, Entry)>> {
             }
         }
     }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(entries)
+    Ok(())
+}
+
+/// Adapts `emit` to the `push` the walk calls.
+struct Emitter<'a, F: FnMut((RelPath, Entry)) -> bool> {
+    emit: &'a mut F,
+    stopped: bool,
+}
+
+impl<F: FnMut((RelPath, Entry)) -> bool> Emitter<'_, F> {
+    fn push(&mut self, e: (RelPath, Entry)) {
+        if !self.stopped && !(self.emit)(e) {
+            self.stopped = true;
+        }
+    }
 }
 
 /// Size and BLAKE3 hash of what was actually read (the file may change under us; the hash
@@ -120,27 +151,57 @@ pub fn parts(
     max_entries: usize,
     max_bytes: usize,
 ) -> Vec<Vec<(RelPath, Entry)>> {
-    let mut out = Vec::new();
-    let mut current = Vec::new();
-    let mut bytes = 0;
-    for entry in entries {
+    let mut builder = PartBuilder::new(max_entries, max_bytes);
+    let mut out: Vec<_> = entries
+        .into_iter()
+        .filter_map(|e| builder.push(e))
+        .collect();
+    let last = builder.finish();
+    if !last.is_empty() || out.is_empty() {
+        out.push(last);
+    }
+    out
+}
+
+/// Gathers entries into parts as they come; `push` hands back a part once it is full.
+pub struct PartBuilder {
+    max_entries: usize,
+    max_bytes: usize,
+    current: Vec<(RelPath, Entry)>,
+    bytes: usize,
+}
+
+impl PartBuilder {
+    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+        PartBuilder {
+            max_entries,
+            max_bytes,
+            current: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn push(&mut self, entry: (RelPath, Entry)) -> Option<Vec<(RelPath, Entry)>> {
         let size = entry.0.as_str().len()
             + match &entry.1 {
                 Entry::Symlink { target } => target.len(),
                 _ => 0,
             }
             + 64;
-        if !current.is_empty() && (current.len() >= max_entries || bytes + size > max_bytes) {
-            out.push(std::mem::take(&mut current));
-            bytes = 0;
-        }
-        bytes += size;
-        current.push(entry);
+        let full = (!self.current.is_empty()
+            && (self.current.len() >= self.max_entries || self.bytes + size > self.max_bytes))
+            .then(|| {
+                self.bytes = 0;
+                std::mem::take(&mut self.current)
+            });
+        self.bytes += size;
+        self.current.push(entry);
+        full
     }
-    if !current.is_empty() || out.is_empty() {
-        out.push(current);
+
+    pub fn finish(self) -> Vec<(RelPath, Entry)> {
+        self.current
     }
-    out
 }
 
 #[cfg(test)]

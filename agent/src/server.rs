@@ -431,35 +431,57 @@ impl Session {
         Ok(())
     }
 
+    /// Streams the index: the walk hands over parts as it fills them, so the agent never
+    /// holds a large tree whole (the last part is held back until the walk ends, to mark it).
     async fn index(&self, req: u64) {
         let root = self.shared.root.path().to_path_buf();
-        let walked = tokio::task::spawn_blocking(move || index::walk(&root)).await;
-        let entries = match walked {
-            Ok(Ok(entries)) => entries,
+        let (part_tx, mut part_rx) =
+            mpsc::channel::<Vec<(devloop_proxy::RelPath, devloop_proxy::tree::Entry)>>(1);
+        let walker = tokio::task::spawn_blocking(move || {
+            let mut builder = index::PartBuilder::new(INDEX_PART_ENTRIES, INDEX_PART_BYTES);
+            index::walk_with(&root, |entry| match builder.push(entry) {
+                Some(part) => part_tx.blocking_send(part).is_ok(),
+                None => true,
+            })?;
+            let last = builder.finish();
+            if !last.is_empty() {
+                let _ = part_tx.blocking_send(last);
+            }
+            Ok::<(), std::io::Error>(())
+        });
+        let mut held = None;
+        while let Some(part) = part_rx.recv().await {
+            if let Some(previous) = held.replace(part) {
+                self.send(AgentMsg::Index {
+                    req,
+                    entries: previous,
+                    last: false,
+                })
+                .await;
+            }
+        }
+        match walker.await {
+            Ok(Ok(())) => {
+                self.send(AgentMsg::Index {
+                    req,
+                    entries: held.unwrap_or_default(),
+                    last: true,
+                })
+                .await;
+            }
             Ok(Err(e)) => {
                 let error = format!("index of {}: {e}", self.shared.root.path().display());
-                return self.ack(req, Outcome::Failed { error }).await;
+                self.ack(req, Outcome::Failed { error }).await;
             }
             Err(e) => {
-                return self
-                    .ack(
-                        req,
-                        Outcome::Failed {
-                            error: format!("index task failed: {e}"),
-                        },
-                    )
-                    .await
+                self.ack(
+                    req,
+                    Outcome::Failed {
+                        error: format!("index task failed: {e}"),
+                    },
+                )
+                .await
             }
-        };
-        let parts = index::parts(entries, INDEX_PART_ENTRIES, INDEX_PART_BYTES);
-        let count = parts.len();
-        for (i, entries) in parts.into_iter().enumerate() {
-            self.send(AgentMsg::Index {
-                req,
-                entries,
-                last: i + 1 == count,
-            })
-            .await;
         }
     }
 }
