@@ -60,6 +60,21 @@ fn web_reaches_the_laptop_and_leave_restores() {
 
     let list = shop.run_ok(&["intercept", "list"]);
     assert!(list.contains("api") && list.contains("active"), "{list}");
+
+    // A caller on the service's network reaches the service's port and nothing else: the
+    // agent's control port does not answer there.
+    let probe = "import socket\ns=socket.create_connection(('api',7717),timeout=2)\ns.sendall(b'GET /devloop HTTP/1.1\\r\\nHost: x\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\nSec-WebSocket-Version: 13\\r\\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\n\\r\\n')\ns.settimeout(2)\nprint(repr(s.recv(100)))";
+    let out = shop.exec("web", &["python3", "-c", probe]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("101"), "the control port answered a caller on the service network: {text}");
+    // And on the control network, a wrong token is refused.
+    let agent = format!("{}-devloop-intercept", shop.container("api"));
+    let ip = docker_ok(&["inspect", "-f", "{{(index .NetworkSettings.Networks \"devloop-control\").IPAddress}}", &agent]);
+    let refused = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let s = tokio::net::TcpStream::connect(format!("{ip}:7717")).await.unwrap();
+        devloop::agent_link::AgentLink::connect(s, "wrong").await.err().map(|e| e.to_string())
+    });
+    assert!(refused.as_deref().is_some_and(|r| r.contains("token")), "{refused:?}");
     let status = shop.run_ok(&["status"]);
     assert!(status.contains("INTERCEPTED"), "{status}");
 

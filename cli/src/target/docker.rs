@@ -520,15 +520,7 @@ pub async fn ensure_agent_volume(
         )
         .await
         .map_err(api("creating the agent volume's filler"))?;
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o755);
-    h.set_size(agent_binary.len() as u64);
-    b.append_data(&mut h, "devloop-agent", agent_binary)
-        .map_err(|e| DockerError::Other(e.to_string()))?;
-    let archive = b
-        .into_inner()
-        .map_err(|e| DockerError::Other(e.to_string()))?;
+    let archive = one_file_tar("devloop-agent", 0o755, agent_binary)?;
     let uploaded = docker
         .upload_to_container(
             &created.id,
@@ -558,6 +550,18 @@ pub fn port_bindings(
             });
     }
     bindings
+}
+
+/// A tar of one file, for the engine's archive and import endpoints.
+pub fn one_file_tar(name: &str, mode: u32, data: &[u8]) -> Result<Vec<u8>, DockerError> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    b.append_data(&mut h, name, data)
+        .map_err(|e| DockerError::Other(e.to_string()))?;
+    b.into_inner()
+        .map_err(|e| DockerError::Other(e.to_string()))
 }
 
 /// A tar holding the session token, readable by the container's root only.

@@ -300,15 +300,7 @@ pub async fn ensure_agent_image(
     if docker.inspect_image(&image).await.is_ok() {
         return Ok(image);
     }
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o755);
-    h.set_size(agent_binary.len() as u64);
-    b.append_data(&mut h, "devloop-agent", agent_binary)
-        .map_err(|e| DockerError::Other(e.to_string()))?;
-    let archive = b
-        .into_inner()
-        .map_err(|e| DockerError::Other(e.to_string()))?;
+    let archive = docker::one_file_tar("devloop-agent", 0o755, agent_binary)?;
     let mut stream = docker.create_image(
         Some(
             CreateImageOptionsBuilder::new()

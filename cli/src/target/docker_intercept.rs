@@ -352,15 +352,7 @@ pub async fn swap_in(
             .await
             .map_err(api(format!("connecting the agent to {net}")))?;
     }
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o600);
-    h.set_size(token.len() as u64);
-    b.append_data(&mut h, ".devloop/token", token.as_bytes())
-        .map_err(|e| DockerError::Other(e.to_string()))?;
-    let archive = b
-        .into_inner()
-        .map_err(|e| DockerError::Other(e.to_string()))?;
+    let archive = docker::one_file_tar(".devloop/token", 0o600, token.as_bytes())?;
     docker
         .upload_to_container(
             &created.id,
