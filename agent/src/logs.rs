@@ -20,6 +20,13 @@ const BROADCAST_CAPACITY: usize = 4096;
 pub enum Event {
     Log(LogLine),
     Process(ProcessStatus),
+    /// A `Run` of connection `conn_id` ended. It travels the same channel as the run's
+    /// output, so that connection receives every output line before the acknowledgement.
+    RunDone {
+        conn_id: u64,
+        req: u64,
+        outcome: devloop_proxy::msg::Outcome,
+    },
 }
 
 struct State {
@@ -102,6 +109,15 @@ impl Hub {
         let text = text.into();
         tracing::info!(target: "devloop_agent::process", "{text}");
         self.log(LogStream::Agent, text.into_bytes());
+    }
+
+    pub fn run_done(&self, conn_id: u64, req: u64, outcome: devloop_proxy::msg::Outcome) {
+        let _lock = self.lock();
+        let _ = self.event_tx.send(Event::RunDone {
+            conn_id,
+            req,
+            outcome,
+        });
     }
 
     pub fn set_status(&self, status: ProcessStatus) {

@@ -314,6 +314,12 @@ async fn forward_events(
         let msg = match event_rx.recv().await {
             Ok(Event::Log(line)) => AgentMsg::Log(line),
             Ok(Event::Process(status)) => AgentMsg::Process(status),
+            Ok(Event::RunDone {
+                conn_id: c,
+                req,
+                outcome,
+            }) if c == conn_id => AgentMsg::Ack { req, outcome },
+            Ok(Event::RunDone { .. }) => continue,
             Err(broadcast::error::RecvError::Lagged(skipped)) => {
                 tracing::warn!(
                     conn_id,
@@ -412,8 +418,8 @@ impl Session {
                 // so pings and file operations keep flowing; the ack comes when it ends.
                 let hub = self.shared.hub.clone();
                 let workdir = self.shared.workdir.clone();
-                let out_tx = self.out_tx.clone();
                 let mirror = self.shared.mirror_output;
+                let conn_id = self.conn_id;
                 tokio::spawn(async move {
                     let outcome = if argv.is_empty() {
                         Outcome::Failed {
@@ -422,9 +428,8 @@ impl Session {
                     } else {
                         run_once(&argv, &workdir, &hub, mirror).await
                     };
-                    let _ = out_tx
-                        .send(Outgoing::Msg(AgentMsg::Ack { req, outcome }))
-                        .await;
+                    // After the output, on the same channel: see `Event::RunDone`.
+                    hub.run_done(conn_id, req, outcome);
                 });
             }
         }

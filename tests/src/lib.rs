@@ -251,10 +251,19 @@ impl Drop for Shop {
     }
 }
 
-/// An HTTP GET from the laptop; None on any failure.
+/// An HTTP GET from the laptop (`http://HOST:PORT/PATH`); the body of a 200, else None.
 pub fn laptop_get(url: &str) -> Option<String> {
-    let o = Command::new("curl").args(["-sf", "--max-time", "3", url]).output().ok()?;
-    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let addr: std::net::SocketAddr = authority.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.split_whitespace().nth(1).filter(|c| *c == "200").map(|_| body.trim().to_string())
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.

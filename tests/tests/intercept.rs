@@ -32,11 +32,14 @@ fn config_of(container: &str) -> serde_json::Value {
         aliases.sort();
         networks.insert(name.clone(), serde_json::json!(aliases));
     }
+    // The engine lists mounts in no fixed order: compare them sorted.
+    let mut mounts: Vec<serde_json::Value> = c["Mounts"].as_array().cloned().unwrap_or_default();
+    mounts.sort_by_key(|m| m["Destination"].as_str().unwrap_or_default().to_string());
     serde_json::json!({
         "id": c["Id"], "name": c["Name"], "image": c["Config"]["Image"], "cmd": c["Config"]["Cmd"],
         "entrypoint": c["Config"]["Entrypoint"], "env": c["Config"]["Env"], "labels": c["Config"]["Labels"],
         "workdir": c["Config"]["WorkingDir"], "user": c["Config"]["User"], "exposed": c["Config"]["ExposedPorts"],
-        "bindings": c["HostConfig"]["PortBindings"], "mounts": c["Mounts"], "restart": c["HostConfig"]["RestartPolicy"],
+        "bindings": c["HostConfig"]["PortBindings"], "mounts": mounts, "restart": c["HostConfig"]["RestartPolicy"],
         "networks": networks,
     })
 }
