@@ -245,8 +245,10 @@ impl Drop for Shop {
         for n in String::from_utf8_lossy(&nets.stdout).lines() {
             let _ = docker(&["network", "rm", n]);
         }
-        for svc in ["api", "web"] {
-            let _ = docker(&["rmi", &format!("devloop-{}-{svc}:dev", self.project)]);
+        // Images devloop built or snapshotted for this project (dev images, bases, versions).
+        let images = docker(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=devloop-{}-*", self.project)]);
+        for image in String::from_utf8_lossy(&images.stdout).lines().filter(|l| !l.is_empty()) {
+            let _ = docker(&["rmi", "-f", image]);
         }
     }
 }

@@ -180,3 +180,30 @@ fn doctor_names_problems_and_fixes() {
     assert!(!o.status.success());
     assert!(text.contains("agent binary"), "{text}");
 }
+
+/// A Dockerfile whose base image cannot be pulled (no registry here) and is not on the
+/// engine: `devloop up` builds an equivalent from Debian's packages by itself, then the
+/// service runs on it.
+#[test]
+fn a_missing_public_base_is_built_offline() {
+    let mut shop = Shop::new("offline", false);
+    // debian:bookworm-slim is used by no other test; remove it so the path is taken.
+    let _ = docker(&["rmi", "-f", "debian:bookworm-slim"]);
+    std::fs::create_dir_all(shop.path().join("plain")).unwrap();
+    std::fs::write(shop.path().join("plain/Dockerfile"), "FROM debian:bookworm-slim\nWORKDIR /srv\nCOPY . /srv\nCMD [\"sleep\", \"infinity\"]\n").unwrap();
+    std::fs::write(shop.path().join("plain/hello.txt"), "hi").unwrap();
+    std::fs::write(
+        shop.path().join("devloop.toml"),
+        format!("project = \"{}\"\n[services.plain]\nbuild = {{ context = \"plain\" }}\nsync = {{ from = \"plain\", to = \"/srv\" }}\n", shop.project),
+    )
+    .unwrap();
+    std::fs::remove_file(shop.path().join("docker-compose.yml")).unwrap();
+    let log = shop.spawn(&["up", "--no-logs"]);
+    wait_for_log(&log, "in sync", Duration::from_secs(600));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("building an equivalent from Debian packages"), "{text}");
+    let label = docker_ok(&["image", "inspect", "-f", "{{index .Config.Labels \"dev.devloop.offline-base\"}}", "debian:bookworm-slim"]);
+    assert_eq!(label, "true");
+    assert_eq!(String::from_utf8_lossy(&shop.exec("plain", &["cat", "/srv/hello.txt"]).stdout), "hi");
+    shop.interrupt_all();
+}
