@@ -172,3 +172,33 @@ fn the_image_healthcheck_decides() {
     assert!(text.contains("health check"), "{text}");
     assert_eq!(image_of(&shop, "api"), good);
 }
+
+/// The base is built again when the Dockerfile or a declared build input changes, and only
+/// then; a RUN that needs the input runs before the COPY of the synced folder.
+#[test]
+fn a_changed_build_input_rebuilds_the_base() {
+    let shop = Shop::new("inputs", false);
+    std::fs::write(shop.path().join("api/deps.txt"), "one\n").unwrap();
+    std::fs::write(
+        shop.path().join("api/Dockerfile"),
+        "FROM python:3.11-slim-bookworm\nWORKDIR /app\nCOPY deps.txt /deps.txt\nRUN cp /deps.txt /installed.txt\nCOPY . /app\nENV PYTHONUNBUFFERED=1\nCMD [\"python3\", \"app.py\"]\n",
+    )
+    .unwrap();
+    let cfg = shop.path().join("devloop.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replacen("[services.api]\n", "[services.api]\nbuild_inputs = [\"deps.txt\"]\n", 1)).unwrap();
+
+    let first = shop.run(&["deploy", "api"]);
+    let out = String::from_utf8_lossy(&first.stdout).to_string() + &String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success() && out.contains("building the snapshot base"), "{out}");
+    // A change of the app only: no base build.
+    let app = shop.path().join("api/app.py");
+    std::fs::write(&app, std::fs::read_to_string(&app).unwrap().replace("VERSION = \"1\"", "VERSION = \"2\"")).unwrap();
+    let out = shop.run_ok(&["deploy", "api"]);
+    assert!(!out.contains("building the snapshot base"), "{out}");
+    // A change of the declared input: the base is built again and the image holds its effect.
+    std::fs::write(shop.path().join("api/deps.txt"), "two\n").unwrap();
+    let out = shop.run_ok(&["deploy", "api"]);
+    assert!(out.contains("building the snapshot base"), "{out}");
+    assert_eq!(String::from_utf8_lossy(&shop.exec("api", &["cat", "/installed.txt"]).stdout), "two\n");
+}

@@ -57,6 +57,10 @@ pub struct ServiceSection {
     /// Sync node_modules too (excluded by default).
     #[serde(default)]
     pub include_node_modules: bool,
+    /// Files (relative to the build context) the snapshot base is built from besides the
+    /// Dockerfile, e.g. a lock file a `RUN` installs from: a change rebuilds the base.
+    #[serde(default)]
+    pub build_inputs: Vec<String>,
     #[serde(default)]
     pub on_change: Vec<RuleSection>,
 }

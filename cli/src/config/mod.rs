@@ -70,6 +70,8 @@ pub struct Service {
     pub sync: Option<SyncMapping>,
     pub excludes: Vec<String>,
     pub include_node_modules: bool,
+    /// Build inputs of the snapshot base, relative to the build context.
+    pub build_inputs: Vec<String>,
     pub rules: Rules,
 }
 
@@ -448,6 +450,7 @@ pub fn resolve(
             sync,
             excludes: d.exclude.clone(),
             include_node_modules: d.include_node_modules,
+            build_inputs: d.build_inputs.clone(),
             rules: Rules::new(rules),
         });
     }

@@ -38,7 +38,8 @@ pub fn snapshot_repo(project: &str, service: &str) -> String {
 pub const LABEL_SNAPSHOT_OF: &str = "dev.devloop.snapshot-of";
 
 /// The image the snapshot layer goes on; built from the derived Dockerfile when the
-/// service has one (cached by the derived Dockerfile's hash).
+/// service has one (cached by the hash of the derived Dockerfile and the declared
+/// `build_inputs`).
 pub async fn ensure_base(
     docker: &Docker,
     project: &Project,
@@ -59,8 +60,22 @@ pub async fn ensure_base(
                 .with_context(|| format!("reading {}", dockerfile.display()))?;
             let derived = base::derive(&text, &sync.container_dir)
                 .with_context(|| format!("{}", dockerfile.display()))?;
-            let hash =
-                devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(derived.as_bytes()));
+            // The derived Dockerfile and the declared build inputs decide when the base is
+            // built again; anything else in the context is the snapshot's business.
+            let mut key = derived.clone();
+            for input in &service.build_inputs {
+                let content = std::fs::read(context.join(input)).with_context(|| {
+                    format!(
+                        "reading build input {input} of `{}` (build_inputs in devloop.toml)",
+                        service.name
+                    )
+                })?;
+                key.push_str(&format!(
+                    "\0{input}\0{}",
+                    devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(&content))
+                ));
+            }
+            let hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(key.as_bytes()));
             let tag = format!(
                 "{}:base-{}",
                 snapshot_repo(&project.name, &service.name),
