@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use super::{connect_engine, load_project, read_agent_binary, Global};
 use crate::config::{Project, Service};
 use crate::deploy::{self, history, Snapshot};
-use crate::target::docker_deploy::{self, Rollout, RolloutContext};
-use crate::target::{docker, labels};
+use crate::deploy::{Rollout, RolloutTarget};
+use crate::target::docker_deploy::RolloutContext;
 use crate::ui::{ago, human_ms, Ui};
 
 #[derive(Debug, Clone, Default)]
@@ -144,7 +144,8 @@ pub(crate) async fn snapshot_and_roll_out(
     let started = Instant::now();
     let base = deploy::ensure_base(&env.docker, project, service, ui).await?;
     let snap = deploy::snapshot(&env.docker, project, service, &base).await?;
-    let rollout = docker_deploy::roll_out(&env.ctx(), project, service, &snap).await?;
+    let target: &dyn RolloutTarget = &env.ctx();
+    let rollout = target.roll_out(project, service, &snap).await?;
     if let Rollout::Replaced { .. } = rollout {
         remember(env, project, service, &snap).await;
     }
@@ -214,26 +215,22 @@ async fn remember(env: &Env, project: &Project, service: &Service, snap: &Snapsh
     }
 }
 
-/// The tag of the version that runs now, from its container's label.
-async fn running_tag(
-    docker: &bollard::Docker,
-    project: &str,
-    service: &str,
-) -> anyhow::Result<Option<String>> {
-    Ok(
-        docker::list_project_containers(docker, project, Some(labels::KIND_DEPLOY))
-            .await?
-            .iter()
-            .find(|c| docker::label(c, labels::SERVICE) == Some(service) && docker::is_running(c))
-            .and_then(|c| docker::label(c, labels::VERSION).map(String::from)),
-    )
-}
-
 pub async fn history_cmd(global: &Global, service: &str) -> anyhow::Result<()> {
     let project = load_project(global)?;
     project.service(service)?;
-    let (docker, _) = connect_engine().await?;
-    let running = running_tag(&docker, &project.name, service).await?;
+    let (docker, engine) = connect_engine().await?;
+    let docker = &docker;
+    let tokens = crate::state::TokenStore::new();
+    // Reading which version runs needs no agent binary.
+    let ctx = RolloutContext {
+        docker,
+        engine: &engine,
+        agent_binary: &[],
+        tokens: &tokens,
+        health_timeout: Duration::ZERO,
+    };
+    let target: &dyn RolloutTarget = &ctx;
+    let running = target.running_version(&project.name, service).await?;
     let h = history::load(&project.name, service);
     if h.versions.is_empty() {
         println!("no versions of `{service}` deployed from this machine yet (`devloop deploy {service}` makes one)");
@@ -273,7 +270,9 @@ pub async fn rollback(
     let service = project.service(service_name)?;
     let ui = Ui::new([service_name]);
     let env = Env::new(health_timeout).await?;
-    let current = running_tag(&env.docker, &project.name, service_name)
+    let target: &dyn RolloutTarget = &env.ctx();
+    let current = target
+        .running_version(&project.name, service_name)
         .await?
         .with_context(|| {
             format!(
@@ -304,7 +303,8 @@ pub async fn rollback(
         millis: 0,
         digest,
     };
-    let rollout = docker_deploy::roll_out(&env.ctx(), &project, service, &snap).await?;
+    let target: &dyn RolloutTarget = &env.ctx();
+    let rollout = target.roll_out(&project, service, &snap).await?;
     ui.info(
         service_name,
         format!(

@@ -1,7 +1,7 @@
 //! Snapshot and deploy: a service's synced tree becomes an immutable image (its base plus one
 //! layer, no `docker build` when only files changed) and replaces the running version.
 //! [`base`] derives the base, [`snapshot`] makes the layer and the load archive; the rollout
-//! is the target's (`target::docker_deploy`).
+//! is the target's, behind [`RolloutTarget`] (`target::docker_deploy` for Docker).
 
 pub mod base;
 pub mod history;
@@ -15,6 +15,39 @@ use std::time::Instant;
 use crate::config::{ImageSource, Project, Service};
 use crate::sync::filter::{Filter, FilterSettings};
 use crate::ui::Ui;
+
+/// What a rollout did.
+#[derive(Debug)]
+pub enum Rollout {
+    /// That version already runs.
+    Unchanged,
+    Replaced {
+        healthy_ms: u64,
+        switch_ms: u64,
+        /// How long published host ports were not served, when they had to move.
+        port_gap_ms: Option<u64>,
+    },
+}
+
+/// The target's side of a deploy: make a snapshot run in place of the service's current
+/// version, safely (the old one serves until the new one is healthy), and tell which
+/// version runs. Docker implements it in `target::docker_deploy`; the snapshot, the history
+/// and the commands are the same for every target.
+pub trait RolloutTarget: Send + Sync {
+    fn roll_out<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a Service,
+        snapshot: &'a Snapshot,
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Rollout>>;
+
+    /// The snapshot tag of the version that runs now, if a deployed one does.
+    fn running_version<'a>(
+        &'a self,
+        project: &'a str,
+        service: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Option<String>>>;
+}
 
 /// A snapshot made (or found) for a service.
 #[derive(Debug, Clone)]

@@ -22,16 +22,7 @@ use crate::config::{Project, Service};
 use crate::deploy::Snapshot;
 use crate::state::TokenStore;
 
-#[derive(Debug)]
-pub enum Rollout {
-    /// That version already runs.
-    Unchanged,
-    Replaced {
-        healthy_ms: u64,
-        switch_ms: u64,
-        port_gap_ms: Option<u64>,
-    },
-}
+pub use crate::deploy::Rollout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -55,6 +46,35 @@ pub struct RolloutContext<'a> {
     pub agent_binary: &'a [u8],
     pub tokens: &'a TokenStore,
     pub health_timeout: Duration,
+}
+
+impl crate::deploy::RolloutTarget for RolloutContext<'_> {
+    fn roll_out<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a Service,
+        snapshot: &'a Snapshot,
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Rollout>> {
+        Box::pin(async move { Ok(roll_out(self, project, service, snapshot).await?) })
+    }
+
+    fn running_version<'a>(
+        &'a self,
+        project: &'a str,
+        service: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Option<String>>> {
+        Box::pin(async move {
+            Ok(
+                docker::list_project_containers(self.docker, project, Some(labels::KIND_DEPLOY))
+                    .await?
+                    .iter()
+                    .find(|c| {
+                        docker::label(c, labels::SERVICE) == Some(service) && docker::is_running(c)
+                    })
+                    .and_then(|c| docker::label(c, labels::VERSION).map(String::from)),
+            )
+        })
+    }
 }
 
 pub async fn roll_out(
