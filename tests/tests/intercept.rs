@@ -177,3 +177,30 @@ print('many', sum(results), len(results), flush=True)
     shop.run_ok(&["leave", "api"]);
     shop.interrupt_all();
 }
+
+/// The tunnel's connection cut (the agent taken off the control network and put back):
+/// the cli says so, reconnects, and new connections reach the laptop again.
+#[test]
+fn a_cut_tunnel_reconnects() {
+    let mut shop = Shop::new("icptcut", false);
+    let up = shop.spawn(&["up", "--no-logs"]);
+    wait_for_log(&up, "in sync", Duration::from_secs(240));
+    shop.interrupt_all();
+    let port = free_port();
+    let script = shop.state.path().join("laptop_api.py");
+    std::fs::write(&script, LAPTOP_API).unwrap();
+    let spec = format!("8000:{port}");
+    let log = shop.spawn(&["intercept", "api", "--port", &spec, "--", "python3", script.to_str().unwrap(), &port.to_string()]);
+    wait_for_log(&log, "intercepted in", Duration::from_secs(60));
+    assert!(wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "laptop")).is_some());
+
+    let agent = format!("{}-devloop-intercept", shop.container("api"));
+    docker_ok(&["network", "disconnect", "devloop-control", &agent]);
+    wait_for_log(&log, "tunnel to the agent is down", Duration::from_secs(15));
+    docker_ok(&["network", "connect", "devloop-control", &agent]);
+    wait_for_log(&log, "tunnel back up", Duration::from_secs(30));
+    let again = wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "laptop"));
+    assert!(again.is_some(), "no traffic after the reconnect:\n{}", std::fs::read_to_string(&log).unwrap());
+    shop.run_ok(&["leave", "api"]);
+    shop.interrupt_all();
+}

@@ -282,6 +282,18 @@ fn start_tunnel(
     service: &str,
 ) {
     let (mux, mut incoming) = link.link.open_tunnel();
+    // A connection that dies silently (a network cut, a laptop asleep) sends no close: a
+    // ping every second that goes unanswered for two ends it, so the reconnect starts.
+    let watched = link.link.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::select! {
+                r = watched.ping(Duration::from_secs(2)) => if r.is_err() { watched.close(); break; },
+                _ = watched.closed() => break,
+            }
+        }
+    });
     *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(mux);
     let locals = locals.clone();
     let service = service.to_string();
@@ -347,12 +359,19 @@ async fn connect_agent(
             if engine.is_local() {
                 if let Some(ip) = ip {
                     let addr: SocketAddr = format!("{ip}:{}", docker::AGENT_PORT).parse()?;
-                    if let Ok(Ok(s)) =
-                        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr))
-                            .await
+                    match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr))
+                        .await
                     {
-                        let _ = s.set_nodelay(true);
-                        return Ok(AgentLink::connect(s, token).await?);
+                        Ok(Ok(s)) => {
+                            let _ = s.set_nodelay(true);
+                            return Ok(AgentLink::connect(s, token).await?);
+                        }
+                        // The address answers but the agent is not listening yet: retry the
+                        // fast route rather than settle for the slow one.
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            anyhow::bail!("the agent at {addr} is not listening yet")
+                        }
+                        _ => {}
                     }
                 }
             }
