@@ -69,6 +69,14 @@ pub fn ensure_base_image() {
     assert!(status.success(), "building the offline base image failed");
 }
 
+/// Held by tests that intercept: `leave --all` (rightly) ends every intercept on the
+/// engine, so such tests must not overlap with one another, in any test binary.
+pub fn intercept_lock() -> nix::fcntl::Flock<std::fs::File> {
+    let path = std::env::temp_dir().join("devloop-test-intercepts.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).expect("lock file");
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).expect("flock")
+}
+
 /// A copy of examples/shop with its own project name; everything devloop makes for it is
 /// removed when this is dropped.
 pub struct Shop {

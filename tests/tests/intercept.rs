@@ -46,6 +46,7 @@ fn config_of(container: &str) -> serde_json::Value {
 
 #[test]
 fn web_reaches_the_laptop_and_leave_restores() {
+    let _serial = intercept_lock();
     let mut shop = Shop::new("icpt", false);
     let up = shop.spawn(&["up", "--no-logs"]);
     wait_for_log(&up, "in sync", Duration::from_secs(240));
@@ -93,6 +94,7 @@ fn web_reaches_the_laptop_and_leave_restores() {
 
 #[test]
 fn a_killed_cli_leaves_an_intercept_that_leave_restores() {
+    let _serial = intercept_lock();
     let mut shop = Shop::new("icptkill", false);
     let up = shop.spawn(&["up", "api", "--no-logs"]);
     wait_for_log(&up, "in sync", Duration::from_secs(240));
@@ -124,6 +126,7 @@ fn a_killed_cli_leaves_an_intercept_that_leave_restores() {
 /// half-close, and 200 concurrent connections, checked by hash from a caller container.
 #[test]
 fn large_and_concurrent_streams_arrive_intact() {
+    let _serial = intercept_lock();
     let mut shop = Shop::new("icptbulk", false);
     let up = shop.spawn(&["up", "--no-logs"]);
     wait_for_log(&up, "in sync", Duration::from_secs(240));
@@ -182,6 +185,7 @@ print('many', sum(results), len(results), flush=True)
 /// the cli says so, reconnects, and new connections reach the laptop again.
 #[test]
 fn a_cut_tunnel_reconnects() {
+    let _serial = intercept_lock();
     let mut shop = Shop::new("icptcut", false);
     let up = shop.spawn(&["up", "--no-logs"]);
     wait_for_log(&up, "in sync", Duration::from_secs(240));

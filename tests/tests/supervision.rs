@@ -28,6 +28,7 @@ fn crash_loop_is_shown_in_logs_and_status() {
 
 #[test]
 fn intercepted_service_is_left_alone() {
+    let _serial = intercept_lock();
     let mut shop = Shop::new("icpt", false);
     // Stand in for an active intercept: a container carrying the intercept labels.
     let labels = [
