@@ -192,16 +192,7 @@ async fn build(
         service,
         format!("building {tag} from {}", dockerfile.display()),
     );
-    let ctx = context.to_path_buf();
-    let archive = tokio::task::spawn_blocking(move || context_tar(&ctx, None))
-        .await
-        .map_err(|e| ImageError::Io(e.to_string()))?
-        .map_err(|e| {
-            ImageError::Io(format!(
-                "packing the build context {}: {e}",
-                context.display()
-            ))
-        })?;
+    let archive = pack_context(context, None).await?;
     let rel_dockerfile = dockerfile
         .strip_prefix(context)
         .unwrap_or(dockerfile)
@@ -220,9 +211,19 @@ pub async fn build_dockerfile_text(
     ui: &Ui,
     service: &str,
 ) -> Result<(), ImageError> {
+    let archive = pack_context(context, Some(dockerfile.to_string())).await?;
+    run_build(docker, archive, GENERATED_DOCKERFILE, tag, ui, service).await
+}
+
+const GENERATED_DOCKERFILE: &str = ".devloop.Dockerfile";
+
+/// The build context as a tar, off the async threads (it reads the whole folder).
+async fn pack_context(
+    context: &Path,
+    extra_dockerfile: Option<String>,
+) -> Result<Vec<u8>, ImageError> {
     let ctx = context.to_path_buf();
-    let text = dockerfile.to_string();
-    let archive = tokio::task::spawn_blocking(move || context_tar(&ctx, Some(&text)))
+    tokio::task::spawn_blocking(move || context_tar(&ctx, extra_dockerfile.as_deref()))
         .await
         .map_err(|e| ImageError::Io(e.to_string()))?
         .map_err(|e| {
@@ -230,11 +231,8 @@ pub async fn build_dockerfile_text(
                 "packing the build context {}: {e}",
                 context.display()
             ))
-        })?;
-    run_build(docker, archive, GENERATED_DOCKERFILE, tag, ui, service).await
+        })
 }
-
-const GENERATED_DOCKERFILE: &str = ".devloop.Dockerfile";
 
 async fn run_build(
     docker: &Docker,

@@ -206,16 +206,24 @@ impl DevSpec {
     }
 }
 
-pub async fn ensure_network(docker: &Docker, project: &str) -> Result<String, DockerError> {
-    let name = network_name(project);
-    let existing = docker
+/// The networks labelled with the project.
+async fn project_networks(
+    docker: &Docker,
+    project: &str,
+) -> Result<Vec<bollard::models::Network>, DockerError> {
+    docker
         .list_networks(Some(
             ListNetworksOptionsBuilder::new()
                 .filters(&labels::filter(&[(labels::PROJECT, project)]))
                 .build(),
         ))
         .await
-        .map_err(api("listing networks"))?;
+        .map_err(api("listing networks"))
+}
+
+pub async fn ensure_network(docker: &Docker, project: &str) -> Result<String, DockerError> {
+    let name = network_name(project);
+    let existing = project_networks(docker, project).await?;
     if existing
         .iter()
         .any(|n| n.name.as_deref() == Some(name.as_str()))
@@ -658,14 +666,7 @@ pub async fn down(
             removed.volumes.push(v.name);
         }
     }
-    let nets = docker
-        .list_networks(Some(
-            ListNetworksOptionsBuilder::new()
-                .filters(&labels::filter(&[(labels::PROJECT, project)]))
-                .build(),
-        ))
-        .await
-        .map_err(api("listing networks"))?;
+    let nets = project_networks(docker, project).await?;
     let others = list_project_containers(docker, project, None).await?;
     if others.is_empty() {
         for n in nets {
