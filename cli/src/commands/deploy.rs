@@ -50,14 +50,7 @@ impl Env {
 
 pub async fn deploy(global: &Global, opts: DeployOptions) -> anyhow::Result<()> {
     let project = load_project(global)?;
-    let selected: Vec<&Service> = if opts.services.is_empty() {
-        project.services.iter().collect()
-    } else {
-        opts.services
-            .iter()
-            .map(|s| project.service(s))
-            .collect::<Result<_, _>>()?
-    };
+    let selected = project.select(&opts.services)?;
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
     let env = Env::new(opts.health_timeout).await?;
 

@@ -24,14 +24,7 @@ pub struct UpOptions {
 
 pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
     let project = load_project(global)?;
-    let selected: Vec<&crate::config::Service> = if opts.services.is_empty() {
-        project.services.iter().collect()
-    } else {
-        opts.services
-            .iter()
-            .map(|s| project.service(s))
-            .collect::<Result<_, _>>()?
-    };
+    let selected = project.select(&opts.services)?;
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
     let (docker, engine_choice) = connect_engine().await?;
     let (_, agent) = read_agent_binary()?;

@@ -509,6 +509,15 @@ pub fn sanitize_name(name: &str) -> String {
 }
 
 impl Project {
+    /// The named services, or every service when `names` is empty.
+    pub fn select(&self, names: &[String]) -> Result<Vec<&Service>, ConfigError> {
+        if names.is_empty() {
+            Ok(self.services.iter().collect())
+        } else {
+            names.iter().map(|n| self.service(n)).collect()
+        }
+    }
+
     pub fn service(&self, name: &str) -> Result<&Service, ConfigError> {
         self.services
             .iter()

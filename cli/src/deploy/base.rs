@@ -40,6 +40,22 @@ struct Instruction {
     text: String,
 }
 
+impl Instruction {
+    /// `text` as written (continuation lines included) starting at line `line`.
+    fn new(line: usize, text: String) -> Self {
+        let joined = text.replace("\\\n", " ");
+        let mut parts = joined.trim().splitn(2, char::is_whitespace);
+        let keyword = parts.next().unwrap_or_default().to_uppercase();
+        let args = parts.next().unwrap_or_default().trim().to_string();
+        Instruction {
+            line,
+            keyword,
+            args,
+            text,
+        }
+    }
+}
+
 fn instructions(dockerfile: &str) -> Vec<Instruction> {
     let mut out = Vec::new();
     let mut pending: Option<(usize, String)> = None;
@@ -56,27 +72,11 @@ fn instructions(dockerfile: &str) -> Vec<Instruction> {
             continue;
         }
         text.push_str(raw);
-        let joined = text.replace("\\\n", " ");
-        let mut parts = joined.trim().splitn(2, char::is_whitespace);
-        let keyword = parts.next().unwrap_or_default().to_uppercase();
-        let args = parts.next().unwrap_or_default().trim().to_string();
-        out.push(Instruction {
-            line: start,
-            keyword,
-            args,
-            text,
-        });
+        out.push(Instruction::new(start, text));
     }
+    // A continuation on the last line: the instruction ends with the file.
     if let Some((start, text)) = pending {
-        let mut parts = text.trim().splitn(2, char::is_whitespace);
-        let keyword = parts.next().unwrap_or_default().to_uppercase();
-        let args = parts.next().unwrap_or_default().trim().to_string();
-        out.push(Instruction {
-            line: start,
-            keyword,
-            args,
-            text,
-        });
+        out.push(Instruction::new(start, text));
     }
     out
 }

@@ -444,16 +444,7 @@ pub async fn create_agent_container(
     token_store
         .write(name, &token)
         .map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
-    let archive =
-        token_archive(&token).map_err(|e| DockerError::Other(format!("packing the token: {e}")))?;
-    docker
-        .upload_to_container(
-            &created.id,
-            Some(UploadToContainerOptionsBuilder::new().path("/").build()),
-            bollard::body_full(archive.into()),
-        )
-        .await
-        .map_err(api(format!("copying the token into {name}")))?;
+    upload_token(docker, &created.id, name, &token).await?;
     if let Err(e) = docker.start_container(&created.id, None).await {
         // An agent volume left empty by an interrupted first fill: fill it and try once more.
         if e.to_string().contains(AGENT_PATH) {
@@ -572,19 +563,35 @@ pub fn one_file_tar(name: &str, mode: u32, data: &[u8]) -> Result<Vec<u8>, Docke
         .map_err(|e| DockerError::Other(e.to_string()))
 }
 
-/// A tar holding the session token, readable by the container's root only.
-fn token_archive(token: &str) -> std::io::Result<Vec<u8>> {
+/// Copies the session token to [`TOKEN_PATH`] in a created container, readable by its root
+/// only.
+pub async fn upload_token(
+    docker: &Docker,
+    id: &str,
+    name: &str,
+    token: &str,
+) -> Result<(), DockerError> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dir = tar::Header::new_gnu();
     dir.set_entry_type(tar::EntryType::Directory);
     dir.set_mode(0o711);
     dir.set_size(0);
-    b.append_data(&mut dir, ".devloop/", std::io::empty())?;
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o600);
-    h.set_size(token.len() as u64);
-    b.append_data(&mut h, ".devloop/token", token.as_bytes())?;
-    b.into_inner()
+    let mut file = tar::Header::new_gnu();
+    file.set_mode(0o600);
+    file.set_size(token.len() as u64);
+    let archive = b
+        .append_data(&mut dir, ".devloop/", std::io::empty())
+        .and_then(|()| b.append_data(&mut file, ".devloop/token", token.as_bytes()))
+        .and_then(|()| b.into_inner())
+        .map_err(|e| DockerError::Other(format!("packing the token: {e}")))?;
+    docker
+        .upload_to_container(
+            id,
+            Some(UploadToContainerOptionsBuilder::new().path("/").build()),
+            bollard::body_full(archive.into()),
+        )
+        .await
+        .map_err(api(format!("copying the token into {name}")))
 }
 
 pub async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerError> {

@@ -13,7 +13,6 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, StopContainerOptionsBuilder,
-    UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use serde::{Deserialize, Serialize};
@@ -352,15 +351,7 @@ pub async fn swap_in(
             .await
             .map_err(api(format!("connecting the agent to {net}")))?;
     }
-    let archive = docker::one_file_tar(".devloop/token", 0o600, token.as_bytes())?;
-    docker
-        .upload_to_container(
-            &created.id,
-            Some(UploadToContainerOptionsBuilder::new().path("/").build()),
-            bollard::body_full(archive.into()),
-        )
-        .await
-        .map_err(api("copying the token into the agent"))?;
+    docker::upload_token(docker, &created.id, &record.agent_container, token).await?;
     docker
         .start_container(&created.id, None)
         .await
