@@ -6,18 +6,21 @@
 #   scripts/bench.sh --quick          # fewer rounds, smaller trees (< 2 minutes)
 #   scripts/bench.sh --scenario latency
 #
-# Needs: docker, rsync on the host (installed with apt-get if missing) and, for the rsync
+# Needs: docker, rsync and socat on the host (installed with apt-get if missing) and, for the rsync
 # comparison inside containers, rsync's Debian packages (fetched with `apt-get download`
 # into target/bench-debs once; the containers themselves need no network).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v rsync >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  echo "bench.sh: installing rsync (for the rsync comparison)" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >&2 \
-    || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >&2; } \
-    || echo "bench.sh: warning: could not install rsync; the rsync comparison is skipped" >&2
-fi
+# rsync (the initial-sync comparison) and socat (the relay the intercept is compared with).
+for tool in rsync socat; do
+  if ! command -v $tool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "bench.sh: installing $tool (for the comparison)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $tool >&2 \
+      || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $tool >&2; } \
+      || echo "bench.sh: warning: could not install $tool; its comparison fails" >&2
+  fi
+done
 
 debs=target/bench-debs
 if [ ! -f "$debs/.complete" ] && command -v apt-get >/dev/null 2>&1; then
@@ -37,5 +40,6 @@ if ! docker image inspect python:3.11-slim-bookworm >/dev/null 2>&1; then
 fi
 
 scripts/build-agent.sh
+scripts/build-loadgen.sh
 cargo build --release -p devloop -p devloop-bench
 exec target/release/devloop-bench "$@"

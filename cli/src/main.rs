@@ -11,6 +11,13 @@ struct Cli {
     /// Run as if started in this folder.
     #[arg(short = 'C', long = "dir", global = true, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Kubernetes: the kubeconfig context to use (selects the Kubernetes target; default:
+    /// devloop.toml's [target], else the current context).
+    #[arg(long, global = true, value_name = "CONTEXT")]
+    context: Option<String>,
+    /// Kubernetes: the namespace (selects the Kubernetes target; default: the context's).
+    #[arg(short = 'n', long, global = true, value_name = "NAMESPACE")]
+    namespace: Option<String>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -126,11 +133,17 @@ fn main() -> std::process::ExitCode {
             .dir
             .clone()
             .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
+        context: cli.context.clone(),
+        namespace: cli.namespace.clone(),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // An intercept hops every tunnelled byte between socket tasks and the WebSocket task: on
+    // one thread those wake-ups stay in-thread (see docs/ARCHITECTURE.md, "Tunnel latency").
+    let mut builder = if matches!(cli.command, Command::Intercept { .. }) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("devloop: cannot start the async runtime: {e}");
@@ -193,9 +206,9 @@ fn main() -> std::process::ExitCode {
                 command,
             } => {
                 if target == "list" && ports.is_empty() {
-                    commands::intercept::list().await
+                    commands::intercept::list(&global).await
                 } else {
-                    commands::intercept::intercept(commands::intercept::InterceptOptions {
+                    commands::intercept::intercept(&global, commands::intercept::InterceptOptions {
                         target,
                         ports,
                         env_file,
@@ -205,7 +218,7 @@ fn main() -> std::process::ExitCode {
                     .await
                 }
             }
-            Command::Leave { target, all } => commands::intercept::leave(target, all).await,
+            Command::Leave { target, all } => commands::intercept::leave(&global, target, all).await,
             Command::History { service } => commands::deploy::history_cmd(&global, &service).await,
             Command::Rollback {
                 service,

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod k8s;
+
 pub const TEST_RUN_LABEL: &str = "dev.devloop.test-run";
 
 pub fn workspace() -> PathBuf {

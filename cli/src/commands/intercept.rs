@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
+use futures_util::future::BoxFuture;
+
 use super::connect_engine;
 use crate::agent_link::{AgentLink, Connected};
 use crate::state::{now_ms, TokenStore};
@@ -91,93 +93,172 @@ const LAPTOP_KEEPS: &[&str] = &[
     "PATH", "HOME", "HOSTNAME", "TERM", "USER", "SHELL", "LANG", "PWD",
 ];
 
-pub async fn intercept(opts: InterceptOptions) -> anyhow::Result<()> {
+/// One intercept on some target: what the lifecycle in [`hold`] needs. Docker implements it
+/// with a container swap ([`DockerSwap`]), Kubernetes with a pod template swap
+/// ([`super::intercept_k8s::KubeSwap`]); the tunnel, the laptop command, the exposes, the
+/// reconnects and the restore on exit are the same code for both.
+pub trait Swap: Send + Sync {
+    /// The original's name, for messages.
+    fn original(&self) -> String;
+    /// The name `leave` takes.
+    fn service(&self) -> String;
+    /// The original's environment, for the laptop command.
+    fn env(&self) -> Vec<(String, String)>;
+    /// Persists the restore record, then puts the agent in the original's place.
+    fn swap_in<'a>(&'a self, token: &'a str, expose: &'a [Expose]) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// A fresh control connection to the agent.
+    fn connect<'a>(&'a self, token: &'a str) -> BoxFuture<'a, anyhow::Result<Connected>>;
+    /// True when `leave` (from any shell) ended this intercept.
+    fn ended_elsewhere(&self) -> BoxFuture<'_, bool>;
+    /// Puts the original back and removes what the swap added.
+    fn restore(&self) -> BoxFuture<'_, anyhow::Result<()>>;
+}
+
+pub async fn intercept(global: &super::Global, opts: InterceptOptions) -> anyhow::Result<()> {
+    devloop_proxy::tunnel::raise_open_files_limit();
     if opts.ports.is_empty() {
         anyhow::bail!("say which port to intercept: --port REMOTE:LOCAL (REMOTE is the port the service listens on in its container)");
     }
-    let (docker, engine) = connect_engine().await?;
-    // In a project folder, its own service is meant when several projects have one so named.
-    let here = std::env::current_dir()
-        .ok()
-        .and_then(|d| super::load_project(&super::Global { dir: d }).ok())
-        .map(|p| p.name);
-    if let Some(r) = di::load_records().into_iter().find(|r| {
-        (r.service == opts.target && here.as_deref().is_none_or(|h| h == r.project))
-            || r.original_name == opts.target
-    }) {
-        anyhow::bail!(
-            "{} is already intercepted (by pid {}, {}); end that with `devloop leave {}`",
-            r.original_name,
-            r.cli_pid,
-            ago(r.started_ms),
-            r.service
-        );
+    let project = super::load_project(global).ok();
+    match super::choose_target(global, project.as_ref()) {
+        super::TargetChoice::Docker => {
+            let swap = DockerSwap::new(&opts, project.map(|p| p.name)).await?;
+            hold(&swap, &opts).await
+        }
+        super::TargetChoice::Kubernetes { settings, registry } => {
+            let swap = super::intercept_k8s::KubeSwap::new(&settings, registry.as_deref(), &opts).await?;
+            hold(&swap, &opts).await
+        }
     }
-    let original = di::find_target(&docker, &opts.target, here.as_deref()).await?;
-    let orig_name = di::container_name(&original);
-    let orig_id = original.id.clone().unwrap_or_default();
-    if let Some(r) = di::load_records()
-        .into_iter()
-        .find(|r| r.original_id == orig_id || r.original_name == orig_name)
-    {
-        anyhow::bail!(
-            "{orig_name} is already intercepted (by pid {}, {}); end that with `devloop leave {}`",
-            r.cli_pid,
-            ago(r.started_ms),
-            r.service
-        );
-    }
-    let (service, project) = di::service_of(&original);
-    let record = Record {
-        original_id: orig_id,
-        original_name: orig_name.clone(),
-        service: service.clone(),
-        project,
-        agent_container: format!("{orig_name}-devloop-intercept"),
-        ports: opts.ports.clone(),
-        started_ms: now_ms(),
-        cli_pid: std::process::id(),
-    };
-    let env = di::env_of(&original);
-    let (_, agent) = super::read_agent_binary()?;
-    let token = crate::state::new_token();
-    let tokens = TokenStore::new();
+}
 
-    // Crash safety: the record is on disk before anything changes.
-    di::save_record(&record).context("saving the restore record")?;
-    tokens
-        .write(&record.agent_container, &token)
-        .context("saving the session token")?;
+/// A container swapped for an agent container on the same networks.
+pub struct DockerSwap {
+    docker: bollard::Docker,
+    engine: EngineChoice,
+    original: bollard::models::ContainerInspectResponse,
+    record: Record,
+    agent: Vec<u8>,
+}
+
+impl DockerSwap {
+    async fn new(opts: &InterceptOptions, here: Option<String>) -> anyhow::Result<DockerSwap> {
+        let (docker, engine) = connect_engine().await?;
+        // In a project folder, its own service is meant when several projects have one so named.
+        if let Some(r) = di::load_records().into_iter().find(|r| {
+            (r.service == opts.target && here.as_deref().is_none_or(|h| h == r.project))
+                || r.original_name == opts.target
+        }) {
+            anyhow::bail!(
+                "{} is already intercepted (by pid {}, {}); end that with `devloop leave {}`",
+                r.original_name,
+                r.cli_pid,
+                ago(r.started_ms),
+                r.service
+            );
+        }
+        let original = di::find_target(&docker, &opts.target, here.as_deref()).await?;
+        let orig_name = di::container_name(&original);
+        let orig_id = original.id.clone().unwrap_or_default();
+        if let Some(r) = di::load_records()
+            .into_iter()
+            .find(|r| r.original_id == orig_id || r.original_name == orig_name)
+        {
+            anyhow::bail!(
+                "{orig_name} is already intercepted (by pid {}, {}); end that with `devloop leave {}`",
+                r.cli_pid,
+                ago(r.started_ms),
+                r.service
+            );
+        }
+        let (service, project) = di::service_of(&original);
+        let record = Record {
+            original_id: orig_id,
+            original_name: orig_name.clone(),
+            service,
+            project,
+            agent_container: format!("{orig_name}-devloop-intercept"),
+            ports: opts.ports.clone(),
+            started_ms: now_ms(),
+            cli_pid: std::process::id(),
+        };
+        let (_, agent) = super::read_agent_binary()?;
+        Ok(DockerSwap { docker, engine, original, record, agent })
+    }
+}
+
+impl Swap for DockerSwap {
+    fn original(&self) -> String {
+        self.record.original_name.clone()
+    }
+
+    fn service(&self) -> String {
+        self.record.service.clone()
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        di::env_of(&self.original)
+    }
+
+    fn swap_in<'a>(&'a self, token: &'a str, expose: &'a [Expose]) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            // Crash safety: the record is on disk before anything changes.
+            di::save_record(&self.record).context("saving the restore record")?;
+            TokenStore::new()
+                .write(&self.record.agent_container, token)
+                .context("saving the session token")?;
+            let targets: Vec<String> = expose.iter().map(|e| format!("{}:{}", e.name, e.port)).collect();
+            di::swap_in(&self.docker, &self.original, &self.record, &self.agent, token, &targets).await?;
+            Ok(())
+        })
+    }
+
+    fn connect<'a>(&'a self, token: &'a str) -> BoxFuture<'a, anyhow::Result<Connected>> {
+        Box::pin(connect_agent(&self.docker, &self.engine, &self.record.agent_container, token))
+    }
+
+    fn ended_elsewhere(&self) -> BoxFuture<'_, bool> {
+        Box::pin(ended_elsewhere(&self.docker, &self.record))
+    }
+
+    fn restore(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move { Ok(di::restore(&self.docker, &self.record).await?) })
+    }
+}
+
+/// The intercept's lifetime, on any target: swap, tunnel, run the laptop command, and
+/// restore when the command exits, on Ctrl-C, or stop when `leave` ended it elsewhere.
+pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()> {
+    let (orig_name, service) = (swap.original(), swap.service());
+    let token = crate::state::new_token();
     let started = Instant::now();
-    let expose_targets: Vec<String> = opts
-        .expose
-        .iter()
-        .map(|e| format!("{}:{}", e.name, e.port))
-        .collect();
-    if let Err(e) = di::swap_in(&docker, &original, &record, &agent, &token, &expose_targets).await
-    {
-        eprintln!("devloop: the swap failed ({e}); restoring {orig_name}");
-        di::restore(&docker, &record)
-            .await
-            .context("restoring after a failed swap")?;
-        return Err(e.into());
+    if let Err(e) = swap.swap_in(&token, &opts.expose).await {
+        eprintln!("devloop: the swap failed ({e:#}); restoring {orig_name}");
+        swap.restore().await.context("restoring after a failed swap")?;
+        return Err(e);
     }
 
     // Listeners for exposed services on the laptop.
     let mux_slot: Arc<Mutex<Option<devloop_proxy::tunnel::Mux>>> = Arc::default();
     for (i, e) in opts.expose.iter().enumerate() {
-        let listener = TcpListener::bind(("127.0.0.1", e.local))
-            .await
-            .with_context(|| {
-                format!(
-                    "listening on 127.0.0.1:{} for --expose {}:{}",
-                    e.local, e.name, e.port
-                )
-            })?;
+        let listener = match TcpListener::bind(("127.0.0.1", e.local)).await {
+            Ok(l) => l,
+            Err(err) => {
+                swap.restore().await?;
+                return Err(err).with_context(|| format!("listening on 127.0.0.1:{} for --expose {}:{}", e.local, e.name, e.port));
+            }
+        };
         tokio::spawn(expose_loop(listener, i as u16, mux_slot.clone()));
     }
     let locals: HashMap<u16, u16> = opts.ports.iter().copied().collect();
-    let link = connect_agent(&docker, &engine, &record.agent_container, &token).await?;
+    let link = match swap.connect(&token).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("devloop: cannot reach the agent ({e:#}); restoring {orig_name}");
+            swap.restore().await?;
+            return Err(e);
+        }
+    };
     start_tunnel(&link, &locals, &mux_slot, &service);
     let ports: Vec<String> = opts
         .ports
@@ -190,7 +271,7 @@ pub async fn intercept(opts: InterceptOptions) -> anyhow::Result<()> {
         ports.join(", ")
     );
 
-    let env = rewrite_env(&env, &opts.expose);
+    let env = rewrite_env(&swap.env(), &opts.expose);
     if let Some(path) = &opts.env_file {
         let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -225,21 +306,21 @@ pub async fn intercept(opts: InterceptOptions) -> anyhow::Result<()> {
                 break "the command exited";
             }
             _ = link.link.closed() => {
-                if ended_elsewhere(&docker, &record).await {
+                if swap.ended_elsewhere().await {
                     eprintln!("devloop: the intercept was ended elsewhere (`devloop leave`); exiting");
                     if let Some(c) = child.as_mut() { let _ = c.kill().await; }
                     return Ok(());
                 }
                 eprintln!("devloop: the tunnel to the agent is down; reconnecting (callers of {service} get closed connections meanwhile)");
                 loop {
-                    match connect_agent(&docker, &engine, &record.agent_container, &token).await {
+                    match swap.connect(&token).await {
                         Ok(l) => {
                             link = l;
                             start_tunnel(&link, &locals, &mux_slot, &service);
                             eprintln!("devloop: tunnel back up");
                             break;
                         }
-                        Err(_) if ended_elsewhere(&docker, &record).await => break,
+                        Err(_) if swap.ended_elsewhere().await => break,
                         Err(e) => eprintln!("devloop: cannot reach the agent yet: {e:#}"),
                     }
                 }
@@ -251,7 +332,7 @@ pub async fn intercept(opts: InterceptOptions) -> anyhow::Result<()> {
     }
     let t = Instant::now();
     link.link.close();
-    di::restore(&docker, &record).await?;
+    swap.restore().await?;
     eprintln!(
         "devloop: {outcome}; {orig_name} restored in {}",
         human_ms(t.elapsed().as_millis() as u64)
@@ -389,7 +470,11 @@ async fn connect_agent(
     }
 }
 
-pub async fn list() -> anyhow::Result<()> {
+pub async fn list(global: &super::Global) -> anyhow::Result<()> {
+    let project = super::load_project(global).ok();
+    if let super::TargetChoice::Kubernetes { settings, .. } = super::choose_target(global, project.as_ref()) {
+        return super::intercept_k8s::list(&settings).await;
+    }
     let (docker, _) = connect_engine().await?;
     let agents = di::agents(&docker).await?;
     let records = di::load_records();
@@ -439,7 +524,11 @@ pub async fn list() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn leave(target: Option<String>, all: bool) -> anyhow::Result<()> {
+pub async fn leave(global: &super::Global, target: Option<String>, all: bool) -> anyhow::Result<()> {
+    let project = super::load_project(global).ok();
+    if let super::TargetChoice::Kubernetes { settings, .. } = super::choose_target(global, project.as_ref()) {
+        return super::intercept_k8s::leave(&settings, target, all).await;
+    }
     let (docker, _) = connect_engine().await?;
     let mut records = di::load_records();
     // Intercepts known only from an agent container's labels (another machine's, or a lost
@@ -481,10 +570,7 @@ pub async fn leave(target: Option<String>, all: bool) -> anyhow::Result<()> {
                 .filter(|r| &r.service == t || &r.original_name == t)
                 .collect();
             // Several projects' `api`: the current folder's project is meant.
-            let here = std::env::current_dir()
-                .ok()
-                .and_then(|d| super::load_project(&super::Global { dir: d }).ok())
-                .map(|p| p.name);
+            let here = project.as_ref().map(|p| p.name.clone());
             match here {
                 Some(h) if named.len() > 1 && named.iter().any(|r| r.project == h) => {
                     named.into_iter().filter(|r| r.project == h).collect()

@@ -4,6 +4,7 @@ pub mod deploy;
 pub mod doctor;
 pub mod down;
 pub mod intercept;
+pub mod intercept_k8s;
 pub mod status;
 pub mod up;
 pub mod watch;
@@ -22,10 +23,45 @@ use crate::target::docker;
 use crate::target::engine::{self, EngineChoice};
 
 /// Options every command shares.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Global {
     /// The folder to start looking for the project from.
     pub dir: PathBuf,
+    /// `--context`: a kubeconfig context (selects the Kubernetes target).
+    pub context: Option<String>,
+    /// `-n`: a Kubernetes namespace (selects the Kubernetes target).
+    pub namespace: Option<String>,
+}
+
+/// Where a command acts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetChoice {
+    Docker,
+    Kubernetes {
+        settings: crate::target::k8s::KubeSettings,
+        /// `[target] registry`.
+        registry: Option<String>,
+    },
+}
+
+/// `--context` or `-n` select Kubernetes (like kubectl's flags); else devloop.toml's
+/// `[target]`; else Docker.
+pub fn choose_target(global: &Global, project: Option<&Project>) -> TargetChoice {
+    use crate::config::file::TargetKind;
+    let section = project.map(|p| p.target.clone()).unwrap_or_default();
+    let kube = global.context.is_some()
+        || global.namespace.is_some()
+        || section.kind == Some(TargetKind::Kubernetes);
+    if !kube {
+        return TargetChoice::Docker;
+    }
+    TargetChoice::Kubernetes {
+        settings: crate::target::k8s::KubeSettings {
+            context: global.context.clone().or(section.context),
+            namespace: global.namespace.clone().or(section.namespace),
+        },
+        registry: section.registry,
+    }
 }
 
 pub fn load_project(global: &Global) -> anyhow::Result<Project> {

@@ -15,6 +15,9 @@ pub struct DevloopFile {
     /// Settings of `devloop deploy`.
     #[serde(default)]
     pub deploy: DeploySection,
+    /// Where services run: Docker (default) or a Kubernetes context and namespace.
+    #[serde(default)]
+    pub target: TargetSection,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSection>,
 }
@@ -31,6 +34,30 @@ pub struct UpSection {
 pub struct DeploySection {
     /// How many versions of each service to keep for `history` and `rollback` (default 5).
     pub keep: Option<usize>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    /// "docker" (default) or "kubernetes".
+    pub kind: Option<TargetKind>,
+    /// kubeconfig context (default: the current one).
+    pub context: Option<String>,
+    /// Namespace (default: the context's).
+    pub namespace: Option<String>,
+    /// Registry the cluster pulls devloop's images from, HOST[:PORT] (default: the one the
+    /// cluster advertises).
+    pub registry: Option<String>,
+    /// How long an intercept outlives its vanished cli before the agent restores the
+    /// workload itself, e.g. "15m" (Kubernetes).
+    pub lease: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    Docker,
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

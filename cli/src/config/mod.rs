@@ -53,6 +53,8 @@ pub struct Project {
     pub on_exit: OnExit,
     /// Versions of each service `deploy` keeps.
     pub keep_versions: usize,
+    /// `[target]`: where the services run.
+    pub target: file::TargetSection,
     /// Services, dependencies before their dependents.
     pub services: Vec<Service>,
 }
@@ -465,6 +467,7 @@ pub fn resolve(
         sources,
         on_exit: devloop.up.on_exit.unwrap_or(OnExit::Keep),
         keep_versions: devloop.deploy.keep.unwrap_or(5).max(1),
+        target: devloop.target.clone(),
         services,
     })
 }

@@ -314,8 +314,7 @@ pub async fn ensure_agent_image(
     docker: &Docker,
     agent_binary: &[u8],
 ) -> Result<String, DockerError> {
-    let hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(agent_binary));
-    let tag = format!("{}-{}", devloop_proxy::CRATE_VERSION, &hash[..12]);
+    let tag = super::agent_image_tag(agent_binary);
     let image = format!("devloop-agent:{tag}");
     if docker.inspect_image(&image).await.is_ok() {
         return Ok(image);

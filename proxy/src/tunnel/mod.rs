@@ -18,3 +18,15 @@ pub use frame::{
     MAX_WINDOW, OUT_QUEUE_FRAMES,
 };
 pub use mux::{Incoming, Mux, MuxStream};
+
+/// Raises this process's soft limit of open files to its hard limit. Every tunnelled
+/// connection holds a socket at both ends of the tunnel, and a soft limit of 1,024 (the usual
+/// default) would refuse the 1,000th concurrent connection. Returns the new soft limit.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).ok()?;
+    }
+    Some(hard.max(soft))
+}

@@ -1,0 +1,231 @@
+//! `intercept`, `intercept list` and `leave` on Kubernetes: the [`Swap`] of a Deployment's
+//! pod template (see `target::k8s::intercept`), with the agent image pushed to the
+//! cluster's registry and the tunnel carried over a port-forward.
+
+use anyhow::Context;
+use futures_util::future::BoxFuture;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::intercept::{Expose, InterceptOptions, Swap};
+use crate::agent_link::{AgentLink, Connected};
+use crate::state::now_ms;
+use crate::target::k8s::intercept::{self as ki, Record};
+use crate::target::k8s::registry::{self, Pusher};
+use crate::target::k8s::{Cluster, KubeSettings};
+use crate::ui::{ago, human_ms};
+
+pub struct KubeSwap {
+    cluster: Cluster,
+    deployment: serde_json::Value,
+    record: Record,
+    index: usize,
+    image: String,
+    /// The agent's pod once it is ready (a reconnect looks it up again if it went away).
+    pod: Mutex<Option<String>>,
+}
+
+/// Pushes the agent image (FROM scratch: the static binary) to the cluster's registry;
+/// returns the reference the nodes pull.
+pub async fn agent_image(cluster: &Cluster, configured: Option<&str>) -> anyhow::Result<String> {
+    let (_, binary) = super::read_agent_binary()?;
+    let tag = crate::target::agent_image_tag(&binary);
+    let Some(reg) = registry::discover(cluster, configured).await? else {
+        // kind, k3d and minikube load images without a registry, but only from a Docker
+        // image; the agent's has to be built for that first, which is not done yet.
+        return Err(registry::RegistryError::None { context: cluster.context.clone() }.into());
+    };
+    let t = Instant::now();
+    let layer = registry::one_file_layer("devloop-agent", 0o755, &binary)?;
+    let config = registry::image_config(std::slice::from_ref(&layer), &["/devloop-agent"]);
+    let report = Pusher::new(&reg.push)?.push_image("devloop-agent", &tag, &[layer], &config).await?;
+    tracing::info!(
+        "agent image pushed to {} ({}): {} blobs sent ({} bytes), {} present, {} ms",
+        reg.push,
+        reg.source,
+        report.blobs_sent,
+        report.bytes_sent,
+        report.blobs_present,
+        t.elapsed().as_millis()
+    );
+    Ok(format!("{}/devloop-agent:{tag}", reg.pull))
+}
+
+fn holder() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "?".into());
+    format!("{user}@{host} pid {}", std::process::id())
+}
+
+impl KubeSwap {
+    pub async fn new(settings: &KubeSettings, registry: Option<&str>, opts: &InterceptOptions) -> anyhow::Result<KubeSwap> {
+        let cluster = Cluster::connect(settings).await?;
+        let deployment = ki::find_deployment(&cluster, &opts.target).await?;
+        let name = deployment["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        if let Some(r) = ki::record_of(&deployment) {
+            anyhow::bail!(
+                "deployment {name} is already intercepted (by {}, {}); end that with `devloop leave {}`",
+                r.holder,
+                ago(r.started_ms),
+                r.service
+            );
+        }
+        let template = deployment["spec"]["template"].clone();
+        let remote: Vec<u16> = opts.ports.iter().map(|(r, _)| *r).collect();
+        let index = ki::container_for(&template, &remote)?;
+        let container = template["spec"]["containers"][index]["name"].as_str().unwrap_or_default().to_string();
+        let image = agent_image(&cluster, registry).await?;
+        let session = crate::state::new_token()[..12].to_string();
+        let record = Record {
+            deployment: name.clone(),
+            service: opts.target.clone(),
+            container,
+            template,
+            replicas: deployment["spec"]["replicas"].clone(),
+            ports: opts.ports.clone(),
+            session,
+            secret: format!("{name}-devloop-intercept"),
+            started_ms: now_ms(),
+            holder: holder(),
+        };
+        Ok(KubeSwap { cluster, deployment, record, index, image, pod: Mutex::new(None) })
+    }
+
+    async fn pod(&self) -> anyhow::Result<String> {
+        if let Some(p) = self.pod.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(p);
+        }
+        let p = ki::wait_agent_pod(&self.cluster, &self.record.session, Duration::from_secs(120)).await?;
+        *self.pod.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+        Ok(p)
+    }
+}
+
+impl Swap for KubeSwap {
+    fn original(&self) -> String {
+        format!("deployment/{}", self.record.deployment)
+    }
+
+    fn service(&self) -> String {
+        self.record.service.clone()
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        ki::literal_env(&self.record.template, self.index)
+    }
+
+    fn swap_in<'a>(&'a self, token: &'a str, expose: &'a [Expose]) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            // Exposed services are found through the API (their ClusterIP), so this works
+            // without cluster DNS.
+            let mut targets = Vec::new();
+            for e in expose {
+                let svc = self
+                    .cluster
+                    .get_opt(&self.cluster.path("v1", "services", Some(&e.name)))
+                    .await
+                    .map_err(|err| self.cluster.err(err, "get", "services", format!("reading service {}", e.name)))?
+                    .with_context(|| format!("--expose {}: no Service `{}` in namespace `{}`", e.name, e.name, self.cluster.namespace))?;
+                let ip = svc["spec"]["clusterIP"].as_str().filter(|ip| !ip.is_empty() && *ip != "None");
+                targets.push(format!("{}:{}", ip.unwrap_or(&e.name), e.port));
+            }
+            ki::create_token_secret(&self.cluster, &self.record.secret, &self.record.deployment, token).await?;
+            let remote: Vec<u16> = self.record.ports.iter().map(|(r, _)| *r).collect();
+            let template = ki::agent_template(&self.record.template, self.index, &self.image, &remote, &targets, &self.record.session, &self.record.secret);
+            ki::swap_in(&self.cluster, &self.deployment, &self.record, &template).await
+        })
+    }
+
+    fn connect<'a>(&'a self, token: &'a str) -> BoxFuture<'a, anyhow::Result<Connected>> {
+        Box::pin(async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let attempt = async {
+                    let pod = self.pod().await?;
+                    let stream = ki::forward(&self.cluster, &pod).await?;
+                    anyhow::Ok(AgentLink::connect(stream, token).await?)
+                }
+                .await;
+                match attempt {
+                    Ok(c) => return Ok(c),
+                    Err(e) if Instant::now() > deadline => return Err(e.context("connecting to the agent through a port-forward")),
+                    Err(_) => {
+                        // The pod may have been replaced: look it up again.
+                        *self.pod.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        })
+    }
+
+    fn ended_elsewhere(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            match self.cluster.get_opt(&self.cluster.path("apps/v1", "deployments", Some(&self.record.deployment))).await {
+                Ok(Some(d)) => ki::record_of(&d).map(|r| r.session) != Some(self.record.session.clone()),
+                Ok(None) => true,
+                Err(_) => false,
+            }
+        })
+    }
+
+    fn restore(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            ki::restore(&self.cluster, &self.record).await?;
+            Ok(())
+        })
+    }
+}
+
+pub async fn list(settings: &KubeSettings) -> anyhow::Result<()> {
+    let cluster = Cluster::connect(settings).await?;
+    let records = ki::intercepted(&cluster).await?;
+    if records.is_empty() {
+        println!("no active intercepts in namespace {} (context {})", cluster.namespace, cluster.context);
+        return Ok(());
+    }
+    for r in records {
+        let ports: Vec<String> = r.ports.iter().map(|(a, b)| format!("{a}->{b}")).collect();
+        println!(
+            "{}  (deployment/{}, namespace {})  ports {}  since {}  held by {}",
+            r.service,
+            r.deployment,
+            cluster.namespace,
+            ports.join(","),
+            ago(r.started_ms),
+            r.holder
+        );
+    }
+    Ok(())
+}
+
+pub async fn leave(settings: &KubeSettings, target: Option<String>, all: bool) -> anyhow::Result<()> {
+    let cluster = Cluster::connect(settings).await?;
+    let records = ki::intercepted(&cluster).await?;
+    let chosen: Vec<Record> = match (&target, all) {
+        (_, true) => records,
+        (Some(t), false) => {
+            let named: Vec<Record> = records.into_iter().filter(|r| &r.service == t || &r.deployment == t).collect();
+            if named.is_empty() {
+                anyhow::bail!("`{t}` is not intercepted in namespace {} (`devloop intercept list` shows what is)", cluster.namespace);
+            }
+            named
+        }
+        (None, false) => anyhow::bail!("say which intercept to end (`devloop leave SERVICE`), or --all"),
+    };
+    if chosen.is_empty() {
+        println!("no active intercepts in namespace {}", cluster.namespace);
+        return Ok(());
+    }
+    for r in chosen {
+        let t = Instant::now();
+        ki::restore(&cluster, &r).await?;
+        println!(
+            "{} restored (deployment/{}) in {}",
+            r.service,
+            r.deployment,
+            human_ms(t.elapsed().as_millis() as u64)
+        );
+    }
+    Ok(())
+}

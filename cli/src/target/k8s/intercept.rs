@@ -1,0 +1,419 @@
+//! Intercept on Kubernetes: a Deployment's service container is replaced by the agent,
+//! listening on the same ports with the same environment, so the Service and its callers are
+//! unchanged; the cli reaches the agent through a port-forward (kube's WebSocket) to the
+//! agent's control port on the pod's loopback, which nothing else in the cluster reaches.
+//!
+//! Crash safety: the original pod template and replica count are saved on the Deployment
+//! itself (the annotation [`RECORD`]) in the same request that swaps the template, so a
+//! `leave` from any shell or machine restores the spec exactly, also after the cli was
+//! killed. The session token lives in a Secret the agent reads as a file.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+
+use super::{pointer_token, status_of, Cluster};
+
+/// The annotation holding the restore record (JSON of [`Record`]).
+pub const RECORD: &str = "devloop.dev/intercept";
+/// The label on the agent's pod template (value: the session id), to find the agent pod.
+pub const SESSION_LABEL: &str = "devloop.dev/intercept-session";
+/// The label on the token Secret, naming the Deployment.
+pub const SECRET_LABEL: &str = "devloop.dev/intercept-of";
+const TOKEN_DIR: &str = "/var/run/devloop";
+const TOKEN_VOLUME: &str = "devloop-intercept-token";
+pub const AGENT_CONTROL_PORT: u16 = 7717;
+
+/// What `leave` needs, stored on the Deployment before (atomically with) the swap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub deployment: String,
+    /// The name the user intercepted (a Service's or the Deployment's).
+    pub service: String,
+    pub container: String,
+    /// The original `spec.template`, exactly as the API server returned it.
+    pub template: serde_json::Value,
+    /// The original `spec.replicas` (null when it was unset).
+    pub replicas: serde_json::Value,
+    /// (container port, laptop port).
+    pub ports: Vec<(u16, u16)>,
+    pub session: String,
+    pub secret: String,
+    pub started_ms: u64,
+    /// Who holds it: user, host and pid of the cli.
+    pub holder: String,
+}
+
+/// The workload to intercept: a Deployment named so, else the one Deployment whose pods a
+/// Service of that name selects.
+pub async fn find_deployment(cluster: &Cluster, name: &str) -> anyhow::Result<serde_json::Value> {
+    let path = cluster.path("apps/v1", "deployments", Some(name));
+    if let Some(d) = cluster.get_opt(&path).await.map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {name}")))? {
+        return Ok(d);
+    }
+    let svc_path = cluster.path("v1", "services", Some(name));
+    let Some(svc) = cluster.get_opt(&svc_path).await.map_err(|e| cluster.err(e, "get", "services", format!("reading service {name}")))? else {
+        anyhow::bail!("no Deployment or Service named `{name}` in namespace `{}` (context `{}`)", cluster.namespace, cluster.context);
+    };
+    let selector = svc["spec"]["selector"].as_object().cloned().unwrap_or_default();
+    if selector.is_empty() {
+        anyhow::bail!("Service `{name}` has no selector, so no workload behind it to intercept");
+    }
+    let list = cluster
+        .get_json(&cluster.path("apps/v1", "deployments", None))
+        .await
+        .map_err(|e| cluster.err(e, "list", "deployments", "listing deployments"))?;
+    let matching: Vec<serde_json::Value> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| {
+            let labels = &d["spec"]["template"]["metadata"]["labels"];
+            selector.iter().all(|(k, v)| &labels[k] == v)
+        })
+        .cloned()
+        .collect();
+    match matching.len() {
+        1 => Ok(matching.into_iter().next().expect("one")),
+        0 => anyhow::bail!("Service `{name}` selects no Deployment's pods in namespace `{}`: devloop intercepts Deployments", cluster.namespace),
+        _ => anyhow::bail!(
+            "Service `{name}` selects the pods of several Deployments ({}); intercept one by its name",
+            matching.iter().map(|d| d["metadata"]["name"].as_str().unwrap_or("?")).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The record on a Deployment, if it is intercepted.
+pub fn record_of(deployment: &serde_json::Value) -> Option<Record> {
+    serde_json::from_str(deployment["metadata"]["annotations"][RECORD].as_str()?).ok()
+}
+
+/// The index of the container serving `port` (a containerPort of it), else the only container.
+pub fn container_for(template: &serde_json::Value, ports: &[u16]) -> anyhow::Result<usize> {
+    let containers = template["spec"]["containers"].as_array().cloned().unwrap_or_default();
+    let has = |c: &serde_json::Value, p: u16| {
+        c["ports"].as_array().into_iter().flatten().any(|x| x["containerPort"].as_u64() == Some(p as u64))
+    };
+    if let Some(i) = containers.iter().position(|c| ports.iter().any(|p| has(c, *p))) {
+        return Ok(i);
+    }
+    match containers.len() {
+        1 => Ok(0),
+        0 => anyhow::bail!("the pod template has no containers"),
+        _ => anyhow::bail!(
+            "no container of the pod declares port {}; the containers are {}",
+            ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
+            containers.iter().map(|c| c["name"].as_str().unwrap_or("?")).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The pod template with container `index` replaced by the agent: same name, environment,
+/// ports, resources, mounts and security context; its probes check the agent itself, so
+/// they pass whether or not a laptop process is connected.
+pub fn agent_template(original: &serde_json::Value, index: usize, image: &str, ports: &[u16], expose: &[String], session: &str, secret: &str) -> serde_json::Value {
+    let mut t = original.clone();
+    let labels = &mut t["metadata"]["labels"];
+    if !labels.is_object() {
+        *labels = serde_json::json!({});
+    }
+    labels[SESSION_LABEL] = serde_json::json!(session);
+    let c = &mut t["spec"]["containers"][index];
+    let mut args = vec![
+        "intercept".to_string(),
+        "--token-file".into(),
+        format!("{TOKEN_DIR}/token"),
+        "--control".into(),
+        format!("127.0.0.1:{AGENT_CONTROL_PORT}"),
+    ];
+    for p in ports {
+        args.push("--port".into());
+        args.push(p.to_string());
+    }
+    for e in expose {
+        args.push("--expose".into());
+        args.push(e.clone());
+    }
+    c["image"] = serde_json::json!(image);
+    c["imagePullPolicy"] = serde_json::json!("IfNotPresent");
+    c["command"] = serde_json::json!(["/devloop-agent"]);
+    c["args"] = serde_json::json!(args);
+    let probe = serde_json::json!({
+        "exec": {"command": ["/devloop-agent", "probe", format!("127.0.0.1:{AGENT_CONTROL_PORT}"), "--timeout-ms", "1000"]},
+        "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 3, "successThreshold": 1,
+    });
+    let obj = c.as_object_mut().expect("a container is an object");
+    obj.insert("readinessProbe".into(), probe.clone());
+    obj.insert("livenessProbe".into(), serde_json::json!({
+        "exec": probe["exec"].clone(), "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3,
+    }));
+    obj.remove("startupProbe");
+    obj.remove("lifecycle");
+    obj.remove("workingDir");
+    let mounts = obj.entry("volumeMounts").or_insert_with(|| serde_json::json!([]));
+    if let Some(m) = mounts.as_array_mut() {
+        m.push(serde_json::json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}));
+    }
+    let volumes = t["spec"].as_object_mut().expect("a pod spec is an object").entry("volumes").or_insert_with(|| serde_json::json!([]));
+    if let Some(v) = volumes.as_array_mut() {
+        // 0444: the agent may run as any user the original ran as.
+        v.push(serde_json::json!({"name": TOKEN_VOLUME, "secret": {"secretName": secret, "defaultMode": 0o444}}));
+    }
+    t
+}
+
+/// The JSON patch that swaps the template in: it fails (and changes nothing) if the
+/// Deployment changed since it was read or is intercepted already.
+pub fn swap_patch(deployment: &serde_json::Value, record: &Record, template: &serde_json::Value) -> serde_json::Value {
+    let rv = deployment["metadata"]["resourceVersion"].clone();
+    let record_json = serde_json::to_string(record).expect("a record serializes");
+    let annotation = if deployment["metadata"]["annotations"].is_object() {
+        serde_json::json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(RECORD)), "value": record_json})
+    } else {
+        serde_json::json!({"op": "add", "path": "/metadata/annotations", "value": {RECORD: record_json}})
+    };
+    serde_json::json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+        annotation,
+        {"op": "replace", "path": "/spec/template", "value": template},
+        {"op": "add", "path": "/spec/replicas", "value": 1},
+    ])
+}
+
+/// The JSON patch that puts the original back; it fails if the record is not (or no longer)
+/// the one on the Deployment, so two `leave`s cannot both apply.
+pub fn restore_patch(record: &Record) -> serde_json::Value {
+    let pointer = format!("/metadata/annotations/{}", pointer_token(RECORD));
+    let mut ops = vec![
+        serde_json::json!({"op": "test", "path": format!("/spec/template/metadata/labels/{}", pointer_token(SESSION_LABEL)), "value": record.session}),
+        serde_json::json!({"op": "replace", "path": "/spec/template", "value": record.template}),
+    ];
+    if record.replicas.is_null() {
+        ops.push(serde_json::json!({"op": "remove", "path": "/spec/replicas"}));
+    } else {
+        ops.push(serde_json::json!({"op": "replace", "path": "/spec/replicas", "value": record.replicas}));
+    }
+    ops.push(serde_json::json!({"op": "remove", "path": pointer}));
+    serde_json::Value::Array(ops)
+}
+
+/// Creates the Secret holding the session token.
+pub async fn create_token_secret(cluster: &Cluster, name: &str, deployment: &str, token: &str) -> anyhow::Result<()> {
+    let path = cluster.path("v1", "secrets", None);
+    let _ = cluster.delete(&cluster.path("v1", "secrets", Some(name))).await;
+    let body = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "labels": {SECRET_LABEL: deployment, "app.kubernetes.io/managed-by": "devloop"}},
+        "type": "Opaque",
+        "stringData": {"token": token},
+    });
+    cluster
+        .post_json(&path, &body)
+        .await
+        .map_err(|e| cluster.err(e, "create", "secrets", format!("creating secret {name}")))?;
+    Ok(())
+}
+
+/// Swaps the agent in: one request that saves the record and replaces the template.
+pub async fn swap_in(cluster: &Cluster, deployment: &serde_json::Value, record: &Record, template: &serde_json::Value) -> anyhow::Result<()> {
+    let path = cluster.path("apps/v1", "deployments", Some(&record.deployment));
+    cluster
+        .json_patch(&path, &swap_patch(deployment, record, template))
+        .await
+        .map_err(|e| match status_of(&e) {
+            Some(422) | Some(409) => anyhow::anyhow!("deployment {} changed while devloop was swapping it; try again", record.deployment),
+            _ => cluster.err(e, "patch", "deployments", format!("swapping deployment {}", record.deployment)).into(),
+        })?;
+    Ok(())
+}
+
+/// Restores the Deployment from its record and removes the token Secret. Ok(false) when the
+/// Deployment carries no record of this session (already restored).
+pub async fn restore(cluster: &Cluster, record: &Record) -> anyhow::Result<bool> {
+    let path = cluster.path("apps/v1", "deployments", Some(&record.deployment));
+    let restored = match cluster.json_patch(&path, &restore_patch(record)).await {
+        Ok(_) => true,
+        // The test op failed: no longer this session's swap (restored already).
+        Err(e) if matches!(status_of(&e), Some(422) | Some(409) | Some(404)) => false,
+        Err(e) => return Err(cluster.err(e, "patch", "deployments", format!("restoring deployment {}", record.deployment)).into()),
+    };
+    cluster
+        .delete(&cluster.path("v1", "secrets", Some(&record.secret)))
+        .await
+        .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing secret {}", record.secret)))?;
+    Ok(restored)
+}
+
+/// Intercepted Deployments of the namespace, with their records.
+pub async fn intercepted(cluster: &Cluster) -> anyhow::Result<Vec<Record>> {
+    let list = cluster
+        .get_json(&cluster.path("apps/v1", "deployments", None))
+        .await
+        .map_err(|e| cluster.err(e, "list", "deployments", "listing deployments"))?;
+    Ok(list["items"].as_array().into_iter().flatten().filter_map(record_of).collect())
+}
+
+/// The running, ready agent pod of this session.
+pub async fn wait_agent_pod(cluster: &Cluster, session: &str, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    let path = format!("{}?labelSelector={SESSION_LABEL}%3D{session}", cluster.path("v1", "pods", None));
+    let mut last = String::from("no pod yet");
+    loop {
+        let list = cluster.get_json(&path).await.map_err(|e| cluster.err(e, "list", "pods", "listing the agent's pod"))?;
+        for p in list["items"].as_array().into_iter().flatten() {
+            if !p["metadata"]["deletionTimestamp"].is_null() {
+                continue;
+            }
+            let name = p["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let ready = p["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if ready {
+                return Ok(name);
+            }
+            last = pod_problem(p).unwrap_or_else(|| format!("pod {name} is {}", p["status"]["phase"].as_str().unwrap_or("pending")));
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the agent's pod did not become ready within {timeout:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A waiting container's reason (ImagePullBackOff, CrashLoopBackOff, ...) and message.
+fn pod_problem(pod: &serde_json::Value) -> Option<String> {
+    pod["status"]["containerStatuses"].as_array()?.iter().find_map(|s| {
+        let w = &s["state"]["waiting"];
+        let reason = w["reason"].as_str()?;
+        (reason != "ContainerCreating").then(|| format!("container {}: {reason}: {}", s["name"].as_str().unwrap_or("?"), w["message"].as_str().unwrap_or("")))
+    })
+}
+
+/// A byte stream to the agent's control port, through a port-forward.
+pub async fn forward(cluster: &Cluster, pod: &str) -> anyhow::Result<tokio::io::DuplexStream> {
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let mut pf = pods
+        .portforward(pod, &[AGENT_CONTROL_PORT])
+        .await
+        .map_err(|e| cluster.err(e, "create", "pods/portforward", format!("port-forward to pod {pod}")))?;
+    let stream = pf.take_stream(AGENT_CONTROL_PORT).context("the port-forward has no stream")?;
+    // The forwarder's task ends when the stream is dropped; its errors are the stream's.
+    tokio::spawn(async move {
+        let _ = pf.join().await;
+    });
+    Ok(stream)
+}
+
+/// The environment for the laptop process: the literal `env` values of the intercepted
+/// container. Values from Secrets, ConfigMaps and fields (`valueFrom`, `envFrom`) are not
+/// resolved yet.
+pub fn literal_env(template: &serde_json::Value, index: usize) -> Vec<(String, String)> {
+    template["spec"]["containers"][index]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment() -> serde_json::Value {
+        serde_json::json!({
+            "metadata": {"name": "api", "resourceVersion": "42", "annotations": {"keep": "me"}},
+            "spec": {"replicas": 3, "template": {
+                "metadata": {"labels": {"app": "api"}},
+                "spec": {"containers": [
+                    {"name": "side", "image": "side:1", "ports": [{"containerPort": 9000}]},
+                    {"name": "api", "image": "api:1", "ports": [{"containerPort": 8000}], "env": [{"name": "A", "value": "1"}, {"name": "S", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+                     "readinessProbe": {"httpGet": {"path": "/health", "port": 8000}}, "startupProbe": {"httpGet": {"path": "/", "port": 8000}}}
+                ]}
+            }}
+        })
+    }
+
+    fn record(d: &serde_json::Value) -> Record {
+        Record {
+            deployment: "api".into(),
+            service: "api".into(),
+            container: "api".into(),
+            template: d["spec"]["template"].clone(),
+            replicas: d["spec"]["replicas"].clone(),
+            ports: vec![(8000, 3000)],
+            session: "s1".into(),
+            secret: "api-devloop-intercept".into(),
+            started_ms: 1,
+            holder: "me".into(),
+        }
+    }
+
+    #[test]
+    fn picks_the_container_with_the_port() {
+        let d = deployment();
+        assert_eq!(container_for(&d["spec"]["template"], &[8000]).unwrap(), 1);
+        assert_eq!(container_for(&d["spec"]["template"], &[9000]).unwrap(), 0);
+        assert!(container_for(&d["spec"]["template"], &[1]).unwrap_err().to_string().contains("side, api"));
+    }
+
+    #[test]
+    fn the_agent_template_keeps_the_rest_of_the_pod() {
+        let d = deployment();
+        let t = agent_template(&d["spec"]["template"], 1, "reg/devloop-agent:1", &[8000], &[], "s1", "sec");
+        let c = &t["spec"]["containers"][1];
+        assert_eq!(c["image"], "reg/devloop-agent:1");
+        assert_eq!(c["name"], "api");
+        assert_eq!(c["ports"], d["spec"]["template"]["spec"]["containers"][1]["ports"]);
+        assert_eq!(c["env"], d["spec"]["template"]["spec"]["containers"][1]["env"]);
+        assert!(c["readinessProbe"]["exec"]["command"][0].as_str().unwrap().ends_with("devloop-agent"));
+        assert!(c.get("startupProbe").is_none());
+        assert_eq!(t["spec"]["containers"][0], d["spec"]["template"]["spec"]["containers"][0]);
+        assert_eq!(t["metadata"]["labels"]["app"], "api");
+        assert_eq!(t["metadata"]["labels"][SESSION_LABEL], "s1");
+        assert_eq!(t["spec"]["volumes"][0]["secret"]["secretName"], "sec");
+    }
+
+    #[test]
+    fn swap_then_restore_gives_back_the_same_spec() {
+        let d = deployment();
+        let r = record(&d);
+        let t = agent_template(&d["spec"]["template"], 1, "img", &[8000], &[], "s1", "sec");
+        let patch = swap_patch(&d, &r, &t);
+        assert_eq!(patch[0]["op"], "test");
+        assert_eq!(patch[1]["path"], "/metadata/annotations/devloop.dev~1intercept");
+        // Apply both patches by hand (the ops these functions emit) and compare.
+        let mut swapped = d.clone();
+        swapped["metadata"]["annotations"][RECORD] = patch[1]["value"].clone();
+        swapped["spec"]["template"] = patch[2]["value"].clone();
+        swapped["spec"]["replicas"] = patch[3]["value"].clone();
+        assert_eq!(record_of(&swapped), Some(r.clone()));
+        let restore = restore_patch(&r);
+        assert_eq!(restore[0]["value"], "s1");
+        let mut back = swapped.clone();
+        back["spec"]["template"] = restore[1]["value"].clone();
+        back["spec"]["replicas"] = restore[2]["value"].clone();
+        back["metadata"]["annotations"].as_object_mut().unwrap().remove(RECORD);
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn annotations_are_created_when_missing_and_unset_replicas_stay_unset() {
+        let mut d = deployment();
+        d["metadata"].as_object_mut().unwrap().remove("annotations");
+        d["spec"].as_object_mut().unwrap().remove("replicas");
+        let r = Record { replicas: serde_json::Value::Null, ..record(&deployment()) };
+        let patch = swap_patch(&d, &r, &serde_json::json!({}));
+        assert_eq!(patch[1]["path"], "/metadata/annotations");
+        assert!(patch[1]["value"][RECORD].is_string());
+        assert_eq!(restore_patch(&r)[2]["op"], "remove");
+    }
+
+    #[test]
+    fn literal_env_only() {
+        let d = deployment();
+        assert_eq!(literal_env(&d["spec"]["template"], 1), vec![("A".to_string(), "1".to_string())]);
+    }
+}

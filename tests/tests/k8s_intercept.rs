@@ -1,0 +1,139 @@
+//! Intercept on the real cluster with the example deployed to it: the web pod's calls to the
+//! `api` Service reach a process on the laptop through the agent pod and a port-forward, and
+//! `leave` (also after the cli was killed) puts back a Deployment whose spec equals the
+//! original's.
+
+use devloop_tests::k8s::*;
+use devloop_tests::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const LAPTOP_API: &str = r#"
+import http.server, json, os, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = json.dumps({"version": "laptop", "items": [], "port_env": os.environ.get("PORT")}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn devloop(ns: &Namespace, state: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new(devloop_bin());
+    c.arg("-n").arg(&ns.name).args(args).env("DEVLOOP_STATE_DIR", state).env("DEVLOOP_AGENT_BIN", agent_bin()).env("NO_COLOR", "1");
+    if let Some(k) = kubeconfig() {
+        c.env("KUBECONFIG", k);
+    }
+    // Not a project folder: intercept and leave need no devloop.toml.
+    c.current_dir(state);
+    c
+}
+
+fn run_ok(mut c: Command) -> String {
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{c:?} failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+}
+
+fn spawn_logged(mut c: Command, log: &std::path::Path) -> std::process::Child {
+    let f = std::fs::File::create(log).unwrap();
+    c.stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null()).spawn().unwrap()
+}
+
+#[test]
+fn web_reaches_the_laptop_through_the_cluster_and_leave_restores_the_spec() {
+    if !require_cluster("k8s intercept") {
+        return;
+    }
+    let ns = Namespace::new("icpt");
+    deploy_shop(&ns);
+    let before = deployment_spec(&ns, "api");
+    assert!(poll(Duration::from_secs(30), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("teapot"))).is_some());
+
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let script = state.path().join("laptop_api.py");
+    std::fs::write(&script, LAPTOP_API).unwrap();
+    let spec = format!("8000:{port}");
+    let log = state.path().join("intercept.log");
+    let mut cli = spawn_logged(devloop(&ns, state.path(), &["intercept", "api", "--port", &spec, "--", "python3", script.to_str().unwrap(), &port.to_string()]), &log);
+    wait_for_log(&log, "intercepted in", Duration::from_secs(180));
+    let got = poll(Duration::from_secs(30), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("laptop")));
+    assert!(got.is_some(), "web does not reach the laptop process:\n{}", std::fs::read_to_string(&log).unwrap());
+    // The laptop process runs with the service's environment.
+    assert!(got.unwrap().contains("\"port_env\": \"8000\""));
+
+    let list = run_ok(devloop(&ns, state.path(), &["intercept", "list"]));
+    assert!(list.contains("api") && list.contains("8000->"), "{list}");
+    let again = devloop(&ns, state.path(), &["intercept", "api", "--port", &spec]).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already intercepted"), "{}", String::from_utf8_lossy(&again.stderr));
+
+    let left = run_ok(devloop(&ns, state.path(), &["leave", "api"]));
+    assert!(left.contains("restored"), "{left}");
+    wait_for_log(&log, "ended elsewhere", Duration::from_secs(30));
+    let _ = cli.wait();
+    assert_eq!(deployment_spec(&ns, "api"), before, "the spec after leave differs from the original's");
+    kubectl_ok(&["-n", &ns.name, "rollout", "status", "deployment/api", "--timeout=120s"]);
+    let back = poll(Duration::from_secs(30), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("teapot")));
+    assert!(back.is_some(), "the original api does not answer after leave");
+    assert!(kubectl(&["-n", &ns.name, "get", "secret", "api-devloop-intercept"]).status.code() != Some(0), "the token secret is left over");
+}
+
+#[test]
+fn a_killed_cli_leaves_an_intercept_that_leave_all_restores() {
+    if !require_cluster("k8s intercept after SIGKILL") {
+        return;
+    }
+    let ns = Namespace::new("icptkill");
+    deploy_shop(&ns);
+    let before = deployment_spec(&ns, "api");
+    let state = tempfile::tempdir().unwrap();
+    let spec = format!("8000:{}", free_port());
+    let log = state.path().join("intercept.log");
+    let mut cli = spawn_logged(devloop(&ns, state.path(), &["intercept", "api", "--port", &spec]), &log);
+    wait_for_log(&log, "intercepted in", Duration::from_secs(180));
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    assert_ne!(deployment_spec(&ns, "api"), before, "the intercept changed nothing");
+
+    // A fresh state folder: the record is on the Deployment, not on this machine.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let list = run_ok(devloop(&ns, elsewhere.path(), &["intercept", "list"]));
+    assert!(list.contains("api"), "{list}");
+    let out = run_ok(devloop(&ns, elsewhere.path(), &["leave", "--all"]));
+    assert!(out.contains("api restored"), "{out}");
+    assert_eq!(deployment_spec(&ns, "api"), before, "the spec after leave differs from the original's");
+    let none = run_ok(devloop(&ns, elsewhere.path(), &["intercept", "list"]));
+    assert!(none.contains("no active intercepts"), "{none}");
+}
+
+#[test]
+fn unknown_context_namespace_and_service_are_named() {
+    if !require_cluster("k8s errors") {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut c = Command::new(devloop_bin());
+        c.args(args).env("DEVLOOP_STATE_DIR", state.path()).env("DEVLOOP_AGENT_BIN", agent_bin()).current_dir(state.path());
+        if let Some(k) = kubeconfig() {
+            c.env("KUBECONFIG", k);
+        }
+        let o = c.output().unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = run(&["--context", "nope", "intercept", "api", "--port", "8000:1"]);
+    assert!(e.contains("no context `nope`"), "{e}");
+    let e = run(&["-n", "no-such-ns", "intercept", "api", "--port", "8000:1"]);
+    assert!(e.contains("no namespace `no-such-ns`"), "{e}");
+    let ns = Namespace::new("errs");
+    let e = run(&["-n", &ns.name, "intercept", "nothing", "--port", "8000:1"]);
+    assert!(e.contains("no Deployment or Service named `nothing`"), "{e}");
+}
