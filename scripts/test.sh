@@ -13,6 +13,29 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 scripts/ensure-docker.sh
 
+# The Kubernetes tests run against KUBECONFIG's cluster, else the single-node cluster that
+# ../shared/k8s/cluster.sh builds (once, cached) and starts on this machine. With CI=true a
+# cluster that cannot be started fails the run here; elsewhere the Kubernetes tests say that
+# they did not run.
+if [ -z "${KUBECONFIG:-}" ]; then
+  cluster_sh="${DEVLOOP_CLUSTER_SH:-}"
+  if [ -z "$cluster_sh" ]; then
+    for c in "$PWD/../shared/k8s/cluster.sh" /work/shared/k8s/cluster.sh; do
+      if [ -f "$c" ]; then cluster_sh="$c"; break; fi
+    done
+  fi
+  if [ -n "$cluster_sh" ]; then
+    echo "test.sh: starting the Kubernetes cluster with $cluster_sh" >&2
+    if ! { bash "$cluster_sh" build >&2 && bash "$cluster_sh" up >&2; }; then
+      echo "test.sh: the Kubernetes cluster did not start" >&2
+      [ "${CI:-}" = true ] && exit 1
+    fi
+  elif [ "${CI:-}" = true ]; then
+    echo "test.sh: CI=true but there is no Kubernetes cluster: set KUBECONFIG or DEVLOOP_CLUSTER_SH (../shared/k8s/cluster.sh)" >&2
+    exit 1
+  fi
+fi
+
 scripts/build-agent.sh
 cargo build -p devloop
 

@@ -95,7 +95,7 @@ fn seen_ns(p: &mut Proc) -> Result<i128> {
     Ok(line["seen ".len()..].trim().parse()?)
 }
 
-struct Path3 {
+struct NetPath {
     name: &'static str,
     caller: String,
     addr: String,
@@ -144,27 +144,45 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         "run", "-d", "--name", &format!("bench{}-socat-api", ctx.pid), "--label", &label, "--network", &socat_net,
         "--network-alias", "api", &socat_image, "TCP-LISTEN:8000,fork,reuseaddr", &socat_target,
     ])?;
+    // Diagnosis: two socat relays in a row, a container and then the host, the shape of
+    // the agent and the cli with no framing: what two hops cost on this machine.
+    let hop_port = std::net::TcpListener::bind("0.0.0.0:0")?.local_addr()?.port();
+    let socat_bin = which("socat").context("socat is not installed on the host")?;
+    let _host_socat = Proc::spawn(
+        {
+            let mut c = Command::new(&socat_bin);
+            c.args([format!("TCP-LISTEN:{hop_port},fork,reuseaddr"), format!("TCP:127.0.0.1:{port}")]);
+            c
+        },
+        ctx.tmp.path().join("host-socat.log"),
+    )?;
+    let two_hop_target = format!("TCP:{}:{hop_port}", gateway(&socat_net)?);
+    docker_ok(&[
+        "run", "-d", "--name", &format!("bench{}-socat-api2", ctx.pid), "--label", &label, "--network", &socat_net,
+        "--network-alias", "api2", &socat_image, "TCP-LISTEN:8000,fork,reuseaddr", &two_hop_target,
+    ])?;
     let caller = format!("bench{}-caller", ctx.pid);
     let socat_caller = format!("bench{}-caller-socat", ctx.pid);
     for (name, net) in [(&caller, &network), (&socat_caller, &socat_net)] {
         docker_ok(&["run", "-d", "--name", name, "--label", &label, "--network", net, &lg_image, "idle"])?;
     }
     let paths = [
-        Path3 { name: "no relay", caller: caller.clone(), addr: format!("{}:{port}", gateway(&network)?) },
-        Path3 { name: "socat relay", caller: socat_caller.clone(), addr: "api:8000".into() },
-        Path3 { name: "devloop intercept", caller: caller.clone(), addr: "api:8000".into() },
+        NetPath { name: "no relay", caller: caller.clone(), addr: format!("{}:{port}", gateway(&network)?) },
+        NetPath { name: "socat relay", caller: socat_caller.clone(), addr: "api:8000".into() },
+        NetPath { name: "devloop intercept", caller: caller.clone(), addr: "api:8000".into() },
+        NetPath { name: "two socat relays (container, then host)", caller: socat_caller.clone(), addr: "api2:8000".into() },
     ];
     // Sanity: the floor and the socat path reach the laptop server before anything is timed.
-    for path in &paths[..2] {
+    for path in [&paths[0], &paths[1], &paths[3]] {
         loadgen(&path.caller, &["latency", &path.addr, "10"]).with_context(|| format!("the {} path does not work", path.name))?;
     }
 
     let spec = format!("8000:{port}");
     let (mut t_icpt, mut t_leave, mut t_leave_cmd) = (Vec::new(), Vec::new(), Vec::new());
-    let mut p50: [Vec<f64>; 3] = Default::default();
-    let mut p99: [Vec<f64>; 3] = Default::default();
-    let mut mib_s: [Vec<f64>; 3] = Default::default();
-    let mut bulk_s: [Vec<f64>; 3] = Default::default();
+    let mut p50: [Vec<f64>; 4] = Default::default();
+    let mut p99: [Vec<f64>; 4] = Default::default();
+    let mut mib_s: [Vec<f64>; 4] = Default::default();
+    let mut bulk_s: [Vec<f64>; 4] = Default::default();
     let mut load_json = serde_json::Value::Null;
     let mut load_socat = serde_json::Value::Null;
     let mut agent_hwm_kib = 0u64;
@@ -177,8 +195,8 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         t_icpt.push((seen - t0) as f64 / 1e6);
         icpt.wait_line(0, Duration::from_secs(30), |l| l.contains("intercepted in"))?;
 
-        for k in 0..3 {
-            let i = (k + r) % 3;
+        for k in 0..4 {
+            let i = (k + r) % 4;
             let path = &paths[i];
             let lat = loadgen(&path.caller, &["latency", &path.addr, &requests.to_string()])?;
             p50[i].push(lat["p50_us"].as_f64().unwrap_or(f64::NAN));
@@ -188,8 +206,8 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
             bulk_s[i].push(bulk["seconds"].as_f64().unwrap_or(f64::NAN) * 1000.0);
         }
         eprintln!(
-            "  intercept round {r}: intercept {} | p50 us floor/socat/devloop {}/{}/{} | 100 MiB ms {:.0}/{:.0}/{:.0}",
-            fmt_ms(t_icpt[r]), p50[0][r], p50[1][r], p50[2][r], bulk_s[0][r], bulk_s[1][r], bulk_s[2][r]
+            "  intercept round {r}: intercept {} | p50 us floor/socat/devloop/2 socats {}/{}/{}/{} | 100 MiB ms {:.0}/{:.0}/{:.0}/{:.0}",
+            fmt_ms(t_icpt[r]), p50[0][r], p50[1][r], p50[2][r], p50[3][r], bulk_s[0][r], bulk_s[1][r], bulk_s[2][r], bulk_s[3][r]
         );
 
         if r == rounds - 1 {
@@ -227,7 +245,7 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
     let ok = load_json["ok"].as_u64().unwrap_or(0);
     let hwm_mb = agent_hwm_kib as f64 / 1024.0;
     let (m_in, m_out) = (med(&t_icpt), med(&t_leave));
-    let us3 = |v: &[Vec<f64>; 3]| format!("{:.0} / {:.0} / {:.0} us", med(&v[0]), med(&v[1]), med(&v[2]));
+    let us3 = |v: &[Vec<f64>; 4]| format!("{:.0} / {:.0} / {:.0} us", med(&v[0]), med(&v[1]), med(&v[2]));
     let rows = vec![
         row("intercept", "intercept -> first tunnelled request (median)", fmt_ms(m_in), "<= 2000 ms", Some(m_in <= 2000.0)),
         row("intercept", "leave -> original serving (median; command alone)", format!("{} ({})", fmt_ms(m_out), fmt_ms(med(&t_leave_cmd))), "<= 2000 ms", Some(m_out <= 2000.0)),
@@ -245,6 +263,14 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         row("intercept", "100 MiB time socat / devloop", format!("{bulk_ratio:.2}x"), "> 1x", Some(bulk_ratio > 1.0)),
         row(
             "intercept",
+            "diagnosis: two socat relays in a row (container, then host): p50 / p99 / 100 MiB",
+            format!("{:.0} us / {:.0} us / {:.0} MiB/s", med(&p50[3]), med(&p99[3]), med(&mib_s[3])),
+            "",
+            None,
+        ),
+        row("intercept", "p50 devloop / two socat relays", format!("{:.2}x", med(&p50[2]) / med(&p50[3])), "", None),
+        row(
+            "intercept",
             format!("{load_conns} connections, {load_reqs} requests: errors (devloop; rps devloop / socat; socat errors, not done in 30 s)"),
             format!("{errors} ({} / {}; {}, {})", load_json["rps"], load_socat["rps"], load_socat["errors"], load_socat["not_done"]),
             "0",
@@ -252,7 +278,7 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         ),
         row("intercept", "agent peak RSS under that load", format!("{hwm_mb:.1} MB"), "<= 30 MB", Some(hwm_mb <= 30.0)),
     ];
-    let paths_json: Vec<_> = (0..3)
+    let paths_json: Vec<_> = (0..4)
         .map(|i| serde_json::json!({
             "path": paths[i].name, "p50_us": summary(&p50[i]), "p99_us": summary(&p99[i]),
             "bulk_mib_s": summary(&mib_s[i]), "bulk_ms": summary(&bulk_s[i]),

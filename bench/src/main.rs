@@ -7,13 +7,14 @@
 mod deploy;
 mod harness;
 mod intercept;
+mod k8s_intercept;
 mod scenarios;
 
 use anyhow::{bail, Result};
 use harness::{Cleanup, Ctx, Row};
 use std::time::Instant;
 
-const SCENARIOS: [&str; 7] = ["latency", "burst", "initial", "restart", "index100k", "deploy", "intercept"];
+const SCENARIOS: [&str; 8] = ["latency", "burst", "initial", "restart", "index100k", "deploy", "intercept", "k8s-intercept"];
 
 struct Args {
     quick: bool,
@@ -88,6 +89,7 @@ fn run(args: Args) -> Result<bool> {
             "index100k" => scenarios::index100k(&ctx),
             "deploy" => deploy::deploy(&ctx, &cleanup),
             "intercept" => intercept::intercept(&ctx, &cleanup),
+            "k8s-intercept" => k8s_intercept::k8s_intercept(&ctx),
             _ => unreachable!("parse_args checks the names"),
         };
         // Between scenarios, so each starts on a quiet engine.

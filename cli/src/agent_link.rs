@@ -60,6 +60,9 @@ pub struct AgentLink {
     closed: tokio_util::sync::CancellationToken,
     /// The tunnel multiplexer, once [`AgentLink::open_tunnel`] made one.
     tunnel: Arc<Mutex<Option<Mux>>>,
+    /// Tunnel frames go straight to the writer task (no forwarding task in between: every
+    /// task a frame passes adds to each tunnelled round trip).
+    tunnel_tx: mpsc::Sender<TunnelFrame>,
 }
 
 pub struct Connected {
@@ -129,6 +132,8 @@ impl AgentLink {
         };
 
         let (out_tx, mut out_rx) = mpsc::channel::<Message>(64);
+        let (tunnel_tx, mut tunnel_rx) =
+            mpsc::channel::<TunnelFrame>(devloop_proxy::tunnel::OUT_QUEUE_FRAMES);
         let (event_tx, events) = mpsc::channel::<AgentEvent>(1024);
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
         let closed = tokio_util::sync::CancellationToken::new();
@@ -142,6 +147,10 @@ impl AgentLink {
                             if sink.send(m).await.is_err() { break; }
                         }
                         None => { let _ = sink.close().await; break; }
+                    },
+                    Some(frame) = tunnel_rx.recv() => {
+                        let m = Message::Binary(encode(&LaptopMsg::Tunnel(frame)).into());
+                        if sink.send(m).await.is_err() { break; }
                     },
                     _ = writer_closed.cancelled() => {
                         let frame = CloseFrame { code: CloseCode::Normal, reason: "devloop cli closing".into() };
@@ -238,6 +247,7 @@ impl AgentLink {
                 next_req: Arc::new(AtomicU64::new(1)),
                 closed,
                 tunnel,
+                tunnel_tx,
             },
             welcome,
             events,
@@ -247,22 +257,8 @@ impl AgentLink {
     /// The laptop end of the tunnel: streams the agent opens arrive on the `Incoming`, and
     /// the `Mux` opens streams towards the agent (`--expose`). One per connection.
     pub fn open_tunnel(&self) -> (Mux, Incoming) {
-        let (frames_tx, mut frames_rx) =
-            mpsc::channel::<TunnelFrame>(devloop_proxy::tunnel::OUT_QUEUE_FRAMES);
-        let (mux, incoming) = Mux::new(Side::Laptop, frames_tx);
+        let (mux, incoming) = Mux::new(Side::Laptop, self.tunnel_tx.clone());
         *lock(&self.tunnel) = Some(mux.clone());
-        let out_tx = self.out_tx.clone();
-        tokio::spawn(async move {
-            while let Some(frame) = frames_rx.recv().await {
-                if out_tx
-                    .send(Message::Binary(encode(&LaptopMsg::Tunnel(frame)).into()))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
         if self.closed.is_cancelled() {
             mux.shutdown(devloop_proxy::tunnel::CONNECTION_LOST);
         }

@@ -150,6 +150,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let kubernetes_ready = matches!(
+        cli.command,
+        Command::Intercept { .. } | Command::Leave { .. } | Command::Doctor
+    );
+    if !kubernetes_ready {
+        let project = commands::load_project(&global).ok();
+        if let commands::TargetChoice::Kubernetes { .. } = commands::choose_target(&global, project.as_ref()) {
+            eprintln!("devloop: error: the Kubernetes target runs `intercept`, `intercept list` and `leave` so far; `up`, `sync`, `deploy`, `watch`, `history`, `rollback`, `status` and `down` work on Docker only (drop --context/-n, or set `kind = \"docker\"` under [target])");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let result = rt.block_on(async {
         match cli.command {
             Command::Up {

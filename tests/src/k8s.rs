@@ -155,3 +155,38 @@ pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T>
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A kubeconfig for a ServiceAccount of `ns` (its token; the cluster and CA of the admin's
+/// kubeconfig): a user whom RBAC allows nothing until a RoleBinding grants it something.
+/// Works on any cluster, unlike client certificates.
+pub fn service_account_kubeconfig(ns: &Namespace, name: &str, dir: &std::path::Path) -> PathBuf {
+    kubectl_ok(&["-n", &ns.name, "create", "serviceaccount", name]);
+    // Kubernetes 1.20 makes the token Secret a moment after the account.
+    let secret = poll(Duration::from_secs(30), || {
+        let out = kubectl(&["-n", &ns.name, "get", "serviceaccount", name, "-o", "jsonpath={.secrets[0].name}"]);
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!s.is_empty()).then_some(s)
+    })
+    .expect("the service account's token secret");
+    let token_b64 = kubectl_ok(&["-n", &ns.name, "get", "secret", &secret, "-o", "jsonpath={.data.token}"]);
+    let token = String::from_utf8(
+        Command::new("base64").arg("-d").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(token_b64.as_bytes())?;
+            c.wait_with_output()
+        }).expect("base64 -d").stdout,
+    )
+    .expect("utf-8 token");
+    let view: serde_json::Value = serde_json::from_str(&kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"])).expect("kubeconfig json");
+    let cluster = &view["clusters"][0]["cluster"];
+    let config = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": name, "user": {"token": token.trim()}}],
+        "contexts": [{"name": name, "context": {"cluster": "c", "user": name, "namespace": ns.name}}],
+        "current-context": name,
+    });
+    let path = dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, serde_json::to_string(&config).expect("json")).expect("write kubeconfig");
+    path
+}

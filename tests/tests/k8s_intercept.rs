@@ -137,3 +137,54 @@ fn unknown_context_namespace_and_service_are_named() {
     let e = run(&["-n", &ns.name, "intercept", "nothing", "--port", "8000:1"]);
     assert!(e.contains("no Deployment or Service named `nothing`"), "{e}");
 }
+
+/// A user limited by RBAC is told which permission is missing; the Role in
+/// docs/kubernetes-role.yaml (plus the registry reader) is enough for intercept and leave.
+#[test]
+fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
+    if !require_cluster("k8s RBAC") {
+        return;
+    }
+    let ns = Namespace::new("rbac");
+    deploy_shop(&ns);
+    let before = deployment_spec(&ns, "api");
+    let state = tempfile::tempdir().unwrap();
+    let kubeconfig = service_account_kubeconfig(&ns, "limited", state.path());
+    let as_user = |args: &[&str]| {
+        let mut c = Command::new(devloop_bin());
+        c.args(args).env("KUBECONFIG", &kubeconfig).env("DEVLOOP_STATE_DIR", state.path()).env("DEVLOOP_AGENT_BIN", agent_bin()).env("NO_COLOR", "1").current_dir(state.path());
+        c
+    };
+    let spec = format!("8000:{}", free_port());
+    let o = as_user(&["-n", &ns.name, "intercept", "api", "--port", &spec]).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("needs `get` on `deployments`"), "{err}");
+
+    let role = workspace().join("docs/kubernetes-role.yaml");
+    kubectl_ok(&["-n", &ns.name, "apply", "-f", role.to_str().unwrap()]);
+    let subject = format!("{}:limited", ns.name);
+    kubectl_ok(&["-n", &ns.name, "create", "rolebinding", "devloop", "--role=devloop", &format!("--serviceaccount={subject}")]);
+    let reader = workspace().join("docs/kubernetes-registry-reader.yaml");
+    kubectl_ok(&["apply", "-f", reader.to_str().unwrap()]);
+    let binding = format!("devloop-registry-reader-{}", ns.name);
+    kubectl_ok(&["-n", "kube-public", "create", "rolebinding", &binding, "--role=devloop-registry-reader", &format!("--serviceaccount={subject}")]);
+    struct Unbind(String);
+    impl Drop for Unbind {
+        fn drop(&mut self) {
+            let _ = kubectl(&["-n", "kube-public", "delete", "rolebinding", &self.0]);
+        }
+    }
+    let _unbind = Unbind(binding);
+
+    let log = state.path().join("intercept.log");
+    let mut cli = spawn_logged(as_user(&["-n", &ns.name, "intercept", "api", "--port", &spec]), &log);
+    wait_for_log(&log, "intercepted in", Duration::from_secs(180));
+    let list = run_ok(as_user(&["-n", &ns.name, "intercept", "list"]));
+    assert!(list.contains("api"), "{list}");
+    let out = run_ok(as_user(&["-n", &ns.name, "leave", "api"]));
+    assert!(out.contains("restored"), "{out}");
+    wait_for_log(&log, "ended elsewhere", Duration::from_secs(30));
+    let _ = cli.wait();
+    assert_eq!(deployment_spec(&ns, "api"), before);
+}

@@ -112,6 +112,10 @@ pub trait Swap: Send + Sync {
     fn ended_elsewhere(&self) -> BoxFuture<'_, bool>;
     /// Puts the original back and removes what the swap added.
     fn restore(&self) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Where the swap's time went, for the "intercepted in" line.
+    fn detail(&self) -> Option<String> {
+        None
+    }
 }
 
 pub async fn intercept(global: &super::Global, opts: InterceptOptions) -> anyhow::Result<()> {
@@ -260,11 +264,12 @@ pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()
         }
     };
     start_tunnel(&link, &locals, &mux_slot, &service);
-    let ports: Vec<String> = opts
+    let mut ports: Vec<String> = opts
         .ports
         .iter()
         .map(|(r, l)| format!("{r} -> laptop {l}"))
         .collect();
+    ports.extend(swap.detail());
     eprintln!(
         "devloop: {orig_name} intercepted in {} ({}); `devloop leave {service}` or Ctrl-C restores it",
         human_ms(started.elapsed().as_millis() as u64),

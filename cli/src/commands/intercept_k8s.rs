@@ -23,6 +23,9 @@ pub struct KubeSwap {
     image: String,
     /// The agent's pod once it is ready (a reconnect looks it up again if it went away).
     pod: Mutex<Option<String>>,
+    /// When the template was swapped, and how long the agent's pod took to become ready.
+    swapped_at: Mutex<Option<Instant>>,
+    ready_after: Mutex<Option<Duration>>,
 }
 
 /// Pushes the agent image (FROM scratch: the static binary) to the cluster's registry;
@@ -88,7 +91,16 @@ impl KubeSwap {
             started_ms: now_ms(),
             holder: holder(),
         };
-        Ok(KubeSwap { cluster, deployment, record, index, image, pod: Mutex::new(None) })
+        Ok(KubeSwap {
+            cluster,
+            deployment,
+            record,
+            index,
+            image,
+            pod: Mutex::new(None),
+            swapped_at: Mutex::new(None),
+            ready_after: Mutex::new(None),
+        })
     }
 
     async fn pod(&self) -> anyhow::Result<String> {
@@ -97,6 +109,10 @@ impl KubeSwap {
         }
         let p = ki::wait_agent_pod(&self.cluster, &self.record.session, Duration::from_secs(120)).await?;
         *self.pod.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+        let mut ready = self.ready_after.lock().unwrap_or_else(|e| e.into_inner());
+        if ready.is_none() {
+            *ready = self.swapped_at.lock().unwrap_or_else(|e| e.into_inner()).map(|t| t.elapsed());
+        }
         Ok(p)
     }
 }
@@ -132,7 +148,9 @@ impl Swap for KubeSwap {
             ki::create_token_secret(&self.cluster, &self.record.secret, &self.record.deployment, token).await?;
             let remote: Vec<u16> = self.record.ports.iter().map(|(r, _)| *r).collect();
             let template = ki::agent_template(&self.record.template, self.index, &self.image, &remote, &targets, &self.record.session, &self.record.secret);
-            ki::swap_in(&self.cluster, &self.deployment, &self.record, &template).await
+            ki::swap_in(&self.cluster, &self.deployment, &self.record, &template).await?;
+            *self.swapped_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            Ok(())
         })
     }
 
@@ -174,6 +192,11 @@ impl Swap for KubeSwap {
             ki::restore(&self.cluster, &self.record).await?;
             Ok(())
         })
+    }
+
+    fn detail(&self) -> Option<String> {
+        let d = (*self.ready_after.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Some(format!("agent pod ready after {} ms", d.as_millis()))
     }
 }
 

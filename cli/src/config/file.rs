@@ -48,9 +48,6 @@ pub struct TargetSection {
     /// Registry the cluster pulls devloop's images from, HOST[:PORT] (default: the one the
     /// cluster advertises).
     pub registry: Option<String>,
-    /// How long an intercept outlives its vanished cli before the agent restores the
-    /// workload itself, e.g. "15m" (Kubernetes).
-    pub lease: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -273,7 +273,18 @@ pub async fn wait_agent_pod(cluster: &Cluster, session: &str, timeout: Duration)
             if ready {
                 return Ok(name);
             }
-            last = pod_problem(p).unwrap_or_else(|| format!("pod {name} is {}", p["status"]["phase"].as_str().unwrap_or("pending")));
+            if let Some(problem) = pod_problem(p) {
+                // These do not go away by waiting.
+                if ["ErrImagePull", "ImagePullBackOff", "CrashLoopBackOff", "CreateContainerConfigError", "InvalidImageName"]
+                    .iter()
+                    .any(|r| problem.contains(r))
+                {
+                    anyhow::bail!("the agent's pod {name} cannot start: {problem}");
+                }
+                last = problem;
+            } else {
+                last = format!("pod {name} is {}", p["status"]["phase"].as_str().unwrap_or("pending"));
+            }
         }
         if Instant::now() > deadline {
             anyhow::bail!("the agent's pod did not become ready within {timeout:?}: {last}");
