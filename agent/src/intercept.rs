@@ -67,6 +67,8 @@ pub struct InterceptConfig {
     pub ports: Vec<u16>,
     /// `HOST:PORT` targets of streams the laptop opens, by index (the Open frame's port).
     pub expose: Vec<String>,
+    /// Kubernetes: restore the workload when no cli has been connected for this long.
+    pub lease: Option<crate::lease::LeaseConfig>,
 }
 
 /// The tunnel of the cli connected now, if any.
@@ -90,6 +92,15 @@ pub async fn run(
         tasks.spawn(accept_service(listener, *port, tunnel.clone()));
     }
     tasks.spawn(accept_control(control, config.clone(), tunnel.clone()));
+    if let Some(lease) = config.lease.clone() {
+        let watched = tunnel.clone();
+        tasks.spawn(async move {
+            crate::lease::keep(lease, move || current(&watched).is_some()).await;
+            // Restored: the workload's rollout replaces this pod; serve until then.
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+    }
     tokio::select! {
         _ = shutdown => {}
         Some(r) = tasks.join_next() => r??,

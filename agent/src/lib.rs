@@ -10,6 +10,7 @@ pub mod dev;
 pub mod error;
 pub mod index;
 pub mod intercept;
+pub mod lease;
 pub mod logs;
 pub mod relay;
 pub mod server;

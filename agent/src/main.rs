@@ -55,6 +55,12 @@ enum Mode {
         /// HOST:PORT a laptop-opened stream may reach, by position (repeatable).
         #[arg(long = "expose")]
         expose: Vec<String>,
+        /// Kubernetes: restore the workload after this many seconds without a cli (needs --restore-dir).
+        #[arg(long, requires = "restore_dir")]
+        lease_secs: Option<u64>,
+        /// Kubernetes: the folder holding restore.json and restore-path (the token Secret).
+        #[arg(long)]
+        restore_dir: Option<PathBuf>,
     },
     /// Exit 0 once ADDR accepts a TCP connection, 1 after the timeout.
     Probe {
@@ -139,6 +145,8 @@ fn main() {
                 control_subnet,
                 ports,
                 expose,
+                lease_secs,
+                restore_dir,
             } => {
                 let token = dev::read_token(&token_file)?;
                 let mut terminate =
@@ -149,6 +157,12 @@ fn main() {
                     control_subnet,
                     ports,
                     expose,
+                    lease: lease_secs.zip(restore_dir).map(|(secs, restore_dir)| {
+                        devloop_agent::lease::LeaseConfig {
+                            after: Duration::from_secs(secs),
+                            restore_dir,
+                        }
+                    }),
                 };
                 devloop_agent::intercept::run(config, async move {
                     terminate.recv().await;

@@ -78,6 +78,10 @@ enum Command {
         /// NAME:PORT[:LOCAL]: make a service of the system reachable at 127.0.0.1:LOCAL.
         #[arg(long)]
         expose: Vec<commands::intercept::Expose>,
+        /// Kubernetes: if this cli vanishes (killed, laptop gone), the agent restores the
+        /// workload itself after this long without it [default: 15m].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lease: Option<std::time::Duration>,
         /// The laptop command to run with the service's environment; the intercept ends when it exits.
         #[arg(last = true)]
         command: Vec<String>,
@@ -211,6 +215,7 @@ fn main() -> std::process::ExitCode {
             } => commands::watch::watch(&global, services, Some(health_timeout), no_logs).await,
             Command::Intercept {
                 target,
+                lease,
                 ports,
                 env_file,
                 expose,
@@ -221,6 +226,7 @@ fn main() -> std::process::ExitCode {
                 } else {
                     commands::intercept::intercept(&global, commands::intercept::InterceptOptions {
                         target,
+                        lease,
                         ports,
                         env_file,
                         expose,

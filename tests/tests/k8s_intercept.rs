@@ -83,6 +83,9 @@ fn web_reaches_the_laptop_through_the_cluster_and_leave_restores_the_spec() {
     let back = poll(Duration::from_secs(30), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("teapot")));
     assert!(back.is_some(), "the original api does not answer after leave");
     assert!(kubectl(&["-n", &ns.name, "get", "secret", "api-devloop-intercept"]).status.code() != Some(0), "the token secret is left over");
+    for kind in ["serviceaccount", "role", "rolebinding"] {
+        assert_ne!(kubectl(&["-n", &ns.name, "get", kind, "api-devloop-lease"]).status.code(), Some(0), "the lease's {kind} is left over");
+    }
 }
 
 #[test]
@@ -187,4 +190,40 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
     wait_for_log(&log, "ended elsewhere", Duration::from_secs(30));
     let _ = cli.wait();
     assert_eq!(deployment_spec(&ns, "api"), before);
+}
+
+/// The lease: the cli is killed and nobody runs `leave`; the agent restores the Deployment
+/// itself once no cli has been connected for the lease (shortened to 5 s here), and the next
+/// devloop command removes the lease's ServiceAccount, Role, RoleBinding and Secret.
+#[test]
+fn the_lease_restores_a_workload_whose_cli_vanished() {
+    if !require_cluster("k8s lease") {
+        return;
+    }
+    let ns = Namespace::new("lease");
+    deploy_shop(&ns);
+    let before = deployment_spec(&ns, "api");
+    let state = tempfile::tempdir().unwrap();
+    let spec = format!("8000:{}", free_port());
+    let log = state.path().join("intercept.log");
+    let mut cli = spawn_logged(devloop(&ns, state.path(), &["intercept", "api", "--port", &spec, "--lease", "5s"]), &log);
+    wait_for_log(&log, "intercepted in", Duration::from_secs(180));
+    for kind in ["serviceaccount", "role", "rolebinding"] {
+        kubectl_ok(&["-n", &ns.name, "get", kind, "api-devloop-lease"]);
+    }
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+
+    let restored = poll(Duration::from_secs(90), || (deployment_spec(&ns, "api") == before).then_some(()));
+    assert!(
+        restored.is_some(),
+        "the agent did not restore the Deployment within 90 s; agent log:\n{}",
+        String::from_utf8_lossy(&kubectl(&["-n", &ns.name, "logs", "-l", "devloop.dev/intercept-session", "--tail=20"]).stdout)
+    );
+    let out = run_ok(devloop(&ns, state.path(), &["intercept", "list"]));
+    assert!(out.contains("restored by its agent's lease"), "{out}");
+    for kind in ["serviceaccount", "role", "rolebinding", "secret"] {
+        let name = if kind == "secret" { "api-devloop-intercept" } else { "api-devloop-lease" };
+        assert_ne!(kubectl(&["-n", &ns.name, "get", kind, name]).status.code(), Some(0), "{kind} {name} is left over");
+    }
 }

@@ -65,6 +65,8 @@ pub fn parse_port(s: &str) -> Result<(u16, u16), String> {
 
 pub struct InterceptOptions {
     pub target: String,
+    /// Kubernetes: how long the intercept outlives a vanished cli (default 15 min).
+    pub lease: Option<Duration>,
     pub ports: Vec<(u16, u16)>,
     pub env_file: Option<PathBuf>,
     pub expose: Vec<Expose>,

@@ -26,6 +26,19 @@ pub struct KubeSwap {
     /// When the template was swapped, and how long the agent's pod took to become ready.
     swapped_at: Mutex<Option<Instant>>,
     ready_after: Mutex<Option<Duration>>,
+    /// How long the intercept outlives a vanished cli before the agent restores it.
+    lease: Duration,
+}
+
+/// The lease when neither `--lease` nor `[target] lease` says otherwise.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
+
+/// Removes what agents that restored their workload by the lease left behind, saying so.
+async fn sweep(cluster: &Cluster) -> anyhow::Result<()> {
+    for d in ki::sweep_lease_leftovers(cluster).await? {
+        eprintln!("devloop: deployment/{d} was restored by its agent's lease (its cli had gone); removed the lease's account and secret");
+    }
+    Ok(())
 }
 
 /// Pushes the agent image (FROM scratch: the static binary) to the cluster's registry;
@@ -63,6 +76,7 @@ fn holder() -> String {
 impl KubeSwap {
     pub async fn new(settings: &KubeSettings, registry: Option<&str>, opts: &InterceptOptions) -> anyhow::Result<KubeSwap> {
         let cluster = Cluster::connect(settings).await?;
+        sweep(&cluster).await?;
         let deployment = ki::find_deployment(&cluster, &opts.target).await?;
         let name = deployment["metadata"]["name"].as_str().unwrap_or_default().to_string();
         if let Some(r) = ki::record_of(&deployment) {
@@ -100,6 +114,7 @@ impl KubeSwap {
             pod: Mutex::new(None),
             swapped_at: Mutex::new(None),
             ready_after: Mutex::new(None),
+            lease: opts.lease.unwrap_or(DEFAULT_LEASE),
         })
     }
 
@@ -145,9 +160,19 @@ impl Swap for KubeSwap {
                 let ip = svc["spec"]["clusterIP"].as_str().filter(|ip| !ip.is_empty() && *ip != "None");
                 targets.push(format!("{}:{}", ip.unwrap_or(&e.name), e.port));
             }
-            ki::create_token_secret(&self.cluster, &self.record.secret, &self.record.deployment, token).await?;
+            ki::create_token_secret(&self.cluster, &self.record.secret, &self.record, token).await?;
+            let account = ki::lease_account(&self.record.deployment);
+            ki::create_lease_account(&self.cluster, &self.record.deployment).await?;
             let remote: Vec<u16> = self.record.ports.iter().map(|(r, _)| *r).collect();
-            let template = ki::agent_template(&self.record.template, self.index, &self.image, &remote, &targets, &self.record.session, &self.record.secret);
+            let spec = ki::AgentSpec {
+                image: &self.image,
+                ports: &remote,
+                expose: &targets,
+                session: &self.record.session,
+                secret: &self.record.secret,
+                lease: Some((self.lease.as_secs().max(1), &account)),
+            };
+            let template = ki::agent_template(&self.record.template, self.index, &spec);
             ki::swap_in(&self.cluster, &self.deployment, &self.record, &template).await?;
             *self.swapped_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             Ok(())
@@ -202,6 +227,7 @@ impl Swap for KubeSwap {
 
 pub async fn list(settings: &KubeSettings) -> anyhow::Result<()> {
     let cluster = Cluster::connect(settings).await?;
+    sweep(&cluster).await?;
     let records = ki::intercepted(&cluster).await?;
     if records.is_empty() {
         println!("no active intercepts in namespace {} (context {})", cluster.namespace, cluster.context);
@@ -224,6 +250,7 @@ pub async fn list(settings: &KubeSettings) -> anyhow::Result<()> {
 
 pub async fn leave(settings: &KubeSettings, target: Option<String>, all: bool) -> anyhow::Result<()> {
     let cluster = Cluster::connect(settings).await?;
+    sweep(&cluster).await?;
     let records = ki::intercepted(&cluster).await?;
     let chosen: Vec<Record> = match (&target, all) {
         (_, true) => records,

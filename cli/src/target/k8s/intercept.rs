@@ -8,7 +8,6 @@
 //! `leave` from any shell or machine restores the spec exactly, also after the cli was
 //! killed. The session token lives in a Secret the agent reads as a file.
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
@@ -111,7 +110,21 @@ pub fn container_for(template: &serde_json::Value, ports: &[u16]) -> anyhow::Res
 /// The pod template with container `index` replaced by the agent: same name, environment,
 /// ports, resources, mounts and security context; its probes check the agent itself, so
 /// they pass whether or not a laptop process is connected.
-pub fn agent_template(original: &serde_json::Value, index: usize, image: &str, ports: &[u16], expose: &[String], session: &str, secret: &str) -> serde_json::Value {
+/// What the agent container is made of.
+pub struct AgentSpec<'a> {
+    pub image: &'a str,
+    pub ports: &'a [u16],
+    /// `HOST:PORT` targets of `--expose`, by position.
+    pub expose: &'a [String],
+    pub session: &'a str,
+    pub secret: &'a str,
+    /// Seconds without a cli after which the agent restores the workload, and the
+    /// ServiceAccount it does that as.
+    pub lease: Option<(u64, &'a str)>,
+}
+
+pub fn agent_template(original: &serde_json::Value, index: usize, a: &AgentSpec) -> serde_json::Value {
+    let (image, ports, expose, session, secret) = (a.image, a.ports, a.expose, a.session, a.secret);
     let mut t = original.clone();
     let labels = &mut t["metadata"]["labels"];
     if !labels.is_object() {
@@ -133,6 +146,12 @@ pub fn agent_template(original: &serde_json::Value, index: usize, image: &str, p
     for e in expose {
         args.push("--expose".into());
         args.push(e.clone());
+    }
+    if let Some((secs, _)) = a.lease {
+        args.push("--lease-secs".into());
+        args.push(secs.to_string());
+        args.push("--restore-dir".into());
+        args.push(TOKEN_DIR.into());
     }
     c["image"] = serde_json::json!(image);
     c["imagePullPolicy"] = serde_json::json!("IfNotPresent");
@@ -159,7 +178,92 @@ pub fn agent_template(original: &serde_json::Value, index: usize, image: &str, p
         // 0444: the agent may run as any user the original ran as.
         v.push(serde_json::json!({"name": TOKEN_VOLUME, "secret": {"secretName": secret, "defaultMode": 0o444}}));
     }
+    if let Some((_, account)) = a.lease {
+        let spec = &mut t["spec"];
+        spec["serviceAccountName"] = serde_json::json!(account);
+        // Deprecated alias of serviceAccountName: when set, it must agree.
+        if spec.get("serviceAccount").is_some() {
+            spec["serviceAccount"] = serde_json::json!(account);
+        }
+        spec["automountServiceAccountToken"] = serde_json::json!(true);
+    }
     t
+}
+
+/// The ServiceAccount (and its Role and RoleBinding) the agent restores the workload as.
+pub fn lease_account(deployment: &str) -> String {
+    format!("{deployment}-devloop-lease")
+}
+
+/// Creates the lease's ServiceAccount, a Role that may patch only this Deployment, and the
+/// binding between them (replacing leftovers of an earlier intercept).
+pub async fn create_lease_account(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
+    let name = lease_account(deployment);
+    delete_lease_account(cluster, deployment).await?;
+    let labels = serde_json::json!({SECRET_LABEL: deployment, "app.kubernetes.io/managed-by": "devloop"});
+    let rbac = "rbac.authorization.k8s.io/v1";
+    let objects = [
+        ("v1", "serviceaccounts", serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "labels": labels}})),
+        (rbac, "roles", serde_json::json!({
+            "apiVersion": rbac, "kind": "Role", "metadata": {"name": name, "labels": labels},
+            "rules": [{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [deployment], "verbs": ["patch"]}],
+        })),
+        (rbac, "rolebindings", serde_json::json!({
+            "apiVersion": rbac, "kind": "RoleBinding", "metadata": {"name": name, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": cluster.namespace}],
+        })),
+    ];
+    for (gv, resource, body) in objects {
+        cluster
+            .post_json(&cluster.path(gv, resource, None), &body)
+            .await
+            .map_err(|e| cluster.err(e, "create", resource, format!("creating {resource} {name}")))?;
+    }
+    Ok(())
+}
+
+pub async fn delete_lease_account(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
+    let name = lease_account(deployment);
+    for (gv, resource) in [("rbac.authorization.k8s.io/v1", "rolebindings"), ("rbac.authorization.k8s.io/v1", "roles"), ("v1", "serviceaccounts")] {
+        cluster
+            .delete(&cluster.path(gv, resource, Some(&name)))
+            .await
+            .map_err(|e| cluster.err(e, "delete", resource, format!("removing {resource} {name}")))?;
+    }
+    Ok(())
+}
+
+/// After an agent restored its workload by the lease, its ServiceAccount, Role, RoleBinding
+/// and Secret are left: removed here (by the next devloop command against the namespace)
+/// for every Deployment that is no longer intercepted. Returns the Deployments cleaned.
+pub async fn sweep_lease_leftovers(cluster: &Cluster) -> anyhow::Result<Vec<String>> {
+    let path = format!("{}?labelSelector={}", cluster.path("v1", "serviceaccounts", None), SECRET_LABEL.replace('/', "%2F"));
+    let accounts = match cluster.get_json(&path).await {
+        Ok(v) => v,
+        // A user who may not list ServiceAccounts cannot clean up; nothing else depends on it.
+        Err(e) if status_of(&e) == Some(403) => return Ok(Vec::new()),
+        Err(e) => return Err(cluster.err(e, "list", "serviceaccounts", "listing devloop's lease accounts").into()),
+    };
+    let mut cleaned = Vec::new();
+    for a in accounts["items"].as_array().into_iter().flatten() {
+        let Some(deployment) = a["metadata"]["labels"][SECRET_LABEL].as_str() else { continue };
+        let d = cluster
+            .get_opt(&cluster.path("apps/v1", "deployments", Some(deployment)))
+            .await
+            .map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {deployment}")))?;
+        if d.as_ref().and_then(record_of).is_some() {
+            continue;
+        }
+        delete_lease_account(cluster, deployment).await?;
+        let secret = format!("{deployment}-devloop-intercept");
+        cluster
+            .delete(&cluster.path("v1", "secrets", Some(&secret)))
+            .await
+            .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing secret {secret}")))?;
+        cleaned.push(deployment.to_string());
+    }
+    Ok(cleaned)
 }
 
 /// The JSON patch that swaps the template in: it fails (and changes nothing) if the
@@ -198,14 +302,20 @@ pub fn restore_patch(record: &Record) -> serde_json::Value {
 }
 
 /// Creates the Secret holding the session token.
-pub async fn create_token_secret(cluster: &Cluster, name: &str, deployment: &str, token: &str) -> anyhow::Result<()> {
+pub async fn create_token_secret(cluster: &Cluster, name: &str, record: &Record, token: &str) -> anyhow::Result<()> {
+    let deployment = record.deployment.as_str();
     let path = cluster.path("v1", "secrets", None);
     let _ = cluster.delete(&cluster.path("v1", "secrets", Some(name))).await;
     let body = serde_json::json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "labels": {SECRET_LABEL: deployment, "app.kubernetes.io/managed-by": "devloop"}},
         "type": "Opaque",
-        "stringData": {"token": token},
+        // The lease's restore: the patch and the path the agent sends it to.
+        "stringData": {
+            "token": token,
+            "restore.json": serde_json::to_string(&restore_patch(record)).expect("a patch serializes"),
+            "restore-path": cluster.path("apps/v1", "deployments", Some(deployment)),
+        },
     });
     cluster
         .post_json(&path, &body)
@@ -241,6 +351,7 @@ pub async fn restore(cluster: &Cluster, record: &Record) -> anyhow::Result<bool>
         .delete(&cluster.path("v1", "secrets", Some(&record.secret)))
         .await
         .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing secret {}", record.secret)))?;
+    delete_lease_account(cluster, &record.deployment).await?;
     Ok(restored)
 }
 
@@ -304,17 +415,7 @@ fn pod_problem(pod: &serde_json::Value) -> Option<String> {
 
 /// A byte stream to the agent's control port, through a port-forward.
 pub async fn forward(cluster: &Cluster, pod: &str) -> anyhow::Result<tokio::io::DuplexStream> {
-    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let mut pf = pods
-        .portforward(pod, &[AGENT_CONTROL_PORT])
-        .await
-        .map_err(|e| cluster.err(e, "create", "pods/portforward", format!("port-forward to pod {pod}")))?;
-    let stream = pf.take_stream(AGENT_CONTROL_PORT).context("the port-forward has no stream")?;
-    // The forwarder's task ends when the stream is dropped; its errors are the stream's.
-    tokio::spawn(async move {
-        let _ = pf.join().await;
-    });
-    Ok(stream)
+    Ok(super::portforward::open(cluster, pod, AGENT_CONTROL_PORT).await?)
 }
 
 /// The environment for the laptop process: the literal `env` values of the intercepted
@@ -362,6 +463,10 @@ mod tests {
         }
     }
 
+    fn c_args(t: &serde_json::Value) -> Vec<String> {
+        t["spec"]["containers"][1]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+    }
+
     #[test]
     fn picks_the_container_with_the_port() {
         let d = deployment();
@@ -373,7 +478,10 @@ mod tests {
     #[test]
     fn the_agent_template_keeps_the_rest_of_the_pod() {
         let d = deployment();
-        let t = agent_template(&d["spec"]["template"], 1, "reg/devloop-agent:1", &[8000], &[], "s1", "sec");
+        let spec = AgentSpec { image: "reg/devloop-agent:1", ports: &[8000], expose: &[], session: "s1", secret: "sec", lease: Some((900, "api-devloop-lease")) };
+        let t = agent_template(&d["spec"]["template"], 1, &spec);
+        assert_eq!(t["spec"]["serviceAccountName"], "api-devloop-lease");
+        assert!(c_args(&t).contains(&"--lease-secs".to_string()));
         let c = &t["spec"]["containers"][1];
         assert_eq!(c["image"], "reg/devloop-agent:1");
         assert_eq!(c["name"], "api");
@@ -391,7 +499,8 @@ mod tests {
     fn swap_then_restore_gives_back_the_same_spec() {
         let d = deployment();
         let r = record(&d);
-        let t = agent_template(&d["spec"]["template"], 1, "img", &[8000], &[], "s1", "sec");
+        let spec = AgentSpec { image: "img", ports: &[8000], expose: &[], session: "s1", secret: "sec", lease: None };
+        let t = agent_template(&d["spec"]["template"], 1, &spec);
         let patch = swap_patch(&d, &r, &t);
         assert_eq!(patch[0]["op"], "test");
         assert_eq!(patch[1]["path"], "/metadata/annotations/devloop.dev~1intercept");

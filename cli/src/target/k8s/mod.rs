@@ -4,6 +4,7 @@
 //! container for the agent.
 
 pub mod intercept;
+pub mod portforward;
 pub mod registry;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -73,7 +74,7 @@ impl Cluster {
             .await
             .map_err(|e| KubeError::Config { context: context.clone(), message: e.to_string() })?;
         let namespace = settings.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
-        let client = kube::Client::try_from(config)
+        let client = client_with_nodelay(config)
             .map_err(|e| KubeError::Config { context: context.clone(), message: e.to_string() })?;
         let cluster = Cluster { client, namespace, context };
         cluster.check_namespace().await?;
@@ -159,6 +160,28 @@ impl Cluster {
             _ => KubeError::Api { what: what.into(), message: e.to_string() },
         }
     }
+}
+
+/// kube's client with TCP_NODELAY on its connections to the API server. kube's default
+/// connector leaves Nagle on: small port-forward messages then wait for the server's delayed
+/// ACK, which put a 44 ms p99 on requests through an intercept. A config with a proxy keeps
+/// kube's default stack, which knows proxies.
+fn client_with_nodelay(config: kube::Config) -> Result<kube::Client, kube::Error> {
+    use kube::client::ConfigExt;
+    if config.proxy_url.is_some() {
+        return kube::Client::try_from(config);
+    }
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https));
+    Ok(kube::Client::new(service, config.default_namespace))
 }
 
 pub fn status_of(e: &kube::Error) -> Option<u16> {
