@@ -85,6 +85,22 @@ fn deployment(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
     })
 }
 
+/// Waits until the Deployment `api` has one pod, ready (the agent's), and no other.
+fn wait_single_pod(ns: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = kubectl(&["-n", ns, "get", "pods", "-l", "app=api", "-o", "jsonpath={range .items[*]}{.metadata.name} {.status.containerStatuses[0].ready}{\"\\n\"}{end}"])?;
+        let pods: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+        if pods.len() == 1 && pods[0].ends_with(" true") {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the original api pods did not go away within 60 s: {out}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     use devloop::target::k8s::{registry, Cluster, KubeSettings};
     let rounds = if ctx.quick { 2 } else { 5 };
@@ -130,6 +146,9 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         kubectl(&["-n", &ns.0, "rollout", "status", &format!("deployment/{d}"), "--timeout=120s"])?;
     }
     let caller_pod = kubectl(&["-n", &ns.0, "get", "pods", "-l", "app=caller", "-o", "jsonpath={.items[0].metadata.name}"])?;
+    // The Service's address, not its name: the same path for callers, without this
+    // cluster's DNS (dnsmasq) failing a lookup now and then in the middle of a run.
+    let svc = format!("{}:8000", kubectl(&["-n", &ns.0, "get", "service", "api", "-o", "jsonpath={.spec.clusterIP}"])?);
 
     // The laptop server, and kubectl port-forward to the same server in a pod.
     let mut server = Proc::spawn(
@@ -162,7 +181,7 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     };
     let waiter = |text: &str, tag: &str| -> Result<Proc> {
         let mut c = kubectl_cmd();
-        c.args(["-n", &ns.0, "exec", &caller_pod, "--", "/loadgen", "wait-for", "api:8000", text, "60000"]);
+        c.args(["-n", &ns.0, "exec", &caller_pod, "--", "/loadgen", "wait-for", &svc, text, "60000"]);
         let mut p = Proc::spawn(c, ctx.tmp.path().join(format!("k8s-waiter-{tag}-{}.log", now_ns())))?;
         p.wait_line(0, Duration::from_secs(30), |l| l == "ready")?;
         Ok(p)
@@ -174,6 +193,7 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
 
     let spec = format!("8000:{port}");
     let (mut t_in, mut t_rollout, mut t_out) = (Vec::new(), Vec::new(), Vec::new());
+    let mut pf_upload = Vec::new();
     let (mut p50, mut p99, mut mib) = (<[Vec<f64>; 2]>::default(), <[Vec<f64>; 2]>::default(), <[Vec<f64>; 2]>::default());
     for r in 0..rounds {
         let mut w = waiter("laptop", "in")?;
@@ -185,12 +205,16 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         if let Some(ms) = line.split("agent pod ready after ").nth(1).and_then(|s| s.split(' ').next()).and_then(|s| s.parse::<f64>().ok()) {
             t_rollout.push(ms);
         }
+        // The Service must reach the agent alone: wait until the original pods are gone,
+        // then give kube-proxy a moment (the README of ../shared/k8s: 10-700 ms).
+        wait_single_pod(&ns.0)?;
+        std::thread::sleep(Duration::from_secs(1));
         for k in 0..2 {
             let i = (k + r) % 2;
             let (lat, bulk) = if i == 0 {
                 (
-                    loadgen_in(&ns.0, &caller_pod, &["latency", "api:8000", &requests.to_string()])?,
-                    loadgen_in(&ns.0, &caller_pod, &["fetch", "api:8000", &BULK.to_string()])?,
+                    loadgen_in(&ns.0, &caller_pod, &["latency", &svc, &requests.to_string()])?,
+                    loadgen_in(&ns.0, &caller_pod, &["fetch", &svc, &BULK.to_string()])?,
                 )
             } else {
                 (
@@ -202,6 +226,10 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
             p99[i].push(lat["p99_us"].as_f64().unwrap_or(f64::NAN));
             mib[i].push(bulk["mib_s"].as_f64().unwrap_or(f64::NAN));
         }
+        // Diagnosis: the same 100 MiB in the intercept's direction (laptop -> pod) through
+        // kubectl port-forward, as an upload to the pod's server.
+        let up = loadgen_here(&lg, &["upload", &pf_addr, &BULK.to_string()])?;
+        pf_upload.push(up["mib_s"].as_f64().unwrap_or(f64::NAN));
         let mut w = waiter("original", "out")?;
         let t0 = now_ns();
         let out = devloop(&["leave", "api"]).output()?;
@@ -244,6 +272,13 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
             ">= 1x",
             Some(bulk_ratio >= 1.0),
         ),
+        row(
+            "k8s-intercept",
+            "diagnosis: 100 MiB uploaded through kubectl port-forward (laptop -> pod, the intercept's data direction)",
+            format!("{:.0} MiB/s", median(&pf_upload)),
+            "",
+            None,
+        ),
     ];
     Ok((rows, serde_json::json!({
         "rounds": rounds,
@@ -251,6 +286,7 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         "agent_rollout_ms": summary(&t_rollout),
         "leave_ms": summary(&t_out),
         "intercept_p50_us": summary(&p50[0]), "intercept_p99_us": summary(&p99[0]), "intercept_mib_s": summary(&mib[0]),
+        "port_forward_upload_mib_s": summary(&pf_upload),
         "port_forward_p50_us": summary(&p50[1]), "port_forward_p99_us": summary(&p99[1]), "port_forward_mib_s": summary(&mib[1]),
     })))
 }

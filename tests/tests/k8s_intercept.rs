@@ -163,6 +163,9 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("needs `get` on `deployments`"), "{err}");
+    let doctor = as_user(&["-n", &ns.name, "doctor"]).output().unwrap();
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(text.contains("FAIL  permissions") && text.contains("patch deployments") && text.contains("get pods/portforward"), "{text}");
 
     let role = workspace().join("docs/kubernetes-role.yaml");
     kubectl_ok(&["-n", &ns.name, "apply", "-f", role.to_str().unwrap()]);
@@ -180,6 +183,9 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
     }
     let _unbind = Unbind(binding);
 
+    let doctor = as_user(&["-n", &ns.name, "doctor"]).output().unwrap();
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(text.contains("ok    permissions") && text.contains("ok    registry"), "{text}");
     let log = state.path().join("intercept.log");
     let mut cli = spawn_logged(as_user(&["-n", &ns.name, "intercept", "api", "--port", &spec]), &log);
     wait_for_log(&log, "intercepted in", Duration::from_secs(180));

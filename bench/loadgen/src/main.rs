@@ -15,6 +15,7 @@ const USAGE: &str = "usage:
   devloop-loadgen serve PORT [TAG]             HTTP/1.1 on 0.0.0.0:PORT; GET / answers TAG, GET /bytes/N answers N bytes
   devloop-loadgen latency HOST:PORT N          one keep-alive connection, N sequential GETs of / (after N/10 warm-up)
   devloop-loadgen fetch HOST:PORT BYTES        one GET /bytes/BYTES, timed to its last byte
+  devloop-loadgen upload HOST:PORT BYTES       one POST of BYTES, timed to the answer (the server reads it all first)
   devloop-loadgen load HOST:PORT CONNS REQS [MS]
                                                CONNS keep-alive connections, opened together, share REQS GETs
                                                of /; requests not started within MS milliseconds count as not done
@@ -57,6 +58,7 @@ async fn run(args: &[String]) -> Res<()> {
         "serve" => serve(num(args, 1, "PORT")? as u16, args.get(2).cloned().unwrap_or_else(|| "loadgen".into())).await,
         "latency" => latency(arg(args, 1, "HOST:PORT")?, num(args, 2, "N")? as usize).await,
         "fetch" => fetch(arg(args, 1, "HOST:PORT")?, num(args, 2, "BYTES")?).await,
+        "upload" => upload(arg(args, 1, "HOST:PORT")?, num(args, 2, "BYTES")?).await,
         "load" => {
             let deadline = match args.get(4) {
                 Some(_) => Some(Duration::from_millis(num(args, 4, "MS")?)),
@@ -102,7 +104,8 @@ async fn serve_conn(sock: TcpStream, tag: &[u8]) -> std::io::Result<()> {
             return Ok(());
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-        // The rest of the head; request bodies are not used by any mode.
+        // The rest of the head, then the body (an upload), read and dropped.
+        let mut body_len = 0u64;
         loop {
             line.clear();
             if io.read_line(&mut line).await? == 0 {
@@ -111,6 +114,20 @@ async fn serve_conn(sock: TcpStream, tag: &[u8]) -> std::io::Result<()> {
             if line == "\r\n" || line == "\n" {
                 break;
             }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    body_len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        while body_len > 0 {
+            let buf = io.fill_buf().await?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let k = (buf.len() as u64).min(body_len) as usize;
+            io.consume(k);
+            body_len -= k as u64;
         }
         let sock = io.get_mut();
         if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<u64>().ok()) {
@@ -230,6 +247,30 @@ async fn fetch(addr: &str, bytes: u64) -> Res<()> {
         return Err(format!("asked for {bytes} bytes, got {got}"));
     }
     println!("{{\"bytes\":{got},\"seconds\":{secs:.6},\"mib_s\":{:.1}}}", got as f64 / (1 << 20) as f64 / secs);
+    Ok(())
+}
+
+async fn upload(addr: &str, bytes: u64) -> Res<()> {
+    let mut c = Conn::open(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let block = vec![b'u'; 256 << 10];
+    let t = Instant::now();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: loadgen\r\nContent-Length: {bytes}\r\n\r\n");
+    let sock = c.io.get_mut();
+    sock.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(block.len() as u64) as usize;
+        sock.write_all(&block[..k]).await.map_err(|e| e.to_string())?;
+        left -= k as u64;
+    }
+    // The answer comes once the server has read the whole body.
+    let mut line = String::new();
+    c.io.read_line(&mut line).await.map_err(|e| e.to_string())?;
+    let secs = t.elapsed().as_secs_f64();
+    if !line.contains(" 200 ") {
+        return Err(format!("upload answered `{}`", line.trim()));
+    }
+    println!("{{\"bytes\":{bytes},\"seconds\":{secs:.6},\"mib_s\":{:.1}}}", bytes as f64 / (1 << 20) as f64 / secs);
     Ok(())
 }
 

@@ -187,10 +187,47 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
         }
     }
 
+    if let super::TargetChoice::Kubernetes { settings, registry } = super::choose_target(global, project.as_ref()) {
+        kubernetes(&mut r, &settings, registry.as_deref()).await;
+    }
+
     if r.failures == 0 {
         println!("all checks passed");
         Ok(())
     } else {
         anyhow::bail!("{} check(s) failed", r.failures)
+    }
+}
+
+/// The Kubernetes target: the context and namespace, the registry, the permissions.
+async fn kubernetes(r: &mut Report, settings: &crate::target::k8s::KubeSettings, registry: Option<&str>) {
+    use crate::target::k8s::{registry as reg, Cluster};
+    let cluster = match Cluster::connect(settings).await {
+        Ok(c) => {
+            r.ok("kubernetes", format!("context {}, namespace {}", c.context, c.namespace));
+            c
+        }
+        Err(e) => {
+            r.fail("kubernetes", e.to_string(), "check `kubectl config get-contexts` and the --context / -n flags");
+            return;
+        }
+    };
+    match reg::discover(&cluster, registry).await {
+        Ok(Some(found)) => r.ok("registry", format!("push to {}, nodes pull from {} ({})", found.push, found.pull, found.source)),
+        Ok(None) => r.fail(
+            "registry",
+            format!("context {} advertises none (ConfigMap kube-public/local-registry-hosting)", cluster.context),
+            "set `registry = \"HOST:PORT\"` under [target] in devloop.toml, or DEVLOOP_REGISTRY (docs/KUBERNETES.md)",
+        ),
+        Err(e) => r.fail("registry", e.to_string(), "see docs/KUBERNETES.md"),
+    }
+    match cluster.missing_permissions().await {
+        Ok(missing) if missing.is_empty() => r.ok("permissions", format!("everything devloop uses in namespace {}", cluster.namespace)),
+        Ok(missing) => r.fail(
+            "permissions",
+            format!("missing in namespace {}: {}", cluster.namespace, missing.join(", ")),
+            format!("kubectl -n {} apply -f docs/kubernetes-role.yaml, then bind the Role `devloop` to your user (docs/KUBERNETES.md)", cluster.namespace),
+        ),
+        Err(e) => r.fail("permissions", e.to_string(), "see docs/KUBERNETES.md"),
     }
 }

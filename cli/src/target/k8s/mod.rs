@@ -184,6 +184,55 @@ fn client_with_nodelay(config: kube::Config) -> Result<kube::Client, kube::Error
     Ok(kube::Client::new(service, config.default_namespace))
 }
 
+/// What devloop's Kubernetes commands use in a namespace: (API group, resource,
+/// subresource, verb). docs/kubernetes-role.yaml grants exactly these; `doctor` checks them.
+pub const PERMISSIONS: &[(&str, &str, &str, &str)] = &[
+    ("apps", "deployments", "", "get"),
+    ("apps", "deployments", "", "list"),
+    ("apps", "deployments", "", "patch"),
+    ("", "services", "", "get"),
+    ("", "secrets", "", "create"),
+    ("", "secrets", "", "delete"),
+    ("", "serviceaccounts", "", "create"),
+    ("", "serviceaccounts", "", "delete"),
+    ("", "serviceaccounts", "", "list"),
+    ("rbac.authorization.k8s.io", "roles", "", "create"),
+    ("rbac.authorization.k8s.io", "roles", "", "delete"),
+    ("rbac.authorization.k8s.io", "rolebindings", "", "create"),
+    ("rbac.authorization.k8s.io", "rolebindings", "", "delete"),
+    ("", "pods", "", "list"),
+    ("", "pods", "portforward", "get"),
+];
+
+impl Cluster {
+    /// Asks the API server whether this user may do `verb` on the resource in the namespace
+    /// (a SelfSubjectAccessReview, which every authenticated user may create).
+    pub async fn can(&self, group: &str, resource: &str, subresource: &str, verb: &str) -> Result<bool, kube::Error> {
+        let review = serde_json::json!({
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {
+                "namespace": self.namespace, "verb": verb, "group": group,
+                "resource": resource, "subresource": subresource,
+            }},
+        });
+        let answer = self.post_json("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", &review).await?;
+        Ok(answer["status"]["allowed"].as_bool().unwrap_or(false))
+    }
+
+    /// The permissions of [`PERMISSIONS`] this user lacks, as `verb resource` strings.
+    pub async fn missing_permissions(&self) -> Result<Vec<String>, kube::Error> {
+        let mut missing = Vec::new();
+        for (group, resource, sub, verb) in PERMISSIONS {
+            if !self.can(group, resource, sub, verb).await? {
+                let what = if sub.is_empty() { resource.to_string() } else { format!("{resource}/{sub}") };
+                missing.push(format!("{verb} {what}"));
+            }
+        }
+        Ok(missing)
+    }
+}
+
 pub fn status_of(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(s) => Some(s.code),
