@@ -67,11 +67,13 @@ enum Command {
     /// Swap a running service's container for the agent and tunnel its traffic to the laptop
     /// (`intercept list` shows every active intercept).
     Intercept {
-        /// Container name, or compose/devloop service name; `list` lists intercepts.
+        /// Container name, or compose/devloop service name (Kubernetes: a Deployment's or a
+        /// Service's name); `list` lists intercepts.
         target: String,
-        /// REMOTE:LOCAL: the service's port in its container -> a port on the laptop (repeatable).
+        /// REMOTE:LOCAL: the service's port in its container -> a port on the laptop (repeatable;
+        /// Kubernetes: REMOTE may also be a container port's name or a Service port, by number or name).
         #[arg(long = "port", value_parser = commands::intercept::parse_port)]
-        ports: Vec<(u16, u16)>,
+        ports: Vec<(devloop::target::PortRef, u16)>,
         /// Also write the service's environment to this file.
         #[arg(long)]
         env_file: Option<PathBuf>,
@@ -86,7 +88,7 @@ enum Command {
         #[arg(last = true)]
         command: Vec<String>,
     },
-    /// End an intercept: the original container back, exactly.
+    /// End an intercept: the original container (Kubernetes: pod template) back, exactly.
     Leave {
         target: Option<String>,
         /// End every intercept.

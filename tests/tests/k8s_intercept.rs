@@ -59,7 +59,8 @@ fn web_reaches_the_laptop_through_the_cluster_and_leave_restores_the_spec() {
     let port = free_port();
     let script = state.path().join("laptop_api.py");
     std::fs::write(&script, LAPTOP_API).unwrap();
-    let spec = format!("8000:{port}");
+    // The container port by its name (`http`), as a user of the manifests would say it.
+    let spec = format!("http:{port}");
     let log = state.path().join("intercept.log");
     let mut cli = spawn_logged(devloop(&ns, state.path(), &["intercept", "api", "--port", &spec, "--", "python3", script.to_str().unwrap(), &port.to_string()]), &log);
     wait_for_log(&log, "intercepted in", Duration::from_secs(180));
@@ -162,7 +163,7 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
     let o = as_user(&["-n", &ns.name, "intercept", "api", "--port", &spec]).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("needs `get` on `deployments`"), "{err}");
+    assert!(err.contains("needs `get` on `services`"), "{err}");
     let doctor = as_user(&["-n", &ns.name, "doctor"]).output().unwrap();
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(text.contains("FAIL  permissions") && text.contains("patch deployments") && text.contains("get pods/portforward"), "{text}");

@@ -17,6 +17,7 @@ use crate::state::{now_ms, TokenStore};
 use crate::target::docker;
 use crate::target::docker_intercept::{self as di, Record};
 use crate::target::engine::EngineChoice;
+use crate::target::PortRef;
 use crate::ui::{ago, human_ms};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,15 +52,23 @@ impl std::str::FromStr for Expose {
     }
 }
 
-/// `REMOTE:LOCAL` (or one port for both).
-pub fn parse_port(s: &str) -> Result<(u16, u16), String> {
+/// `REMOTE:LOCAL` (or one port for both). REMOTE may be a port's name (Kubernetes: a
+/// container port's or a Service port's), which needs an explicit LOCAL.
+pub fn parse_port(s: &str) -> Result<(PortRef, u16), String> {
     let port = |p: &str| {
         p.parse::<u16>()
             .map_err(|_| format!("{s:?}: {p:?} is not a port"))
     };
+    let remote = |r: &str| match r.parse::<u16>() {
+        Ok(n) => Ok(PortRef::Number(n)),
+        Err(_) if !r.is_empty() && r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+            Ok(PortRef::Name(r.to_string()))
+        }
+        Err(_) => Err(format!("{s:?}: {r:?} is neither a port number nor a port name")),
+    };
     match s.split_once(':') {
-        Some((r, l)) => Ok((port(r)?, port(l)?)),
-        None => Ok((port(s)?, port(s)?)),
+        Some((r, l)) => Ok((remote(r)?, port(l)?)),
+        None => Ok((PortRef::Number(port(s)?), port(s)?)),
     }
 }
 
@@ -67,7 +76,7 @@ pub struct InterceptOptions {
     pub target: String,
     /// Kubernetes: how long the intercept outlives a vanished cli (default 15 min).
     pub lease: Option<Duration>,
-    pub ports: Vec<(u16, u16)>,
+    pub ports: Vec<(PortRef, u16)>,
     pub env_file: Option<PathBuf>,
     pub expose: Vec<Expose>,
     pub command: Vec<String>,
@@ -104,6 +113,8 @@ pub trait Swap: Send + Sync {
     fn original(&self) -> String;
     /// The name `leave` takes.
     fn service(&self) -> String;
+    /// (port in the container, laptop port), names resolved.
+    fn ports(&self) -> Vec<(u16, u16)>;
     /// The original's environment, for the laptop command.
     fn env(&self) -> Vec<(String, String)>;
     /// Persists the restore record, then puts the agent in the original's place.
@@ -178,13 +189,20 @@ impl DockerSwap {
             );
         }
         let (service, project) = di::service_of(&original);
+        let mut ports = Vec::new();
+        for (r, l) in &opts.ports {
+            match r {
+                PortRef::Number(n) => ports.push((*n, *l)),
+                PortRef::Name(n) => anyhow::bail!("--port {n}:{l}: on Docker, REMOTE is the port number the service listens on in its container (port names are Kubernetes')"),
+            }
+        }
         let record = Record {
             original_id: orig_id,
             original_name: orig_name.clone(),
             service,
             project,
             agent_container: format!("{orig_name}-devloop-intercept"),
-            ports: opts.ports.clone(),
+            ports,
             started_ms: now_ms(),
             cli_pid: std::process::id(),
         };
@@ -200,6 +218,10 @@ impl Swap for DockerSwap {
 
     fn service(&self) -> String {
         self.record.service.clone()
+    }
+
+    fn ports(&self) -> Vec<(u16, u16)> {
+        self.record.ports.clone()
     }
 
     fn env(&self) -> Vec<(String, String)> {
@@ -256,7 +278,8 @@ pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()
         };
         tokio::spawn(expose_loop(listener, i as u16, mux_slot.clone()));
     }
-    let locals: HashMap<u16, u16> = opts.ports.iter().copied().collect();
+    let resolved = swap.ports();
+    let locals: HashMap<u16, u16> = resolved.iter().copied().collect();
     let link = match swap.connect(&token).await {
         Ok(l) => l,
         Err(e) => {
@@ -266,8 +289,7 @@ pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()
         }
     };
     start_tunnel(&link, &locals, &mux_slot, &service);
-    let mut ports: Vec<String> = opts
-        .ports
+    let mut ports: Vec<String> = resolved
         .iter()
         .map(|(r, l)| format!("{r} -> laptop {l}"))
         .collect();
@@ -627,9 +649,12 @@ mod tests {
 
     #[test]
     fn ports_and_exposes_parse() {
-        assert_eq!(parse_port("8080:3000"), Ok((8080, 3000)));
-        assert_eq!(parse_port("8080"), Ok((8080, 8080)));
-        assert!(parse_port("x:1").is_err());
+        assert_eq!(parse_port("8080:3000"), Ok((PortRef::Number(8080), 3000)));
+        assert_eq!(parse_port("8080"), Ok((PortRef::Number(8080), 8080)));
+        assert_eq!(parse_port("http:3000"), Ok((PortRef::Name("http".into()), 3000)));
+        assert!(parse_port("http").is_err());
+        assert!(parse_port("a/b:1").is_err());
+        assert!(parse_port("8080:x").is_err());
         assert_eq!(
             "db:5432".parse::<Expose>(),
             Ok(Expose {

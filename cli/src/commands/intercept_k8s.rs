@@ -77,7 +77,7 @@ impl KubeSwap {
     pub async fn new(settings: &KubeSettings, registry: Option<&str>, opts: &InterceptOptions) -> anyhow::Result<KubeSwap> {
         let cluster = Cluster::connect(settings).await?;
         sweep(&cluster).await?;
-        let deployment = ki::find_deployment(&cluster, &opts.target).await?;
+        let (deployment, service) = ki::find_deployment(&cluster, &opts.target).await?;
         let name = deployment["metadata"]["name"].as_str().unwrap_or_default().to_string();
         if let Some(r) = ki::record_of(&deployment) {
             anyhow::bail!(
@@ -88,7 +88,12 @@ impl KubeSwap {
             );
         }
         let template = deployment["spec"]["template"].clone();
-        let remote: Vec<u16> = opts.ports.iter().map(|(r, _)| *r).collect();
+        let mut ports = Vec::new();
+        for (r, l) in &opts.ports {
+            let n = ki::resolve_port(&template, service.as_ref(), r).with_context(|| format!("--port {r}:{l}"))?;
+            ports.push((n, *l));
+        }
+        let remote: Vec<u16> = ports.iter().map(|(r, _)| *r).collect();
         let index = ki::container_for(&template, &remote)?;
         let container = template["spec"]["containers"][index]["name"].as_str().unwrap_or_default().to_string();
         let image = agent_image(&cluster, registry).await?;
@@ -99,7 +104,7 @@ impl KubeSwap {
             container,
             template,
             replicas: deployment["spec"]["replicas"].clone(),
-            ports: opts.ports.clone(),
+            ports,
             session,
             secret: format!("{name}-devloop-intercept"),
             started_ms: now_ms(),
@@ -139,6 +144,10 @@ impl Swap for KubeSwap {
 
     fn service(&self) -> String {
         self.record.service.clone()
+    }
+
+    fn ports(&self) -> Vec<(u16, u16)> {
+        self.record.ports.clone()
     }
 
     fn env(&self) -> Vec<(String, String)> {

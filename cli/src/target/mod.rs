@@ -16,3 +16,19 @@ pub fn agent_image_tag(agent_binary: &[u8]) -> String {
     let hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(agent_binary));
     format!("{}-{}", devloop_proxy::CRATE_VERSION, &hash[..12])
 }
+
+/// The REMOTE of `--port REMOTE:LOCAL`: a port number, or (Kubernetes) a port's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+impl std::fmt::Display for PortRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortRef::Number(n) => write!(f, "{n}"),
+            PortRef::Name(n) => f.write_str(n),
+        }
+    }
+}

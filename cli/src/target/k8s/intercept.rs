@@ -44,14 +44,16 @@ pub struct Record {
 }
 
 /// The workload to intercept: a Deployment named so, else the one Deployment whose pods a
-/// Service of that name selects.
-pub async fn find_deployment(cluster: &Cluster, name: &str) -> anyhow::Result<serde_json::Value> {
+/// Service of that name selects; with the Service of that name, if there is one (its ports
+/// may be named in `--port`).
+pub async fn find_deployment(cluster: &Cluster, name: &str) -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
     let path = cluster.path("apps/v1", "deployments", Some(name));
-    if let Some(d) = cluster.get_opt(&path).await.map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {name}")))? {
-        return Ok(d);
-    }
     let svc_path = cluster.path("v1", "services", Some(name));
-    let Some(svc) = cluster.get_opt(&svc_path).await.map_err(|e| cluster.err(e, "get", "services", format!("reading service {name}")))? else {
+    let svc = cluster.get_opt(&svc_path).await.map_err(|e| cluster.err(e, "get", "services", format!("reading service {name}")))?;
+    if let Some(d) = cluster.get_opt(&path).await.map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {name}")))? {
+        return Ok((d, svc));
+    }
+    let Some(svc) = svc else {
         anyhow::bail!("no Deployment or Service named `{name}` in namespace `{}` (context `{}`)", cluster.namespace, cluster.context);
     };
     let selector = svc["spec"]["selector"].as_object().cloned().unwrap_or_default();
@@ -73,7 +75,7 @@ pub async fn find_deployment(cluster: &Cluster, name: &str) -> anyhow::Result<se
         .cloned()
         .collect();
     match matching.len() {
-        1 => Ok(matching.into_iter().next().expect("one")),
+        1 => Ok((matching.into_iter().next().expect("one"), Some(svc))),
         0 => anyhow::bail!("Service `{name}` selects no Deployment's pods in namespace `{}`: devloop intercepts Deployments", cluster.namespace),
         _ => anyhow::bail!(
             "Service `{name}` selects the pods of several Deployments ({}); intercept one by its name",
@@ -85,6 +87,54 @@ pub async fn find_deployment(cluster: &Cluster, name: &str) -> anyhow::Result<se
 /// The record on a Deployment, if it is intercepted.
 pub fn record_of(deployment: &serde_json::Value) -> Option<Record> {
     serde_json::from_str(deployment["metadata"]["annotations"][RECORD].as_str()?).ok()
+}
+
+/// The container port `--port REMOTE` means: a container port's number or name, else a
+/// port of the Service (by number or name) and the container port its `targetPort` names.
+pub fn resolve_port(template: &serde_json::Value, service: Option<&serde_json::Value>, remote: &crate::target::PortRef) -> anyhow::Result<u16> {
+    use crate::target::PortRef;
+    let container_ports: Vec<&serde_json::Value> = template["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .collect();
+    let by_name = |name: &str| {
+        container_ports
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_u64())
+            .map(|n| n as u16)
+    };
+    let declared = |n: u16| container_ports.iter().any(|p| p["containerPort"].as_u64() == Some(n as u64));
+    let service_ports: Vec<&serde_json::Value> = service
+        .map(|s| s["spec"]["ports"].as_array().into_iter().flatten().collect())
+        .unwrap_or_default();
+    let via_service = |sp: &serde_json::Value| -> Option<u16> {
+        match &sp["targetPort"] {
+            serde_json::Value::Number(n) => n.as_u64().map(|n| n as u16),
+            serde_json::Value::String(name) => by_name(name),
+            // No targetPort: the same number as the Service port.
+            _ => sp["port"].as_u64().map(|n| n as u16),
+        }
+    };
+    match remote {
+        PortRef::Number(n) if declared(*n) => Ok(*n),
+        PortRef::Number(n) => match service_ports.iter().find(|sp| sp["port"].as_u64() == Some(*n as u64)) {
+            Some(sp) => via_service(sp).ok_or_else(|| anyhow::anyhow!("Service port {n} targets {}, which no container port is named", sp["targetPort"])),
+            // Undeclared ports are fine: containers need not list what they listen on.
+            None => Ok(*n),
+        },
+        PortRef::Name(name) => {
+            if let Some(n) = by_name(name) {
+                return Ok(n);
+            }
+            match service_ports.iter().find(|sp| sp["name"].as_str() == Some(name.as_str())) {
+                Some(sp) => via_service(sp).ok_or_else(|| anyhow::anyhow!("Service port `{name}` targets {}, which no container port is named", sp["targetPort"])),
+                None => anyhow::bail!("no container port or Service port is named `{name}`"),
+            }
+        }
+    }
 }
 
 /// The index of the container serving `port` (a containerPort of it), else the only container.
@@ -465,6 +515,27 @@ mod tests {
 
     fn c_args(t: &serde_json::Value) -> Vec<String> {
         t["spec"]["containers"][1]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+    }
+
+    #[test]
+    fn ports_by_number_name_or_service_port() {
+        use crate::target::PortRef;
+        let d = deployment();
+        let mut t = d["spec"]["template"].clone();
+        t["spec"]["containers"][1]["ports"][0]["name"] = serde_json::json!("http");
+        let svc = serde_json::json!({"spec": {"ports": [
+            {"name": "web", "port": 80, "targetPort": "http"},
+            {"name": "side", "port": 9090, "targetPort": 9000},
+            {"name": "same", "port": 7000},
+        ]}});
+        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Number(8000)).unwrap(), 8000);
+        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Name("http".into())).unwrap(), 8000);
+        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Number(80)).unwrap(), 8000);
+        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Name("web".into())).unwrap(), 8000);
+        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Number(9090)).unwrap(), 9000);
+        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Name("same".into())).unwrap(), 7000);
+        assert_eq!(resolve_port(&t, None, &PortRef::Number(1234)).unwrap(), 1234);
+        assert!(resolve_port(&t, None, &PortRef::Name("nope".into())).unwrap_err().to_string().contains("`nope`"));
     }
 
     #[test]
