@@ -146,3 +146,12 @@ pub fn ago(at_ms: u64) -> String {
         _ => format!("{} days ago", d / 86400),
     }
 }
+
+/// Writes to stdout, treating a reader that went away (`devloop history | head`) as the end
+/// of the output rather than an error: `println!` panics on a broken pipe, because Rust
+/// ignores SIGPIPE.
+pub fn print_to_pipe(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+}

@@ -90,6 +90,11 @@ fn history_and_rollback() {
         images.push(image_of(&shop, "api"));
     }
     let history = shop.run_ok(&["history", "api"]);
+    // A reader that stops early (`devloop history api | head -1`) ends the output, quietly.
+    let mut piped = shop.cmd(&["history", "api"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    drop(piped.stdout.take());
+    let o = piped.wait_with_output().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("panicked"), "{}", String::from_utf8_lossy(&o.stderr));
     let lines: Vec<&str> = history.lines().filter(|l| l.starts_with("* ") || l.starts_with("  ")).collect();
     assert_eq!(lines.len(), 2, "keep = 2 keeps two versions:\n{history}");
     assert!(lines[0].starts_with('*') && lines[0].contains("1 changed: app.py"), "{history}");
@@ -102,6 +107,11 @@ fn history_and_rollback() {
     let served = wait_for(Duration::from_secs(10), || shop.http_get("api", "http://localhost:8000/items").filter(|t| t.contains("\"version\": \"2\"") || t.contains("\"version\":\"2\"")));
     assert!(served.is_some(), "version 2 is not served after the rollback");
     let history = shop.run_ok(&["history", "api"]);
+    // A reader that stops early (`devloop history api | head -1`) ends the output, quietly.
+    let mut piped = shop.cmd(&["history", "api"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    drop(piped.stdout.take());
+    let o = piped.wait_with_output().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("panicked"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(history.lines().find(|l| l.starts_with('*')).is_some_and(|l| l.contains("rollback")), "{history}");
 }
 

@@ -229,8 +229,8 @@ pub async fn history_cmd(global: &Global, service: &str) -> anyhow::Result<()> {
         println!("no versions of `{service}` deployed from this machine yet (`devloop deploy {service}` makes one)");
         return Ok(());
     }
-    println!(
-        "versions of {service}, newest first (* runs now; the last {} are kept):",
+    let mut out = format!(
+        "versions of {service}, newest first (* runs now; the last {} are kept):\n",
         project.keep_versions
     );
     for v in h.versions.iter().rev() {
@@ -244,13 +244,14 @@ pub async fn history_cmd(global: &Global, service: &str) -> anyhow::Result<()> {
         } else {
             " [image gone]"
         };
-        println!(
-            "{mark} {}  {:<12}  {}{present}",
+        out.push_str(&format!(
+            "{mark} {}  {:<12}  {}{present}\n",
             v.tag,
             ago(v.at_ms),
             v.changes
-        );
+        ));
     }
+    crate::ui::print_to_pipe(&out);
     Ok(())
 }
 
