@@ -17,7 +17,7 @@ use crate::harness::{docker_ok, fmt_ms, median, now_ns, pct, row, run_ok, summar
 const IMAGE: &str = "python:3.11-slim-bookworm";
 const BULK: u64 = 100 << 20;
 
-fn loadgen_bin(ctx: &Ctx) -> Result<PathBuf> {
+pub fn loadgen_bin(ctx: &Ctx) -> Result<PathBuf> {
     let p = std::env::var_os("DEVLOOP_BENCH_LOADGEN")
         .map(PathBuf::from)
         .unwrap_or_else(|| ctx.workspace.join("target/x86_64-unknown-linux-gnu/release/devloop-loadgen"));
@@ -90,9 +90,21 @@ fn waiter(ctx: &Ctx, caller: &str, text: &str, tag: &str) -> Result<Proc> {
     Ok(p)
 }
 
-fn seen_ns(p: &mut Proc) -> Result<i128> {
-    let (_, _, line) = p.wait_line(0, Duration::from_secs(40), |l| l.starts_with("seen "))?;
+/// The time a `wait-for` printed as `seen NS`.
+pub fn seen_ns(p: &mut Proc, timeout: Duration) -> Result<i128> {
+    let (_, _, line) = p.wait_line(0, timeout, |l| l.starts_with("seen "))?;
     Ok(line["seen ".len()..].trim().parse()?)
+}
+
+/// The laptop process: `devloop-loadgen serve` on every address of the host (so paths
+/// without devloop reach it too), and the port it took.
+pub fn laptop_server(ctx: &Ctx, lg: &std::path::Path, log: &str) -> Result<(Proc, u16)> {
+    let mut cmd = Command::new(lg);
+    cmd.args(["serve", "0", "laptop"]);
+    let mut server = Proc::spawn(cmd, ctx.tmp.path().join(log))?;
+    let (_, _, line) = server.wait_line(0, Duration::from_secs(10), |l| l.starts_with("listening "))?;
+    let port = line["listening ".len()..].trim().parse()?;
+    Ok((server, port))
 }
 
 struct NetPath {
@@ -125,16 +137,7 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
     let network = format!("devloop-{}", p.name);
 
     // The laptop process, on every address so the no-relay and socat paths reach it too.
-    let mut server = Proc::spawn(
-        {
-            let mut c = Command::new(&lg);
-            c.args(["serve", "0", "laptop"]);
-            c
-        },
-        ctx.tmp.path().join("laptop-server.log"),
-    )?;
-    let (_, _, line) = server.wait_line(0, Duration::from_secs(10), |l| l.starts_with("listening "))?;
-    let port: u16 = line["listening ".len()..].trim().parse()?;
+    let (server, port) = laptop_server(ctx, &lg, "laptop-server.log")?;
 
     let label = format!("{TEST_RUN_LABEL}={}", ctx.run);
     let socat_net = format!("bench{}-socat", ctx.pid);
@@ -191,7 +194,7 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         let mut w = waiter(ctx, &caller, "laptop", "in")?;
         let t0 = now_ns();
         let mut icpt = p.spawn(ctx, &["intercept", "api", "--port", &spec])?;
-        let seen = seen_ns(&mut w)?;
+        let seen = seen_ns(&mut w, Duration::from_secs(40))?;
         t_icpt.push((seen - t0) as f64 / 1e6);
         icpt.wait_line(0, Duration::from_secs(30), |l| l.contains("intercepted in"))?;
 
@@ -231,7 +234,7 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         if !String::from_utf8_lossy(&out.stdout).contains("restored") {
             bail!("leave did not restore: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let seen = seen_ns(&mut w)?;
+        let seen = seen_ns(&mut w, Duration::from_secs(40))?;
         t_leave.push((seen - t0) as f64 / 1e6);
         icpt.wait_line(0, Duration::from_secs(15), |l| l.contains("ended elsewhere"))?;
         eprintln!("  leave round {r}: original serving after {}", fmt_ms(t_leave[r]));

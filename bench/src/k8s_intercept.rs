@@ -54,7 +54,7 @@ fn loadgen_in(ns: &str, pod: &str, args: &[&str]) -> Result<serde_json::Value> {
     serde_json::from_str(out.lines().last().unwrap_or("")).with_context(|| format!("loadgen printed `{out}`"))
 }
 
-fn loadgen_here(bin: &PathBuf, args: &[&str]) -> Result<serde_json::Value> {
+fn loadgen_here(bin: &std::path::Path, args: &[&str]) -> Result<serde_json::Value> {
     let o = Command::new(bin).args(args).output()?;
     if !o.status.success() {
         bail!("loadgen {args:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -113,8 +113,8 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     kubectl(&["create", "namespace", &ns.0])?;
 
     // The loadgen image, pushed the way devloop pushes its agent.
-    let lg = ctx.workspace.join("target/x86_64-unknown-linux-gnu/release/devloop-loadgen");
-    let binary = std::fs::read(&lg).with_context(|| format!("{} (scripts/build-loadgen.sh)", lg.display()))?;
+    let lg = crate::intercept::loadgen_bin(ctx)?;
+    let binary = std::fs::read(&lg).with_context(|| format!("reading {}", lg.display()))?;
     let settings = KubeSettings { context: None, namespace: Some(ns.0.clone()) };
     let image = ctx.rt.block_on(async {
         std::env::set_var("KUBECONFIG", &kubeconfig);
@@ -151,16 +151,7 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let svc = format!("{}:8000", kubectl(&["-n", &ns.0, "get", "service", "api", "-o", "jsonpath={.spec.clusterIP}"])?);
 
     // The laptop server, and kubectl port-forward to the same server in a pod.
-    let mut server = Proc::spawn(
-        {
-            let mut c = Command::new(&lg);
-            c.args(["serve", "0", "laptop"]);
-            c
-        },
-        ctx.tmp.path().join("k8s-laptop-server.log"),
-    )?;
-    let (_, _, line) = server.wait_line(0, Duration::from_secs(10), |l| l.starts_with("listening "))?;
-    let port: u16 = line["listening ".len()..].trim().parse()?;
+    let (server, port) = crate::intercept::laptop_server(ctx, &lg, "k8s-laptop-server.log")?;
     let pf_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut pf = Proc::spawn(
         {
@@ -186,10 +177,7 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         p.wait_line(0, Duration::from_secs(30), |l| l == "ready")?;
         Ok(p)
     };
-    let seen = |p: &mut Proc| -> Result<i128> {
-        let (_, _, l) = p.wait_line(0, Duration::from_secs(70), |l| l.starts_with("seen "))?;
-        Ok(l["seen ".len()..].trim().parse()?)
-    };
+    let seen = |p: &mut Proc| crate::intercept::seen_ns(p, Duration::from_secs(70));
 
     let spec = format!("8000:{port}");
     let (mut t_in, mut t_rollout, mut t_out) = (Vec::new(), Vec::new(), Vec::new());

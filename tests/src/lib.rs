@@ -305,12 +305,35 @@ pub fn token_of(shop: &Shop, service: &str) -> String {
     std::fs::read_to_string(shop.state.path().join("tokens").join(shop.container(service))).expect("token file").trim().to_string()
 }
 
+/// A container's address on one of its networks.
+pub fn container_ip(container: &str, network: &str) -> String {
+    let fmt = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+    docker_ok(&["inspect", "-f", &fmt, container])
+}
+
 /// The agent's address on the project network.
 pub fn agent_addr(shop: &Shop, service: &str) -> std::net::SocketAddr {
-    let fmt = format!("{{{{(index .NetworkSettings.Networks \"devloop-{}\").IPAddress}}}}", shop.project);
-    let ip = docker_ok(&["inspect", "-f", &fmt, &shop.container(service)]);
+    let ip = container_ip(&shop.container(service), &format!("devloop-{}", shop.project));
     format!("{ip}:7717").parse().expect("container address")
 }
+
+/// A port nothing listens on right now, on the laptop's loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The laptop process of the intercept tests: an HTTP server on 127.0.0.1:ARGV[1] that
+/// answers every GET with `{"version": "laptop", ...}` and the PORT it was started with.
+pub const LAPTOP_API: &str = r#"
+import http.server, json, os, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = json.dumps({"version": "laptop", "items": [], "port_env": os.environ.get("PORT")}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
 
 /// Tree hashes of the laptop folder (as the sync filters it) and of the agent's root.
 pub async fn tree_hashes(shop: &Shop, service: &str) -> ([u8; 32], [u8; 32]) {

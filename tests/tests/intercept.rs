@@ -6,21 +6,6 @@ use devloop_tests::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const LAPTOP_API: &str = r#"
-import http.server, json, os, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        b = json.dumps({"version": "laptop", "items": [], "port_env": os.environ.get("PORT")}).encode()
-        self.send_response(200); self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The parts of `docker inspect` that an intercept must leave exactly as they were.
 fn config_of(container: &str) -> serde_json::Value {
     let out = docker_ok(&["inspect", container]);
@@ -73,7 +58,7 @@ fn web_reaches_the_laptop_and_leave_restores() {
     assert!(!text.contains("101"), "the control port answered a caller on the service network: {text}");
     // And on the control network, a wrong token is refused.
     let agent = format!("{}-devloop-intercept", shop.container("api"));
-    let ip = docker_ok(&["inspect", "-f", "{{(index .NetworkSettings.Networks \"devloop-control\").IPAddress}}", &agent]);
+    let ip = container_ip(&agent, "devloop-control");
     let refused = tokio::runtime::Runtime::new().unwrap().block_on(async {
         let s = tokio::net::TcpStream::connect(format!("{ip}:7717")).await.unwrap();
         devloop::agent_link::AgentLink::connect(s, "wrong").await.err().map(|e| e.to_string())

@@ -151,8 +151,7 @@ fn h2c_and_websocket_pass_through_an_intercept() {
 
     // The caller is this test process, at the agent's address on the service's network.
     let agent = format!("{}-devloop-intercept", shop.container("api"));
-    let fmt = format!("{{{{(index .NetworkSettings.Networks \"devloop-{}\").IPAddress}}}}", shop.project);
-    let ip = docker_ok(&["inspect", "-f", &fmt, &agent]);
+    let ip = container_ip(&agent, &format!("devloop-{}", shop.project));
     let h2 = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), h2_client(format!("{ip}:8000"))).await });
     assert_eq!(h2, Ok(Ok(10 * 20 * 4096)), "h2c through the intercept:\n{}", std::fs::read_to_string(&log).unwrap());
     let ws = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), ws_client(format!("{ip}:8001"))).await });

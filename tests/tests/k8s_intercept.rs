@@ -8,21 +8,6 @@ use devloop_tests::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const LAPTOP_API: &str = r#"
-import http.server, json, os, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        b = json.dumps({"version": "laptop", "items": [], "port_env": os.environ.get("PORT")}).encode()
-        self.send_response(200); self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn devloop(ns: &Namespace, state: &std::path::Path, args: &[&str]) -> Command {
     let mut c = Command::new(devloop_bin());
     c.arg("-n").arg(&ns.name).args(args).env("DEVLOOP_STATE_DIR", state).env("DEVLOOP_AGENT_BIN", agent_bin()).env("NO_COLOR", "1");

@@ -194,7 +194,7 @@ impl Swap for KubeSwap {
             loop {
                 let attempt = async {
                     let pod = self.pod().await?;
-                    let stream = ki::forward(&self.cluster, &pod).await?;
+                    let stream = crate::target::k8s::portforward::open(&self.cluster, &pod, ki::AGENT_CONTROL_PORT).await?;
                     anyhow::Ok(AgentLink::connect(stream, token).await?)
                 }
                 .await;

@@ -463,11 +463,6 @@ fn pod_problem(pod: &serde_json::Value) -> Option<String> {
     })
 }
 
-/// A byte stream to the agent's control port, through a port-forward.
-pub async fn forward(cluster: &Cluster, pod: &str) -> anyhow::Result<tokio::io::DuplexStream> {
-    Ok(super::portforward::open(cluster, pod, AGENT_CONTROL_PORT).await?)
-}
-
 /// The environment for the laptop process: the literal `env` values of the intercepted
 /// container. Values from Secrets, ConfigMaps and fields (`valueFrom`, `envFrom`) are not
 /// resolved yet.

@@ -6,7 +6,6 @@
 //! Without a registry, the image is loaded with the tool the context belongs to (kind, k3d,
 //! minikube), see [`load_command`].
 
-use base64::Engine;
 use serde::Deserialize;
 use sha2::Digest;
 
@@ -234,7 +233,8 @@ impl Pusher {
         };
         let sep = if url.contains('?') { '&' } else { '?' };
         let url = format!("{url}{sep}digest={digest}");
-        let body = bytes.to_vec();
+        // Bytes: the retry after an auth challenge shares the buffer instead of copying it.
+        let body = bytes::Bytes::copy_from_slice(bytes);
         let put = self
             .send(|| {
                 self.http
@@ -278,7 +278,7 @@ impl Pusher {
             "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(&config_bytes), "size": config_bytes.len()},
             "layers": descriptors,
         });
-        let body = serde_json::to_vec(&manifest).map_err(|e| self.err(e.to_string()))?;
+        let body = bytes::Bytes::from(serde_json::to_vec(&manifest).map_err(|e| self.err(e.to_string()))?);
         let resp = self
             .send(|| {
                 self.http
@@ -319,11 +319,6 @@ pub fn image_config(layers: &[Layer], entrypoint: &[&str]) -> serde_json::Value 
         "config": {"Entrypoint": entrypoint},
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| sha256_digest(&l.tar)).collect::<Vec<_>>()},
     })
-}
-
-/// Base64 of `user:password`, as Docker stores it (for tests and `doctor`).
-pub fn basic_token(user: &str, password: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
 }
 
 #[cfg(test)]
@@ -367,6 +362,5 @@ mod tests {
         let c = image_config(&[a], &["/devloop-agent"]);
         assert_eq!(c["rootfs"]["diff_ids"][0], sha256_digest(&b.tar));
         assert_eq!(c["config"]["Entrypoint"][0], "/devloop-agent");
-        assert_eq!(basic_token("u", "p"), "dTpw");
     }
 }
