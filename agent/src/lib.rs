@@ -13,6 +13,7 @@ pub mod intercept;
 pub mod lease;
 pub mod logs;
 pub mod relay;
+pub mod seed;
 pub mod server;
 pub mod supervisor;
 pub mod tarstream;

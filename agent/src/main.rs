@@ -68,6 +68,11 @@ enum Mode {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// Kubernetes dev pods: copy this binary to DEST (an init container of the agent image).
+    Install { dest: PathBuf },
+    /// Kubernetes dev pods: copy the content of FROM into TO (an init container of the
+    /// service's image seeds the sync root with the image's files).
+    CopyTree { from: PathBuf, to: PathBuf },
     /// Print the agent's version and protocol version.
     Version,
 }
@@ -96,6 +101,26 @@ struct DevArgs {
 
 fn main() {
     let args = Args::parse();
+    match &args.mode {
+        Mode::Install { dest } => {
+            if let Err(e) = devloop_agent::seed::install(dest) {
+                eprintln!("devloop-agent: error: installing to {}: {e}", dest.display());
+                std::process::exit(1);
+            }
+            return;
+        }
+        Mode::CopyTree { from, to } => match devloop_agent::seed::copy_tree(from, to) {
+            Ok(n) => {
+                println!("devloop-agent: copied {n} entries of {} to {}", from.display(), to.display());
+                return;
+            }
+            Err(e) => {
+                eprintln!("devloop-agent: error: copying {} to {}: {e}", from.display(), to.display());
+                std::process::exit(1);
+            }
+        },
+        _ => {}
+    }
     if let Mode::Version = args.mode {
         println!(
             "devloop-agent {} (protocol {})",
@@ -172,7 +197,7 @@ fn main() {
             Mode::Probe { addr, timeout_ms } => {
                 relay::probe(&addr, Duration::from_millis(timeout_ms)).await
             }
-            Mode::Version => Ok(()),
+            Mode::Version | Mode::Install { .. } | Mode::CopyTree { .. } => Ok(()),
         }
     });
     // Do not wait for blocking tasks such as a stdin read that will never end.

@@ -14,14 +14,14 @@ use crate::harness::{fmt_ms, median, now_ns, row, summary, Ctx, Proc, Row};
 
 const BULK: u64 = 100 << 20;
 
-fn kubeconfig() -> Option<PathBuf> {
+pub(crate) fn kubeconfig() -> Option<PathBuf> {
     match std::env::var_os("KUBECONFIG") {
         Some(k) if !k.is_empty() => Some(PathBuf::from(k)),
         _ => Some(PathBuf::from("/var/lib/devloop-k8s/admin.kubeconfig")).filter(|p| p.is_file()),
     }
 }
 
-fn kubectl_cmd() -> Command {
+pub(crate) fn kubectl_cmd() -> Command {
     let local = "/var/cache/devloop-k8s/bin/kubectl";
     let mut c = Command::new(if std::path::Path::new(local).is_file() { local } else { "kubectl" });
     if let Some(k) = kubeconfig() {
@@ -30,7 +30,7 @@ fn kubectl_cmd() -> Command {
     c
 }
 
-fn kubectl(args: &[&str]) -> Result<String> {
+pub(crate) fn kubectl(args: &[&str]) -> Result<String> {
     let o = kubectl_cmd().args(args).output().context("running kubectl")?;
     if !o.status.success() {
         bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&o.stderr).trim());
@@ -39,7 +39,7 @@ fn kubectl(args: &[&str]) -> Result<String> {
 }
 
 /// Deletes the benchmark's namespace when dropped.
-struct Namespace(String);
+pub(crate) struct Namespace(pub(crate) String);
 
 impl Drop for Namespace {
     fn drop(&mut self) {
@@ -63,7 +63,7 @@ fn loadgen_here(bin: &std::path::Path, args: &[&str]) -> Result<serde_json::Valu
     serde_json::from_str(out.lines().last().unwrap_or("")).with_context(|| format!("loadgen printed `{out}`"))
 }
 
-fn deployment(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
+pub(crate) fn deployment(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name},
@@ -85,6 +85,32 @@ fn deployment(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
     })
 }
 
+/// The loadgen image, pushed to the cluster's registry the way devloop pushes its agent;
+/// returns the reference the nodes pull.
+pub(crate) fn push_loadgen(ctx: &Ctx, ns: &str, kubeconfig: &std::path::Path) -> Result<String> {
+    use devloop::target::k8s::{registry, Cluster, KubeSettings};
+    let lg = crate::intercept::loadgen_bin(ctx)?;
+    let binary = std::fs::read(&lg).with_context(|| format!("reading {}", lg.display()))?;
+    let settings = KubeSettings { context: None, namespace: Some(ns.to_string()) };
+    ctx.rt.block_on(async {
+        std::env::set_var("KUBECONFIG", kubeconfig);
+        let cluster = Cluster::connect(&settings).await?;
+        let reg = registry::discover(&cluster, None).await?.context("the cluster advertises no registry")?;
+        let layer = registry::one_file_layer("loadgen", 0o755, &binary)?;
+        let config = registry::image_config(std::slice::from_ref(&layer), &["/loadgen"]);
+        let tag = devloop::target::agent_image_tag(&binary);
+        registry::Pusher::new(&reg.push)?.push_image("devloop-loadgen", &tag, &[layer], &config).await?;
+        anyhow::Ok(format!("{}/devloop-loadgen:{tag}", reg.pull))
+    })
+}
+
+/// A caller: a loadgen pod that idles until `kubectl exec` runs it.
+pub(crate) fn caller(image: &str) -> serde_json::Value {
+    let mut c = deployment("caller", image, &["idle"]);
+    c["spec"]["template"]["spec"]["containers"][0].as_object_mut().expect("object").remove("readinessProbe");
+    c
+}
+
 /// Waits until the Deployment `api` has one pod, ready (the agent's), and no other.
 fn wait_single_pod(ns: &str) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -102,7 +128,6 @@ fn wait_single_pod(ns: &str) -> Result<()> {
 }
 
 pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
-    use devloop::target::k8s::{registry, Cluster, KubeSettings};
     let rounds = if ctx.quick { 2 } else { 5 };
     let requests = if ctx.quick { 1000 } else { 3000 };
     let Some(kubeconfig) = kubeconfig() else {
@@ -112,20 +137,8 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let ns = Namespace(format!("bench{}", ctx.pid));
     kubectl(&["create", "namespace", &ns.0])?;
 
-    // The loadgen image, pushed the way devloop pushes its agent.
     let lg = crate::intercept::loadgen_bin(ctx)?;
-    let binary = std::fs::read(&lg).with_context(|| format!("reading {}", lg.display()))?;
-    let settings = KubeSettings { context: None, namespace: Some(ns.0.clone()) };
-    let image = ctx.rt.block_on(async {
-        std::env::set_var("KUBECONFIG", &kubeconfig);
-        let cluster = Cluster::connect(&settings).await?;
-        let reg = registry::discover(&cluster, None).await?.context("the cluster advertises no registry")?;
-        let layer = registry::one_file_layer("loadgen", 0o755, &binary)?;
-        let config = registry::image_config(std::slice::from_ref(&layer), &["/loadgen"]);
-        let tag = devloop::target::agent_image_tag(&binary);
-        registry::Pusher::new(&reg.push)?.push_image("devloop-loadgen", &tag, &[layer], &config).await?;
-        anyhow::Ok(format!("{}/devloop-loadgen:{tag}", reg.pull))
-    })?;
+    let image = push_loadgen(ctx, &ns.0, &kubeconfig)?;
 
     // The service to intercept, a server for the port-forward path, a caller; all loadgen.
     let mut manifests = Vec::new();
@@ -135,9 +148,7 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         "spec": {"selector": {"app": "api"}, "ports": [{"port": 8000, "targetPort": 8000}]},
     }));
     manifests.push(deployment("server", &image, &["serve", "8000", "laptop"]));
-    let mut caller = deployment("caller", &image, &["idle"]);
-    caller["spec"]["template"]["spec"]["containers"][0].as_object_mut().expect("object").remove("readinessProbe");
-    manifests.push(caller);
+    manifests.push(caller(&image));
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": manifests});
     let file = ctx.tmp.path().join("k8s-bench.json");
     std::fs::write(&file, serde_json::to_vec(&list)?)?;

@@ -7,14 +7,16 @@
 mod deploy;
 mod harness;
 mod intercept;
+mod k8s_deploy;
 mod k8s_intercept;
+mod k8s_sync;
 mod scenarios;
 
 use anyhow::{bail, Result};
 use harness::{Cleanup, Ctx, Row};
 use std::time::Instant;
 
-const SCENARIOS: [&str; 8] = ["latency", "burst", "initial", "restart", "index100k", "deploy", "intercept", "k8s-intercept"];
+const SCENARIOS: [&str; 10] = ["latency", "burst", "initial", "restart", "index100k", "deploy", "intercept", "k8s-intercept", "k8s-deploy", "k8s-sync"];
 
 struct Args {
     quick: bool,
@@ -90,6 +92,8 @@ fn run(args: Args) -> Result<bool> {
             "deploy" => deploy::deploy(&ctx, &cleanup),
             "intercept" => intercept::intercept(&ctx, &cleanup),
             "k8s-intercept" => k8s_intercept::k8s_intercept(&ctx),
+            "k8s-deploy" => k8s_deploy::k8s_deploy(&ctx, &cleanup),
+            "k8s-sync" => k8s_sync::k8s_sync(&ctx),
             _ => unreachable!("parse_args checks the names"),
         };
         // Between scenarios, so each starts on a quiet engine.

@@ -13,13 +13,13 @@ use crate::harness::*;
 
 const IMAGE: &str = "python:3.11-slim-bookworm";
 
-fn in_sync(l: &str) -> bool {
+pub(crate) fn in_sync(l: &str) -> bool {
     l.contains("[devloop] in sync:")
 }
 
 /// The python observer: polls the file as fast as it can and prints when a new complete
 /// token appears, with the container's clock (which is the host's).
-const OBSERVER: &str = r#"
+pub(crate) const OBSERVER: &str = r#"
 import sys, time
 p = '/app/probe.txt'
 nap = float(sys.argv[1]) / 1e6 if len(sys.argv) > 1 else 0.0

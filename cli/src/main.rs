@@ -49,12 +49,14 @@ enum Command {
         #[arg(long)]
         no_logs: bool,
     },
-    /// Snapshot each service's synced tree into an image (its base plus one layer) and roll it out.
+    /// Snapshot each service's synced tree into an image (its base plus one layer) and roll it
+    /// out (Kubernetes: pushed to the cluster's registry, then the Deployment's rollout).
     Deploy {
         services: Vec<String>,
-        /// How long a new version may take to answer on its port.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        health_timeout: std::time::Duration,
+        /// How long a new version may take to become healthy (default: 30s on Docker; 60s on
+        /// Kubernetes, for the whole rollout). A version that does not is undone.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        health_timeout: Option<std::time::Duration>,
     },
     /// On every save: sync, restart or redeploy, as each service's `on_change` rules say.
     Watch {
@@ -95,13 +97,18 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// A service's deployed versions: tag, time, what changed.
+    /// A service's deployed versions: tag, time, what changed (Kubernetes: the Deployment's revisions).
     History { service: String },
     /// Roll a service back to its previous version, with the same health-checked rollout.
     Rollback {
         service: String,
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        health_timeout: std::time::Duration,
+        /// Kubernetes: the Deployment revision to go back to (`devloop history` lists them;
+        /// default: the one before the running one).
+        #[arg(long)]
+        to_revision: Option<u64>,
+        /// As for `deploy` (default: 30s on Docker, 60s on Kubernetes).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        health_timeout: Option<std::time::Duration>,
     },
     /// Services, containers, agents, processes and sync state.
     Status {
@@ -158,12 +165,20 @@ fn main() -> std::process::ExitCode {
     };
     let kubernetes_ready = matches!(
         cli.command,
-        Command::Intercept { .. } | Command::Leave { .. } | Command::Doctor
+        Command::Intercept { .. }
+            | Command::Leave { .. }
+            | Command::Doctor
+            | Command::Deploy { .. }
+            | Command::History { .. }
+            | Command::Rollback { .. }
+            | Command::Up { .. }
+            | Command::Sync { .. }
+            | Command::Down { .. }
     );
     if !kubernetes_ready {
         let project = commands::load_project(&global).ok();
         if let commands::TargetChoice::Kubernetes { .. } = commands::choose_target(&global, project.as_ref()) {
-            eprintln!("devloop: error: the Kubernetes target runs `intercept`, `intercept list` and `leave` so far; `up`, `sync`, `deploy`, `watch`, `history`, `rollback`, `status` and `down` work on Docker only (drop --context/-n, or set `kind = \"docker\"` under [target])");
+            eprintln!("devloop: error: the Kubernetes target runs `up`, `sync`, `down`, `deploy`, `history`, `rollback`, `intercept`, `intercept list` and `leave` so far; `watch` and `status` work on Docker only (drop --context/-n, or set `kind = \"docker\"` under [target])");
             return std::process::ExitCode::FAILURE;
         }
     }
@@ -205,7 +220,7 @@ fn main() -> std::process::ExitCode {
                     &global,
                     commands::deploy::DeployOptions {
                         services,
-                        health_timeout: Some(health_timeout),
+                        health_timeout,
                     },
                 )
                 .await
@@ -241,8 +256,9 @@ fn main() -> std::process::ExitCode {
             Command::History { service } => commands::deploy::history_cmd(&global, &service).await,
             Command::Rollback {
                 service,
+                to_revision,
                 health_timeout,
-            } => commands::deploy::rollback(&global, &service, Some(health_timeout)).await,
+            } => commands::deploy::rollback(&global, &service, to_revision, health_timeout).await,
             Command::Status { json } => commands::status::status(&global, json).await,
             Command::Down { keep_volumes } => commands::down::down(&global, keep_volumes).await,
             Command::Doctor => commands::doctor::doctor(&global).await,

@@ -179,6 +179,12 @@ impl Shop {
         log
     }
 
+    /// Takes a command started elsewhere (with its own environment) into the set that
+    /// `interrupt_all` and drop stop.
+    pub fn adopt(&mut self, child: Child) {
+        self.children.push(child);
+    }
+
     /// Sends SIGINT to the spawned commands and waits for them.
     pub fn interrupt_all(&mut self) -> Vec<std::process::ExitStatus> {
         let mut out = Vec::new();

@@ -81,12 +81,25 @@ fn a_killed_cli_leaves_an_intercept_that_leave_all_restores() {
     }
     let ns = Namespace::new("icptkill");
     deploy_shop(&ns);
+    // The container's environment also comes from a Secret and a ConfigMap.
+    kubectl_ok(&["-n", &ns.name, "create", "secret", "generic", "api-db", "--from-literal=password=s3cret"]);
+    kubectl_ok(&["-n", &ns.name, "create", "configmap", "api-settings", "--from-literal=LEVEL=debug"]);
+    let env_patch = r#"[{"op": "add", "path": "/spec/template/spec/containers/0/envFrom", "value": [{"configMapRef": {"name": "api-settings"}, "prefix": "APP_"}]},
+        {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "api-db", "key": "password"}}}},
+        {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "DB_URL", "value": "postgres://shop:$(DB_PASSWORD)@db:5432"}}]"#;
+    kubectl_ok(&["-n", &ns.name, "patch", "deployment", "api", "--type=json", "-p", env_patch]);
+    kubectl_ok(&["-n", &ns.name, "rollout", "status", "deployment/api", "--timeout=120s"]);
     let before = deployment_spec(&ns, "api");
     let state = tempfile::tempdir().unwrap();
     let spec = format!("8000:{}", free_port());
     let log = state.path().join("intercept.log");
-    let mut cli = spawn_logged(devloop(&ns, state.path(), &["intercept", "api", "--port", &spec]), &log);
-    wait_for_log(&log, "intercepted in", Duration::from_secs(180));
+    let env_file = state.path().join("api.env");
+    let mut cli = spawn_logged(devloop(&ns, state.path(), &["intercept", "api", "--port", &spec, "--env-file", env_file.to_str().unwrap()]), &log);
+    wait_for_log(&log, "wrote the environment", Duration::from_secs(180));
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    for line in ["PORT=8000", "APP_LEVEL=debug", "DB_PASSWORD=s3cret", "DB_URL=postgres://shop:s3cret@db:5432"] {
+        assert!(env.lines().any(|l| l == line), "`{line}` missing from the laptop's environment:\n{env}");
+    }
     cli.kill().unwrap();
     cli.wait().unwrap();
     assert_ne!(deployment_spec(&ns, "api"), before, "the intercept changed nothing");

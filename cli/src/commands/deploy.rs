@@ -4,11 +4,14 @@
 use anyhow::Context;
 use std::time::{Duration, Instant};
 
-use super::{connect_engine, load_project, read_agent_binary, Global};
+use super::{choose_target, connect_engine, load_project, read_agent_binary, Global, TargetChoice};
 use crate::config::{Project, Service};
-use crate::deploy::{self, history, Snapshot};
+use crate::deploy::{self, history, Destination, Snapshot};
 use crate::deploy::{Rollout, RolloutTarget};
 use crate::target::docker_deploy::RolloutContext;
+use crate::target::k8s::registry::{self, Pusher};
+use crate::target::k8s::rollout::{self as kube_rollout, KubeRollout};
+use crate::target::k8s::Cluster;
 use crate::ui::{ago, human_ms, Ui};
 
 #[derive(Debug, Clone, Default)]
@@ -23,20 +26,64 @@ pub(crate) struct Env {
     agent: Vec<u8>,
     tokens: crate::state::TokenStore,
     health_timeout: Duration,
+    /// Set when the target is Kubernetes: snapshots go to its registry, rollouts to its
+    /// Deployments.
+    kube: Option<KubeEnv>,
+}
+
+struct KubeEnv {
+    rollout: KubeRollout,
+    pusher: Pusher,
+    pull: String,
 }
 
 impl Env {
-    pub(crate) async fn new(health_timeout: Option<Duration>) -> anyhow::Result<Env> {
+    /// The engine (which builds bases and, on Docker, runs the services) and the target
+    /// that devloop.toml, `--context` and `-n` choose.
+    pub(crate) async fn new(
+        global: &Global,
+        project: &Project,
+        health_timeout: Option<Duration>,
+    ) -> anyhow::Result<Env> {
         let (docker, engine) = connect_engine().await?;
-        let (_, agent) = read_agent_binary()?;
+        let kube = match choose_target(global, Some(project)) {
+            TargetChoice::Docker => None,
+            TargetChoice::Kubernetes { settings, registry } => {
+                let cluster = Cluster::connect(&settings).await?;
+                let Some(reg) = registry::discover(&cluster, registry.as_deref()).await? else {
+                    return Err(registry::RegistryError::None {
+                        context: cluster.context.clone(),
+                    }
+                    .into());
+                };
+                Some(KubeEnv {
+                    pusher: Pusher::new(&reg.push)?,
+                    pull: reg.pull,
+                    rollout: KubeRollout {
+                        cluster,
+                        manifests: project.target.manifests.as_ref().map(|m| project.dir.join(m)),
+                        // A rollout also pulls the image and starts pods one after another.
+                        timeout: health_timeout.unwrap_or(Duration::from_secs(60)),
+                    },
+                })
+            }
+        };
+        // Only Docker's rollout starts the agent (the relay of published ports).
+        let agent = if kube.is_none() {
+            read_agent_binary()?.1
+        } else {
+            Vec::new()
+        };
         Ok(Env {
             docker,
             engine,
             agent,
             tokens: crate::state::TokenStore::new(),
             health_timeout: health_timeout.unwrap_or(Duration::from_secs(30)),
+            kube,
         })
     }
+
     fn ctx(&self) -> RolloutContext<'_> {
         RolloutContext {
             docker: &self.docker,
@@ -46,13 +93,23 @@ impl Env {
             health_timeout: self.health_timeout,
         }
     }
+
+    fn destination(&self) -> Destination<'_> {
+        match &self.kube {
+            None => Destination::Engine,
+            Some(k) => Destination::Registry {
+                pusher: &k.pusher,
+                pull: &k.pull,
+            },
+        }
+    }
 }
 
 pub async fn deploy(global: &Global, opts: DeployOptions) -> anyhow::Result<()> {
     let project = load_project(global)?;
     let selected = project.select(&opts.services)?;
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
-    let env = Env::new(opts.health_timeout).await?;
+    let env = Env::new(global, &project, opts.health_timeout).await?;
 
     // In waves: a service goes once the services it depends on (among those deployed now)
     // are done; the services of one wave go in parallel.
@@ -136,11 +193,18 @@ pub(crate) async fn snapshot_and_roll_out(
 ) -> anyhow::Result<String> {
     let started = Instant::now();
     let base = deploy::ensure_base(&env.docker, project, service, ui).await?;
-    let snap = deploy::snapshot(&env.docker, project, service, &base).await?;
-    let target: &dyn RolloutTarget = &env.ctx();
+    let snap = deploy::snapshot(&env.docker, project, service, &base, &env.destination()).await?;
+    let docker_target = env.ctx();
+    let target: &dyn RolloutTarget = match &env.kube {
+        Some(k) => &k.rollout,
+        None => &docker_target,
+    };
     let rollout = target.roll_out(project, service, &snap).await?;
-    if let Rollout::Replaced { .. } = rollout {
-        remember(env, project, service, &snap).await;
+    match rollout {
+        Rollout::Replaced { .. } => remember(env, project, service, &snap).await,
+        // The cluster keeps the revisions; the local history only describes them.
+        Rollout::Ready { .. } => describe(project, service, &snap),
+        Rollout::Unchanged => {}
     }
     Ok(report(&snap, &rollout, started))
 }
@@ -171,6 +235,59 @@ fn report(snap: &Snapshot, rollout: &Rollout, started: Instant) -> String {
                 human_ms(*switch_ms)
             )
         }
+        Rollout::Ready {
+            ready_ms,
+            revision,
+            created,
+        } => {
+            let all = started.elapsed().as_millis() as u64;
+            let share = (*ready_ms as f64 * 100.0 / all.max(1) as f64).round();
+            let image_part = match (&snap.pushed, snap.reused) {
+                (_, true) => format!("snapshot in the registry already ({})", human_ms(snap.millis)),
+                (Some(p), false) => format!(
+                    "snapshot pushed in {}: {} blobs, {}, {} already there",
+                    human_ms(snap.millis),
+                    p.blobs_sent,
+                    human_bytes(p.bytes_sent),
+                    p.blobs_present
+                ),
+                (None, false) => format!("snapshot {}", human_ms(snap.millis)),
+            };
+            let created = if created.is_empty() {
+                String::new()
+            } else {
+                format!("; created {}", created.join(", "))
+            };
+            let revision = revision.map(|r| format!(", revision {r}")).unwrap_or_default();
+            format!(
+                "deployed {} in {total} ({image_part}, {} paths; rollout to ready {} = {share:.0}% of it{revision}{created})",
+                snap.image,
+                snap.files,
+                human_ms(*ready_ms),
+            )
+        }
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
+    } else if n >= 1 << 10 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// Records what changed in the version just rolled out to a cluster (for `history`), with
+/// no image pruning: the cluster keeps its revisions.
+fn describe(project: &Project, service: &Service, snap: &Snapshot) {
+    let mut h = history::load(&project.name, &service.name);
+    h.record(&snap.tag, &snap.image, snap.digest.clone(), crate::state::now_ms());
+    let old = h.beyond(project.keep_versions.max(10));
+    h.forget(&old.iter().map(|v| v.tag.clone()).collect::<Vec<_>>());
+    if let Err(e) = history::save(&project.name, &service.name, &h) {
+        tracing::warn!(error = %e, "cannot save the deploy history");
     }
 }
 
@@ -211,6 +328,10 @@ async fn remember(env: &Env, project: &Project, service: &Service, snap: &Snapsh
 pub async fn history_cmd(global: &Global, service: &str) -> anyhow::Result<()> {
     let project = load_project(global)?;
     project.service(service)?;
+    if let TargetChoice::Kubernetes { settings, .. } = choose_target(global, Some(&project)) {
+        let cluster = Cluster::connect(&settings).await?;
+        return kube_history(&cluster, &project, service).await;
+    }
     let (docker, engine) = connect_engine().await?;
     let docker = &docker;
     let tokens = crate::state::TokenStore::new();
@@ -258,12 +379,37 @@ pub async fn history_cmd(global: &Global, service: &str) -> anyhow::Result<()> {
 pub async fn rollback(
     global: &Global,
     service_name: &str,
+    to_revision: Option<u64>,
     health_timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
     let project = load_project(global)?;
     let service = project.service(service_name)?;
     let ui = Ui::new([service_name]);
-    let env = Env::new(health_timeout).await?;
+    if let TargetChoice::Kubernetes { settings, .. } = choose_target(global, Some(&project)) {
+        let cluster = Cluster::connect(&settings).await?;
+        let started = Instant::now();
+        let (from, to, done) = kube_rollout::rollback(
+            &cluster,
+            service_name,
+            to_revision,
+            health_timeout.unwrap_or(Duration::from_secs(60)),
+        )
+        .await?;
+        ui.info(
+            service_name,
+            format!(
+                "rolled back from revision {from} to {to} (now revision {}) in {}; rollout to ready {}",
+                done.revision.map(|r| r.to_string()).unwrap_or_else(|| "?".into()),
+                human_ms(started.elapsed().as_millis() as u64),
+                human_ms(done.ready_ms)
+            ),
+        );
+        return Ok(());
+    }
+    if to_revision.is_some() {
+        anyhow::bail!("--to-revision is for the Kubernetes target (a Deployment's revisions); on Docker, rollback goes to the version before the running one");
+    }
+    let env = Env::new(global, &project, health_timeout).await?;
     let target: &dyn RolloutTarget = &env.ctx();
     let current = target
         .running_version(&project.name, service_name)
@@ -296,6 +442,7 @@ pub async fn rollback(
         files: 0,
         millis: 0,
         digest,
+        pushed: None,
     };
     let target: &dyn RolloutTarget = &env.ctx();
     let rollout = target.roll_out(&project, service, &snap).await?;
@@ -320,5 +467,48 @@ pub async fn rollback(
         h.last_tree.clear();
         let _ = history::save(&project.name, service_name, &h);
     }
+    Ok(())
+}
+
+/// `history` on Kubernetes: the Deployment's revisions (its ReplicaSets), newest first,
+/// with what changed when the version was deployed from this machine.
+async fn kube_history(cluster: &Cluster, project: &Project, service: &str) -> anyhow::Result<()> {
+    let d = kube_rollout::deployment_of(cluster, service).await?.with_context(|| {
+        format!(
+            "no Deployment or Service named `{service}` in namespace `{}` (`devloop deploy {service}` creates it when [target] names the manifests)",
+            cluster.namespace
+        )
+    })?;
+    let (revs, current) = kube_rollout::revisions(cluster, &d).await?;
+    let repo = deploy::snapshot_repo(&project.name, service);
+    let local = history::load(&project.name, service);
+    let mut out = format!(
+        "revisions of deployment/{} in {}, newest first (* runs now; the Deployment keeps {}):\n",
+        d["metadata"]["name"].as_str().unwrap_or(service),
+        cluster.namespace,
+        d["spec"]["revisionHistoryLimit"].as_u64().unwrap_or(10) + 1
+    );
+    for r in revs.iter().rev() {
+        let mark = if Some(r.number) == current { "*" } else { " " };
+        let tag = r.images.iter().find_map(|i| kube_rollout::snapshot_tag(i, &repo));
+        let what = match &tag {
+            Some(t) => local
+                .versions
+                .iter()
+                .find(|v| &v.tag == t)
+                .map(|v| format!("{t}  {}", v.changes))
+                .unwrap_or_else(|| t.clone()),
+            None => r.images.join(", "),
+        };
+        let cause = r.cause.as_deref().filter(|c| !c.starts_with("devloop deploy")).map(|c| format!("  ({c})")).unwrap_or_default();
+        let failed = if r.failed { "  [rollout failed, undone]" } else { "" };
+        let when = humantime::parse_rfc3339(&r.created)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| ago(d.as_millis() as u64))
+            .unwrap_or_default();
+        out.push_str(&format!("{mark} {:>3}  {:<12}  {what}{cause}{failed}\n", r.number, when));
+    }
+    crate::ui::print_to_pipe(&out);
     Ok(())
 }

@@ -6,6 +6,9 @@ use crate::target::docker;
 
 pub async fn down(global: &Global, keep_volumes: bool) -> anyhow::Result<()> {
     let project = super::load_project(global)?;
+    if let super::TargetChoice::Kubernetes { settings, .. } = super::choose_target(global, Some(&project)) {
+        return super::dev_k8s::down(&settings).await;
+    }
     let (docker, _) = connect_engine().await?;
     let removed = docker::down(&docker, &project.name, keep_volumes).await?;
     let tokens = TokenStore::new();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::intercept::{Expose, InterceptOptions, Swap};
 use crate::agent_link::{AgentLink, Connected};
 use crate::state::now_ms;
+use crate::target::k8s::env as k8s_env;
 use crate::target::k8s::intercept::{self as ki, Record};
 use crate::target::k8s::registry::{self, Pusher};
 use crate::target::k8s::{Cluster, KubeSettings};
@@ -28,6 +29,8 @@ pub struct KubeSwap {
     ready_after: Mutex<Option<Duration>>,
     /// How long the intercept outlives a vanished cli before the agent restores it.
     lease: Duration,
+    /// The intercepted container's environment, resolved for the laptop process.
+    env: Vec<(String, String)>,
 }
 
 /// The lease when neither `--lease` nor `[target] lease` says otherwise.
@@ -96,6 +99,13 @@ impl KubeSwap {
         let remote: Vec<u16> = ports.iter().map(|(r, _)| *r).collect();
         let index = ki::container_for(&template, &remote)?;
         let container = template["spec"]["containers"][index]["name"].as_str().unwrap_or_default().to_string();
+        // The laptop process gets the container's environment, Secrets and ConfigMaps included.
+        let spec = &template["spec"]["containers"][index];
+        let sources = k8s_env::fetch(&cluster, &k8s_env::references(spec)).await?;
+        let env = k8s_env::resolve(spec, &cluster.namespace, &sources);
+        for s in &env.skipped {
+            eprintln!("devloop: not in the laptop's environment: {s}");
+        }
         let image = agent_image(&cluster, registry).await?;
         let session = crate::state::new_token()[..12].to_string();
         let record = Record {
@@ -120,6 +130,7 @@ impl KubeSwap {
             swapped_at: Mutex::new(None),
             ready_after: Mutex::new(None),
             lease: opts.lease.unwrap_or(DEFAULT_LEASE),
+            env: env.vars,
         })
     }
 
@@ -151,7 +162,7 @@ impl Swap for KubeSwap {
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        ki::literal_env(&self.record.template, self.index)
+        self.env.clone()
     }
 
     fn swap_in<'a>(&'a self, token: &'a str, expose: &'a [Expose]) -> BoxFuture<'a, anyhow::Result<()>> {

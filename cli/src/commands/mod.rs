@@ -1,6 +1,7 @@
 //! One module per command; shared set-up lives here.
 
 pub mod deploy;
+pub mod dev_k8s;
 pub mod doctor;
 pub mod down;
 pub mod intercept;

@@ -4,7 +4,7 @@ use anyhow::Context;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{connect_engine, connector, load_project, read_agent_binary, Global};
+use super::{choose_target, connect_engine, connector, load_project, read_agent_binary, Global, TargetChoice};
 use crate::config::file::OnExit;
 use crate::sync::engine::{self, SyncSettings};
 use crate::target::docker::{self, Ensured};
@@ -24,6 +24,9 @@ pub struct UpOptions {
 
 pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
     let project = load_project(global)?;
+    if let TargetChoice::Kubernetes { settings, registry } = choose_target(global, Some(&project)) {
+        return super::dev_k8s::up(&project, &settings, registry.as_deref(), &opts.services, opts.no_logs).await;
+    }
     let selected = project.select(&opts.services)?;
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
     let (docker, engine_choice) = connect_engine().await?;
@@ -140,6 +143,9 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
 /// `devloop sync SERVICE`: only the sync (and logs) of one existing dev container.
 pub async fn sync(global: &Global, service: &str, no_logs: bool) -> anyhow::Result<()> {
     let project = load_project(global)?;
+    if let TargetChoice::Kubernetes { settings, .. } = choose_target(global, Some(&project)) {
+        return super::dev_k8s::sync(&project, &settings, service, no_logs).await;
+    }
     let svc = project.service(service)?;
     let (docker, engine_choice) = connect_engine().await?;
     let containers = docker::list_project_containers(&docker, &project.name, None).await?;

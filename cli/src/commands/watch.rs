@@ -32,7 +32,7 @@ pub async fn watch(
             .collect::<Result<_, _>>()?
     };
     let ui = Ui::new(selected.iter().map(String::as_str));
-    let env = Arc::new(Env::new(health_timeout).await?);
+    let env = Arc::new(Env::new(global, &project, health_timeout).await?);
 
     let containers = docker::list_project_containers(&env.docker, &project.name, None).await?;
     for name in &selected {

@@ -48,6 +48,9 @@ pub struct TargetSection {
     /// Registry the cluster pulls devloop's images from, HOST[:PORT] (default: the one the
     /// cluster advertises).
     pub registry: Option<String>,
+    /// Folder of Kubernetes manifests (relative to devloop.toml) that `deploy` creates a
+    /// service's missing Deployment and Service from.
+    pub manifests: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -5,6 +5,7 @@
 
 pub mod base;
 pub mod history;
+pub mod push;
 pub mod snapshot;
 
 use anyhow::Context;
@@ -26,6 +27,13 @@ pub enum Rollout {
         switch_ms: u64,
         /// How long published host ports were not served, when they had to move.
         port_gap_ms: Option<u64>,
+    },
+    /// Kubernetes: the Deployment rolled out to the snapshot and every new pod is ready.
+    Ready {
+        ready_ms: u64,
+        revision: Option<u64>,
+        /// Objects created from the manifests (`deployment/api`).
+        created: Vec<String>,
     },
 }
 
@@ -61,6 +69,20 @@ pub struct Snapshot {
     pub millis: u64,
     /// Digest of the tree, for the history's "what changed".
     pub digest: std::collections::BTreeMap<String, String>,
+    /// What went to the registry, when the snapshot was pushed.
+    pub pushed: Option<crate::target::k8s::registry::PushReport>,
+}
+
+/// Where a snapshot goes.
+pub enum Destination<'a> {
+    /// Loaded into the engine (`docker load`): the Docker target.
+    Engine,
+    /// Pushed to a registry the cluster pulls from (`pull` is the registry's name for the
+    /// nodes): the Kubernetes target.
+    Registry {
+        pusher: &'a crate::target::k8s::registry::Pusher,
+        pull: &'a str,
+    },
 }
 
 pub fn snapshot_repo(project: &str, service: &str) -> String {
@@ -140,6 +162,7 @@ pub async fn snapshot(
     project: &Project,
     service: &Service,
     base: &str,
+    dest: &Destination<'_>,
 ) -> anyhow::Result<Snapshot> {
     let started = Instant::now();
     let sync = service
@@ -180,10 +203,18 @@ pub async fn snapshot(
         (LABEL_SNAPSHOT_OF.to_string(), base.to_string()),
     ];
     let tag = snapshot::content_tag(&base_id, &tree, &sync.container_dir, &labels);
-    let image = format!("{}:{tag}", snapshot_repo(&project.name, &service.name));
+    let repo = snapshot_repo(&project.name, &service.name);
+    let image = match dest {
+        Destination::Engine => format!("{repo}:{tag}"),
+        Destination::Registry { pull, .. } => format!("{pull}/{repo}:{tag}"),
+    };
     let files = tree.len();
     let digest = history::digest(&tree);
-    if docker.inspect_image(&image).await.is_ok() {
+    let exists = match dest {
+        Destination::Engine => docker.inspect_image(&image).await.is_ok(),
+        Destination::Registry { pusher, .. } => pusher.has_manifest(&repo, &tag).await?,
+    };
+    if exists {
         return Ok(Snapshot {
             image,
             tag,
@@ -191,9 +222,40 @@ pub async fn snapshot(
             files,
             millis: started.elapsed().as_millis() as u64,
             digest,
+            pushed: None,
         });
     }
     let container_dir = sync.container_dir.clone();
+    if let Destination::Registry { pusher, .. } = dest {
+        let base_layers = snapshot::base_layers(&base_json);
+        let (layer, config) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let input = snapshot::SnapshotInput {
+                base_id: &base_id,
+                base: &base_json,
+                laptop_root: &root,
+                tree: &tree,
+                container_dir: &container_dir,
+                labels,
+            };
+            let layer = snapshot::layer_tar(&root, &tree, &container_dir)?;
+            let config = snapshot::image_config(&input, &snapshot::hex_sha256(&layer));
+            Ok((layer, config))
+        })
+        .await??;
+        let report =
+            push::push_snapshot(docker, pusher, &repo, &tag, push::Base { name: base, layers: &base_layers }, layer, &config)
+                .await
+                .with_context(|| format!("pushing the snapshot {image}"))?;
+        return Ok(Snapshot {
+            image,
+            tag,
+            reused: false,
+            files,
+            millis: started.elapsed().as_millis() as u64,
+            digest,
+            pushed: Some(report),
+        });
+    }
     let image_ref = image.clone();
     let archive = tokio::task::spawn_blocking(move || {
         let input = snapshot::SnapshotInput {
@@ -230,5 +292,6 @@ pub async fn snapshot(
         files,
         millis: started.elapsed().as_millis() as u64,
         digest,
+        pushed: None,
     })
 }

@@ -106,19 +106,9 @@ pub struct Archive {
     pub image_id: String,
 }
 
-pub fn archive(input: &SnapshotInput, repo_tag: &str) -> std::io::Result<Archive> {
-    let layer = layer_tar(input.laptop_root, input.tree, input.container_dir)?;
-    let layer_digest = hex_sha256(&layer);
-    let base_layers: Vec<String> = input
-        .base
-        .pointer("/RootFS/Layers")
-        .and_then(|l| l.as_array())
-        .map(|l| {
-            l.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+/// The image config of the snapshot: the base's config with the labels added, and the
+/// base's layers plus the snapshot layer (`layer_digest`, hex) as its diff ids.
+pub fn image_config(input: &SnapshotInput, layer_digest: &str) -> serde_json::Value {
     let mut config = input
         .base
         .get("Config")
@@ -140,16 +130,35 @@ pub fn archive(input: &SnapshotInput, repo_tag: &str) -> std::io::Result<Archive
         .get("Created")
         .cloned()
         .unwrap_or_else(|| serde_json::json!("1970-01-01T00:00:00Z"));
-    let mut diff_ids = base_layers.clone();
+    let mut diff_ids = base_layers(input.base);
     diff_ids.push(format!("sha256:{layer_digest}"));
-    let image_config = serde_json::json!({
+    serde_json::json!({
         "architecture": input.base.get("Architecture").cloned().unwrap_or_else(|| serde_json::json!("amd64")),
         "os": input.base.get("Os").cloned().unwrap_or_else(|| serde_json::json!("linux")),
         "config": config,
         "created": created,
         "history": [{ "created": created, "created_by": format!("devloop snapshot of {}", input.container_dir), "comment": "devloop" }],
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
-    });
+    })
+}
+
+/// The base image's layers (diff ids, `sha256:HEX`), bottom first, from its inspect output.
+pub fn base_layers(base: &serde_json::Value) -> Vec<String> {
+    base.pointer("/RootFS/Layers")
+        .and_then(|l| l.as_array())
+        .map(|l| {
+            l.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn archive(input: &SnapshotInput, repo_tag: &str) -> std::io::Result<Archive> {
+    let layer = layer_tar(input.laptop_root, input.tree, input.container_dir)?;
+    let layer_digest = hex_sha256(&layer);
+    let base_layers = base_layers(input.base);
+    let image_config = image_config(input, &layer_digest);
     let config_bytes = serde_json::to_vec(&image_config).map_err(std::io::Error::other)?;
     let config_digest = hex_sha256(&config_bytes);
     let mut layer_paths: Vec<String> = base_layers
@@ -178,7 +187,7 @@ pub fn archive(input: &SnapshotInput, repo_tag: &str) -> std::io::Result<Archive
     })
 }
 
-fn hex_sha256(data: &[u8]) -> String {
+pub fn hex_sha256(data: &[u8]) -> String {
     let d = Sha256::digest(data);
     d.iter().map(|b| format!("{b:02x}")).collect()
 }

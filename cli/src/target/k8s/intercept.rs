@@ -319,12 +319,26 @@ pub async fn sweep_lease_leftovers(cluster: &Cluster) -> anyhow::Result<Vec<Stri
 /// The JSON patch that swaps the template in: it fails (and changes nothing) if the
 /// Deployment changed since it was read or is intercepted already.
 pub fn swap_patch(deployment: &serde_json::Value, record: &Record, template: &serde_json::Value) -> serde_json::Value {
-    let rv = deployment["metadata"]["resourceVersion"].clone();
     let record_json = serde_json::to_string(record).expect("a record serializes");
+    template_swap_patch(deployment, RECORD, record_json, template)
+}
+
+/// The JSON patch that puts the original back; it fails if the record is not (or no longer)
+/// the one on the Deployment, so two `leave`s cannot both apply.
+pub fn restore_patch(record: &Record) -> serde_json::Value {
+    template_restore_patch(RECORD, SESSION_LABEL, &record.session, &record.template, &record.replicas)
+}
+
+/// A swap of a Deployment's pod template for one of devloop's (the intercept's agent, a dev
+/// pod), with the restore record in annotation `key`, in one patch: it tests the
+/// resourceVersion read, so a concurrent change (or a concurrent swap) fails it whole.
+/// The swapped Deployment runs one pod.
+pub fn template_swap_patch(deployment: &serde_json::Value, key: &str, record_json: String, template: &serde_json::Value) -> serde_json::Value {
+    let rv = deployment["metadata"]["resourceVersion"].clone();
     let annotation = if deployment["metadata"]["annotations"].is_object() {
-        serde_json::json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(RECORD)), "value": record_json})
+        serde_json::json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(key)), "value": record_json})
     } else {
-        serde_json::json!({"op": "add", "path": "/metadata/annotations", "value": {RECORD: record_json}})
+        serde_json::json!({"op": "add", "path": "/metadata/annotations", "value": {key: record_json}})
     };
     serde_json::json!([
         {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
@@ -334,18 +348,19 @@ pub fn swap_patch(deployment: &serde_json::Value, record: &Record, template: &se
     ])
 }
 
-/// The JSON patch that puts the original back; it fails if the record is not (or no longer)
-/// the one on the Deployment, so two `leave`s cannot both apply.
-pub fn restore_patch(record: &Record) -> serde_json::Value {
-    let pointer = format!("/metadata/annotations/{}", pointer_token(RECORD));
+/// The patch that undoes [`template_swap_patch`]: the original template and replicas back,
+/// the record removed; it tests that the template still carries `label: session`, so it
+/// applies once.
+pub fn template_restore_patch(key: &str, label: &str, session: &str, template: &serde_json::Value, replicas: &serde_json::Value) -> serde_json::Value {
+    let pointer = format!("/metadata/annotations/{}", pointer_token(key));
     let mut ops = vec![
-        serde_json::json!({"op": "test", "path": format!("/spec/template/metadata/labels/{}", pointer_token(SESSION_LABEL)), "value": record.session}),
-        serde_json::json!({"op": "replace", "path": "/spec/template", "value": record.template}),
+        serde_json::json!({"op": "test", "path": format!("/spec/template/metadata/labels/{}", pointer_token(label)), "value": session}),
+        serde_json::json!({"op": "replace", "path": "/spec/template", "value": template}),
     ];
-    if record.replicas.is_null() {
+    if replicas.is_null() {
         ops.push(serde_json::json!({"op": "remove", "path": "/spec/replicas"}));
     } else {
-        ops.push(serde_json::json!({"op": "replace", "path": "/spec/replicas", "value": record.replicas}));
+        ops.push(serde_json::json!({"op": "replace", "path": "/spec/replicas", "value": replicas}));
     }
     ops.push(serde_json::json!({"op": "remove", "path": pointer}));
     serde_json::Value::Array(ops)
@@ -416,11 +431,16 @@ pub async fn intercepted(cluster: &Cluster) -> anyhow::Result<Vec<Record>> {
 
 /// The running, ready agent pod of this session.
 pub async fn wait_agent_pod(cluster: &Cluster, session: &str, timeout: Duration) -> anyhow::Result<String> {
+    wait_session_pod(cluster, SESSION_LABEL, session, timeout).await
+}
+
+/// The running, ready pod whose template carries `label: session`.
+pub async fn wait_session_pod(cluster: &Cluster, label: &str, session: &str, timeout: Duration) -> anyhow::Result<String> {
     let deadline = Instant::now() + timeout;
-    let path = format!("{}?labelSelector={SESSION_LABEL}%3D{session}", cluster.path("v1", "pods", None));
+    let path = format!("{}?labelSelector={label}%3D{session}", cluster.path("v1", "pods", None));
     let mut last = String::from("no pod yet");
     loop {
-        let list = cluster.get_json(&path).await.map_err(|e| cluster.err(e, "list", "pods", "listing the agent's pod"))?;
+        let list = cluster.get_json(&path).await.map_err(|e| cluster.err(e, "list", "pods", "listing pods"))?;
         for p in list["items"].as_array().into_iter().flatten() {
             if !p["metadata"]["deletionTimestamp"].is_null() {
                 continue;
@@ -435,12 +455,8 @@ pub async fn wait_agent_pod(cluster: &Cluster, session: &str, timeout: Duration)
                 return Ok(name);
             }
             if let Some(problem) = pod_problem(p) {
-                // These do not go away by waiting.
-                if ["ErrImagePull", "ImagePullBackOff", "CrashLoopBackOff", "CreateContainerConfigError", "InvalidImageName"]
-                    .iter()
-                    .any(|r| problem.contains(r))
-                {
-                    anyhow::bail!("the agent's pod {name} cannot start: {problem}");
+                if is_fatal(&problem) {
+                    anyhow::bail!("pod {name} cannot start: {problem}");
                 }
                 last = problem;
             } else {
@@ -448,31 +464,32 @@ pub async fn wait_agent_pod(cluster: &Cluster, session: &str, timeout: Duration)
             }
         }
         if Instant::now() > deadline {
-            anyhow::bail!("the agent's pod did not become ready within {timeout:?}: {last}");
+            anyhow::bail!("the pod did not become ready within {timeout:?}: {last}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// A waiting container's reason (ImagePullBackOff, CrashLoopBackOff, ...) and message.
-fn pod_problem(pod: &serde_json::Value) -> Option<String> {
-    pod["status"]["containerStatuses"].as_array()?.iter().find_map(|s| {
-        let w = &s["state"]["waiting"];
-        let reason = w["reason"].as_str()?;
-        (reason != "ContainerCreating").then(|| format!("container {}: {reason}: {}", s["name"].as_str().unwrap_or("?"), w["message"].as_str().unwrap_or("")))
-    })
+/// Waiting reasons that do not go away by waiting.
+const FATAL_REASONS: &[&str] = &["ErrImagePull", "ImagePullBackOff", "CrashLoopBackOff", "CreateContainerConfigError", "InvalidImageName"];
+
+/// True for a [`pod_problem`] that waiting will not cure.
+pub fn is_fatal(problem: &str) -> bool {
+    FATAL_REASONS.iter().any(|r| problem.contains(r))
 }
 
-/// The environment for the laptop process: the literal `env` values of the intercepted
-/// container. Values from Secrets, ConfigMaps and fields (`valueFrom`, `envFrom`) are not
-/// resolved yet.
-pub fn literal_env(template: &serde_json::Value, index: usize) -> Vec<(String, String)> {
-    template["spec"]["containers"][index]["env"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
-        .collect()
+/// A waiting container's reason (ImagePullBackOff, CrashLoopBackOff, ...) and message, init
+/// containers included.
+pub fn pod_problem(pod: &serde_json::Value) -> Option<String> {
+    let status = &pod["status"];
+    ["initContainerStatuses", "containerStatuses"].iter().find_map(|key| {
+        status[*key].as_array()?.iter().find_map(|s| {
+            let w = &s["state"]["waiting"];
+            let reason = w["reason"].as_str()?;
+            (reason != "ContainerCreating" && reason != "PodInitializing")
+                .then(|| format!("container {}: {reason}: {}", s["name"].as_str().unwrap_or("?"), w["message"].as_str().unwrap_or("")))
+        })
+    })
 }
 
 #[cfg(test)]
@@ -595,11 +612,5 @@ mod tests {
         assert_eq!(patch[1]["path"], "/metadata/annotations");
         assert!(patch[1]["value"][RECORD].is_string());
         assert_eq!(restore_patch(&r)[2]["op"], "remove");
-    }
-
-    #[test]
-    fn literal_env_only() {
-        let d = deployment();
-        assert_eq!(literal_env(&d["spec"]["template"], 1), vec![("A".to_string(), "1".to_string())]);
     }
 }

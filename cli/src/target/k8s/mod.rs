@@ -1,11 +1,15 @@
 //! The Kubernetes target: which cluster and namespace (kubeconfig context, `--context`, `-n`,
 //! `[target]`), the API client, and errors that name what was wrong. The workflows are in
-//! the submodules: [`registry`] gets images to the cluster, [`intercept`] swaps a workload's
-//! container for the agent.
+//! the submodules: [`registry`] gets images to the cluster, [`rollout`] deploys snapshots,
+//! [`intercept`] swaps a workload's container for the agent.
 
+pub mod devpod;
+pub mod env;
 pub mod intercept;
 pub mod portforward;
 pub mod registry;
+pub mod rollout;
+#[cfg(test)] mod mock_tests;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -202,6 +206,15 @@ pub const PERMISSIONS: &[(&str, &str, &str, &str)] = &[
     ("rbac.authorization.k8s.io", "rolebindings", "", "delete"),
     ("", "pods", "", "list"),
     ("", "pods", "portforward", "get"),
+    // deploy, history, rollback
+    ("apps", "deployments", "", "create"),
+    ("", "services", "", "create"),
+    ("apps", "replicasets", "", "list"),
+    ("", "events", "", "list"),
+    ("", "pods", "log", "get"),
+    // intercept: the laptop's environment from the Secrets and ConfigMaps the container uses
+    ("", "secrets", "", "get"),
+    ("", "configmaps", "", "get"),
 ];
 
 impl Cluster {

@@ -209,13 +209,35 @@ impl Pusher {
         with_auth(make(), &token).send().await.map_err(|e| self.err(format!("{e}")))
     }
 
-    /// Uploads a blob unless the registry has it. Ok(true) when it was sent.
-    pub async fn put_blob(&self, repo: &str, bytes: &[u8]) -> Result<bool, RegistryError> {
-        let digest = sha256_digest(bytes);
+    /// The size of a blob the registry holds in `repo`, or None when it has none.
+    pub async fn blob_size(&self, repo: &str, digest: &str) -> Result<Option<u64>, RegistryError> {
         let head = self.send(|| self.http.head(format!("{}/v2/{repo}/blobs/{digest}", self.base))).await?;
-        if head.status().is_success() {
-            return Ok(false);
+        if !head.status().is_success() {
+            return Ok(None);
         }
+        let size = head
+            .headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| self.err(format!("{repo}@{digest}: a HEAD answer without Content-Length")))?;
+        Ok(Some(size))
+    }
+
+    /// True when REPO:TAG exists (a manifest under that tag).
+    pub async fn has_manifest(&self, repo: &str, tag: &str) -> Result<bool, RegistryError> {
+        let head = self
+            .send(|| {
+                self.http
+                    .head(format!("{}/v2/{repo}/manifests/{tag}", self.base))
+                    .header(reqwest::header::ACCEPT, OCI_MANIFEST)
+            })
+            .await?;
+        Ok(head.status().is_success())
+    }
+
+    /// Uploads a blob in one request (the registry checks `digest`).
+    pub async fn upload_blob(&self, repo: &str, digest: &str, body: bytes::Bytes) -> Result<(), RegistryError> {
         let start = self.send(|| self.http.post(format!("{}/v2/{repo}/blobs/uploads/", self.base))).await?;
         if start.status() != reqwest::StatusCode::ACCEPTED {
             return Err(self.err(format!("starting an upload to {repo}: {}", start.status())));
@@ -234,7 +256,6 @@ impl Pusher {
         let sep = if url.contains('?') { '&' } else { '?' };
         let url = format!("{url}{sep}digest={digest}");
         // Bytes: the retry after an auth challenge shares the buffer instead of copying it.
-        let body = bytes::Bytes::copy_from_slice(bytes);
         let put = self
             .send(|| {
                 self.http
@@ -248,35 +269,27 @@ impl Pusher {
             let text = put.text().await.unwrap_or_default();
             return Err(self.err(format!("uploading {digest} to {repo}: {status} {text}")));
         }
+        Ok(())
+    }
+
+    /// Uploads a blob unless the registry has it. Ok(true) when it was sent.
+    pub async fn put_blob(&self, repo: &str, bytes: &[u8]) -> Result<bool, RegistryError> {
+        let digest = sha256_digest(bytes);
+        if self.blob_size(repo, &digest).await?.is_some() {
+            return Ok(false);
+        }
+        self.upload_blob(repo, &digest, bytes::Bytes::copy_from_slice(bytes)).await?;
         Ok(true)
     }
 
-    /// Pushes an image made of `layers` (bottom first) and `config` (the OCI image config,
-    /// whose rootfs.diff_ids must list the layers) as REPO:TAG. Returns what was sent.
-    pub async fn push_image(&self, repo: &str, tag: &str, layers: &[Layer], config: &serde_json::Value) -> Result<PushReport, RegistryError> {
-        let mut report = PushReport::default();
-        let mut descriptors = Vec::new();
-        for l in layers {
-            if self.put_blob(repo, &l.tar).await? {
-                report.blobs_sent += 1;
-                report.bytes_sent += l.tar.len() as u64;
-            } else {
-                report.blobs_present += 1;
-            }
-            descriptors.push(serde_json::json!({"mediaType": OCI_LAYER_TAR, "digest": sha256_digest(&l.tar), "size": l.tar.len()}));
-        }
-        let config_bytes = serde_json::to_vec(config).map_err(|e| self.err(e.to_string()))?;
-        if self.put_blob(repo, &config_bytes).await? {
-            report.blobs_sent += 1;
-            report.bytes_sent += config_bytes.len() as u64;
-        } else {
-            report.blobs_present += 1;
-        }
+    /// Tags an image whose blobs are all in `repo`: the OCI manifest of `config` and `layers`
+    /// (bottom first) put as REPO:TAG.
+    pub async fn put_manifest(&self, repo: &str, tag: &str, config: &Descriptor, layers: &[Descriptor]) -> Result<(), RegistryError> {
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(&config_bytes), "size": config_bytes.len()},
-            "layers": descriptors,
+            "config": {"mediaType": OCI_CONFIG, "digest": config.digest, "size": config.size},
+            "layers": layers.iter().map(|l| serde_json::json!({"mediaType": OCI_LAYER_TAR, "digest": l.digest, "size": l.size})).collect::<Vec<_>>(),
         });
         let body = bytes::Bytes::from(serde_json::to_vec(&manifest).map_err(|e| self.err(e.to_string()))?);
         let resp = self
@@ -292,7 +305,88 @@ impl Pusher {
             let text = resp.text().await.unwrap_or_default();
             return Err(self.err(format!("pushing the manifest of {repo}:{tag}: {status} {text}")));
         }
+        Ok(())
+    }
+
+    /// Pushes an image made of `layers` (bottom first) and `config` (the OCI image config,
+    /// whose rootfs.diff_ids must list the layers) as REPO:TAG. Returns what was sent.
+    pub async fn push_image(&self, repo: &str, tag: &str, layers: &[Layer], config: &serde_json::Value) -> Result<PushReport, RegistryError> {
+        let mut report = PushReport::default();
+        let mut descriptors = Vec::new();
+        for l in layers {
+            report.count(self.put_blob(repo, &l.tar).await?, l.tar.len());
+            descriptors.push(Descriptor { digest: sha256_digest(&l.tar), size: l.tar.len() as u64 });
+        }
+        let config_bytes = serde_json::to_vec(config).map_err(|e| self.err(e.to_string()))?;
+        report.count(self.put_blob(repo, &config_bytes).await?, config_bytes.len());
+        let config = Descriptor { digest: sha256_digest(&config_bytes), size: config_bytes.len() as u64 };
+        self.put_manifest(repo, tag, &config, &descriptors).await?;
         Ok(report)
+    }
+}
+
+impl Pusher {
+    /// The image config (OCI/Docker JSON) of REPO:REFERENCE, following a multi-platform
+    /// index to its linux/amd64 manifest.
+    pub async fn image_config(&self, repo: &str, reference: &str) -> Result<serde_json::Value, RegistryError> {
+        const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+        let get_json = |url: String, accept: &'static str| async move {
+            let resp = self.send(|| self.http.get(&url).header(reqwest::header::ACCEPT, accept)).await?;
+            if !resp.status().is_success() {
+                return Err(self.err(format!("GET {url}: {}", resp.status())));
+            }
+            let bytes = resp.bytes().await.map_err(|e| self.err(e.to_string()))?;
+            serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| self.err(format!("{url}: {e}")))
+        };
+        let mut manifest = get_json(format!("{}/v2/{repo}/manifests/{reference}", self.base), ACCEPT).await?;
+        if let Some(list) = manifest["manifests"].as_array() {
+            let pick = list
+                .iter()
+                .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
+                .and_then(|m| m["digest"].as_str())
+                .ok_or_else(|| self.err(format!("{repo}:{reference} has no linux/amd64 image")))?
+                .to_string();
+            manifest = get_json(format!("{}/v2/{repo}/manifests/{pick}", self.base), ACCEPT).await?;
+        }
+        let digest = manifest["config"]["digest"].as_str().ok_or_else(|| self.err(format!("{repo}:{reference}: a manifest without a config")))?.to_string();
+        get_json(format!("{}/v2/{repo}/blobs/{digest}", self.base), "*/*").await
+    }
+}
+
+/// An image reference split as a registry sees it: (registry host, repository, tag or
+/// digest). Docker Hub's short names get its host and `library/`.
+pub fn parse_reference(image: &str) -> (String, String, String) {
+    let (name, reference) = match image.split_once('@') {
+        Some((n, d)) => (n, d.to_string()),
+        None => match image.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t.to_string()),
+            _ => (image, "latest".to_string()),
+        },
+    };
+    let (host, repo) = match name.split_once('/') {
+        Some((h, r)) if h.contains('.') || h.contains(':') || h == "localhost" => (h.to_string(), r.to_string()),
+        _ => ("registry-1.docker.io".to_string(), if name.contains('/') { name.to_string() } else { format!("library/{name}") }),
+    };
+    (host, repo, reference)
+}
+
+/// A blob as a manifest names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    /// `sha256:HEX`.
+    pub digest: String,
+    pub size: u64,
+}
+
+impl PushReport {
+    /// Counts one blob: sent (with its size) or already present.
+    pub fn count(&mut self, sent: bool, size: usize) {
+        if sent {
+            self.blobs_sent += 1;
+            self.bytes_sent += size as u64;
+        } else {
+            self.blobs_present += 1;
+        }
     }
 }
 
@@ -344,6 +438,16 @@ mod tests {
         assert_eq!(load_command("k3d-team", "img:1").unwrap().join(" "), "k3d image import img:1 --cluster team");
         assert_eq!(load_command("minikube", "img:1").unwrap().join(" "), "minikube image load img:1");
         assert_eq!(load_command("prod-eu", "img:1"), None);
+    }
+
+    #[test]
+    fn references_split_like_docker_does() {
+        let p = |s: &str| parse_reference(s);
+        assert_eq!(p("127.0.0.1:5000/shop/api:1"), ("127.0.0.1:5000".into(), "shop/api".into(), "1".into()));
+        assert_eq!(p("localhost/api"), ("localhost".into(), "api".into(), "latest".into()));
+        assert_eq!(p("python:3.11"), ("registry-1.docker.io".into(), "library/python".into(), "3.11".into()));
+        assert_eq!(p("team/app"), ("registry-1.docker.io".into(), "team/app".into(), "latest".into()));
+        assert_eq!(p("reg.io/a@sha256:00"), ("reg.io".into(), "a".into(), "sha256:00".into()));
     }
 
     #[test]

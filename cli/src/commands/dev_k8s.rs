@@ -1,0 +1,219 @@
+//! `up`, `sync` and `down` on Kubernetes: dev pods (see `target::k8s::devpod`). The sync,
+//! logs and restarts are the Docker ones (`sync::engine`), reaching the agent through a
+//! [`KubeConnector`] (a port-forward) instead of the container network.
+
+use anyhow::Context;
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::intercept_k8s::agent_image;
+use super::up::wait_for_signal;
+use crate::agent_link::{AgentLink, Connected};
+use crate::config::{Project, Service};
+use crate::state::now_ms;
+use crate::sync::engine::{self, Connector, SyncSettings};
+use crate::target::k8s::devpod::{self, DevRecord, DevSpec};
+use crate::target::k8s::intercept as ki;
+use crate::target::k8s::registry::{self, Pusher, Registry};
+use crate::target::k8s::rollout::{deployment_of, service_container};
+use crate::target::k8s::{portforward, Cluster, KubeSettings};
+use crate::ui::{human_ms, Ui};
+
+/// Reaches a dev pod's agent: the pod of the session, a port-forward to the agent's port.
+pub struct KubeConnector {
+    cluster: Cluster,
+    session: String,
+    token: String,
+}
+
+impl Connector for KubeConnector {
+    fn connect(&self) -> BoxFuture<'_, anyhow::Result<(Connected, String)>> {
+        Box::pin(async move {
+            let pod = ki::wait_session_pod(&self.cluster, devpod::SESSION_LABEL, &self.session, Duration::from_secs(60)).await?;
+            let stream = portforward::open(&self.cluster, &pod, devpod::AGENT_PORT).await?;
+            let connected = AgentLink::connect(stream, &self.token)
+                .await
+                .with_context(|| format!("connecting to the agent in pod {pod}"))?;
+            Ok((connected, format!("port-forward to {pod}")))
+        })
+    }
+}
+
+/// The command and working directory the container's image declares: from the local
+/// engine when it has the image, else from the registry.
+async fn image_command(image: &str, reg: &Registry) -> anyhow::Result<(Vec<String>, Vec<String>, Option<String>)> {
+    let strings = |v: &serde_json::Value| -> Vec<String> { v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect() };
+    if let Ok((docker, _)) = super::connect_engine().await {
+        if let Ok(i) = docker.inspect_image(image).await {
+            let c = i.config.unwrap_or_default();
+            return Ok((c.entrypoint.unwrap_or_default(), c.cmd.unwrap_or_default(), c.working_dir.filter(|w| !w.is_empty())));
+        }
+    }
+    let (host, repo, reference) = registry::parse_reference(image);
+    // The cluster's name for its registry may not be this machine's (kind: kind-registry:5000
+    // inside, localhost:5001 outside).
+    let host = if host == reg.pull { reg.push.clone() } else { host };
+    let config = Pusher::new(&host)?
+        .image_config(&repo, &reference)
+        .await
+        .with_context(|| format!("reading the command of image {image} (or give the container a `command` in its Deployment)"))?;
+    let c = &config["config"];
+    Ok((strings(&c["Entrypoint"]), strings(&c["Cmd"]), c["WorkingDir"].as_str().filter(|w| !w.is_empty()).map(String::from)))
+}
+
+fn holder() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "?".into());
+    format!("{user}@{host} pid {}", std::process::id())
+}
+
+/// Puts one service's Deployment in dev mode (or finds it there); returns the connector to
+/// its agent and what was done.
+async fn ensure_dev_pod(cluster: &Cluster, reg: &Registry, agent: &str, service: &Service) -> anyhow::Result<(KubeConnector, String)> {
+    let sync = service.sync.as_ref().context("no `sync` in devloop.toml")?;
+    let d = deployment_of(cluster, &service.name).await?.with_context(|| {
+        format!(
+            "no Deployment or Service named `{}` in namespace `{}`; `devloop deploy {}` creates it from [target] manifests",
+            service.name, cluster.namespace, service.name
+        )
+    })?;
+    let name = d["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    if let Some(r) = ki::record_of(&d) {
+        anyhow::bail!("deployment/{name} is intercepted (by {}); `devloop leave {}` first", r.holder, r.service);
+    }
+    if let Some(r) = devpod::record_of(&d) {
+        let token = devpod::read_token(cluster, &r).await?;
+        return Ok((KubeConnector { cluster: cluster.clone(), session: r.session, token }, format!("deployment/{name} already in dev mode")));
+    }
+    let template = d["spec"]["template"].clone();
+    let index = service_container(&template, &service.name)?;
+    let container = &template["spec"]["containers"][index];
+    let image = container["image"].as_str().context("the container has no image")?;
+    let needs_image = container["command"].is_null() || container["workingDir"].is_null();
+    let (entrypoint, cmd, image_workdir) = if needs_image { image_command(image, reg).await? } else { (Vec::new(), Vec::new(), None) };
+    let command = devpod::effective_command(container, &entrypoint, &cmd);
+    if command.is_empty() {
+        anyhow::bail!("the container of deployment/{name} has no command and its image declares none");
+    }
+    let workdir = container["workingDir"].as_str().map(String::from).or(image_workdir);
+    let session = crate::state::new_token()[..12].to_string();
+    let token = crate::state::new_token();
+    let record = DevRecord {
+        deployment: name.clone(),
+        service: service.name.clone(),
+        container: container["name"].as_str().unwrap_or_default().to_string(),
+        template: template.clone(),
+        replicas: d["spec"]["replicas"].clone(),
+        session: session.clone(),
+        secret: devpod::secret_name(&name),
+        started_ms: now_ms(),
+        holder: holder(),
+    };
+    devpod::create_token_secret(cluster, &record, &token).await?;
+    let spec = DevSpec {
+        agent_image: agent,
+        sync_to: &sync.container_dir,
+        command: &command,
+        workdir: workdir.as_deref(),
+        session: &session,
+        secret: &record.secret,
+    };
+    let dev = devpod::dev_template(&template, index, &spec);
+    if let Err(e) = devpod::swap_in(cluster, &d, &record, &dev).await {
+        let _ = cluster.delete(&cluster.path("v1", "secrets", Some(&record.secret))).await;
+        return Err(e);
+    }
+    Ok((KubeConnector { cluster: cluster.clone(), session, token }, format!("deployment/{name} switched to dev mode")))
+}
+
+pub async fn up(project: &Project, settings: &KubeSettings, configured_registry: Option<&str>, services: &[String], no_logs: bool) -> anyhow::Result<()> {
+    let selected: Vec<&Service> = project.select(services)?.into_iter().filter(|s| s.sync.is_some()).collect();
+    if selected.is_empty() {
+        anyhow::bail!("no service has `sync` in devloop.toml: nothing to run in dev mode");
+    }
+    let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
+    let cluster = Cluster::connect(settings).await?;
+    let reg = registry::discover(&cluster, configured_registry)
+        .await?
+        .ok_or_else(|| registry::RegistryError::None { context: cluster.context.clone() })?;
+    let agent = agent_image(&cluster, configured_registry).await?;
+    let mut connectors = Vec::new();
+    for service in &selected {
+        let t = Instant::now();
+        let (conn, what) = ensure_dev_pod(&cluster, &reg, &agent, service).await.with_context(|| format!("dev mode for `{}`", service.name))?;
+        let pod = ki::wait_session_pod(&cluster, devpod::SESSION_LABEL, &conn.session, Duration::from_secs(180)).await?;
+        ui.info(&service.name, format!("{what}; pod {pod} ready ({})", human_ms(t.elapsed().as_millis() as u64)));
+        connectors.push((service.name.clone(), Arc::new(conn)));
+    }
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, conn) in connectors {
+        let service = project.service(&name)?;
+        let settings = SyncSettings::for_service(&project.name, service, !no_logs, None);
+        let (ui, shutdown) = (ui.clone(), shutdown.clone());
+        tasks.spawn(async move { (name.clone(), engine::run(settings, conn, ui, shutdown).await) });
+    }
+    eprintln!(
+        "devloop: syncing {} into their dev pods in namespace {}; Ctrl-C stops syncing (the pods stay in dev mode; `devloop down` switches them back)",
+        selected.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+        cluster.namespace
+    );
+    let mut failed = None;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        Some(res) = tasks.join_next() => {
+            if let Ok((name, Err(e))) = res {
+                failed = Some(e.context(format!("sync of `{name}` stopped")));
+            }
+        }
+    }
+    shutdown.cancel();
+    while let Some(res) = tasks.join_next().await {
+        if let Ok((name, Err(e))) = res {
+            ui.warn(&name, format!("sync ended with an error: {e:#}"));
+        }
+    }
+    eprintln!("devloop: sync stopped; the dev pods keep running, but their files no longer follow your edits until `devloop up` runs again");
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `down` on Kubernetes: every Deployment of the namespace in dev mode back to its original.
+pub async fn down(settings: &KubeSettings) -> anyhow::Result<()> {
+    let cluster = Cluster::connect(settings).await?;
+    let records = devpod::in_dev_mode(&cluster).await?;
+    if records.is_empty() {
+        eprintln!("devloop: no Deployment in namespace {} is in dev mode", cluster.namespace);
+        return Ok(());
+    }
+    for r in records {
+        if devpod::restore(&cluster, &r).await? {
+            eprintln!("devloop: deployment/{} restored (dev mode since {})", r.deployment, crate::ui::ago(r.started_ms));
+        }
+    }
+    Ok(())
+}
+
+/// `sync SERVICE` on Kubernetes: only the sync (and logs) of a pod already in dev mode.
+pub async fn sync(project: &Project, settings: &KubeSettings, service: &str, no_logs: bool) -> anyhow::Result<()> {
+    let svc = project.service(service)?;
+    let cluster = Cluster::connect(settings).await?;
+    let d = deployment_of(&cluster, service).await?.with_context(|| format!("no Deployment or Service named `{service}` in namespace `{}`", cluster.namespace))?;
+    let r = devpod::record_of(&d).with_context(|| format!("`{service}` is not in dev mode; `devloop up {service}` switches it"))?;
+    let token = devpod::read_token(&cluster, &r).await?;
+    let conn = Arc::new(KubeConnector { cluster, session: r.session, token });
+    let ui = Ui::new([service]);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(engine::run(SyncSettings::for_service(&project.name, svc, !no_logs, None), conn, ui, shutdown.clone()));
+    tokio::pin!(task);
+    tokio::select! {
+        _ = wait_for_signal() => { shutdown.cancel(); (&mut task).await??; }
+        r = &mut task => { r??; }
+    }
+    eprintln!("devloop: sync of `{service}` stopped; the dev pod's files no longer follow your edits");
+    Ok(())
+}

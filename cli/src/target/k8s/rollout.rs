@@ -1,0 +1,691 @@
+//! `deploy`, `history` and `rollback` on Kubernetes: a snapshot (already in the cluster's
+//! registry) becomes the image of the service's container in its Deployment, and the
+//! Deployment's own rollout replaces the pods; devloop waits for it like `kubectl rollout
+//! status`, and undoes a rollout that cannot become ready, showing why (the pod's events
+//! and last log lines). The Deployment's ReplicaSets are its revisions, so `history` and
+//! `rollback` read and reuse them, and `kubectl rollout history` shows the same list.
+//! A service without a Deployment yet is created from the project's manifests.
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::intercept::{is_fatal, pod_problem, record_of};
+use super::{pointer_token, Cluster};
+
+pub const CHANGE_CAUSE: &str = "kubernetes.io/change-cause";
+pub const REVISION: &str = "deployment.kubernetes.io/revision";
+const TEMPLATE_HASH: &str = "pod-template-hash";
+/// On the Deployment: the `pod-template-hash`es (JSON list) of rollouts devloop undid.
+pub const FAILED: &str = "devloop.dev/failed-rollouts";
+
+/// A rollout that became ready.
+#[derive(Debug, Clone)]
+pub struct RolledOut {
+    pub ready_ms: u64,
+    pub revision: Option<u64>,
+    /// Objects created from the manifests (`deployment/api`, `service/api`).
+    pub created: Vec<String>,
+}
+
+/// The Deployment that runs `service`: named so, or selected by the Service named so.
+/// None when neither exists.
+pub async fn deployment_of(cluster: &Cluster, service: &str) -> anyhow::Result<Option<Value>> {
+    let path = cluster.path("apps/v1", "deployments", Some(service));
+    if let Some(d) = cluster
+        .get_opt(&path)
+        .await
+        .map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {service}")))?
+    {
+        return Ok(Some(d));
+    }
+    let svc_path = cluster.path("v1", "services", Some(service));
+    if cluster
+        .get_opt(&svc_path)
+        .await
+        .map_err(|e| cluster.err(e, "get", "services", format!("reading service {service}")))?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    Ok(Some(super::intercept::find_deployment(cluster, service).await?.0))
+}
+
+/// The index of the service's container: the one named like the service, else the only one.
+pub fn service_container(template: &Value, service: &str) -> anyhow::Result<usize> {
+    let containers = template["spec"]["containers"].as_array().cloned().unwrap_or_default();
+    if let Some(i) = containers.iter().position(|c| c["name"].as_str() == Some(service)) {
+        return Ok(i);
+    }
+    match containers.len() {
+        1 => Ok(0),
+        0 => anyhow::bail!("the pod template has no containers"),
+        _ => anyhow::bail!(
+            "the pod has several containers ({}) and none is named `{service}`: name the service's container after the service",
+            containers.iter().map(|c| c["name"].as_str().unwrap_or("?")).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The snapshot tag a container image carries when it is one of devloop's snapshots of
+/// `repo` (`devloop-PROJECT-SERVICE`), pulled from any registry.
+pub fn snapshot_tag(image: &str, repo: &str) -> Option<String> {
+    let (name, tag) = image.rsplit_once(':')?;
+    let last = name.rsplit('/').next()?;
+    (last == repo && !tag.contains('/')).then(|| tag.to_string())
+}
+
+/// Refuses to touch a Deployment that an intercept holds: its template is the agent's.
+fn refuse_intercepted(d: &Value) -> anyhow::Result<()> {
+    if let Some(r) = record_of(d) {
+        anyhow::bail!(
+            "deployment/{} is intercepted (by {}); `devloop leave {}` first",
+            r.deployment,
+            r.holder,
+            r.deployment
+        );
+    }
+    Ok(())
+}
+
+/// Rolls `image` out as the service's container image and waits until it is ready.
+pub async fn deploy_image(
+    cluster: &Cluster,
+    service: &str,
+    image: &str,
+    manifests: Option<&Path>,
+    timeout: Duration,
+) -> anyhow::Result<Option<RolledOut>> {
+    let Some(d) = deployment_of(cluster, service).await? else {
+        let Some(dir) = manifests else {
+            anyhow::bail!(
+                "no Deployment or Service named `{service}` in namespace `{}` (context `{}`); create it, or set `manifests = \"DIR\"` under [target] in devloop.toml so that `devloop deploy` creates it",
+                cluster.namespace,
+                cluster.context
+            );
+        };
+        return create_from_manifests(cluster, service, image, dir, timeout).await.map(Some);
+    };
+    refuse_intercepted(&d)?;
+    let mut template = d["spec"]["template"].clone();
+    let index = service_container(&template, service)?;
+    if template["spec"]["containers"][index]["image"].as_str() == Some(image) {
+        return Ok(None);
+    }
+    template["spec"]["containers"][index]["image"] = json!(image);
+    let cause = format!("devloop deploy {image}");
+    switch_template(cluster, &d, template, &cause, timeout).await.map(Some)
+}
+
+/// One revision of a Deployment: a ReplicaSet it owns.
+#[derive(Debug, Clone)]
+pub struct Revision {
+    pub number: u64,
+    /// A rollout of this revision did not become ready and devloop undid it.
+    pub failed: bool,
+    pub images: Vec<String>,
+    pub cause: Option<String>,
+    pub created: String,
+    pub template: Value,
+}
+
+/// The Deployment's revisions, oldest first, and the one it runs now.
+pub async fn revisions(cluster: &Cluster, d: &Value) -> anyhow::Result<(Vec<Revision>, Option<u64>)> {
+    let uid = d["metadata"]["uid"].as_str().unwrap_or_default();
+    let failed = failed_hashes(d);
+    let selector: Vec<String> = d["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    let path = format!(
+        "{}?labelSelector={}",
+        cluster.path("apps/v1", "replicasets", None),
+        url_escape(&selector.join(","))
+    );
+    let list = cluster
+        .get_json(&path)
+        .await
+        .map_err(|e| cluster.err(e, "list", "replicasets", "listing the deployment's revisions"))?;
+    let mut out: Vec<Revision> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|rs| {
+            rs["metadata"]["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|o| o["uid"].as_str() == Some(uid))
+        })
+        .filter_map(|rs| {
+            let number = rs["metadata"]["annotations"][REVISION].as_str()?.parse().ok()?;
+            let template = rs["spec"]["template"].clone();
+            Some(Revision {
+                number,
+                failed: rs["metadata"]["labels"][TEMPLATE_HASH].as_str().is_some_and(|h| failed.iter().any(|f| f == h)),
+                images: template["spec"]["containers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["image"].as_str().map(String::from))
+                    .collect(),
+                cause: rs["metadata"]["annotations"][CHANGE_CAUSE].as_str().map(String::from),
+                created: rs["metadata"]["creationTimestamp"].as_str().unwrap_or_default().to_string(),
+                template,
+            })
+        })
+        .collect();
+    out.sort_by_key(|r| r.number);
+    let current = d["metadata"]["annotations"][REVISION].as_str().and_then(|r| r.parse().ok());
+    Ok((out, current))
+}
+
+/// Rolls the Deployment back to `revision` (default: the one before the current), as
+/// `kubectl rollout undo` does: its ReplicaSet's template becomes the Deployment's again.
+pub async fn rollback(cluster: &Cluster, service: &str, revision: Option<u64>, timeout: Duration) -> anyhow::Result<(u64, u64, RolledOut)> {
+    let d = deployment_of(cluster, service)
+        .await?
+        .with_context(|| format!("no Deployment or Service named `{service}` in namespace `{}`", cluster.namespace))?;
+    refuse_intercepted(&d)?;
+    let (revs, current) = revisions(cluster, &d).await?;
+    let current = current.context("the Deployment has no revision yet")?;
+    let target = match revision {
+        Some(n) => revs.iter().find(|r| r.number == n).with_context(|| {
+            format!(
+                "deployment/{} has no revision {n} (it keeps {}; `devloop history {service}` lists them)",
+                name_of(&d),
+                revs.iter().map(|r| r.number.to_string()).collect::<Vec<_>>().join(", ")
+            )
+        })?,
+        // The newest earlier revision that ran: not one whose rollout failed, nor one with the
+        // images that run now (a failed deploy that was undone leaves both behind).
+        None => {
+            let running = revs.iter().find(|r| r.number == current).map(|r| r.images.clone());
+            revs.iter()
+                .rev()
+                .find(|r| r.number < current && !r.failed && Some(&r.images) != running.as_ref())
+                .with_context(|| format!("deployment/{} has no earlier revision that ran to go back to (`devloop history {service}`)", name_of(&d)))?
+        }
+    };
+    if target.number == current {
+        anyhow::bail!("deployment/{} already runs revision {current}", name_of(&d));
+    }
+    let mut template = target.template.clone();
+    if let Some(labels) = template["metadata"]["labels"].as_object_mut() {
+        labels.remove(TEMPLATE_HASH);
+    }
+    let cause = target.cause.clone().unwrap_or_else(|| format!("rollback to revision {}", target.number));
+    let done = switch_template(cluster, &d, template, &cause, timeout).await?;
+    Ok((current, target.number, done))
+}
+
+fn name_of(d: &Value) -> &str {
+    d["metadata"]["name"].as_str().unwrap_or("?")
+}
+
+/// Percent-escapes a label selector for a query string.
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The JSON patch that puts `template` and the change cause on the Deployment, guarded by
+/// the resourceVersion read (a concurrent change fails the patch instead of being lost).
+pub fn template_patch(d: &Value, template: &Value, cause: &str) -> Value {
+    let mut ops = vec![
+        json!({"op": "test", "path": "/metadata/resourceVersion", "value": d["metadata"]["resourceVersion"]}),
+        json!({"op": "replace", "path": "/spec/template", "value": template}),
+    ];
+    if d["metadata"]["annotations"].is_object() {
+        ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(CHANGE_CAUSE)), "value": cause}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {CHANGE_CAUSE: cause}}));
+    }
+    json!(ops)
+}
+
+/// The patch that puts the Deployment's template and change cause back as they were in
+/// `before` (no resourceVersion test: it follows our own change), and adds the failed
+/// template's hash to the Deployment's list of failed rollouts, which `history` marks and
+/// `rollback` skips.
+pub fn undo_patch(before: &Value, failed_hash: Option<&str>) -> Value {
+    let mut ops = vec![json!({"op": "replace", "path": "/spec/template", "value": before["spec"]["template"]})];
+    let key = format!("/metadata/annotations/{}", pointer_token(CHANGE_CAUSE));
+    match before["metadata"]["annotations"][CHANGE_CAUSE].as_str() {
+        Some(c) => ops.push(json!({"op": "add", "path": key, "value": c})),
+        None => ops.push(json!({"op": "remove", "path": key})),
+    }
+    if let Some(hash) = failed_hash {
+        let mut failed = failed_hashes(before);
+        failed.retain(|h| h != hash);
+        failed.push(hash.to_string());
+        // The cluster keeps 10 old revisions by default; older failures do not matter.
+        let keep = failed.len().saturating_sub(20);
+        let list = serde_json::to_string(&failed[keep..]).expect("strings serialize");
+        ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(FAILED)), "value": list}));
+    }
+    json!(ops)
+}
+
+/// The `pod-template-hash`es of rollouts devloop undid, from the Deployment's annotation.
+pub fn failed_hashes(d: &Value) -> Vec<String> {
+    d["metadata"]["annotations"][FAILED].as_str().and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default()
+}
+
+/// Puts `template` on the Deployment and waits for the rollout; undoes it when it cannot
+/// become ready, with the reason.
+async fn switch_template(cluster: &Cluster, d: &Value, template: Value, cause: &str, timeout: Duration) -> anyhow::Result<RolledOut> {
+    let name = name_of(d).to_string();
+    let path = cluster.path("apps/v1", "deployments", Some(&name));
+    let started = Instant::now();
+    let patched = cluster
+        .json_patch(&path, &template_patch(d, &template, cause))
+        .await
+        .map_err(|e| cluster.err(e, "patch", "deployments", format!("updating deployment/{name} (changed meanwhile? run deploy again)")))?;
+    match wait_rollout(cluster, &name, &patched, timeout).await {
+        Ok(revision) => Ok(RolledOut { ready_ms: started.elapsed().as_millis() as u64, revision, created: Vec::new() }),
+        Err(failure) => {
+            let undo = cluster.json_patch(&path, &undo_patch(d, failure.template_hash.as_deref())).await;
+            let undone = match undo {
+                Ok(_) => format!("undone: deployment/{name} is back on its previous template, whose pods kept serving"),
+                Err(e) => format!("and undoing it failed too ({}); `devloop rollback {name}` or `kubectl rollout undo deployment/{name}`", cluster.err(e, "patch", "deployments", "undo")),
+            };
+            anyhow::bail!("{failure}\n{undone}")
+        }
+    }
+}
+
+/// Why a rollout failed: a one-line reason and what the failing pod said.
+#[derive(Debug)]
+pub struct Failure {
+    pub reason: String,
+    pub details: String,
+    /// The failed template's `pod-template-hash`, when a pod of it was made.
+    pub template_hash: Option<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the rollout did not become ready: {}", self.reason)?;
+        if !self.details.is_empty() {
+            write!(f, "\n{}", self.details.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+/// What the Deployment's status says about its rollout, as `kubectl rollout status` reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    Done,
+    Waiting(String),
+    /// The progress deadline passed (the Deployment's own `progressDeadlineSeconds`).
+    Stalled(String),
+}
+
+pub fn progress(d: &Value) -> Progress {
+    let generation = d["metadata"]["generation"].as_u64().unwrap_or(0);
+    let status = &d["status"];
+    if status["observedGeneration"].as_u64().unwrap_or(0) < generation {
+        return Progress::Waiting("the controller has not seen the change yet".into());
+    }
+    if let Some(c) = status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Progressing" && c["reason"] == "ProgressDeadlineExceeded")
+    {
+        return Progress::Stalled(c["message"].as_str().unwrap_or("progress deadline exceeded").to_string());
+    }
+    let want = d["spec"]["replicas"].as_u64().unwrap_or(1);
+    let updated = status["updatedReplicas"].as_u64().unwrap_or(0);
+    let total = status["replicas"].as_u64().unwrap_or(0);
+    let available = status["availableReplicas"].as_u64().unwrap_or(0);
+    if updated < want {
+        Progress::Waiting(format!("{updated} of {want} new pods"))
+    } else if total > updated {
+        Progress::Waiting(format!("{} old pods still terminating", total - updated))
+    } else if available < updated {
+        Progress::Waiting(format!("{available} of {updated} new pods ready"))
+    } else {
+        Progress::Done
+    }
+}
+
+/// Waits until the rollout of `patched` (the Deployment as the patch left it) is done; fails
+/// early when a new pod cannot start (image pull, crash loop) or the progress deadline passes.
+async fn wait_rollout(cluster: &Cluster, name: &str, patched: &Value, timeout: Duration) -> Result<Option<u64>, Failure> {
+    let path = cluster.path("apps/v1", "deployments", Some(name));
+    let image_of = |t: &Value| -> Vec<Value> { t["spec"]["containers"].as_array().cloned().unwrap_or_default() };
+    let want_containers = image_of(&patched["spec"]["template"]);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let d = cluster.get_json(&path).await.map_err(|e| Failure { reason: format!("reading deployment/{name}: {e}"), details: String::new(), template_hash: None })?;
+        let last = match progress(&d) {
+            Progress::Done => return Ok(d["metadata"]["annotations"][REVISION].as_str().and_then(|r| r.parse().ok())),
+            Progress::Stalled(m) => return Err(diagnose(cluster, &d, &want_containers, m).await),
+            Progress::Waiting(w) => w,
+        };
+        // A new pod that cannot start will not get better by waiting.
+        for pod in new_pods(cluster, &d, &want_containers).await {
+            if let Some(problem) = pod_problem(&pod).filter(|p| is_fatal(p)) {
+                return Err(diagnose(cluster, &d, &want_containers, format!("pod {}: {problem}", pod["metadata"]["name"].as_str().unwrap_or("?"))).await);
+            }
+        }
+        if Instant::now() > deadline {
+            let reason = format!("not ready within {} ({last})", crate::ui::human_ms(timeout.as_millis() as u64));
+            return Err(diagnose(cluster, &d, &want_containers, reason).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The Deployment's pods that run the new template (its containers' images).
+async fn new_pods(cluster: &Cluster, d: &Value, containers: &[Value]) -> Vec<Value> {
+    let selector: Vec<String> = d["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    let path = format!("{}?labelSelector={}", cluster.path("v1", "pods", None), url_escape(&selector.join(",")));
+    let Ok(list) = cluster.get_json(&path).await else {
+        return Vec::new();
+    };
+    let images: Vec<&str> = containers.iter().filter_map(|c| c["image"].as_str()).collect();
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            let have: Vec<&str> = p["spec"]["containers"].as_array().into_iter().flatten().filter_map(|c| c["image"].as_str()).collect();
+            have == images
+        })
+        .cloned()
+        .collect()
+}
+
+/// The failure with what the new pods said: their recent events and last log lines.
+async fn diagnose(cluster: &Cluster, d: &Value, containers: &[Value], reason: String) -> Failure {
+    let mut details = String::new();
+    let pods = new_pods(cluster, d, containers).await;
+    let template_hash = pods.iter().find_map(|p| p["metadata"]["labels"][TEMPLATE_HASH].as_str().map(String::from));
+    for pod in pods.iter().take(2) {
+        let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        let events_path = format!(
+            "{}?fieldSelector={}",
+            cluster.path("v1", "events", None),
+            url_escape(&format!("involvedObject.name={pod_name}"))
+        );
+        if let Ok(ev) = cluster.get_json(&events_path).await {
+            let mut items: Vec<&Value> = ev["items"].as_array().into_iter().flatten().filter(|e| e["type"] == "Warning").collect();
+            items.sort_by_key(|e| e["lastTimestamp"].as_str().unwrap_or_default().to_string());
+            if !items.is_empty() {
+                details.push_str(&format!("events of pod {pod_name}:\n"));
+                for e in items.iter().rev().take(4).rev() {
+                    details.push_str(&format!("  {}: {}\n", e["reason"].as_str().unwrap_or("?"), e["message"].as_str().unwrap_or("").trim()));
+                }
+            }
+        }
+        for status in pod["status"]["containerStatuses"].as_array().into_iter().flatten() {
+            let container = status["name"].as_str().unwrap_or_default();
+            // A crashed container's own output is in its previous instance.
+            let previous = status["lastState"]["terminated"].is_object();
+            let log_path = format!(
+                "{}/log?container={container}&tailLines=10{}",
+                cluster.path("v1", "pods", Some(pod_name)),
+                if previous { "&previous=true" } else { "" }
+            );
+            let req = match http::Request::get(&log_path).body(Vec::new()) {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            if let Ok(text) = cluster.client.request_text(req).await {
+                if !text.trim().is_empty() {
+                    details.push_str(&format!("last log lines of pod {pod_name}, container {container}{}:\n", if previous { " (before its last exit)" } else { "" }));
+                    for line in text.lines() {
+                        details.push_str(&format!("  {line}\n"));
+                    }
+                }
+            }
+        }
+    }
+    Failure { reason, details, template_hash }
+}
+
+/// Reads every Kubernetes object in the YAML files of `dir` (sorted by file name).
+pub fn read_manifests(dir: &Path) -> anyhow::Result<Vec<Value>> {
+    use serde::Deserialize;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the manifests folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v = Value::deserialize(doc).with_context(|| format!("{}: not valid YAML", f.display()))?;
+            if v.is_null() {
+                continue;
+            }
+            if v["kind"].as_str().is_none() || v["metadata"]["name"].as_str().is_none() {
+                anyhow::bail!("{}: a document without kind or metadata.name", f.display());
+            }
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// The service's objects among the manifests: its Deployment and its Service (both named
+/// after it), with the snapshot as the container's image and the cluster's namespace.
+pub fn objects_for(manifests: &[Value], service: &str, image: &str, cause: &str) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for m in manifests {
+        if m["metadata"]["name"].as_str() != Some(service) {
+            continue;
+        }
+        let mut m = m.clone();
+        if let Some(meta) = m["metadata"].as_object_mut() {
+            // The target's namespace decides, as with `kubectl apply -n`.
+            meta.remove("namespace");
+        }
+        match m["kind"].as_str() {
+            Some("Deployment") => {
+                let index = service_container(&m["spec"]["template"], service)?;
+                m["spec"]["template"]["spec"]["containers"][index]["image"] = json!(image);
+                if !m["metadata"]["annotations"].is_object() {
+                    m["metadata"]["annotations"] = json!({});
+                }
+                m["metadata"]["annotations"][CHANGE_CAUSE] = json!(cause);
+                out.push(m);
+            }
+            Some("Service") => out.push(m),
+            _ => {}
+        }
+    }
+    if !out.iter().any(|m| m["kind"] == "Deployment") {
+        anyhow::bail!("the manifests have no Deployment named `{service}`");
+    }
+    // The Service first, so the name answers as soon as a pod is ready.
+    out.sort_by_key(|m| m["kind"] != "Service");
+    Ok(out)
+}
+
+/// Creates the service's missing objects from the manifests and waits for its rollout.
+async fn create_from_manifests(cluster: &Cluster, service: &str, image: &str, dir: &Path, timeout: Duration) -> anyhow::Result<RolledOut> {
+    let manifests = read_manifests(dir)?;
+    let objects = objects_for(&manifests, service, image, &format!("devloop deploy {image}"))?;
+    let started = Instant::now();
+    let mut created = Vec::new();
+    let mut deployment = None;
+    for o in objects {
+        let (gv, resource) = if o["kind"] == "Deployment" { ("apps/v1", "deployments") } else { ("v1", "services") };
+        let name = o["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        if cluster.get_opt(&cluster.path(gv, resource, Some(&name))).await.map_err(|e| cluster.err(e, "get", resource, format!("reading {resource}/{name}")))?.is_some() {
+            continue;
+        }
+        let made = cluster
+            .post_json(&cluster.path(gv, resource, None), &o)
+            .await
+            .map_err(|e| cluster.err(e, "create", resource, format!("creating {resource}/{name} from {}", dir.display())))?;
+        created.push(format!("{}/{name}", o["kind"].as_str().unwrap_or("?").to_lowercase()));
+        if o["kind"] == "Deployment" {
+            deployment = Some(made);
+        }
+    }
+    let d = deployment.context("the Deployment exists already")?;
+    match wait_rollout(cluster, service, &d, timeout).await {
+        Ok(revision) => Ok(RolledOut { ready_ms: started.elapsed().as_millis() as u64, revision, created }),
+        // Nothing ran before: there is nothing to undo to; the objects stay for inspection.
+        Err(f) => Err(anyhow::anyhow!("{f}\ncreated {} from {}; fix the cause and deploy again", created.join(", "), dir.display())),
+    }
+}
+
+/// [`crate::deploy::RolloutTarget`] for Kubernetes: the snapshot (in the cluster's
+/// registry) becomes the Deployment's image.
+pub struct KubeRollout {
+    pub cluster: Cluster,
+    /// `[target] manifests`, resolved against the project folder.
+    pub manifests: Option<std::path::PathBuf>,
+    pub timeout: Duration,
+}
+
+impl crate::deploy::RolloutTarget for KubeRollout {
+    fn roll_out<'a>(
+        &'a self,
+        _project: &'a crate::config::Project,
+        service: &'a crate::config::Service,
+        snapshot: &'a crate::deploy::Snapshot,
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<crate::deploy::Rollout>> {
+        Box::pin(async move {
+            let done = deploy_image(&self.cluster, &service.name, &snapshot.image, self.manifests.as_deref(), self.timeout).await?;
+            Ok(match done {
+                None => crate::deploy::Rollout::Unchanged,
+                Some(r) => crate::deploy::Rollout::Ready { ready_ms: r.ready_ms, revision: r.revision, created: r.created },
+            })
+        })
+    }
+
+    fn running_version<'a>(&'a self, project: &'a str, service: &'a str) -> futures_util::future::BoxFuture<'a, anyhow::Result<Option<String>>> {
+        Box::pin(async move {
+            let Some(d) = deployment_of(&self.cluster, service).await? else {
+                return Ok(None);
+            };
+            let template = &d["spec"]["template"];
+            let index = service_container(template, service)?;
+            let repo = crate::deploy::snapshot_repo(project, service);
+            Ok(template["spec"]["containers"][index]["image"].as_str().and_then(|i| snapshot_tag(i, &repo)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment() -> Value {
+        json!({
+            "metadata": {"name": "api", "resourceVersion": "42", "generation": 3, "annotations": {REVISION: "2"}},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
+                "template": {"metadata": {"labels": {"app": "api"}}, "spec": {"containers": [
+                    {"name": "sidecar", "image": "envoy"}, {"name": "api", "image": "reg/devloop-shop-api:aaaa"}]}}},
+            "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}
+        })
+    }
+
+    #[test]
+    fn the_service_container_is_found_by_name_or_alone() {
+        let d = deployment();
+        assert_eq!(service_container(&d["spec"]["template"], "api").unwrap(), 1);
+        let err = service_container(&d["spec"]["template"], "web").unwrap_err().to_string();
+        assert!(err.contains("sidecar, api"), "{err}");
+        let one = json!({"spec": {"containers": [{"name": "main"}]}});
+        assert_eq!(service_container(&one, "web").unwrap(), 0);
+    }
+
+    #[test]
+    fn snapshot_tags_are_read_from_any_registry() {
+        assert_eq!(snapshot_tag("127.0.0.1:5000/devloop-shop-api:0123abcd", "devloop-shop-api").as_deref(), Some("0123abcd"));
+        assert_eq!(snapshot_tag("devloop-shop-api:0123", "devloop-shop-api").as_deref(), Some("0123"));
+        assert_eq!(snapshot_tag("127.0.0.1:5000/shop-api:1", "devloop-shop-api"), None);
+        assert_eq!(snapshot_tag("127.0.0.1:5000/devloop-shop-api", "devloop-shop-api"), None);
+    }
+
+    #[test]
+    fn progress_reads_the_status_like_rollout_status() {
+        let mut d = deployment();
+        assert_eq!(progress(&d), Progress::Done);
+        d["metadata"]["generation"] = json!(4);
+        assert!(matches!(progress(&d), Progress::Waiting(_)));
+        d["status"] = json!({"observedGeneration": 4, "replicas": 3, "updatedReplicas": 1, "availableReplicas": 2});
+        assert_eq!(progress(&d), Progress::Waiting("1 of 2 new pods".into()));
+        d["status"] = json!({"observedGeneration": 4, "replicas": 3, "updatedReplicas": 2, "availableReplicas": 2});
+        assert_eq!(progress(&d), Progress::Waiting("1 old pods still terminating".into()));
+        d["status"] = json!({"observedGeneration": 4, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 1});
+        assert_eq!(progress(&d), Progress::Waiting("1 of 2 new pods ready".into()));
+        d["status"]["conditions"] = json!([{"type": "Progressing", "reason": "ProgressDeadlineExceeded", "message": "took too long"}]);
+        assert_eq!(progress(&d), Progress::Stalled("took too long".into()));
+    }
+
+    #[test]
+    fn the_template_patch_is_guarded_and_the_undo_restores_the_cause() {
+        let d = deployment();
+        let mut t = d["spec"]["template"].clone();
+        t["spec"]["containers"][1]["image"] = json!("new");
+        let p = template_patch(&d, &t, "devloop deploy new");
+        assert_eq!(p[0], json!({"op": "test", "path": "/metadata/resourceVersion", "value": "42"}));
+        assert_eq!(p[1]["value"], t);
+        assert_eq!(p[2]["path"], "/metadata/annotations/kubernetes.io~1change-cause");
+        let u = undo_patch(&d, None);
+        assert_eq!(u[0]["value"], d["spec"]["template"]);
+        assert_eq!(u[1], json!({"op": "remove", "path": "/metadata/annotations/kubernetes.io~1change-cause"}));
+        assert_eq!(u.as_array().unwrap().len(), 2);
+        // A failure is added to the Deployment's list, once.
+        let mut failed_before = d.clone();
+        failed_before["metadata"]["annotations"][FAILED] = json!("[\"aaa\",\"bbb\"]");
+        let u = undo_patch(&failed_before, Some("aaa"));
+        assert_eq!(u[2], json!({"op": "add", "path": "/metadata/annotations/devloop.dev~1failed-rollouts", "value": "[\"bbb\",\"aaa\"]"}));
+        failed_before["metadata"]["annotations"][FAILED] = u[2]["value"].clone();
+        assert_eq!(failed_hashes(&failed_before), vec!["bbb", "aaa"]);
+        let mut bare = d.clone();
+        bare["metadata"].as_object_mut().unwrap().remove("annotations");
+        let p = template_patch(&bare, &t, "c");
+        assert_eq!(p[2], json!({"op": "add", "path": "/metadata/annotations", "value": {CHANGE_CAUSE: "c"}}));
+    }
+
+    #[test]
+    fn manifests_give_the_services_objects_with_the_snapshot_image() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("api.yaml"),
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api, namespace: prod}\nspec:\n  template:\n    spec:\n      containers: [{name: api, image: placeholder}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec: {ports: [{port: 8000}]}\n---\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("web.yml"), "kind: Deployment\nmetadata: {name: web}\nspec: {template: {spec: {containers: [{name: web, image: x}]}}}\n").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        let all = read_manifests(dir.path()).unwrap();
+        assert_eq!(all.len(), 3);
+        let objs = objects_for(&all, "api", "reg/devloop-shop-api:t", "devloop deploy t").unwrap();
+        assert_eq!(objs.iter().map(|o| o["kind"].as_str().unwrap()).collect::<Vec<_>>(), vec!["Service", "Deployment"]);
+        let d = &objs[1];
+        assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["image"], "reg/devloop-shop-api:t");
+        assert!(d["metadata"]["namespace"].is_null());
+        assert_eq!(d["metadata"]["annotations"][CHANGE_CAUSE], "devloop deploy t");
+        assert!(objects_for(&all, "db", "i", "c").unwrap_err().to_string().contains("no Deployment named `db`"));
+    }
+
+    #[test]
+    fn selectors_are_escaped_for_the_query() {
+        assert_eq!(url_escape("app.kubernetes.io/name=api,tier=x"), "app.kubernetes.io%2Fname%3Dapi%2Ctier%3Dx");
+    }
+}
