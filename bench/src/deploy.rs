@@ -40,7 +40,7 @@ fn wait_version(addr: &str, version: &str, timeout: Duration) -> Result<Instant>
     }
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+pub(crate) fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
         let e = e?;

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::deploy::copy_dir;
 use crate::harness::{fmt_ms, median, ms, now_ns, row, run_ok, summary, Cleanup, Ctx, Proc, Project, Row};
 use crate::k8s_intercept::{caller, kubeconfig, kubectl, kubectl_cmd, push_loadgen, Namespace};
 
@@ -23,19 +24,6 @@ fn figure_after(text: &str, marker: &str) -> Option<f64> {
         "s" => Some(n * 1000.0),
         _ => None,
     }
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()))?;
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name()))?;
-        }
-    }
-    Ok(())
 }
 
 pub fn k8s_deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Value)> {

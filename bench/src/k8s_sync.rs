@@ -62,7 +62,8 @@ pub fn k8s_sync(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     };
     up.wait_line(0, Duration::from_secs(240), in_sync)?;
     up.wait_line(0, Duration::from_secs(30), |l| l.contains("observer ready"))?;
-    let pod = kubectl(&["-n", &ns.0, "get", "pods", "-l", "app=obs", "--field-selector=status.phase=Running", "-o", "jsonpath={.items[0].metadata.name}"])?;
+    // The dev pod (the original may still be terminating).
+    let pod = kubectl(&["-n", &ns.0, "get", "pods", "-l", "app=obs,devloop.dev/dev-session", "--field-selector=status.phase=Running", "-o", "jsonpath={.items[0].metadata.name}"])?;
     let laptop_file = p.dir.join("app/probe.txt");
     let cp_dir = ctx.tmp.path().join("k8s-sync-cp");
     std::fs::create_dir_all(&cp_dir)?;

@@ -174,11 +174,12 @@ fn main() -> std::process::ExitCode {
             | Command::Up { .. }
             | Command::Sync { .. }
             | Command::Down { .. }
+            | Command::Status { .. }
     );
     if !kubernetes_ready {
         let project = commands::load_project(&global).ok();
         if let commands::TargetChoice::Kubernetes { .. } = commands::choose_target(&global, project.as_ref()) {
-            eprintln!("devloop: error: the Kubernetes target runs `up`, `sync`, `down`, `deploy`, `history`, `rollback`, `intercept`, `intercept list` and `leave` so far; `watch` and `status` work on Docker only (drop --context/-n, or set `kind = \"docker\"` under [target])");
+            eprintln!("devloop: error: the Kubernetes target runs `up`, `sync`, `down`, `status`, `deploy`, `history`, `rollback`, `intercept`, `intercept list` and `leave` so far; `watch` works on Docker only (drop --context/-n, or set `kind = \"docker\"` under [target])");
             return std::process::ExitCode::FAILURE;
         }
     }

@@ -54,11 +54,20 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
     // The service's own output reaches the laptop (its request log line for /items).
     wait_for_log(&log, "GET /items", Duration::from_secs(30));
 
+    // status says what runs where: the dev pod, the agent's process, who syncs.
+    let o = with_cluster(&shop, &["status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{status}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(status.contains("deployment/api (dev pod since") && status.contains("process    running (pid") && status.contains("sync       syncing (pid"), "{status}");
+
     let statuses = shop.interrupt_all();
     assert!(statuses.iter().all(|s| s.success()), "{statuses:?}\n{}", std::fs::read_to_string(&log).unwrap());
     let o = with_cluster(&shop, &["down"]).output().unwrap();
     let down = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && down.contains("deployment/api restored"), "{down}");
+    let o = with_cluster(&shop, &["status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(status.contains("deployment/api (image ") && !status.contains("dev pod"), "{status}");
     assert_eq!(deployment_spec(&ns, "api"), before, "the spec after down differs from the original's");
     assert_ne!(kubectl(&["-n", &ns.name, "get", "secret", "api-devloop-dev"]).status.code(), Some(0), "the token secret is left over");
     kubectl_ok(&["-n", &ns.name, "rollout", "status", "deployment/api", "--timeout=120s"]);

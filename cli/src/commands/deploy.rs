@@ -33,8 +33,9 @@ pub(crate) struct Env {
 
 struct KubeEnv {
     rollout: KubeRollout,
-    pusher: Pusher,
-    pull: String,
+    /// The registry's client and its name for the nodes; None: images are loaded with the
+    /// local cluster's tool (kind, k3d, minikube) from the engine.
+    registry: Option<(Pusher, String)>,
 }
 
 impl Env {
@@ -50,15 +51,12 @@ impl Env {
             TargetChoice::Docker => None,
             TargetChoice::Kubernetes { settings, registry } => {
                 let cluster = Cluster::connect(&settings).await?;
-                let Some(reg) = registry::discover(&cluster, registry.as_deref()).await? else {
-                    return Err(registry::RegistryError::None {
-                        context: cluster.context.clone(),
-                    }
-                    .into());
+                let registry = match registry::route(&cluster, registry.as_deref()).await? {
+                    registry::ImageRoute::Registry(reg) => Some((Pusher::new(&reg.push)?, reg.pull)),
+                    registry::ImageRoute::Load { .. } => None,
                 };
                 Some(KubeEnv {
-                    pusher: Pusher::new(&reg.push)?,
-                    pull: reg.pull,
+                    registry,
                     rollout: KubeRollout {
                         cluster,
                         manifests: project.target.manifests.as_ref().map(|m| project.dir.join(m)),
@@ -96,11 +94,11 @@ impl Env {
 
     fn destination(&self) -> Destination<'_> {
         match &self.kube {
-            None => Destination::Engine,
-            Some(k) => Destination::Registry {
-                pusher: &k.pusher,
-                pull: &k.pull,
-            },
+            Some(KubeEnv {
+                registry: Some((pusher, pull)),
+                ..
+            }) => Destination::Registry { pusher, pull },
+            _ => Destination::Engine,
         }
     }
 }
@@ -194,6 +192,10 @@ pub(crate) async fn snapshot_and_roll_out(
     let started = Instant::now();
     let base = deploy::ensure_base(&env.docker, project, service, ui).await?;
     let snap = deploy::snapshot(&env.docker, project, service, &base, &env.destination()).await?;
+    if let Some(KubeEnv { registry: None, rollout }) = &env.kube {
+        // No registry: the snapshot made in the engine goes to the cluster with its tool.
+        registry::load_into_cluster(&rollout.cluster.context, &snap.image).await?;
+    }
     let docker_target = env.ctx();
     let target: &dyn RolloutTarget = match &env.kube {
         Some(k) => &k.rollout,

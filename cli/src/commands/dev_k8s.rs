@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::intercept_k8s::agent_image;
+use super::intercept_k8s::{agent_image, holder};
 use super::up::wait_for_signal;
 use crate::agent_link::{AgentLink, Connected};
 use crate::config::{Project, Service};
@@ -41,9 +41,15 @@ impl Connector for KubeConnector {
     }
 }
 
+/// The connector to the agent of a Deployment in dev mode (its token read from its Secret).
+pub async fn connector_for(cluster: &Cluster, record: &DevRecord) -> anyhow::Result<KubeConnector> {
+    let token = devpod::read_token(cluster, record).await?;
+    Ok(KubeConnector { cluster: cluster.clone(), session: record.session.clone(), token })
+}
+
 /// The command and working directory the container's image declares: from the local
 /// engine when it has the image, else from the registry.
-async fn image_command(image: &str, reg: &Registry) -> anyhow::Result<(Vec<String>, Vec<String>, Option<String>)> {
+async fn image_command(image: &str, reg: Option<&Registry>) -> anyhow::Result<(Vec<String>, Vec<String>, Option<String>)> {
     let strings = |v: &serde_json::Value| -> Vec<String> { v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect() };
     if let Ok((docker, _)) = super::connect_engine().await {
         if let Ok(i) = docker.inspect_image(image).await {
@@ -54,7 +60,10 @@ async fn image_command(image: &str, reg: &Registry) -> anyhow::Result<(Vec<Strin
     let (host, repo, reference) = registry::parse_reference(image);
     // The cluster's name for its registry may not be this machine's (kind: kind-registry:5000
     // inside, localhost:5001 outside).
-    let host = if host == reg.pull { reg.push.clone() } else { host };
+    let host = match reg {
+        Some(r) if host == r.pull => r.push.clone(),
+        _ => host,
+    };
     let config = Pusher::new(&host)?
         .image_config(&repo, &reference)
         .await
@@ -63,15 +72,9 @@ async fn image_command(image: &str, reg: &Registry) -> anyhow::Result<(Vec<Strin
     Ok((strings(&c["Entrypoint"]), strings(&c["Cmd"]), c["WorkingDir"].as_str().filter(|w| !w.is_empty()).map(String::from)))
 }
 
-fn holder() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "?".into());
-    format!("{user}@{host} pid {}", std::process::id())
-}
-
 /// Puts one service's Deployment in dev mode (or finds it there); returns the connector to
 /// its agent and what was done.
-async fn ensure_dev_pod(cluster: &Cluster, reg: &Registry, agent: &str, service: &Service) -> anyhow::Result<(KubeConnector, String)> {
+async fn ensure_dev_pod(cluster: &Cluster, reg: Option<&Registry>, agent: &str, service: &Service) -> anyhow::Result<(KubeConnector, String)> {
     let sync = service.sync.as_ref().context("no `sync` in devloop.toml")?;
     let d = deployment_of(cluster, &service.name).await?.with_context(|| {
         format!(
@@ -84,8 +87,7 @@ async fn ensure_dev_pod(cluster: &Cluster, reg: &Registry, agent: &str, service:
         anyhow::bail!("deployment/{name} is intercepted (by {}); `devloop leave {}` first", r.holder, r.service);
     }
     if let Some(r) = devpod::record_of(&d) {
-        let token = devpod::read_token(cluster, &r).await?;
-        return Ok((KubeConnector { cluster: cluster.clone(), session: r.session, token }, format!("deployment/{name} already in dev mode")));
+        return Ok((connector_for(cluster, &r).await?, format!("deployment/{name} already in dev mode")));
     }
     let template = d["spec"]["template"].clone();
     let index = service_container(&template, &service.name)?;
@@ -135,14 +137,15 @@ pub async fn up(project: &Project, settings: &KubeSettings, configured_registry:
     }
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
     let cluster = Cluster::connect(settings).await?;
-    let reg = registry::discover(&cluster, configured_registry)
-        .await?
-        .ok_or_else(|| registry::RegistryError::None { context: cluster.context.clone() })?;
+    let reg = match registry::route(&cluster, configured_registry).await? {
+        registry::ImageRoute::Registry(r) => Some(r),
+        registry::ImageRoute::Load { .. } => None,
+    };
     let agent = agent_image(&cluster, configured_registry).await?;
     let mut connectors = Vec::new();
     for service in &selected {
         let t = Instant::now();
-        let (conn, what) = ensure_dev_pod(&cluster, &reg, &agent, service).await.with_context(|| format!("dev mode for `{}`", service.name))?;
+        let (conn, what) = ensure_dev_pod(&cluster, reg.as_ref(), &agent, service).await.with_context(|| format!("dev mode for `{}`", service.name))?;
         let pod = ki::wait_session_pod(&cluster, devpod::SESSION_LABEL, &conn.session, Duration::from_secs(180)).await?;
         ui.info(&service.name, format!("{what}; pod {pod} ready ({})", human_ms(t.elapsed().as_millis() as u64)));
         connectors.push((service.name.clone(), Arc::new(conn)));
@@ -204,8 +207,7 @@ pub async fn sync(project: &Project, settings: &KubeSettings, service: &str, no_
     let cluster = Cluster::connect(settings).await?;
     let d = deployment_of(&cluster, service).await?.with_context(|| format!("no Deployment or Service named `{service}` in namespace `{}`", cluster.namespace))?;
     let r = devpod::record_of(&d).with_context(|| format!("`{service}` is not in dev mode; `devloop up {service}` switches it"))?;
-    let token = devpod::read_token(&cluster, &r).await?;
-    let conn = Arc::new(KubeConnector { cluster, session: r.session, token });
+    let conn = Arc::new(connector_for(&cluster, &r).await?);
     let ui = Ui::new([service]);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(engine::run(SyncSettings::for_service(&project.name, svc, !no_logs, None), conn, ui, shutdown.clone()));

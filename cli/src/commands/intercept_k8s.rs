@@ -44,15 +44,20 @@ async fn sweep(cluster: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Pushes the agent image (FROM scratch: the static binary) to the cluster's registry;
-/// returns the reference the nodes pull.
+/// Gets the agent image (FROM scratch: the static binary) to the cluster: pushed to its
+/// registry, or built in the local engine and loaded with kind/k3d/minikube; returns the
+/// reference the nodes use.
 pub async fn agent_image(cluster: &Cluster, configured: Option<&str>) -> anyhow::Result<String> {
     let (_, binary) = super::read_agent_binary()?;
     let tag = crate::target::agent_image_tag(&binary);
-    let Some(reg) = registry::discover(cluster, configured).await? else {
-        // kind, k3d and minikube load images without a registry, but only from a Docker
-        // image; the agent's has to be built for that first, which is not done yet.
-        return Err(registry::RegistryError::None { context: cluster.context.clone() }.into());
+    let reg = match registry::route(cluster, configured).await? {
+        registry::ImageRoute::Registry(r) => r,
+        registry::ImageRoute::Load { context } => {
+            let (docker, _) = super::connect_engine().await?;
+            let image = crate::target::docker_deploy::ensure_agent_image(&docker, &binary).await?;
+            registry::load_into_cluster(&context, &image).await?;
+            return Ok(image);
+        }
     };
     let t = Instant::now();
     let layer = registry::one_file_layer("devloop-agent", 0o755, &binary)?;
@@ -70,7 +75,8 @@ pub async fn agent_image(cluster: &Cluster, configured: Option<&str>) -> anyhow:
     Ok(format!("{}/devloop-agent:{tag}", reg.pull))
 }
 
-fn holder() -> String {
+/// Who holds a swap, for `list` and errors: user@host and pid.
+pub(crate) fn holder() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "?".into());
     format!("{user}@{host} pid {}", std::process::id())

@@ -30,6 +30,10 @@ pub struct ServiceReport {
 
 pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
     let project = load_project(global)?;
+    if let super::TargetChoice::Kubernetes { settings, .. } = super::choose_target(global, Some(&project)) {
+        let reports = kube_reports(&project, &settings).await?;
+        return print(&project, &reports, json);
+    }
     let (docker, engine_choice) = connect_engine().await?;
     let containers = docker::list_project_containers(&docker, &project.name, None).await?;
     let mut reports = Vec::new();
@@ -84,52 +88,86 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
                 };
             }
         }
-        let syncing = SyncLock::is_held(&project.name, &svc.name);
-        let saved = read_sync_status(&project.name, &svc.name);
-        if let Some(s) = &saved {
-            r.files = Some(s.files);
-            r.bytes = Some(s.bytes);
-            r.last_sync_ms = s.last_sync_ms;
-            r.pending = Some(s.pending);
-            r.errors = s.errors.clone();
-        }
-        r.sync = if svc.sync.is_none() {
-            "no sync configured".into()
-        } else if dev.is_none() {
-            "-".into()
-        } else if syncing {
-            let s = saved.unwrap_or_default();
-            let link = if s.connected {
-                format!("connected ({})", s.route)
-            } else {
-                "reconnecting".into()
-            };
-            format!(
-                "syncing (pid {}, {link}): {} files, {}, last sync {}, {} pending",
-                s.pid,
-                s.files,
-                human_bytes(s.bytes),
-                s.last_sync_ms.map(ago).unwrap_or_else(|| "never".into()),
-                s.pending
-            )
-        } else {
-            r.stale = true;
-            let since = saved
-                .as_ref()
-                .and_then(|s| s.stopped_at_ms.or(s.last_sync_ms));
-            match since {
-                Some(t) => format!("NOT SYNCING: the container's files may be stale since {} (run `devloop sync {}`)", ago(t), svc.name),
-                None => format!("NOT SYNCING: never synced; files are the image's (run `devloop sync {}`)", svc.name),
-            }
-        };
+        sync_state(&project.name, svc, dev.is_some(), &mut r);
         reports.push(r);
     }
+    print(&project, &reports, json)
+}
+
+/// On Kubernetes: each service's Deployment (its mode: dev pod, intercepted, a deployed
+/// snapshot, or its own image), the dev pod's agent and process, and the sync.
+async fn kube_reports(project: &crate::config::Project, settings: &crate::target::k8s::KubeSettings) -> anyhow::Result<Vec<ServiceReport>> {
+    use crate::target::k8s::{devpod, intercept as ki, rollout, Cluster};
+    let cluster = Cluster::connect(settings).await?;
+    let mut reports = Vec::new();
+    for svc in &project.services {
+        let mut r = ServiceReport {
+            service: svc.name.clone(),
+            container: None,
+            state: format!("no Deployment in namespace {}", cluster.namespace),
+            intercepted: false,
+            agent_version: None,
+            process: None,
+            sync: String::new(),
+            stale: false,
+            files: None,
+            bytes: None,
+            last_sync_ms: None,
+            pending: None,
+            errors: Vec::new(),
+        };
+        let d = rollout::deployment_of(&cluster, &svc.name).await.ok().flatten();
+        let dev = d.as_ref().and_then(devpod::record_of);
+        if let Some(d) = &d {
+            let name = d["metadata"]["name"].as_str().unwrap_or_default();
+            r.container = Some(format!("deployment/{name}"));
+            let ready = format!("{}/{} ready", d["status"]["readyReplicas"].as_u64().unwrap_or(0), d["spec"]["replicas"].as_u64().unwrap_or(1));
+            r.intercepted = ki::record_of(d).is_some();
+            r.state = if let Some(rec) = &dev {
+                format!("dev pod since {}, {ready}", ago(rec.started_ms))
+            } else if r.intercepted {
+                format!("agent in place of the service, {ready}")
+            } else {
+                let repo = crate::deploy::snapshot_repo(&project.name, &svc.name);
+                let template = &d["spec"]["template"];
+                let image = rollout::service_container(template, &svc.name)
+                    .ok()
+                    .and_then(|i| template["spec"]["containers"][i]["image"].as_str().map(String::from))
+                    .unwrap_or_default();
+                match rollout::snapshot_tag(&image, &repo) {
+                    Some(tag) => format!("deployed version {tag}, {ready}"),
+                    None => format!("image {image}, {ready}"),
+                }
+            };
+            if let Some(rec) = &dev {
+                let conn = crate::commands::dev_k8s::connector_for(&cluster, rec).await;
+                r.process = Some(match conn {
+                    Ok(conn) => match tokio::time::timeout(Duration::from_secs(5), crate::sync::engine::Connector::connect(&conn)).await {
+                        Ok(Ok((c, _))) => {
+                            c.link.close();
+                            r.agent_version = Some(c.welcome.agent_version.clone());
+                            describe_process(&c.welcome.process)
+                        }
+                        Ok(Err(e)) => format!("agent unreachable: {e:#}"),
+                        Err(_) => "agent did not answer within 5 s".into(),
+                    },
+                    Err(e) => format!("agent unreachable: {e:#}"),
+                });
+            }
+        }
+        sync_state(&project.name, svc, dev.is_some(), &mut r);
+        reports.push(r);
+    }
+    Ok(reports)
+}
+
+fn print(project: &crate::config::Project, reports: &[ServiceReport], json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        println!("{}", serde_json::to_string_pretty(reports)?);
         return Ok(());
     }
     println!("project {} ({})", project.name, project.dir.display());
-    for r in &reports {
+    for r in reports {
         println!("{}", r.service);
         if r.intercepted {
             println!(
@@ -154,6 +192,49 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The sync part of a report, from the state folder: who syncs, or since when the files
+/// may be stale. `has_target`: the service has a dev container or dev pod to sync into.
+fn sync_state(project: &str, svc: &crate::config::Service, has_target: bool, r: &mut ServiceReport) {
+    let syncing = SyncLock::is_held(project, &svc.name);
+    let saved = read_sync_status(project, &svc.name);
+    if let Some(s) = &saved {
+        r.files = Some(s.files);
+        r.bytes = Some(s.bytes);
+        r.last_sync_ms = s.last_sync_ms;
+        r.pending = Some(s.pending);
+        r.errors = s.errors.clone();
+    }
+    r.sync = if svc.sync.is_none() {
+        "no sync configured".into()
+    } else if !has_target {
+        "-".into()
+    } else if syncing {
+        let s = saved.unwrap_or_default();
+        let link = if s.connected {
+            format!("connected ({})", s.route)
+        } else {
+            "reconnecting".into()
+        };
+        format!(
+            "syncing (pid {}, {link}): {} files, {}, last sync {}, {} pending",
+            s.pid,
+            s.files,
+            human_bytes(s.bytes),
+            s.last_sync_ms.map(ago).unwrap_or_else(|| "never".into()),
+            s.pending
+        )
+    } else {
+        r.stale = true;
+        let since = saved
+            .as_ref()
+            .and_then(|s| s.stopped_at_ms.or(s.last_sync_ms));
+        match since {
+            Some(t) => format!("NOT SYNCING: the container's files may be stale since {} (run `devloop sync {}`)", ago(t), svc.name),
+            None => format!("NOT SYNCING: never synced; files are the image's (run `devloop sync {}`)", svc.name),
+        }
+    };
 }
 
 pub fn describe_process(p: &ProcessStatus) -> String {

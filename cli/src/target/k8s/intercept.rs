@@ -287,6 +287,13 @@ pub async fn delete_lease_account(cluster: &Cluster, deployment: &str) -> anyhow
 /// After an agent restored its workload by the lease, its ServiceAccount, Role, RoleBinding
 /// and Secret are left: removed here (by the next devloop command against the namespace)
 /// for every Deployment that is no longer intercepted. Returns the Deployments cleaned.
+/// On a Deployment the agent restored by its lease (value: the session).
+pub const RESTORED_BY_LEASE: &str = "devloop.dev/restored-by-lease";
+
+/// How old a lease account without a record (and without the lease's mark) must be before
+/// the sweep removes it.
+pub const LEASE_SETUP_GRACE: Duration = Duration::from_secs(120);
+
 pub async fn sweep_lease_leftovers(cluster: &Cluster) -> anyhow::Result<Vec<String>> {
     let path = format!("{}?labelSelector={}", cluster.path("v1", "serviceaccounts", None), SECRET_LABEL.replace('/', "%2F"));
     let accounts = match cluster.get_json(&path).await {
@@ -304,6 +311,28 @@ pub async fn sweep_lease_leftovers(cluster: &Cluster) -> anyhow::Result<Vec<Stri
             .map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {deployment}")))?;
         if d.as_ref().and_then(record_of).is_some() {
             continue;
+        }
+        let by_lease = d.as_ref().is_some_and(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].is_string());
+        // An intercept that is being set up has its account a few seconds before its record:
+        // without the lease's mark, only an old account is a leftover (of a cli killed while
+        // setting up).
+        let age = a["metadata"]["creationTimestamp"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok());
+        if !by_lease && age.is_none_or(|a| a < LEASE_SETUP_GRACE) {
+            continue;
+        }
+        if by_lease {
+            let mark = format!("/metadata/annotations/{}", pointer_token(RESTORED_BY_LEASE));
+            let path = cluster.path("apps/v1", "deployments", Some(deployment));
+            // Tested first, so a concurrent sweep's removal is no error.
+            let ops = serde_json::json!([{"op": "test", "path": mark, "value": d.as_ref().map(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].clone())}, {"op": "remove", "path": mark}]);
+            if let Err(e) = cluster.json_patch(&path, &ops).await {
+                if !matches!(status_of(&e), Some(404) | Some(409) | Some(422)) {
+                    return Err(cluster.err(e, "patch", "deployments", format!("removing the lease's mark from deployment {deployment}")).into());
+                }
+            }
         }
         delete_lease_account(cluster, deployment).await?;
         let secret = format!("{deployment}-devloop-intercept");
@@ -327,6 +356,17 @@ pub fn swap_patch(deployment: &serde_json::Value, record: &Record, template: &se
 /// the one on the Deployment, so two `leave`s cannot both apply.
 pub fn restore_patch(record: &Record) -> serde_json::Value {
     template_restore_patch(RECORD, SESSION_LABEL, &record.session, &record.template, &record.replicas)
+}
+
+/// The restore the agent sends when the lease runs out: [`restore_patch`] plus a mark on the
+/// Deployment (`devloop.dev/restored-by-lease`), which tells the next devloop command that
+/// the lease's account and Secret are leftovers to remove.
+pub fn lease_restore_patch(record: &Record) -> serde_json::Value {
+    let mut ops = restore_patch(record);
+    if let Some(list) = ops.as_array_mut() {
+        list.push(serde_json::json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(RESTORED_BY_LEASE)), "value": record.session}));
+    }
+    ops
 }
 
 /// A swap of a Deployment's pod template for one of devloop's (the intercept's agent, a dev
@@ -378,7 +418,7 @@ pub async fn create_token_secret(cluster: &Cluster, name: &str, record: &Record,
         // The lease's restore: the patch and the path the agent sends it to.
         "stringData": {
             "token": token,
-            "restore.json": serde_json::to_string(&restore_patch(record)).expect("a patch serializes"),
+            "restore.json": serde_json::to_string(&lease_restore_patch(record)).expect("a patch serializes"),
             "restore-path": cluster.path("apps/v1", "deployments", Some(deployment)),
         },
     });

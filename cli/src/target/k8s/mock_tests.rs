@@ -289,9 +289,15 @@ async fn check_namespace_names_only_a_missing_namespace() {
         get(&path).answer(404, not_found("namespaces \"team-a\"")),
         // A namespaced Role cannot read namespaces: not stopped here.
         get(&path).answer(403, status(403, "Forbidden", "namespaces \"team-a\" is forbidden")),
+        // Refused credentials are said at once, not at the first real request.
+        get(&path).answer(401, status(401, "Unauthorized", "Unauthorized")),
     ];
-    let (exists, missing, forbidden) =
-        exchange(expected, |c| async move { (c.check_namespace().await, c.check_namespace().await, c.check_namespace().await) }).await;
+    let (exists, missing, forbidden, unauthorized) = exchange(expected, |c| async move {
+        (c.check_namespace().await, c.check_namespace().await, c.check_namespace().await, c.check_namespace().await)
+    })
+    .await;
+    let unauthorized = unauthorized.unwrap_err().to_string();
+    assert!(unauthorized.contains("refused the context's credentials"), "{unauthorized}");
     exists.unwrap();
     let missing = missing.unwrap_err();
     assert!(matches!(&missing, KubeError::UnknownNamespace { namespace, context } if namespace == NS && context == "mock"), "{missing:?}");
@@ -376,6 +382,26 @@ async fn discover_reads_the_registry_the_cluster_advertises() {
         found,
         Some(Registry { push: "localhost:5001".into(), pull: "kind-registry:5000".into(), source: "ConfigMap kube-public/local-registry-hosting".into() })
     );
+}
+
+#[tokio::test]
+async fn route_loads_with_the_local_tool_only_for_kind_k3d_and_minikube() {
+    if registry_env_is_set() {
+        return;
+    }
+    let cm = "/api/v1/namespaces/kube-public/configmaps/local-registry-hosting";
+    for (context, want) in [("kind-dev", Some("kind-dev")), ("k3d-x", Some("k3d-x")), ("minikube", Some("minikube")), ("prod", None)] {
+        let expected = vec![get(cm).answer(404, not_found("configmaps \"local-registry-hosting\""))];
+        let got = exchange(expected, |mut c| async move {
+            c.context = context.into();
+            registry::route(&c, None).await
+        })
+        .await;
+        match want {
+            Some(ctx) => assert_eq!(got.unwrap(), registry::ImageRoute::Load { context: ctx.into() }),
+            None => assert!(got.unwrap_err().to_string().contains("set `registry = \"HOST:PORT\"` under [target]")),
+        }
+    }
 }
 
 #[tokio::test]
@@ -556,7 +582,7 @@ async fn create_token_secret_replaces_the_secret_with_the_token_and_the_restore(
         "type": "Opaque",
         "stringData": {
             "token": "tok",
-            "restore.json": serde_json::to_string(&intercept::restore_patch(&r)).unwrap(),
+            "restore.json": serde_json::to_string(&intercept::lease_restore_patch(&r)).unwrap(),
             "restore-path": deployments("api"),
         },
     });
@@ -600,20 +626,37 @@ async fn create_lease_account_replaces_leftovers_then_creates_a_role_for_this_de
 #[tokio::test]
 async fn sweep_removes_the_lease_leftovers_of_deployments_no_longer_intercepted() {
     let list = format!("/api/v1/namespaces/{NS}/serviceaccounts?labelSelector=devloop.dev%2Fintercept-of");
-    let account = |deployment: &str| json!({"metadata": {"name": format!("{deployment}-devloop-lease"), "labels": {SECRET_LABEL: deployment}}});
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let account = |deployment: &str, created: &str| json!({"metadata": {"name": format!("{deployment}-devloop-lease"), "labels": {SECRET_LABEL: deployment}, "creationTimestamp": created}});
     let mut intercepted = deployment("busy", json!({"app": "busy"}));
     intercepted["metadata"]["annotations"] = json!({RECORD: serde_json::to_string(&record()).unwrap()});
+    let mut by_lease = deployment("done", json!({"app": "done"}));
+    by_lease["metadata"]["annotations"] = json!({intercept::RESTORED_BY_LEASE: "s1"});
+    let mark = "/metadata/annotations/devloop.dev~1restored-by-lease";
     let mut expected = vec![
-        get(&list).answer(200, json!({"kind": "ServiceAccountList", "items": [account("busy"), {"metadata": {"name": "unlabelled"}}, account("done")]})),
+        get(&list).answer(
+            200,
+            json!({"kind": "ServiceAccountList", "items": [
+                account("busy", "2020-01-01T00:00:00Z"), {"metadata": {"name": "unlabelled"}}, account("done", &now),
+                account("setting-up", &now), account("stale", "2020-01-01T00:00:00Z"),
+            ]}),
+        ),
         // Still intercepted: left alone.
         get(&deployments("busy")).answer(200, intercepted),
-        // Restored by its lease (no record): its account and Secret go.
-        get(&deployments("done")).answer(200, deployment("done", json!({"app": "done"}))),
+        // Restored by its lease (the mark, however young): its account and Secret go, and the mark.
+        get(&deployments("done")).answer(200, by_lease),
+        patch(&deployments("done"), json!([{"op": "test", "path": mark, "value": "s1"}, {"op": "remove", "path": mark}])).answer(200, json!({})),
     ];
     expected.extend(lease_account_deletions("done", 200, json!({})));
     expected.push(delete(&format!("/api/v1/namespaces/{NS}/secrets/done-devloop-intercept")));
+    // No record and no mark, but just created: an intercept being set up, left alone.
+    expected.push(get(&deployments("setting-up")).answer(200, deployment("setting-up", json!({"app": "s"}))));
+    // No record, no mark, old: a cli killed while setting up; cleaned.
+    expected.push(get(&deployments("stale")).answer(200, deployment("stale", json!({"app": "t"}))));
+    expected.extend(lease_account_deletions("stale", 200, json!({})));
+    expected.push(delete(&format!("/api/v1/namespaces/{NS}/secrets/stale-devloop-intercept")));
     let cleaned = exchange(expected, |c| async move { intercept::sweep_lease_leftovers(&c).await }).await.unwrap();
-    assert_eq!(cleaned, vec!["done".to_string()]);
+    assert_eq!(cleaned, vec!["done".to_string(), "stale".to_string()]);
 }
 
 #[tokio::test]

@@ -93,6 +93,8 @@ impl Cluster {
             Ok(_) => Ok(()),
             Err(e) => match status_of(&e) {
                 Some(404) => Err(KubeError::UnknownNamespace { namespace: self.namespace.clone(), context: self.context.clone() }),
+                Some(401) => Err(KubeError::Unreachable { context: self.context.clone(), message: format!("the API server refused the context's credentials (401: expired or wrong?): {e}") }),
+                // 403 (may not read namespaces) and the rest: the first real request says more.
                 Some(_) => Ok(()),
                 None => Err(KubeError::Unreachable { context: self.context.clone(), message: e.to_string() }),
             },

@@ -74,6 +74,41 @@ pub async fn discover(cluster: &Cluster, configured: Option<&str>) -> Result<Opt
     }
 }
 
+/// How images reach the cluster: pushed to a registry, or (a kind, k3d or minikube cluster
+/// with none) loaded from the local engine with that tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRoute {
+    Registry(Registry),
+    /// Images are loaded with [`load_command`] for this context.
+    Load { context: String },
+}
+
+/// The registry if there is one, else the local cluster tool's load, else the error that
+/// names the setting to add.
+pub async fn route(cluster: &Cluster, configured: Option<&str>) -> anyhow::Result<ImageRoute> {
+    if let Some(r) = discover(cluster, configured).await? {
+        return Ok(ImageRoute::Registry(r));
+    }
+    if load_command(&cluster.context, "x").is_some() {
+        return Ok(ImageRoute::Load { context: cluster.context.clone() });
+    }
+    Err(RegistryError::None { context: cluster.context.clone() }.into())
+}
+
+/// Loads an image of the local engine into the context's cluster with its tool.
+pub async fn load_into_cluster(context: &str, image: &str) -> anyhow::Result<()> {
+    let cmd = load_command(context, image).ok_or_else(|| RegistryError::None { context: context.into() })?;
+    let out = tokio::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("`{}` cannot run ({e}); context `{context}` has no registry, so devloop loads images with it: install it, or give the cluster a registry (`registry` under [target])", cmd[0]))?;
+    if !out.status.success() {
+        anyhow::bail!("`{}` failed: {}", cmd.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 /// The command that loads a `docker save` archive into a local cluster without a registry,
 /// judged from the context's name as each tool names its contexts. None: not such a cluster.
 pub fn load_command(context: &str, image: &str) -> Option<Vec<String>> {
