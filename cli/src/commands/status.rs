@@ -28,6 +28,26 @@ pub struct ServiceReport {
     pub errors: Vec<String>,
 }
 
+impl ServiceReport {
+    fn new(service: &str, state: String) -> ServiceReport {
+        ServiceReport {
+            service: service.to_string(),
+            container: None,
+            state,
+            intercepted: false,
+            agent_version: None,
+            process: None,
+            sync: String::new(),
+            stale: false,
+            files: None,
+            bytes: None,
+            last_sync_ms: None,
+            pending: None,
+            errors: Vec::new(),
+        }
+    }
+}
+
 pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
     let project = load_project(global)?;
     if let super::TargetChoice::Kubernetes { settings, .. } = super::choose_target(global, Some(&project)) {
@@ -50,21 +70,8 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
             docker::label(c, labels::SERVICE) == Some(svc.name.as_str())
                 && docker::label(c, labels::KIND) == Some(labels::KIND_INTERCEPT)
         });
-        let mut r = ServiceReport {
-            service: svc.name.clone(),
-            container: None,
-            state: "no dev container".into(),
-            intercepted,
-            agent_version: None,
-            process: None,
-            sync: String::new(),
-            stale: false,
-            files: None,
-            bytes: None,
-            last_sync_ms: None,
-            pending: None,
-            errors: Vec::new(),
-        };
+        let mut r = ServiceReport::new(&svc.name, "no dev container".into());
+        r.intercepted = intercepted;
         if let Some(c) = dev {
             r.container = c
                 .names
@@ -101,21 +108,7 @@ async fn kube_reports(project: &crate::config::Project, settings: &crate::target
     let cluster = Cluster::connect(settings).await?;
     let mut reports = Vec::new();
     for svc in &project.services {
-        let mut r = ServiceReport {
-            service: svc.name.clone(),
-            container: None,
-            state: format!("no Deployment in namespace {}", cluster.namespace),
-            intercepted: false,
-            agent_version: None,
-            process: None,
-            sync: String::new(),
-            stale: false,
-            files: None,
-            bytes: None,
-            last_sync_ms: None,
-            pending: None,
-            errors: Vec::new(),
-        };
+        let mut r = ServiceReport::new(&svc.name, format!("no Deployment in namespace {}", cluster.namespace));
         let d = rollout::deployment_of(&cluster, &svc.name).await.ok().flatten();
         let dev = d.as_ref().and_then(devpod::record_of);
         if let Some(d) = &d {
