@@ -54,6 +54,11 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
     // The service's own output reaches the laptop (its request log line for /items).
     wait_for_log(&log, "GET /items", Duration::from_secs(30));
 
+    // A deploy would change the dev pod's template under the sync: refused.
+    let o = with_cluster(&shop, &["deploy", "api"]).output().unwrap();
+    let refused = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && refused.contains("is in dev mode"), "{refused}");
+
     // status says what runs where: the dev pod, the agent's process, who syncs.
     let o = with_cluster(&shop, &["status"]).output().unwrap();
     let status = String::from_utf8_lossy(&o.stdout).to_string();

@@ -9,6 +9,7 @@ pub mod intercept;
 pub mod portforward;
 pub mod registry;
 pub mod rollout;
+pub mod spdy;
 #[cfg(test)] mod mock_tests;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -208,6 +209,7 @@ pub const PERMISSIONS: &[(&str, &str, &str, &str)] = &[
     ("rbac.authorization.k8s.io", "rolebindings", "", "delete"),
     ("", "pods", "", "list"),
     ("", "pods", "portforward", "get"),
+    ("", "pods", "portforward", "create"),
     // deploy, history, rollback
     ("apps", "deployments", "", "create"),
     ("", "services", "", "create"),

@@ -1,5 +1,5 @@
-//! A port-forward to one port of a pod, as a byte stream: the API server's WebSocket
-//! protocol (`v4.channel.k8s.io`: each binary message starts with a channel byte, 0 for the
+//! A port-forward to one port of a pod, as a byte stream: SPDY first ([`super::spdy`], what
+//! kubectl speaks, the faster route), else the API server's WebSocket protocol (`v4.channel.k8s.io`: each binary message starts with a channel byte, 0 for the
 //! port's data and 1 for its errors; the first message on each channel carries the port
 //! number) over kube's upgraded connection.
 //!
@@ -15,7 +15,26 @@ use super::Cluster;
 
 const CHUNK: usize = 256 * 1024;
 
+/// Opens the port-forward: over SPDY, or over the WebSocket when the server refuses SPDY
+/// (or `DEVLOOP_PORTFORWARD=websocket` says so; `spdy` forbids the fallback).
 pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<DuplexStream, super::KubeError> {
+    let choice = std::env::var("DEVLOOP_PORTFORWARD").unwrap_or_default();
+    if choice == "websocket" {
+        return open_websocket(cluster, pod, port).await;
+    }
+    match super::spdy::open(cluster, pod, port).await {
+        Ok(s) => Ok(s),
+        Err(super::spdy::SpdyError::Refused(why)) if choice != "spdy" => {
+            tracing::info!(pod, why, "SPDY port-forward refused; using the WebSocket one");
+            open_websocket(cluster, pod, port).await
+        }
+        Err(super::spdy::SpdyError::Refused(why)) => Err(super::KubeError::Api { what: format!("port-forward to pod {pod}"), message: why }),
+        Err(super::spdy::SpdyError::Failed(e)) => Err(e),
+    }
+}
+
+/// The port-forward over the API server's WebSocket (`v4.channel.k8s.io`).
+pub async fn open_websocket(cluster: &Cluster, pod: &str, port: u16) -> Result<DuplexStream, super::KubeError> {
     let req = kube::core::Request::new(format!("/api/v1/namespaces/{}/pods", cluster.namespace))
         .portforward(pod, &[port])
         .map_err(|e| super::KubeError::Api { what: format!("port-forward to pod {pod}"), message: e.to_string() })?;

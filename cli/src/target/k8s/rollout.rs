@@ -76,7 +76,8 @@ pub fn snapshot_tag(image: &str, repo: &str) -> Option<String> {
     (last == repo && !tag.contains('/')).then(|| tag.to_string())
 }
 
-/// Refuses to touch a Deployment that an intercept holds: its template is the agent's.
+/// Refuses to touch a Deployment that an intercept or a dev pod holds: its template is
+/// devloop's, and the original comes back with `leave` or `down`.
 fn refuse_intercepted(d: &Value) -> anyhow::Result<()> {
     if let Some(r) = record_of(d) {
         anyhow::bail!(
@@ -84,6 +85,13 @@ fn refuse_intercepted(d: &Value) -> anyhow::Result<()> {
             r.deployment,
             r.holder,
             r.deployment
+        );
+    }
+    if let Some(r) = super::devpod::record_of(d) {
+        anyhow::bail!(
+            "deployment/{} is in dev mode (by {}); `devloop down` switches it back first",
+            r.deployment,
+            r.holder
         );
     }
     Ok(())
