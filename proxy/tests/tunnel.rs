@@ -888,9 +888,10 @@ async fn a_small_write_is_sent_at_once_and_credit_comes_back_in_batches() {
     assert_eq!(sizes, [MAX_DATA_FRAME, MAX_DATA_FRAME, 10]);
     let mut stream = writer.await.unwrap();
 
-    // Reading: no window for small reads, one grant once half the window is consumed.
+    // Reading: no window for small reads, one grant once half the window is consumed. The
+    // reader is behind (a frame still buffered): the window stays as it is.
     let half = INITIAL_WINDOW as usize / 2;
-    for _ in 0..half / MAX_DATA_FRAME {
+    for _ in 0..half / MAX_DATA_FRAME + 1 {
         agent.handle(TunnelFrame::Data { stream: 1, data: vec![5; MAX_DATA_FRAME] });
     }
     let mut buf = vec![0u8; half - 1];
@@ -898,6 +899,15 @@ async fn a_small_write_is_sent_at_once_and_credit_comes_back_in_batches() {
     assert!(timeout(Duration::from_millis(100), rx.recv()).await.is_err(), "window sent too early");
     stream.read_exact(&mut [0u8; 1]).await.unwrap();
     assert_eq!(next_frame(&mut rx).await, TunnelFrame::Window { stream: 1, credit: half as u32 });
+    // A reader that drains everything: the window, not the reader, limits the stream, so the
+    // grant doubles it.
+    for _ in 0..half / MAX_DATA_FRAME - 1 {
+        agent.handle(TunnelFrame::Data { stream: 1, data: vec![5; MAX_DATA_FRAME] });
+    }
+    let mut buf = vec![0u8; half];
+    stream.read_exact(&mut buf).await.unwrap();
+    assert_eq!(stream.buffered(), 0);
+    assert_eq!(next_frame(&mut rx).await, TunnelFrame::Window { stream: 1, credit: (half + INITIAL_WINDOW as usize) as u32 });
     // The peer's End then reads as end-of-file.
     agent.handle(TunnelFrame::End { stream: 1 });
     assert_eq!(stream.read(&mut [0u8; 1]).await.unwrap(), 0);

@@ -195,6 +195,31 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
     wait_for_log(&log, "ended elsewhere", Duration::from_secs(30));
     let _ = cli.wait();
     assert_eq!(deployment_spec(&ns, "api"), before);
+
+    // The same Role is enough for the other workflows: dev pods (up, down) and deploy,
+    // history and rollback, run as this user from a copy of the example.
+    let shop = Shop::new("k8srbac", false);
+    let cfg = shop.path().join("devloop.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n")).unwrap();
+    let in_shop = |args: &[&str]| {
+        let mut c = shop.cmd(&["-n", &ns.name]);
+        c.args(args).env("KUBECONFIG", &kubeconfig);
+        c
+    };
+    let mut up = spawn_logged(in_shop(&["up", "api"]), &state.path().join("up.log"));
+    wait_for_log(&state.path().join("up.log"), "in sync:", Duration::from_secs(240));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT);
+    let _ = up.wait();
+    let out = run_ok(in_shop(&["down"]));
+    assert!(out.contains("deployment/api restored"), "{out}");
+    let out = run_ok(in_shop(&["deploy", "api"]));
+    assert!(out.contains("rollout to ready"), "{out}");
+    let out = run_ok(in_shop(&["history", "api"]));
+    assert!(out.lines().filter(|l| l.starts_with('*')).count() == 1, "{out}");
+    let out = run_ok(in_shop(&["rollback", "api"]));
+    assert!(out.contains("rolled back"), "{out}");
+    assert_eq!(deployment_spec(&ns, "api")["template"]["spec"]["containers"][0]["image"], before["template"]["spec"]["containers"][0]["image"]);
 }
 
 /// The lease: the cli is killed and nobody runs `leave`; the agent restores the Deployment

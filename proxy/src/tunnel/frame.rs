@@ -14,6 +14,9 @@ pub const MAX_DATA_FRAME: usize = 32 * 1024;
 /// any [`TunnelFrame::Window`]. It is also the most a receiver ever buffers for one stream:
 /// a receiver grants credit back only as its application consumes data.
 pub const INITIAL_WINDOW: u32 = 256 * 1024;
+/// The most a receiver lets one stream have in flight once it has grown the window (a
+/// receiver grants beyond [`INITIAL_WINDOW`] only while its reader keeps up).
+pub const MAX_STREAM_WINDOW: u64 = 4 * 1024 * 1024;
 
 /// The most credit a sender may hold for one stream. Credit beyond it (a peer granting more
 /// than it could ever buffer) is a protocol violation and resets the stream.

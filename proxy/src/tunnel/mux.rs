@@ -4,7 +4,8 @@
 //!
 //! - **Incoming frames** go through [`Mux::handle`], a plain function that never waits: `Data`
 //!   is appended to the stream's buffer (bounded by the credit this side granted, so at most
-//!   [`INITIAL_WINDOW`] per stream), and the stream's reader is woken.
+//!   the stream's window: [`INITIAL_WINDOW`], grown up to [`MAX_STREAM_WINDOW`] only while
+//!   its reader drains the buffer), and the stream's reader is woken.
 //! - **Outgoing `Open`, `Data` and `End`** are written by the stream itself straight into the
 //!   bounded channel of outgoing frames, each after waiting for a slot. Tokio's channel hands
 //!   out slots first come, first served, so a bulk transfer (one [`MAX_DATA_FRAME`] at a time)
@@ -28,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
 use super::frame::{
-    cut_reason, Side, TunnelFrame, CONNECTION_LOST, INITIAL_WINDOW, MAX_DATA_FRAME, MAX_WINDOW,
+    cut_reason, Side, TunnelFrame, CONNECTION_LOST, INITIAL_WINDOW, MAX_DATA_FRAME, MAX_STREAM_WINDOW, MAX_WINDOW,
 };
 
 /// Streams the peer opened and the application has not accepted yet. Beyond this, a new
@@ -114,6 +115,11 @@ struct StreamState {
     recv_credit: u64,
     /// Bytes the application read that have not been granted back yet.
     unacked: u64,
+    /// How much the peer may have in flight: [`INITIAL_WINDOW`], doubled (up to
+    /// [`MAX_STREAM_WINDOW`]) each time a grant finds the reader has drained the buffer, i.e.
+    /// the window, not the reader, is what holds the stream back (a long round trip, as
+    /// through a Kubernetes port-forward).
+    window: u64,
     recv_end: bool,
     read_waker: Option<Waker>,
     send_credit: u64,
@@ -141,6 +147,7 @@ impl StreamState {
             buffered: 0,
             recv_credit: u64::from(INITIAL_WINDOW),
             unacked: 0,
+            window: u64::from(INITIAL_WINDOW),
             recv_end: false,
             read_waker: None,
             send_credit: u64::from(INITIAL_WINDOW),
@@ -600,7 +607,8 @@ impl MuxStream {
         self.port
     }
 
-    /// Bytes received and not read yet. Never above [`INITIAL_WINDOW`].
+    /// Bytes received and not read yet. Never above the stream's window ([`INITIAL_WINDOW`],
+    /// grown up to [`MAX_STREAM_WINDOW`] while the reader keeps up).
     pub fn buffered(&self) -> usize {
         lock(&self.state).buffered
     }
@@ -722,14 +730,20 @@ impl AsyncRead for MuxStream {
         st.unacked += n as u64;
         // Credit goes back in batches, so a stream read in small pieces does not send a
         // window per read; the peer still has at least half a window to go on.
-        if !st.recv_end && !st.finished && st.unacked >= u64::from(INITIAL_WINDOW / 2) {
-            let credit = st.unacked;
+        if !st.recv_end && !st.finished && st.unacked >= st.window / 2 {
+            let mut credit = st.unacked;
             st.unacked = 0;
+            if st.buffered == 0 && st.window < MAX_STREAM_WINDOW {
+                // The reader keeps up: the window limits the stream. Let more be in flight.
+                credit += st.window;
+                st.window *= 2;
+            }
             st.recv_credit += credit;
             let id = st.id;
             drop(st);
-            // `credit` < 1.5 * INITIAL_WINDOW (less than half a window before this read, plus
-            // at most the buffer, which never holds more than a window): it fits in a u32.
+            // `credit` < 2.5 * MAX_STREAM_WINDOW (less than half a window before this read,
+            // plus at most the buffer, which never holds more than a window, plus the
+            // growth): it fits in a u32.
             let credit = u32::try_from(credit).unwrap_or(u32::MAX);
             this.shared.queue_control(TunnelFrame::Window { stream: id, credit });
         }
