@@ -214,61 +214,81 @@ pub async fn snapshot(
         Destination::Engine => docker.inspect_image(&image).await.is_ok(),
         Destination::Registry { pusher, .. } => pusher.has_manifest(&repo, &tag).await?,
     };
-    if exists {
-        return Ok(Snapshot {
-            image,
-            tag,
-            reused: true,
-            files,
-            millis: started.elapsed().as_millis() as u64,
-            digest,
-            pushed: None,
-        });
+    let pushed = if exists {
+        None
+    } else {
+        let parts = Parts {
+            base_id,
+            base: base_json,
+            root,
+            tree,
+            container_dir: sync.container_dir.clone(),
+            labels,
+        };
+        make(docker, dest, base, parts, &repo, &tag, &image).await?
+    };
+    Ok(Snapshot {
+        image,
+        tag,
+        reused: exists,
+        files,
+        millis: started.elapsed().as_millis() as u64,
+        digest,
+        pushed,
+    })
+}
+
+/// What a snapshot is made of, owned, so the tar work can run on a blocking thread.
+struct Parts {
+    base_id: String,
+    base: serde_json::Value,
+    root: std::path::PathBuf,
+    tree: devloop_proxy::tree::Tree,
+    container_dir: String,
+    labels: Vec<(String, String)>,
+}
+
+impl Parts {
+    fn input(&self) -> snapshot::SnapshotInput<'_> {
+        snapshot::SnapshotInput {
+            base_id: &self.base_id,
+            base: &self.base,
+            laptop_root: &self.root,
+            tree: &self.tree,
+            container_dir: &self.container_dir,
+            labels: self.labels.clone(),
+        }
     }
-    let container_dir = sync.container_dir.clone();
+}
+
+/// Makes the snapshot at its destination: pushed to the registry (Some(what was sent)), or
+/// loaded into the engine with `docker load`.
+async fn make(
+    docker: &Docker,
+    dest: &Destination<'_>,
+    base: &str,
+    parts: Parts,
+    repo: &str,
+    tag: &str,
+    image: &str,
+) -> anyhow::Result<Option<crate::target::k8s::registry::PushReport>> {
     if let Destination::Registry { pusher, .. } = dest {
-        let base_layers = snapshot::base_layers(&base_json);
+        let base_layers = snapshot::base_layers(&parts.base);
         let (layer, config) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            let input = snapshot::SnapshotInput {
-                base_id: &base_id,
-                base: &base_json,
-                laptop_root: &root,
-                tree: &tree,
-                container_dir: &container_dir,
-                labels,
-            };
-            let layer = snapshot::layer_tar(&root, &tree, &container_dir)?;
+            let input = parts.input();
+            let layer = snapshot::layer_tar(input.laptop_root, input.tree, input.container_dir)?;
             let config = snapshot::image_config(&input, &snapshot::hex_sha256(&layer));
             Ok((layer, config))
         })
         .await??;
         let report =
-            push::push_snapshot(docker, pusher, &repo, &tag, push::Base { name: base, layers: &base_layers }, layer, &config)
+            push::push_snapshot(docker, pusher, repo, tag, push::Base { name: base, layers: &base_layers }, layer, &config)
                 .await
                 .with_context(|| format!("pushing the snapshot {image}"))?;
-        return Ok(Snapshot {
-            image,
-            tag,
-            reused: false,
-            files,
-            millis: started.elapsed().as_millis() as u64,
-            digest,
-            pushed: Some(report),
-        });
+        return Ok(Some(report));
     }
-    let image_ref = image.clone();
-    let archive = tokio::task::spawn_blocking(move || {
-        let input = snapshot::SnapshotInput {
-            base_id: &base_id,
-            base: &base_json,
-            laptop_root: &root,
-            tree: &tree,
-            container_dir: &container_dir,
-            labels,
-        };
-        snapshot::archive(&input, &image_ref)
-    })
-    .await??;
+    let image_ref = image.to_string();
+    let archive = tokio::task::spawn_blocking(move || snapshot::archive(&parts.input(), &image_ref)).await??;
     let mut stream = docker.import_image(
         bollard::query_parameters::ImportImageOptionsBuilder::new()
             .quiet(true)
@@ -282,16 +302,8 @@ pub async fn snapshot(
         })?;
     }
     docker
-        .inspect_image(&image)
+        .inspect_image(image)
         .await
         .with_context(|| format!("the engine did not keep the snapshot {image}"))?;
-    Ok(Snapshot {
-        image,
-        tag,
-        reused: false,
-        files,
-        millis: started.elapsed().as_millis() as u64,
-        digest,
-        pushed: None,
-    })
+    Ok(None)
 }

@@ -10,8 +10,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::intercept::{template_restore_patch, template_swap_patch};
-use super::{status_of, Cluster};
+use super::intercept::{apply_restore, apply_swap, records_on_deployments, template_restore_patch, template_swap_patch};
+use super::Cluster;
 
 /// The annotation holding a dev-mode Deployment's restore record.
 pub const RECORD: &str = "devloop.dev/dev";
@@ -176,37 +176,19 @@ pub async fn read_token(cluster: &Cluster, record: &DevRecord) -> anyhow::Result
 
 /// Switches the Deployment to dev mode in one patch (the record with it).
 pub async fn swap_in(cluster: &Cluster, deployment: &Value, record: &DevRecord, template: &Value) -> anyhow::Result<()> {
-    let path = cluster.path("apps/v1", "deployments", Some(&record.deployment));
-    cluster.json_patch(&path, &swap_patch(deployment, record, template)).await.map_err(|e| match status_of(&e) {
-        Some(422) | Some(409) => anyhow::anyhow!("deployment {} changed while devloop was switching it to dev mode; try again", record.deployment),
-        _ => cluster.err(e, "patch", "deployments", format!("switching deployment {} to dev mode", record.deployment)).into(),
-    })?;
-    Ok(())
+    let name = &record.deployment;
+    apply_swap(cluster, name, &swap_patch(deployment, record, template), "switching it to dev mode", format!("switching deployment {name} to dev mode")).await
 }
 
 /// Switches the Deployment back and removes the token Secret. Ok(false) when it was no
 /// longer in this session's dev mode.
 pub async fn restore(cluster: &Cluster, record: &DevRecord) -> anyhow::Result<bool> {
-    let path = cluster.path("apps/v1", "deployments", Some(&record.deployment));
-    let restored = match cluster.json_patch(&path, &restore_patch(record)).await {
-        Ok(_) => true,
-        Err(e) if matches!(status_of(&e), Some(422) | Some(409) | Some(404)) => false,
-        Err(e) => return Err(cluster.err(e, "patch", "deployments", format!("restoring deployment {}", record.deployment)).into()),
-    };
-    cluster
-        .delete(&cluster.path("v1", "secrets", Some(&record.secret)))
-        .await
-        .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing secret {}", record.secret)))?;
-    Ok(restored)
+    apply_restore(cluster, &record.deployment, &restore_patch(record), &record.secret).await
 }
 
 /// Every Deployment of the namespace in dev mode, with its record.
 pub async fn in_dev_mode(cluster: &Cluster) -> anyhow::Result<Vec<DevRecord>> {
-    let list = cluster
-        .get_json(&cluster.path("apps/v1", "deployments", None))
-        .await
-        .map_err(|e| cluster.err(e, "list", "deployments", "listing deployments"))?;
-    Ok(list["items"].as_array().into_iter().flatten().filter_map(record_of).collect())
+    records_on_deployments(cluster, record_of).await
 }
 
 /// The command the container runs: its `command` (else the image's entry point) followed

@@ -431,42 +431,57 @@ pub async fn create_token_secret(cluster: &Cluster, name: &str, record: &Record,
 
 /// Swaps the agent in: one request that saves the record and replaces the template.
 pub async fn swap_in(cluster: &Cluster, deployment: &serde_json::Value, record: &Record, template: &serde_json::Value) -> anyhow::Result<()> {
-    let path = cluster.path("apps/v1", "deployments", Some(&record.deployment));
-    cluster
-        .json_patch(&path, &swap_patch(deployment, record, template))
-        .await
-        .map_err(|e| match status_of(&e) {
-            Some(422) | Some(409) => anyhow::anyhow!("deployment {} changed while devloop was swapping it; try again", record.deployment),
-            _ => cluster.err(e, "patch", "deployments", format!("swapping deployment {}", record.deployment)).into(),
-        })?;
+    let name = &record.deployment;
+    apply_swap(cluster, name, &swap_patch(deployment, record, template), "swapping it", format!("swapping deployment {name}")).await
+}
+
+/// Sends a [`template_swap_patch`]; a failed test (the Deployment changed meanwhile) says
+/// so with `doing` ("deployment D changed while devloop was DOING; try again").
+pub async fn apply_swap(cluster: &Cluster, name: &str, patch: &serde_json::Value, doing: &str, what: String) -> anyhow::Result<()> {
+    let path = cluster.path("apps/v1", "deployments", Some(name));
+    cluster.json_patch(&path, patch).await.map_err(|e| match status_of(&e) {
+        Some(422) | Some(409) => anyhow::anyhow!("deployment {name} changed while devloop was {doing}; try again"),
+        _ => cluster.err(e, "patch", "deployments", what).into(),
+    })?;
     Ok(())
 }
 
 /// Restores the Deployment from its record and removes the token Secret. Ok(false) when the
 /// Deployment carries no record of this session (already restored).
 pub async fn restore(cluster: &Cluster, record: &Record) -> anyhow::Result<bool> {
-    let path = cluster.path("apps/v1", "deployments", Some(&record.deployment));
-    let restored = match cluster.json_patch(&path, &restore_patch(record)).await {
+    let restored = apply_restore(cluster, &record.deployment, &restore_patch(record), &record.secret).await?;
+    delete_lease_account(cluster, &record.deployment).await?;
+    Ok(restored)
+}
+
+/// Sends a [`template_restore_patch`] and removes the swap's token Secret. Ok(false) when
+/// the patch's test failed: no longer this session's swap (restored already).
+pub async fn apply_restore(cluster: &Cluster, name: &str, patch: &serde_json::Value, secret: &str) -> anyhow::Result<bool> {
+    let path = cluster.path("apps/v1", "deployments", Some(name));
+    let restored = match cluster.json_patch(&path, patch).await {
         Ok(_) => true,
-        // The test op failed: no longer this session's swap (restored already).
         Err(e) if matches!(status_of(&e), Some(422) | Some(409) | Some(404)) => false,
-        Err(e) => return Err(cluster.err(e, "patch", "deployments", format!("restoring deployment {}", record.deployment)).into()),
+        Err(e) => return Err(cluster.err(e, "patch", "deployments", format!("restoring deployment {name}")).into()),
     };
     cluster
-        .delete(&cluster.path("v1", "secrets", Some(&record.secret)))
+        .delete(&cluster.path("v1", "secrets", Some(secret)))
         .await
-        .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing secret {}", record.secret)))?;
-    delete_lease_account(cluster, &record.deployment).await?;
+        .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing secret {secret}")))?;
     Ok(restored)
 }
 
 /// Intercepted Deployments of the namespace, with their records.
 pub async fn intercepted(cluster: &Cluster) -> anyhow::Result<Vec<Record>> {
+    records_on_deployments(cluster, record_of).await
+}
+
+/// The records `read` finds on the namespace's Deployments (intercepts, dev pods).
+pub async fn records_on_deployments<T>(cluster: &Cluster, read: impl Fn(&serde_json::Value) -> Option<T>) -> anyhow::Result<Vec<T>> {
     let list = cluster
         .get_json(&cluster.path("apps/v1", "deployments", None))
         .await
         .map_err(|e| cluster.err(e, "list", "deployments", "listing deployments"))?;
-    Ok(list["items"].as_array().into_iter().flatten().filter_map(record_of).collect())
+    Ok(list["items"].as_array().into_iter().flatten().filter_map(read).collect())
 }
 
 /// The running, ready agent pod of this session.

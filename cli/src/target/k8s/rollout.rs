@@ -142,17 +142,7 @@ pub struct Revision {
 pub async fn revisions(cluster: &Cluster, d: &Value) -> anyhow::Result<(Vec<Revision>, Option<u64>)> {
     let uid = d["metadata"]["uid"].as_str().unwrap_or_default();
     let failed = failed_hashes(d);
-    let selector: Vec<String> = d["spec"]["selector"]["matchLabels"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-        .collect();
-    let path = format!(
-        "{}?labelSelector={}",
-        cluster.path("apps/v1", "replicasets", None),
-        url_escape(&selector.join(","))
-    );
+    let path = selected_by(cluster, d, "apps/v1", "replicasets");
     let list = cluster
         .get_json(&path)
         .await
@@ -232,6 +222,17 @@ pub async fn rollback(cluster: &Cluster, service: &str, revision: Option<u64>, t
 
 fn name_of(d: &Value) -> &str {
     d["metadata"]["name"].as_str().unwrap_or("?")
+}
+
+/// The list path of `resource` filtered by the Deployment's selector (its matchLabels).
+fn selected_by(cluster: &Cluster, d: &Value, group_version: &str, resource: &str) -> String {
+    let selector: Vec<String> = d["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    format!("{}?labelSelector={}", cluster.path(group_version, resource, None), url_escape(&selector.join(",")))
 }
 
 /// Percent-escapes a label selector for a query string.
@@ -397,13 +398,7 @@ async fn wait_rollout(cluster: &Cluster, name: &str, patched: &Value, timeout: D
 
 /// The Deployment's pods that run the new template (its containers' images).
 async fn new_pods(cluster: &Cluster, d: &Value, containers: &[Value]) -> Vec<Value> {
-    let selector: Vec<String> = d["spec"]["selector"]["matchLabels"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-        .collect();
-    let path = format!("{}?labelSelector={}", cluster.path("v1", "pods", None), url_escape(&selector.join(",")));
+    let path = selected_by(cluster, d, "v1", "pods");
     let Ok(list) = cluster.get_json(&path).await else {
         return Vec::new();
     };
