@@ -140,6 +140,11 @@ async fn accept_service(listener: TcpListener, port: u16, tunnel: Current) -> an
     }
 }
 
+/// The tunnel connection's read buffer. tungstenite zero-fills the free part of its buffer
+/// before every read, and a read of the tunnel returns about one 32 KiB frame: the default
+/// 128 KiB buffer spent 8 % of the agent's time on that fill during a 100 MiB transfer.
+const TUNNEL_READ_BUFFER: usize = 32 * 1024;
+
 async fn accept_control(
     listener: TcpListener,
     config: Arc<InterceptConfig>,
@@ -187,7 +192,7 @@ async fn serve_control(
         };
     let Ok(Ok(mut ws)) = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_hdr_async_with_config(tcp, check_path, Some(ws_config())),
+        tokio_tungstenite::accept_hdr_async_with_config(tcp, check_path, Some(ws_config().read_buffer_size(TUNNEL_READ_BUFFER))),
     )
     .await
     else {
@@ -247,15 +252,19 @@ async fn serve_control(
     }
     let writer = tokio::spawn(async move {
         loop {
-            let msg = tokio::select! {
+            let mut next = Some(tokio::select! {
                 f = frames_rx.recv() => match f { Some(f) => AgentMsg::Tunnel(f), None => break },
                 n = pong_rx.recv() => match n { Some(nonce) => AgentMsg::Pong { nonce }, None => break },
-            };
-            if sink
-                .send(Message::Binary(encode(&msg).into()))
-                .await
-                .is_err()
-            {
+            });
+            // Frames already queued go out in the same write; the flush comes as soon as the
+            // queue is empty, so nothing waits for more.
+            while let Some(msg) = next.take() {
+                if sink.feed(Message::Binary(encode(&msg).into())).await.is_err() {
+                    return;
+                }
+                next = frames_rx.try_recv().ok().map(AgentMsg::Tunnel);
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::cpu::CpuTimes;
 use crate::harness::{fmt_ms, median, now_ns, row, summary, Ctx, Proc, Row};
 
 const BULK: u64 = 100 << 20;
@@ -193,6 +194,8 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let spec = format!("8000:{port}");
     let (mut t_in, mut t_rollout, mut t_out) = (Vec::new(), Vec::new(), Vec::new());
     let mut pf_upload = Vec::new();
+    // CPU by program during each 100 MiB transfer: intercept, port-forward download, upload.
+    let mut cpu: [Vec<Vec<(String, f64)>>; 3] = Default::default();
     let (mut p50, mut p99, mut mib) = (<[Vec<f64>; 2]>::default(), <[Vec<f64>; 2]>::default(), <[Vec<f64>; 2]>::default());
     for r in 0..rounds {
         let mut w = waiter("laptop", "in")?;
@@ -210,24 +213,27 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         std::thread::sleep(Duration::from_secs(1));
         for k in 0..2 {
             let i = (k + r) % 2;
-            let (lat, bulk) = if i == 0 {
-                (
-                    loadgen_in(&ns.0, &caller_pod, &["latency", &svc, &requests.to_string()])?,
-                    loadgen_in(&ns.0, &caller_pod, &["fetch", &svc, &BULK.to_string()])?,
-                )
+            let lat = if i == 0 {
+                loadgen_in(&ns.0, &caller_pod, &["latency", &svc, &requests.to_string()])?
             } else {
-                (
-                    loadgen_here(&lg, &["latency", &pf_addr, &requests.to_string()])?,
-                    loadgen_here(&lg, &["fetch", &pf_addr, &BULK.to_string()])?,
-                )
+                loadgen_here(&lg, &["latency", &pf_addr, &requests.to_string()])?
             };
+            let before = CpuTimes::now();
+            let bulk = if i == 0 {
+                loadgen_in(&ns.0, &caller_pod, &["fetch", &svc, &BULK.to_string()])?
+            } else {
+                loadgen_here(&lg, &["fetch", &pf_addr, &BULK.to_string()])?
+            };
+            cpu[i].push(CpuTimes::now().since(&before));
             p50[i].push(lat["p50_us"].as_f64().unwrap_or(f64::NAN));
             p99[i].push(lat["p99_us"].as_f64().unwrap_or(f64::NAN));
             mib[i].push(bulk["mib_s"].as_f64().unwrap_or(f64::NAN));
         }
         // Diagnosis: the same 100 MiB in the intercept's direction (laptop -> pod) through
         // kubectl port-forward, as an upload to the pod's server.
+        let before = CpuTimes::now();
         let up = loadgen_here(&lg, &["upload", &pf_addr, &BULK.to_string()])?;
+        cpu[2].push(CpuTimes::now().since(&before));
         pf_upload.push(up["mib_s"].as_f64().unwrap_or(f64::NAN));
         let mut w = waiter("original", "out")?;
         let t0 = now_ns();
@@ -249,9 +255,23 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     drop(pf);
     drop(server);
 
+    // CPU per MiB by program, from the round with the median throughput of each path.
+    let bulk_mib = (BULK >> 20) as f64;
+    let cpu_of = |k: usize, speeds: &[f64]| {
+        let m = median(speeds);
+        let r = (0..speeds.len()).min_by(|a, b| (speeds[*a] - m).abs().total_cmp(&(speeds[*b] - m).abs())).unwrap_or(0);
+        crate::cpu::per_mib(cpu[k].get(r).map(Vec::as_slice).unwrap_or(&[]), bulk_mib)
+    };
+    let (cpu_intercept, cpu_intercept_line) = cpu_of(0, &mib[0]);
+    let (cpu_download, cpu_download_line) = cpu_of(1, &mib[1]);
+    let (cpu_upload, cpu_upload_line) = cpu_of(2, &pf_upload);
+    eprintln!("  CPU ms per MiB, intercept: {cpu_intercept_line}");
+    eprintln!("  CPU ms per MiB, port-forward download: {cpu_download_line}");
+    eprintln!("  CPU ms per MiB, port-forward upload: {cpu_upload_line}");
     let (m_in, m_out) = (median(&t_in), median(&t_out));
     let share = if t_rollout.is_empty() { f64::NAN } else { median(&t_rollout) / m_in * 100.0 };
     let (lat_ratio, bulk_ratio) = (median(&p50[0]) / median(&p50[1]), median(&mib[0]) / median(&mib[1]));
+    let upload_ratio = median(&mib[0]) / median(&pf_upload);
     let rows = vec![
         row("k8s-intercept", "intercept -> first tunnelled request (median)", fmt_ms(m_in), "<= 5000 ms", Some(m_in <= 5000.0)),
         row("k8s-intercept", "of which the agent pod's rollout until Ready (median, share)", format!("{} ({share:.0} %)", fmt_ms(median(&t_rollout))), "", None),
@@ -266,18 +286,21 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         row("k8s-intercept", "p50 intercept / port-forward", format!("{lat_ratio:.2}x"), "<= 1x", Some(lat_ratio <= 1.0)),
         row(
             "k8s-intercept",
-            "100 MiB: intercept / port-forward",
-            format!("{:.0} / {:.0} MiB/s", median(&mib[0]), median(&mib[1])),
+            "100 MiB: intercept / port-forward download (pod -> laptop: the issue's comparison)",
+            format!("{:.0} / {:.0} MiB/s ({bulk_ratio:.2}x)", median(&mib[0]), median(&mib[1])),
             ">= 1x",
             Some(bulk_ratio >= 1.0),
         ),
         row(
             "k8s-intercept",
-            "diagnosis: 100 MiB uploaded through kubectl port-forward (laptop -> pod, the intercept's data direction)",
-            format!("{:.0} MiB/s", median(&pf_upload)),
+            "100 MiB: intercept / port-forward upload (laptop -> pod: the intercept's data direction)",
+            format!("{:.0} / {:.0} MiB/s ({upload_ratio:.2}x)", median(&mib[0]), median(&pf_upload)),
             "",
             None,
         ),
+        row("k8s-intercept", "CPU ms per MiB, intercept", cpu_intercept_line, "", None),
+        row("k8s-intercept", "CPU ms per MiB, port-forward download", cpu_download_line, "", None),
+        row("k8s-intercept", "CPU ms per MiB, port-forward upload", cpu_upload_line, "", None),
     ];
     Ok((rows, serde_json::json!({
         "rounds": rounds,
@@ -287,5 +310,6 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         "intercept_p50_us": summary(&p50[0]), "intercept_p99_us": summary(&p99[0]), "intercept_mib_s": summary(&mib[0]),
         "port_forward_upload_mib_s": summary(&pf_upload),
         "port_forward_p50_us": summary(&p50[1]), "port_forward_p99_us": summary(&p99[1]), "port_forward_mib_s": summary(&mib[1]),
+        "cpu_ms_per_mib": {"intercept": cpu_intercept, "port_forward_download": cpu_download, "port_forward_upload": cpu_upload},
     })))
 }

@@ -4,6 +4,7 @@
 //! bench/results/latest.json. See bench/README.md.
 #![forbid(unsafe_code)]
 
+mod cpu;
 mod deploy;
 mod harness;
 mod intercept;

@@ -149,8 +149,17 @@ impl AgentLink {
                         None => { let _ = sink.close().await; break; }
                     },
                     Some(frame) = tunnel_rx.recv() => {
-                        let m = Message::Binary(encode(&LaptopMsg::Tunnel(frame)).into());
-                        if sink.send(m).await.is_err() { break; }
+                        // Frames already queued behind this one go out in the same write (one
+                        // port-forward frame, one syscall); the flush comes as soon as the
+                        // queue is empty, so nothing waits for more.
+                        let mut next = Some(frame);
+                        let mut ok = true;
+                        while let Some(frame) = next.take() {
+                            let m = Message::Binary(encode(&LaptopMsg::Tunnel(frame)).into());
+                            if sink.feed(m).await.is_err() { ok = false; break; }
+                            next = tunnel_rx.try_recv().ok();
+                        }
+                        if !ok || sink.flush().await.is_err() { break; }
                     },
                     _ = writer_closed.cancelled() => {
                         let frame = CloseFrame { code: CloseCode::Normal, reason: "devloop cli closing".into() };

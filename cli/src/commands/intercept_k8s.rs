@@ -37,11 +37,15 @@ pub struct KubeSwap {
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
 
 /// Removes what agents that restored their workload by the lease left behind, saying so.
-async fn sweep(cluster: &Cluster) -> anyhow::Result<()> {
-    for d in ki::sweep_lease_leftovers(cluster).await? {
+/// What it cannot remove is a warning: it blocks nothing.
+async fn sweep(cluster: &Cluster) {
+    let (cleaned, failed) = ki::sweep_lease_leftovers(cluster).await;
+    for d in cleaned {
         eprintln!("devloop: deployment/{d} was restored by its agent's lease (its cli had gone); removed the lease's account and secret");
     }
-    Ok(())
+    for e in failed {
+        eprintln!("devloop: warning: {e:#}");
+    }
 }
 
 /// Gets the agent image (FROM scratch: the static binary) to the cluster: pushed to its
@@ -85,7 +89,7 @@ pub(crate) fn holder() -> String {
 impl KubeSwap {
     pub async fn new(settings: &KubeSettings, registry: Option<&str>, opts: &InterceptOptions) -> anyhow::Result<KubeSwap> {
         let cluster = Cluster::connect(settings).await?;
-        sweep(&cluster).await?;
+        sweep(&cluster).await;
         let (deployment, service) = ki::find_deployment(&cluster, &opts.target).await?;
         let name = deployment["metadata"]["name"].as_str().unwrap_or_default().to_string();
         if let Some(r) = ki::record_of(&deployment) {
@@ -253,7 +257,7 @@ impl Swap for KubeSwap {
 
 pub async fn list(settings: &KubeSettings) -> anyhow::Result<()> {
     let cluster = Cluster::connect(settings).await?;
-    sweep(&cluster).await?;
+    sweep(&cluster).await;
     let records = ki::intercepted(&cluster).await?;
     if records.is_empty() {
         println!("no active intercepts in namespace {} (context {})", cluster.namespace, cluster.context);
@@ -276,7 +280,7 @@ pub async fn list(settings: &KubeSettings) -> anyhow::Result<()> {
 
 pub async fn leave(settings: &KubeSettings, target: Option<String>, all: bool) -> anyhow::Result<()> {
     let cluster = Cluster::connect(settings).await?;
-    sweep(&cluster).await?;
+    sweep(&cluster).await;
     let records = ki::intercepted(&cluster).await?;
     let chosen: Vec<Record> = match (&target, all) {
         (_, true) => records,

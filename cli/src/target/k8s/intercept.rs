@@ -49,8 +49,18 @@ pub struct Record {
 pub async fn find_deployment(cluster: &Cluster, name: &str) -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
     let path = cluster.path("apps/v1", "deployments", Some(name));
     let svc_path = cluster.path("v1", "services", Some(name));
-    let svc = cluster.get_opt(&svc_path).await.map_err(|e| cluster.err(e, "get", "services", format!("reading service {name}")))?;
-    if let Some(d) = cluster.get_opt(&path).await.map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {name}")))? {
+    let deployment = cluster.get_opt(&path).await.map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {name}")))?;
+    let svc = match cluster.get_opt(&svc_path).await {
+        Ok(svc) => svc,
+        // The Service only adds its port names and numbers to `--port`: a user who may not
+        // read Services can still intercept a Deployment by its name, by container port.
+        Err(e) if deployment.is_some() && status_of(&e) == Some(403) => {
+            tracing::debug!(service = name, "reading the Service is forbidden; going on with the Deployment's container ports");
+            None
+        }
+        Err(e) => return Err(cluster.err(e, "get", "services", format!("reading service {name}")).into()),
+    };
+    if let Some(d) = deployment {
         return Ok((d, svc));
     }
     let Some(svc) = svc else {
@@ -284,9 +294,6 @@ pub async fn delete_lease_account(cluster: &Cluster, deployment: &str) -> anyhow
     Ok(())
 }
 
-/// After an agent restored its workload by the lease, its ServiceAccount, Role, RoleBinding
-/// and Secret are left: removed here (by the next devloop command against the namespace)
-/// for every Deployment that is no longer intercepted. Returns the Deployments cleaned.
 /// On a Deployment the agent restored by its lease (value: the session).
 pub const RESTORED_BY_LEASE: &str = "devloop.dev/restored-by-lease";
 
@@ -294,23 +301,42 @@ pub const RESTORED_BY_LEASE: &str = "devloop.dev/restored-by-lease";
 /// the sweep removes it.
 pub const LEASE_SETUP_GRACE: Duration = Duration::from_secs(120);
 
-pub async fn sweep_lease_leftovers(cluster: &Cluster) -> anyhow::Result<Vec<String>> {
+/// After an agent restored its workload by the lease, its ServiceAccount, Role, RoleBinding
+/// and Secret are left: removed here (by the next devloop command against the namespace)
+/// for every Deployment that is no longer intercepted. Best effort: what it could not remove
+/// is reported and the rest goes on (nothing else depends on it). Returns the Deployments
+/// cleaned and what failed.
+pub async fn sweep_lease_leftovers(cluster: &Cluster) -> (Vec<String>, Vec<anyhow::Error>) {
     let path = format!("{}?labelSelector={}", cluster.path("v1", "serviceaccounts", None), SECRET_LABEL.replace('/', "%2F"));
     let accounts = match cluster.get_json(&path).await {
         Ok(v) => v,
-        // A user who may not list ServiceAccounts cannot clean up; nothing else depends on it.
-        Err(e) if status_of(&e) == Some(403) => return Ok(Vec::new()),
-        Err(e) => return Err(cluster.err(e, "list", "serviceaccounts", "listing devloop's lease accounts").into()),
+        // A user who may not list ServiceAccounts cannot clean up.
+        Err(e) if status_of(&e) == Some(403) => return (Vec::new(), Vec::new()),
+        Err(e) => return (Vec::new(), vec![cluster.err(e, "list", "serviceaccounts", "listing devloop's lease accounts").into()]),
     };
-    let mut cleaned = Vec::new();
+    let (mut cleaned, mut failed) = (Vec::new(), Vec::new());
     for a in accounts["items"].as_array().into_iter().flatten() {
         let Some(deployment) = a["metadata"]["labels"][SECRET_LABEL].as_str() else { continue };
+        match sweep_one(cluster, deployment, a).await {
+            Ok(true) => cleaned.push(deployment.to_string()),
+            Ok(false) => {}
+            Err(e) => failed.push(e.context(format!("removing the lease leftovers of deployment {deployment}"))),
+        }
+    }
+    (cleaned, failed)
+}
+
+/// Removes the lease account `account` of `deployment` (and its Secret) if it is a
+/// leftover; whether it was.
+async fn sweep_one(cluster: &Cluster, deployment: &str, account: &serde_json::Value) -> anyhow::Result<bool> {
+    let a = account;
+    {
         let d = cluster
             .get_opt(&cluster.path("apps/v1", "deployments", Some(deployment)))
             .await
             .map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {deployment}")))?;
         if d.as_ref().and_then(record_of).is_some() {
-            continue;
+            return Ok(false);
         }
         let by_lease = d.as_ref().is_some_and(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].is_string());
         // An intercept that is being set up has its account a few seconds before its record:
@@ -321,7 +347,7 @@ pub async fn sweep_lease_leftovers(cluster: &Cluster) -> anyhow::Result<Vec<Stri
             .and_then(|t| humantime::parse_rfc3339(t).ok())
             .and_then(|t| std::time::SystemTime::now().duration_since(t).ok());
         if !by_lease && age.is_none_or(|a| a < LEASE_SETUP_GRACE) {
-            continue;
+            return Ok(false);
         }
         if by_lease {
             let mark = format!("/metadata/annotations/{}", pointer_token(RESTORED_BY_LEASE));
@@ -340,9 +366,8 @@ pub async fn sweep_lease_leftovers(cluster: &Cluster) -> anyhow::Result<Vec<Stri
             .delete(&cluster.path("v1", "secrets", Some(&secret)))
             .await
             .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing secret {secret}")))?;
-        cleaned.push(deployment.to_string());
     }
-    Ok(cleaned)
+    Ok(true)
 }
 
 /// The JSON patch that swaps the template in: it fails (and changes nothing) if the
@@ -410,7 +435,12 @@ pub fn template_restore_patch(key: &str, label: &str, session: &str, template: &
 pub async fn create_token_secret(cluster: &Cluster, name: &str, record: &Record, token: &str) -> anyhow::Result<()> {
     let deployment = record.deployment.as_str();
     let path = cluster.path("v1", "secrets", None);
-    let _ = cluster.delete(&cluster.path("v1", "secrets", Some(name))).await;
+    // A leftover of an earlier session goes first; failing that, say why here rather than
+    // with the "already exists" the create would then answer.
+    cluster
+        .delete(&cluster.path("v1", "secrets", Some(name)))
+        .await
+        .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing the leftover secret {name}")))?;
     let body = serde_json::json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "labels": {SECRET_LABEL: deployment, "app.kubernetes.io/managed-by": "devloop"}},

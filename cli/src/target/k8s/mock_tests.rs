@@ -449,12 +449,23 @@ async fn discover_finds_nothing_on_404_403_or_an_empty_configmap_and_names_other
 async fn find_deployment_by_the_deployment_name() {
     let d = deployment("api", json!({"app": "api"}));
     let expected = vec![
-        get(&format!("/api/v1/namespaces/{NS}/services/api")).answer(404, not_found("services \"api\"")),
         get(&deployments("api")).answer(200, d.clone()),
+        get(&format!("/api/v1/namespaces/{NS}/services/api")).answer(404, not_found("services \"api\"")),
     ];
     let (found, svc) = exchange(expected, |c| async move { intercept::find_deployment(&c, "api").await }).await.unwrap();
     assert_eq!(found, d);
     assert_eq!(svc, None);
+}
+
+#[tokio::test]
+async fn find_deployment_by_its_name_needs_no_permission_on_services() {
+    let d = deployment("api", json!({"app": "api"}));
+    let expected = vec![
+        get(&deployments("api")).answer(200, d.clone()),
+        get(&format!("/api/v1/namespaces/{NS}/services/api")).answer(403, status(403, "Forbidden", "services \"api\" is forbidden")),
+    ];
+    let (found, svc) = exchange(expected, |c| async move { intercept::find_deployment(&c, "api").await }).await.unwrap();
+    assert_eq!((found, svc), (d, None));
 }
 
 #[tokio::test]
@@ -464,8 +475,8 @@ async fn find_deployment_by_a_service_selecting_its_pods() {
     let partial = deployment("api-canary", json!({"app": "api"}));
     let api = deployment("api", json!({"app": "api", "tier": "be", "extra": "x"}));
     let expected = vec![
-        get(&format!("/api/v1/namespaces/{NS}/services/web")).answer(200, svc.clone()),
         get(&deployments("web")).answer(404, not_found("deployments.apps \"web\"")),
+        get(&format!("/api/v1/namespaces/{NS}/services/web")).answer(200, svc.clone()),
         get(&format!("/apis/apps/v1/namespaces/{NS}/deployments")).answer(200, json!({"kind": "DeploymentList", "items": [other, partial, api.clone()]})),
     ];
     let (found, found_svc) = exchange(expected, |c| async move { intercept::find_deployment(&c, "web").await }).await.unwrap();
@@ -480,19 +491,20 @@ async fn find_deployment_explains_ambiguous_selectorless_and_unknown_names() {
     let headless = json!({"kind": "Service", "metadata": {"name": "web"}, "spec": {"clusterIP": "None"}});
     let expected = vec![
         // Two Deployments behind the Service.
-        get(&svc_path).answer(200, with_selector),
         get(&deployments("web")).answer(404, not_found("deployments.apps \"web\"")),
+        get(&svc_path).answer(200, with_selector),
         get(&format!("/apis/apps/v1/namespaces/{NS}/deployments")).answer(
             200,
             json!({"kind": "DeploymentList", "items": [deployment("web-blue", json!({"app": "web"})), deployment("web-green", json!({"app": "web"}))]}),
         ),
         // A Service without a selector: nothing is listed.
+        get(&deployments("web")).answer(404, not_found("deployments.apps \"web\"")),
         get(&svc_path).answer(200, headless),
-        get(&deployments("web")).answer(404, not_found("deployments.apps \"web\"")),
         // Neither a Service nor a Deployment.
-        get(&svc_path).answer(404, not_found("services \"web\"")),
         get(&deployments("web")).answer(404, not_found("deployments.apps \"web\"")),
-        // Reading the Service is forbidden.
+        get(&svc_path).answer(404, not_found("services \"web\"")),
+        // No Deployment of that name, and reading the Service is forbidden.
+        get(&deployments("web")).answer(404, not_found("deployments.apps \"web\"")),
         get(&svc_path).answer(403, status(403, "Forbidden", "services \"web\" is forbidden")),
     ];
     let out = exchange(expected, |c| async move {
@@ -594,6 +606,16 @@ async fn create_token_secret_replaces_the_secret_with_the_token_and_the_restore(
 }
 
 #[tokio::test]
+async fn create_token_secret_names_a_leftover_it_may_not_delete() {
+    let expected = vec![delete(&format!("/api/v1/namespaces/{NS}/secrets/api-devloop-intercept"))
+        .answer(403, status(403, "Forbidden", "secrets \"api-devloop-intercept\" is forbidden"))];
+    let e = exchange(expected, |c| async move { intercept::create_token_secret(&c, "api-devloop-intercept", &record(), "tok").await })
+        .await
+        .unwrap_err();
+    assert!(matches!(kube_error(&e), KubeError::Forbidden { verb, resource, .. } if verb == "delete" && resource == "secrets"), "{e}");
+}
+
+#[tokio::test]
 async fn create_lease_account_replaces_leftovers_then_creates_a_role_for_this_deployment_only() {
     let name = "api-devloop-lease";
     let labels = json!({SECRET_LABEL: "api", "app.kubernetes.io/managed-by": "devloop"});
@@ -655,16 +677,36 @@ async fn sweep_removes_the_lease_leftovers_of_deployments_no_longer_intercepted(
     expected.push(get(&deployments("stale")).answer(200, deployment("stale", json!({"app": "t"}))));
     expected.extend(lease_account_deletions("stale", 200, json!({})));
     expected.push(delete(&format!("/api/v1/namespaces/{NS}/secrets/stale-devloop-intercept")));
-    let cleaned = exchange(expected, |c| async move { intercept::sweep_lease_leftovers(&c).await }).await.unwrap();
+    let (cleaned, failed) = exchange(expected, |c| async move { intercept::sweep_lease_leftovers(&c).await }).await;
     assert_eq!(cleaned, vec!["done".to_string(), "stale".to_string()]);
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+#[tokio::test]
+async fn sweep_goes_on_past_a_leftover_it_cannot_remove() {
+    let list = format!("/api/v1/namespaces/{NS}/serviceaccounts?labelSelector=devloop.dev%2Fintercept-of");
+    let account = |d: &str| json!({"metadata": {"name": format!("{d}-devloop-lease"), "labels": {SECRET_LABEL: d}, "creationTimestamp": "2020-01-01T00:00:00Z"}});
+    let mut expected = vec![
+        get(&list).answer(200, json!({"kind": "ServiceAccountList", "items": [account("first"), account("second")]})),
+        // The first one's Deployment cannot be read: reported, and the sweep goes on.
+        get(&deployments("first")).answer(500, status(500, "InternalError", "etcd timed out")),
+        get(&deployments("second")).answer(200, deployment("second", json!({"app": "s"}))),
+    ];
+    expected.extend(lease_account_deletions("second", 200, json!({})));
+    expected.push(delete(&format!("/api/v1/namespaces/{NS}/secrets/second-devloop-intercept")));
+    let (cleaned, failed) = exchange(expected, |c| async move { intercept::sweep_lease_leftovers(&c).await }).await;
+    assert_eq!(cleaned, vec!["second".to_string()]);
+    assert_eq!(failed.len(), 1);
+    let text = format!("{:#}", failed[0]);
+    assert!(text.contains("deployment first") && text.contains("etcd timed out"), "{text}");
 }
 
 #[tokio::test]
 async fn sweep_does_nothing_when_listing_accounts_is_forbidden() {
     let list = format!("/api/v1/namespaces/{NS}/serviceaccounts?labelSelector=devloop.dev%2Fintercept-of");
     let expected = vec![get(&list).answer(403, status(403, "Forbidden", "serviceaccounts is forbidden"))];
-    let cleaned = exchange(expected, |c| async move { intercept::sweep_lease_leftovers(&c).await }).await.unwrap();
-    assert!(cleaned.is_empty());
+    let (cleaned, failed) = exchange(expected, |c| async move { intercept::sweep_lease_leftovers(&c).await }).await;
+    assert!(cleaned.is_empty() && failed.is_empty());
 }
 
 #[tokio::test]

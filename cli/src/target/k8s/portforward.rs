@@ -12,21 +12,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Cluster;
+use crate::agent_link::Transport;
 
 const CHUNK: usize = 256 * 1024;
 
 /// Opens the port-forward: over SPDY, or over the WebSocket when the server refuses SPDY
 /// (or `DEVLOOP_PORTFORWARD=websocket` says so; `spdy` forbids the fallback).
-pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<DuplexStream, super::KubeError> {
+pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<Box<dyn Transport>, super::KubeError> {
     let choice = std::env::var("DEVLOOP_PORTFORWARD").unwrap_or_default();
     if choice == "websocket" {
-        return open_websocket(cluster, pod, port).await;
+        return Ok(Box::new(open_websocket(cluster, pod, port).await?));
     }
     match super::spdy::open(cluster, pod, port).await {
-        Ok(s) => Ok(s),
+        Ok(s) => Ok(Box::new(s)),
         Err(super::spdy::SpdyError::Refused(why)) if choice != "spdy" => {
             tracing::info!(pod, why, "SPDY port-forward refused; using the WebSocket one");
-            open_websocket(cluster, pod, port).await
+            Ok(Box::new(open_websocket(cluster, pod, port).await?))
         }
         Err(super::spdy::SpdyError::Refused(why)) => Err(super::KubeError::Api { what: format!("port-forward to pod {pod}"), message: why }),
         Err(super::spdy::SpdyError::Failed(e)) => Err(e),

@@ -11,9 +11,11 @@
 //! the server's header blocks are skipped unread, so no compressor is needed. The peer
 //! (Go's spdystream) keeps no flow-control windows, and none are kept here.
 
-use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::sync::Mutex;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{Cluster, KubeError};
 
@@ -25,7 +27,6 @@ const GOAWAY: u16 = 7;
 const FLAG_FIN: u8 = 0x01;
 const ERROR_STREAM: u32 = 1;
 const DATA_STREAM: u32 = 3;
-const CHUNK: usize = 256 * 1024;
 
 /// Why the SPDY route was not taken: the server said no to the upgrade (so the WebSocket
 /// may work), or something else failed.
@@ -100,14 +101,17 @@ pub fn data_frame_header(id: u32, flags: u8, len: usize) -> [u8; 8] {
     h
 }
 
-/// One frame as read from the server.
+/// One frame as read from the server (what the tests' fake server reads).
+#[cfg(test)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
     Data { stream: u32, fin: bool, data: Vec<u8> },
     Control { kind: u16, flags: u8, payload: Vec<u8> },
 }
 
+#[cfg(test)]
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Frame> {
+    use tokio::io::AsyncReadExt;
     let mut h = [0u8; 8];
     r.read_exact(&mut h).await?;
     let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
@@ -123,7 +127,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Fram
 
 /// Opens the port-forward to `pod`:`port` over SPDY; the returned stream carries the port's
 /// bytes (EOF when the pod's side ends).
-pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<DuplexStream, SpdyError> {
+pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<SpdyStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>, SpdyError> {
     let failed = |message: String| SpdyError::Failed(KubeError::Api { what: format!("port-forward to pod {pod}"), message });
     let path = format!("/api/v1/namespaces/{}/pods/{pod}/portforward", cluster.namespace);
     let req = http::Request::post(&path)
@@ -146,85 +150,256 @@ pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<DuplexStrea
         return Err(SpdyError::Refused(format!("the API server answered {status} to the SPDY upgrade")));
     }
     let upgraded = hyper::upgrade::on(res).await.map_err(|e| failed(format!("upgrading to SPDY: {e}")))?;
-    let io = hyper_util::rt::TokioIo::new(upgraded);
-    let (mut rd, wr) = tokio::io::split(io);
-    let wr = Arc::new(Mutex::new(wr));
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
     // kubectl's order: the error stream (closed for writing at once), then the data stream.
     let mut headers = HeaderBlocks::default();
     let port_s = port.to_string();
-    {
-        let mut w = wr.lock().await;
-        let err_block = headers.block(&[("port", &port_s), ("requestid", "0"), ("streamtype", "error")]);
-        w.write_all(&syn_stream(ERROR_STREAM, 0, &err_block)).await.map_err(|e| failed(e.to_string()))?;
-        w.write_all(&data_frame_header(ERROR_STREAM, FLAG_FIN, 0)).await.map_err(|e| failed(e.to_string()))?;
-        let data_block = headers.block(&[("port", &port_s), ("requestid", "0"), ("streamtype", "data")]);
-        w.write_all(&syn_stream(DATA_STREAM, 0, &data_block)).await.map_err(|e| failed(e.to_string()))?;
-        w.flush().await.map_err(|e| failed(e.to_string()))?;
-    }
-    let (mine, theirs) = tokio::io::duplex(4 * CHUNK);
-    let (mut from_laptop, mut to_laptop) = tokio::io::split(theirs);
-    let writer = wr.clone();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = match from_laptop.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let mut w = writer.lock().await;
-            if send_data(&mut *w, &buf[..n]).await.is_err() {
-                return;
-            }
-        }
-        let mut w = writer.lock().await;
-        let _ = w.write_all(&data_frame_header(DATA_STREAM, FLAG_FIN, 0)).await;
-        let _ = w.flush().await;
-    });
-    let pod = pod.to_string();
-    tokio::spawn(async move {
-        loop {
-            match read_frame(&mut rd).await {
-                Ok(Frame::Data { stream: DATA_STREAM, fin, data }) => {
-                    if !data.is_empty() && to_laptop.write_all(&data).await.is_err() {
-                        break;
-                    }
-                    if fin {
-                        break;
-                    }
-                }
-                Ok(Frame::Data { stream: ERROR_STREAM, data, .. }) => {
-                    if !data.is_empty() {
-                        tracing::warn!(pod, error = %String::from_utf8_lossy(&data), "the port-forward reported an error");
-                        break;
-                    }
-                }
-                Ok(Frame::Data { .. }) => {}
-                Ok(Frame::Control { kind: PING, payload, .. }) => {
-                    let mut w = wr.lock().await;
-                    if w.write_all(&control(PING, 0, &payload)).await.is_err() || w.flush().await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Frame::Control { kind: RST_STREAM | GOAWAY, .. }) => break,
-                // SYN_REPLY, SETTINGS, WINDOW_UPDATE, HEADERS: nothing to do.
-                Ok(Frame::Control { .. }) => {}
-                Err(_) => break,
-            }
-        }
-        let _ = to_laptop.shutdown().await;
-    });
-    Ok(mine)
+    let err_block = headers.block(&[("port", &port_s), ("requestid", "0"), ("streamtype", "error")]);
+    let data_block = headers.block(&[("port", &port_s), ("requestid", "0"), ("streamtype", "data")]);
+    let mut opening = syn_stream(ERROR_STREAM, 0, &err_block);
+    opening.extend_from_slice(&data_frame_header(ERROR_STREAM, FLAG_FIN, 0));
+    opening.extend_from_slice(&syn_stream(DATA_STREAM, 0, &data_block));
+    io.write_all(&opening).await.map_err(|e| failed(e.to_string()))?;
+    io.flush().await.map_err(|e| failed(e.to_string()))?;
+    Ok(SpdyStream::new(io, pod))
 }
 
-async fn send_data<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> std::io::Result<()> {
-    w.write_all(&data_frame_header(DATA_STREAM, 0, data.len())).await?;
-    w.write_all(data).await?;
-    w.flush().await
+/// The port's data stream of a SPDY port-forward, framed and unframed in place: a write
+/// becomes one DATA frame (header, then the caller's bytes handed straight to the
+/// connection), a read hands out a DATA frame's payload read straight into the caller's
+/// buffer. No task and no copy between the connection and the tunnel, which is what the
+/// 100 MiB transfer through an intercept spends its time on besides the relays themselves.
+///
+/// Frames of other streams are skipped; a message on the error stream fails the read with
+/// it; RST_STREAM, GOAWAY or a FIN on the data stream end it (EOF). A PING is answered with
+/// the next write or flush (the tunnel writes a keepalive every few seconds), never from a
+/// read: a read must not take over the write side's wake-up.
+pub struct SpdyStream<T> {
+    io: T,
+    /// The header of the frame being read, `hdr_len` bytes of it so far.
+    hdr: [u8; 8],
+    hdr_len: usize,
+    /// What the rest of the current frame is.
+    body: Body,
+    /// Bytes owed to the connection before anything new is written (a frame the connection
+    /// took only in part, a PING's answer).
+    pending: Vec<u8>,
+    pending_at: usize,
+    /// The data stream ended (FIN, RST_STREAM, GOAWAY): reads return EOF.
+    ended: bool,
+    fin_sent: bool,
+    pod: String,
+}
+
+enum Body {
+    /// Between frames: the next bytes are a header.
+    None,
+    /// Payload of the data stream, this many bytes left: the caller's.
+    Data { left: usize, fin: bool },
+    /// A payload to collect (a control frame, the error stream's message).
+    Collect { left: usize, buf: Vec<u8>, kind: Collected },
+    /// A payload to drop (another stream's data).
+    Skip { left: usize },
+}
+
+#[derive(Clone, Copy)]
+enum Collected {
+    Control(u16),
+    Error,
+}
+
+/// The largest DATA frame written: the size of the tunnel's WebSocket messages and more.
+const MAX_WRITE_FRAME: usize = 256 * 1024;
+
+impl<T> SpdyStream<T> {
+    fn new(io: T, pod: &str) -> Self {
+        SpdyStream {
+            io,
+            hdr: [0; 8],
+            hdr_len: 0,
+            body: Body::None,
+            pending: Vec::new(),
+            pending_at: 0,
+            ended: false,
+            fin_sent: false,
+            pod: pod.to_string(),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> SpdyStream<T> {
+    /// Writes what is owed to the connection.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.pending_at < self.pending.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending[self.pending_at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pending_at += n;
+        }
+        self.pending.clear();
+        self.pending_at = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.ended || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            match &mut this.body {
+                Body::Data { left, fin } => {
+                    if *left == 0 {
+                        let fin = *fin;
+                        this.body = Body::None;
+                        if fin {
+                            this.ended = true;
+                        }
+                        continue;
+                    }
+                    let want = (*left).min(buf.remaining());
+                    // Straight into the caller's buffer (already initialised when it is a
+                    // Vec's, as tungstenite's is: then this costs nothing).
+                    let mut part = ReadBuf::new(buf.initialize_unfilled_to(want));
+                    ready!(Pin::new(&mut this.io).poll_read(cx, &mut part))?;
+                    let n = part.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the port-forward ended inside a frame")));
+                    }
+                    buf.advance(n);
+                    *left -= n;
+                    return Poll::Ready(Ok(()));
+                }
+                Body::Skip { left } if *left > 0 => {
+                    let mut scratch = [0u8; 4096];
+                    let want = (*left).min(scratch.len());
+                    let mut rb = ReadBuf::new(&mut scratch[..want]);
+                    ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+                    if rb.filled().is_empty() {
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the port-forward ended inside a frame")));
+                    }
+                    *left -= rb.filled().len();
+                }
+                Body::Skip { .. } => this.body = Body::None,
+                Body::Collect { left, buf: payload, kind } if *left > 0 => {
+                    let start = payload.len();
+                    payload.resize(start + *left, 0);
+                    let mut rb = ReadBuf::new(&mut payload[start..]);
+                    let polled = Pin::new(&mut this.io).poll_read(cx, &mut rb);
+                    let n = rb.filled().len();
+                    payload.truncate(start + n);
+                    ready!(polled)?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the port-forward ended inside a frame")));
+                    }
+                    *left -= n;
+                    let _ = kind;
+                }
+                Body::Collect { buf: payload, kind, .. } => {
+                    let (payload, kind) = (std::mem::take(payload), *kind);
+                    this.body = Body::None;
+                    match kind {
+                        Collected::Error => {
+                            if !payload.is_empty() {
+                                let message = String::from_utf8_lossy(&payload).into_owned();
+                                tracing::warn!(pod = this.pod, error = %message, "the port-forward reported an error");
+                                this.ended = true;
+                                return Poll::Ready(Err(io::Error::other(format!("the port-forward to pod {} failed: {message}", this.pod))));
+                            }
+                        }
+                        Collected::Control(PING) => {
+                            this.pending.extend_from_slice(&control(PING, 0, &payload));
+                        }
+                        Collected::Control(RST_STREAM | GOAWAY) => this.ended = true,
+                        // SYN_REPLY, SETTINGS, WINDOW_UPDATE, HEADERS: nothing to do.
+                        Collected::Control(_) => {}
+                    }
+                }
+                Body::None => {
+                    while this.hdr_len < 8 {
+                        let mut rb = ReadBuf::new(&mut this.hdr[this.hdr_len..]);
+                        ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            if this.hdr_len == 0 {
+                                // The connection ended between frames.
+                                this.ended = true;
+                                return Poll::Ready(Ok(()));
+                            }
+                            return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the port-forward ended inside a frame header")));
+                        }
+                        this.hdr_len += n;
+                    }
+                    this.hdr_len = 0;
+                    let h = this.hdr;
+                    let left = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
+                    this.body = if h[0] & 0x80 != 0 {
+                        Body::Collect { left, buf: Vec::with_capacity(left.min(4096)), kind: Collected::Control(u16::from_be_bytes([h[2], h[3]])) }
+                    } else {
+                        match u32::from_be_bytes([h[0], h[1], h[2], h[3]]) & 0x7fff_ffff {
+                            DATA_STREAM => Body::Data { left, fin: h[4] & FLAG_FIN != 0 },
+                            ERROR_STREAM => Body::Collect { left, buf: Vec::with_capacity(left.min(4096)), kind: Collected::Error },
+                            _ => Body::Skip { left },
+                        }
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SpdyStream<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        if this.fin_sent {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "write on a port-forward after its shutdown")));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        // From here the frame is committed: what the connection does not take now is owed.
+        let len = buf.len().min(MAX_WRITE_FRAME);
+        this.pending.extend_from_slice(&data_frame_header(DATA_STREAM, 0, len));
+        let data = &buf[..len];
+        match this.poll_pending(cx) {
+            Poll::Ready(Ok(())) => match Pin::new(&mut this.io).poll_write(cx, data) {
+                Poll::Ready(Ok(n)) => this.pending.extend_from_slice(&data[n..]),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => this.pending.extend_from_slice(data),
+            },
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => this.pending.extend_from_slice(data),
+        }
+        Poll::Ready(Ok(len))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    /// Half-closes: a FIN on the data stream. The connection stays open for the pod's side.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.fin_sent {
+            ready!(this.poll_pending(cx))?;
+            this.pending.extend_from_slice(&data_frame_header(DATA_STREAM, FLAG_FIN, 0));
+            this.fin_sent = true;
+        }
+        ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn header_blocks_are_one_zlib_stream_of_stored_blocks() {
@@ -265,6 +440,83 @@ mod tests {
         let mut r = &bytes[..];
         assert_eq!(read_frame(&mut r).await.unwrap(), Frame::Data { stream: 3, fin: false, data: b"hello".to_vec() });
         assert_eq!(read_frame(&mut r).await.unwrap(), Frame::Data { stream: 3, fin: true, data: vec![] });
+    }
+
+    /// A frame as the server side writes it.
+    fn data(stream: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = data_frame_header(stream, flags, payload.len()).to_vec();
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test]
+    async fn the_stream_frames_writes_and_unframes_reads() {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let mut s = SpdyStream::new(client, "p");
+        // Writes: one DATA frame each on the data stream, then FIN on shutdown.
+        s.write_all(b"hello").await.unwrap();
+        s.write_all(&vec![7u8; MAX_WRITE_FRAME + 10]).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Data { stream: DATA_STREAM, fin: false, data: b"hello".to_vec() });
+        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Data { stream: DATA_STREAM, fin: false, data: vec![7; MAX_WRITE_FRAME] });
+        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Data { stream: DATA_STREAM, fin: false, data: vec![7; 10] });
+        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Data { stream: DATA_STREAM, fin: true, data: vec![] });
+        assert!(s.write_all(b"x").await.is_err(), "no writes after the FIN");
+
+        // Reads: the data stream's payloads in order; other frames skipped or answered.
+        let mut from_server = control(2, 0, &[0, 0, 0, 3, 0, 0]); // SYN_REPLY
+        from_server.extend(data(DATA_STREAM, 0, b"abc"));
+        from_server.extend(data(5, 0, &[9; 5000])); // another stream's: skipped
+        from_server.extend(control(PING, 0, &42u32.to_be_bytes()));
+        from_server.extend(data(ERROR_STREAM, FLAG_FIN, b""));
+        from_server.extend(data(DATA_STREAM, 0, &[1; 70_000]));
+        from_server.extend(data(DATA_STREAM, FLAG_FIN, b"z"));
+        from_server.extend(data(DATA_STREAM, 0, b"after the FIN: never read"));
+        server.write_all(&from_server).await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        let mut want = b"abc".to_vec();
+        want.extend([1; 70_000]);
+        want.push(b'z');
+        assert_eq!(got.len(), want.len());
+        assert!(got == want);
+        // The PING is answered with the next flush.
+        s.flush().await.unwrap();
+        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Control { kind: PING, flags: 0, payload: 42u32.to_be_bytes().to_vec() });
+    }
+
+    #[tokio::test]
+    async fn an_error_stream_message_fails_the_read_with_it() {
+        let (client, mut server) = tokio::io::duplex(4096);
+        let mut s = SpdyStream::new(client, "web-1");
+        let mut from_server = data(DATA_STREAM, 0, b"ok");
+        from_server.extend(data(ERROR_STREAM, 0, b"failed to connect to localhost:7700: connection refused"));
+        server.write_all(&from_server).await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).await.unwrap(), 2);
+        let e = s.read(&mut buf).await.unwrap_err();
+        assert!(e.to_string().contains("pod web-1") && e.to_string().contains("connection refused"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_cut_inside_a_frame_is_an_error_and_between_frames_an_eof() {
+        let (client, mut server) = tokio::io::duplex(4096);
+        let mut s = SpdyStream::new(client, "p");
+        let mut cut = data(DATA_STREAM, 0, b"hello");
+        cut.truncate(10);
+        server.write_all(&cut).await.unwrap();
+        drop(server);
+        let mut got = Vec::new();
+        assert!(s.read_to_end(&mut got).await.is_err());
+        assert_eq!(got, b"he");
+
+        let (client, mut server) = tokio::io::duplex(4096);
+        let mut s = SpdyStream::new(client, "p");
+        server.write_all(&data(DATA_STREAM, 0, b"hello")).await.unwrap();
+        drop(server);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
     }
 }
 
