@@ -161,7 +161,9 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
     let o = as_user(&["-n", &ns.name, "intercept", "api", "--port", &spec]).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("needs `get` on `services`"), "{err}");
+    // The Deployment is read first (a Service adds only port names, and a user without
+    // `get services` may still intercept a Deployment by its name).
+    assert!(err.contains("needs `get` on `deployments`"), "{err}");
     let doctor = as_user(&["-n", &ns.name, "doctor"]).output().unwrap();
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(text.contains("FAIL  permissions") && text.contains("patch deployments") && text.contains("get pods/portforward"), "{text}");
