@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 
-/// On-CPU time of each running process, by (program name, pid).
-pub struct CpuTimes(HashMap<(String, u32), u64>);
+/// On-CPU time of each running process, by pid, with its program name.
+pub struct CpuTimes(HashMap<u32, (String, u64)>);
 
 impl CpuTimes {
     pub fn now() -> CpuTimes {
@@ -21,7 +21,7 @@ impl CpuTimes {
                 .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
                 .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
                 .sum();
-            map.insert((program(comm.trim()), pid), ns);
+            map.insert(pid, (program(comm.trim()), ns));
         }
         CpuTimes(map)
     }
@@ -30,8 +30,9 @@ impl CpuTimes {
     /// are left out.
     pub fn since(&self, earlier: &CpuTimes) -> Vec<(String, f64)> {
         let mut by_program: HashMap<&str, u64> = HashMap::new();
-        for ((name, pid), ns) in &self.0 {
-            let before = earlier.0.get(&(name.clone(), *pid)).copied().unwrap_or(0);
+        for (pid, (name, ns)) in &self.0 {
+            // By pid alone: a kernel worker renames itself after the work it runs.
+            let before = earlier.0.get(pid).map_or(0, |(_, ns)| *ns);
             *by_program.entry(name.as_str()).or_default() += ns.saturating_sub(before);
         }
         let mut out: Vec<(String, f64)> = by_program
@@ -45,10 +46,15 @@ impl CpuTimes {
 }
 
 /// The name a process is reported under (its main thread's name): containerd's shims as
-/// one, the load generator as one whether it runs on the laptop or in a pod.
+/// one, the load generator as one whether it runs on the laptop or in a pod, the kernel's
+/// workers as one.
 fn program(comm: &str) -> String {
     if comm.starts_with("containerd-shim") {
         "containerd-shim".into()
+    } else if comm.starts_with("kworker") {
+        // The kernel's workers (named after their current work item): network and memory
+        // work done outside any process.
+        "kworker".into()
     } else if comm == "devloop-loadgen" {
         "loadgen".into()
     } else {
