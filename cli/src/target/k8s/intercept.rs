@@ -329,44 +329,41 @@ pub async fn sweep_lease_leftovers(cluster: &Cluster) -> (Vec<String>, Vec<anyho
 /// Removes the lease account `account` of `deployment` (and its Secret) if it is a
 /// leftover; whether it was.
 async fn sweep_one(cluster: &Cluster, deployment: &str, account: &serde_json::Value) -> anyhow::Result<bool> {
-    let a = account;
-    {
-        let d = cluster
-            .get_opt(&cluster.path("apps/v1", "deployments", Some(deployment)))
-            .await
-            .map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {deployment}")))?;
-        if d.as_ref().and_then(record_of).is_some() {
-            return Ok(false);
-        }
-        let by_lease = d.as_ref().is_some_and(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].is_string());
-        // An intercept that is being set up has its account a few seconds before its record:
-        // without the lease's mark, only an old account is a leftover (of a cli killed while
-        // setting up).
-        let age = a["metadata"]["creationTimestamp"]
-            .as_str()
-            .and_then(|t| humantime::parse_rfc3339(t).ok())
-            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok());
-        if !by_lease && age.is_none_or(|a| a < LEASE_SETUP_GRACE) {
-            return Ok(false);
-        }
-        if by_lease {
-            let mark = format!("/metadata/annotations/{}", pointer_token(RESTORED_BY_LEASE));
-            let path = cluster.path("apps/v1", "deployments", Some(deployment));
-            // Tested first, so a concurrent sweep's removal is no error.
-            let ops = serde_json::json!([{"op": "test", "path": mark, "value": d.as_ref().map(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].clone())}, {"op": "remove", "path": mark}]);
-            if let Err(e) = cluster.json_patch(&path, &ops).await {
-                if !matches!(status_of(&e), Some(404) | Some(409) | Some(422)) {
-                    return Err(cluster.err(e, "patch", "deployments", format!("removing the lease's mark from deployment {deployment}")).into());
-                }
+    let d = cluster
+        .get_opt(&cluster.path("apps/v1", "deployments", Some(deployment)))
+        .await
+        .map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {deployment}")))?;
+    if d.as_ref().and_then(record_of).is_some() {
+        return Ok(false);
+    }
+    let by_lease = d.as_ref().is_some_and(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].is_string());
+    // An intercept that is being set up has its account a few seconds before its record:
+    // without the lease's mark, only an old account is a leftover (of a cli killed while
+    // setting up).
+    let age = account["metadata"]["creationTimestamp"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok());
+    if !by_lease && age.is_none_or(|a| a < LEASE_SETUP_GRACE) {
+        return Ok(false);
+    }
+    if by_lease {
+        let mark = format!("/metadata/annotations/{}", pointer_token(RESTORED_BY_LEASE));
+        let path = cluster.path("apps/v1", "deployments", Some(deployment));
+        // Tested first, so a concurrent sweep's removal is no error.
+        let ops = serde_json::json!([{"op": "test", "path": mark, "value": d.as_ref().map(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].clone())}, {"op": "remove", "path": mark}]);
+        if let Err(e) = cluster.json_patch(&path, &ops).await {
+            if !matches!(status_of(&e), Some(404) | Some(409) | Some(422)) {
+                return Err(cluster.err(e, "patch", "deployments", format!("removing the lease's mark from deployment {deployment}")).into());
             }
         }
-        delete_lease_account(cluster, deployment).await?;
-        let secret = format!("{deployment}-devloop-intercept");
-        cluster
-            .delete(&cluster.path("v1", "secrets", Some(&secret)))
-            .await
-            .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing secret {secret}")))?;
     }
+    delete_lease_account(cluster, deployment).await?;
+    let secret = format!("{deployment}-devloop-intercept");
+    cluster
+        .delete(&cluster.path("v1", "secrets", Some(&secret)))
+        .await
+        .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing secret {secret}")))?;
     Ok(true)
 }
 

@@ -172,7 +172,7 @@ pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<SpdyStream<
 ///
 /// Frames of other streams are skipped; a message on the error stream fails the read with
 /// it; RST_STREAM, GOAWAY or a FIN on the data stream end it (EOF). A PING is answered with
-/// the next write or flush (the tunnel writes a keepalive every few seconds), never from a
+/// the next write or flush (an intercept's link pings its agent every second), never from a
 /// read: a read must not take over the write side's wake-up.
 pub struct SpdyStream<T> {
     io: T,
@@ -206,6 +206,11 @@ enum Body {
 enum Collected {
     Control(u16),
     Error,
+}
+
+/// The error of a connection that ended inside `what`.
+fn cut_short(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("the port-forward ended inside {what}"))
 }
 
 /// The largest DATA frame written: the size of the tunnel's WebSocket messages and more.
@@ -267,7 +272,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
                     ready!(Pin::new(&mut this.io).poll_read(cx, &mut part))?;
                     let n = part.filled().len();
                     if n == 0 {
-                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the port-forward ended inside a frame")));
+                        return Poll::Ready(Err(cut_short("a frame")));
                     }
                     buf.advance(n);
                     *left -= n;
@@ -279,12 +284,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
                     let mut rb = ReadBuf::new(&mut scratch[..want]);
                     ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
                     if rb.filled().is_empty() {
-                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the port-forward ended inside a frame")));
+                        return Poll::Ready(Err(cut_short("a frame")));
                     }
                     *left -= rb.filled().len();
                 }
                 Body::Skip { .. } => this.body = Body::None,
-                Body::Collect { left, buf: payload, kind } if *left > 0 => {
+                Body::Collect { left, buf: payload, .. } if *left > 0 => {
                     let start = payload.len();
                     payload.resize(start + *left, 0);
                     let mut rb = ReadBuf::new(&mut payload[start..]);
@@ -293,10 +298,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
                     payload.truncate(start + n);
                     ready!(polled)?;
                     if n == 0 {
-                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the port-forward ended inside a frame")));
+                        return Poll::Ready(Err(cut_short("a frame")));
                     }
                     *left -= n;
-                    let _ = kind;
                 }
                 Body::Collect { buf: payload, kind, .. } => {
                     let (payload, kind) = (std::mem::take(payload), *kind);
@@ -329,7 +333,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
                                 this.ended = true;
                                 return Poll::Ready(Ok(()));
                             }
-                            return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the port-forward ended inside a frame header")));
+                            return Poll::Ready(Err(cut_short("a frame header")));
                         }
                         this.hdr_len += n;
                     }
