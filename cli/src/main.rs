@@ -61,8 +61,10 @@ enum Command {
     /// On every save: sync, restart or redeploy, as each service's `on_change` rules say.
     Watch {
         services: Vec<String>,
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        health_timeout: std::time::Duration,
+        /// How long a new version may take to become healthy (default: 30s on Docker; 60s on
+        /// Kubernetes, for the whole rollout). A version that does not is undone.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        health_timeout: Option<std::time::Duration>,
         #[arg(long)]
         no_logs: bool,
     },
@@ -163,26 +165,6 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let kubernetes_ready = matches!(
-        cli.command,
-        Command::Intercept { .. }
-            | Command::Leave { .. }
-            | Command::Doctor
-            | Command::Deploy { .. }
-            | Command::History { .. }
-            | Command::Rollback { .. }
-            | Command::Up { .. }
-            | Command::Sync { .. }
-            | Command::Down { .. }
-            | Command::Status { .. }
-    );
-    if !kubernetes_ready {
-        let project = commands::load_project(&global).ok();
-        if let commands::TargetChoice::Kubernetes { .. } = commands::choose_target(&global, project.as_ref()) {
-            eprintln!("devloop: error: the Kubernetes target runs `up`, `sync`, `down`, `status`, `deploy`, `history`, `rollback`, `intercept`, `intercept list` and `leave` so far; `watch` works on Docker only (drop --context/-n, or set `kind = \"docker\"` under [target])");
-            return std::process::ExitCode::FAILURE;
-        }
-    }
     let result = rt.block_on(async {
         match cli.command {
             Command::Up {
@@ -230,7 +212,7 @@ fn main() -> std::process::ExitCode {
                 services,
                 health_timeout,
                 no_logs,
-            } => commands::watch::watch(&global, services, Some(health_timeout), no_logs).await,
+            } => commands::watch::watch(&global, services, health_timeout, no_logs).await,
             Command::Intercept {
                 target,
                 lease,

@@ -127,3 +127,82 @@ fn deploy_without_a_workload_or_manifests_names_the_setting() {
     assert!(!ok);
     assert!(out.contains("no Deployment or Service named `api`") && out.contains("manifests"), "{out}");
 }
+
+/// `watch` on the cluster: the deployed api is switched to a version that runs under the
+/// agent; a save restarts the service in that pod with no rollout, a `redeploy` rule rolls out
+/// the next snapshot (still under the agent), and saves keep reaching the new pod; a plain
+/// `deploy` afterwards gives back the plain template and the replicas.
+#[test]
+fn watch_syncs_into_the_deployed_pod_and_redeploys_by_rule() {
+    if !require_cluster("k8s watch") {
+        return;
+    }
+    let ns = Namespace::new("watch");
+    let mut shop = kube_shop();
+    let cfg = shop.path().join("devloop.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let rule = "{ paths = [\"**/*.py\"], action = \"restart\" },\n";
+    assert!(text.contains(rule));
+    std::fs::write(&cfg, text.replacen(rule, &format!("{rule}  {{ paths = [\"release.txt\"], action = \"redeploy\" }},\n"), 1)).unwrap();
+    run_ok(&shop, &ns, &["deploy"]);
+    let plain = deployment_spec(&ns, "api")["template"].clone();
+    let first = api_image(&ns);
+
+    let mut c = shop.cmd(&["-n", &ns.name, "watch", "api"]);
+    if let Some(k) = kubeconfig() {
+        c.env("KUBECONFIG", k);
+    }
+    let log = shop.state.path().join("watch.log");
+    let f = std::fs::File::create(&log).unwrap();
+    shop.adopt(c.stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap());
+    let text = || std::fs::read_to_string(&log).unwrap();
+    wait_for_log(&log, "in sync", Duration::from_secs(240));
+    // The same snapshot, now run by the agent (one more revision), and still served.
+    assert_eq!(api_image(&ns), first, "{}", text());
+    let watched = deployment_spec(&ns, "api")["template"].clone();
+    assert!(watched["metadata"]["labels"]["devloop.dev/watch-session"].is_string(), "{watched}");
+    assert_eq!(watched["spec"]["containers"][0]["command"][1], "dev", "{watched}");
+    // One pod, the one the saves go to: no replica serves a stale tree.
+    assert_eq!(deployment_spec(&ns, "api")["replicas"], 1);
+    assert!(served_version(&ns, "1").is_some(), "{}", text());
+    let revision = || kubectl_ok(&["-n", &ns.name, "get", "deployment", "api", "-o", "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}"]);
+    let watched_revision = revision();
+
+    // A save of a *.py file: synced into the running pod and the service restarted, no rollout.
+    set_version(&shop, "1", "watched");
+    assert!(served_version(&ns, "watched").is_some(), "the save is not served:\n{}", text());
+    // Every answer, not one of several replicas.
+    for _ in 0..6 {
+        let body = get_from_web(&ns, "http://api:8000/items").unwrap_or_default();
+        assert!(body.contains("\"version\": \"watched\""), "a stale answer after the save: {body}");
+    }
+    assert_eq!(revision(), watched_revision, "a restart rule rolled out a new version:\n{}", text());
+
+    // The redeploy rule: a new snapshot rolled out, under the agent again.
+    std::fs::write(shop.path().join("api/release.txt"), "2\n").unwrap();
+    let second = poll(Duration::from_secs(90), || Some(api_image(&ns)).filter(|i| i != &first));
+    assert!(second.is_some(), "no redeploy after the rule's file changed:\n{}", text());
+    kubectl_ok(&["-n", &ns.name, "rollout", "status", "deployment/api", "--timeout=120s"]);
+    assert!(deployment_spec(&ns, "api")["template"]["metadata"]["labels"]["devloop.dev/watch-session"].is_string());
+    assert!(served_version(&ns, "watched").is_some(), "the redeployed snapshot lacks the saved file:\n{}", text());
+    // Saves reach the new pod (the sync reconnected to it).
+    set_version(&shop, "watched", "after-redeploy");
+    assert!(poll(Duration::from_secs(90), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("\"version\": \"after-redeploy\""))).is_some(), "a save after the redeploy is not served:\n{}", text());
+    // status names the watched version, its process and the sync.
+    let (_, status) = run(&shop, &ns, &["status"]);
+    assert!(status.contains("under the agent (devloop watch)") && status.contains("process    running (pid") && status.contains("sync       syncing (pid"), "{status}");
+
+    let codes = shop.interrupt_all();
+    assert!(codes.iter().all(|c| c.success()), "{codes:?}\n{}", text());
+
+    // A plain deploy: the plain template again, with the new snapshot, and the manifest's two
+    // replicas; the token Secret goes.
+    let out = run_ok(&shop, &ns, &["deploy", "api"]);
+    assert_eq!(deployment_spec(&ns, "api")["replicas"], 2, "{out}");
+    let mut expected = plain.clone();
+    expected["spec"]["containers"][0]["image"] = serde_json::json!(api_image(&ns));
+    assert_ne!(api_image(&ns), first, "{out}");
+    assert_eq!(deployment_spec(&ns, "api")["template"], expected, "{out}");
+    assert_ne!(kubectl(&["-n", &ns.name, "get", "secret", "api-devloop-watch"]).status.code(), Some(0), "the watch token Secret is left over");
+    assert!(served_version(&ns, "after-redeploy").is_some(), "{out}");
+}

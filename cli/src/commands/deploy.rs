@@ -40,17 +40,24 @@ struct KubeEnv {
 
 impl Env {
     /// The engine (which builds bases and, on Docker, runs the services) and the target
-    /// that devloop.toml, `--context` and `-n` choose.
+    /// that devloop.toml, `--context` and `-n` choose. `watch`: versions on Kubernetes run
+    /// under the agent, so that `devloop watch` can sync into them.
     pub(crate) async fn new(
         global: &Global,
         project: &Project,
         health_timeout: Option<Duration>,
+        watch: bool,
     ) -> anyhow::Result<Env> {
         let (docker, engine) = connect_engine().await?;
         let kube = match choose_target(global, Some(project)) {
             TargetChoice::Docker => None,
             TargetChoice::Kubernetes { settings, registry } => {
                 let cluster = Cluster::connect(&settings).await?;
+                let watch_agent = if watch {
+                    Some(super::intercept_k8s::agent_image(&cluster, registry.as_deref()).await?)
+                } else {
+                    None
+                };
                 let registry = match registry::route(&cluster, registry.as_deref()).await? {
                     registry::ImageRoute::Registry(reg) => Some((Pusher::new(&reg.push)?, reg.pull)),
                     registry::ImageRoute::Load { .. } => None,
@@ -62,6 +69,7 @@ impl Env {
                         manifests: project.target.manifests.as_ref().map(|m| project.dir.join(m)),
                         // A rollout also pulls the image and starts pods one after another.
                         timeout: health_timeout.unwrap_or(Duration::from_secs(60)),
+                        watch_agent,
                     },
                 })
             }
@@ -80,6 +88,11 @@ impl Env {
             health_timeout: health_timeout.unwrap_or(Duration::from_secs(30)),
             kube,
         })
+    }
+
+    /// The cluster, when the target is Kubernetes.
+    pub(crate) fn cluster(&self) -> Option<&Cluster> {
+        self.kube.as_ref().map(|k| &k.rollout.cluster)
     }
 
     fn ctx(&self) -> RolloutContext<'_> {
@@ -107,7 +120,7 @@ pub async fn deploy(global: &Global, opts: DeployOptions) -> anyhow::Result<()> 
     let project = load_project(global)?;
     let selected = project.select(&opts.services)?;
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
-    let env = Env::new(global, &project, opts.health_timeout).await?;
+    let env = Env::new(global, &project, opts.health_timeout, false).await?;
 
     // In waves: a service goes once the services it depends on (among those deployed now)
     // are done; the services of one wave go in parallel.
@@ -411,7 +424,7 @@ pub async fn rollback(
     if to_revision.is_some() {
         anyhow::bail!("--to-revision is for the Kubernetes target (a Deployment's revisions); on Docker, rollback goes to the version before the running one");
     }
-    let env = Env::new(global, &project, health_timeout).await?;
+    let env = Env::new(global, &project, health_timeout, false).await?;
     let target: &dyn RolloutTarget = &env.ctx();
     let current = target
         .running_version(&project.name, service_name)
@@ -445,6 +458,7 @@ pub async fn rollback(
         millis: 0,
         digest,
         pushed: None,
+        command: None,
     };
     let target: &dyn RolloutTarget = &env.ctx();
     let rollout = target.roll_out(&project, service, &snap).await?;

@@ -21,17 +21,20 @@ use crate::target::k8s::rollout::{deployment_of, service_container};
 use crate::target::k8s::{portforward, Cluster, KubeSettings};
 use crate::ui::{human_ms, Ui};
 
-/// Reaches a dev pod's agent: the pod of the session, a port-forward to the agent's port.
+/// Reaches the agent of a dev pod (or of a watched version): the ready pod labelled with the
+/// session, a port-forward to the agent's port.
 pub struct KubeConnector {
-    cluster: Cluster,
-    session: String,
-    token: String,
+    pub cluster: Cluster,
+    /// [`devpod::SESSION_LABEL`] or [`devpod::WATCH_LABEL`].
+    pub label: &'static str,
+    pub session: String,
+    pub token: String,
 }
 
 impl Connector for KubeConnector {
     fn connect(&self) -> BoxFuture<'_, anyhow::Result<(Connected, String)>> {
         Box::pin(async move {
-            let pod = ki::wait_session_pod(&self.cluster, devpod::SESSION_LABEL, &self.session, Duration::from_secs(60)).await?;
+            let pod = ki::wait_session_pod(&self.cluster, self.label, &self.session, Duration::from_secs(60)).await?;
             let stream = portforward::open(&self.cluster, &pod, devpod::AGENT_PORT).await?;
             let connected = AgentLink::connect(stream, &self.token)
                 .await
@@ -44,7 +47,21 @@ impl Connector for KubeConnector {
 /// The connector to the agent of a Deployment in dev mode (its token read from its Secret).
 pub async fn connector_for(cluster: &Cluster, record: &DevRecord) -> anyhow::Result<KubeConnector> {
     let token = devpod::read_token(cluster, record).await?;
-    Ok(KubeConnector { cluster: cluster.clone(), session: record.session.clone(), token })
+    Ok(KubeConnector { cluster: cluster.clone(), label: devpod::SESSION_LABEL, session: record.session.clone(), token })
+}
+
+/// The connector to the agent of a version `devloop watch` runs under the agent (its session
+/// from the template, its token from its Secret); None when the Deployment is not one.
+pub async fn watched_connector(cluster: &Cluster, d: &serde_json::Value) -> anyhow::Result<Option<KubeConnector>> {
+    let Some(session) = d["spec"]["template"]["metadata"]["labels"][devpod::WATCH_LABEL].as_str() else {
+        return Ok(None);
+    };
+    let deployment = d["metadata"]["name"].as_str().unwrap_or_default();
+    let secret = devpod::watch_secret_name(deployment);
+    let token = devpod::read_token_opt(cluster, &secret)
+        .await?
+        .with_context(|| format!("the token Secret {secret} of the watched deployment/{deployment} is gone"))?;
+    Ok(Some(KubeConnector { cluster: cluster.clone(), label: devpod::WATCH_LABEL, session: session.to_string(), token }))
 }
 
 /// The command and working directory the container's image declares: from the local
@@ -90,8 +107,11 @@ async fn ensure_dev_pod(cluster: &Cluster, reg: Option<&Registry>, agent: &str, 
         return Ok((connector_for(cluster, &r).await?, format!("deployment/{name} already in dev mode")));
     }
     let template = d["spec"]["template"].clone();
-    let index = service_container(&template, &service.name)?;
-    let container = &template["spec"]["containers"][index];
+    // A version `devloop watch` left under the agent: dev mode wraps its plain form (and
+    // `down` brings back the template as it is now).
+    let plain = devpod::unwatched(&template).unwrap_or_else(|| template.clone());
+    let index = service_container(&plain, &service.name)?;
+    let container = &plain["spec"]["containers"][index];
     let image = container["image"].as_str().context("the container has no image")?;
     let needs_image = container["command"].is_null() || container["workingDir"].is_null();
     let (entrypoint, cmd, image_workdir) = if needs_image { image_command(image, reg).await? } else { (Vec::new(), Vec::new(), None) };
@@ -113,7 +133,7 @@ async fn ensure_dev_pod(cluster: &Cluster, reg: Option<&Registry>, agent: &str, 
         started_ms: now_ms(),
         holder: holder(),
     };
-    devpod::create_token_secret(cluster, &record, &token).await?;
+    devpod::create_token_secret(cluster, &record.secret, &token).await?;
     let spec = DevSpec {
         agent_image: agent,
         sync_to: &sync.container_dir,
@@ -122,12 +142,12 @@ async fn ensure_dev_pod(cluster: &Cluster, reg: Option<&Registry>, agent: &str, 
         session: &session,
         secret: &record.secret,
     };
-    let dev = devpod::dev_template(&template, index, &spec);
+    let dev = devpod::dev_template(&plain, index, &spec);
     if let Err(e) = devpod::swap_in(cluster, &d, &record, &dev).await {
         let _ = cluster.delete(&cluster.path("v1", "secrets", Some(&record.secret))).await;
         return Err(e);
     }
-    Ok((KubeConnector { cluster: cluster.clone(), session, token }, format!("deployment/{name} switched to dev mode")))
+    Ok((KubeConnector { cluster: cluster.clone(), label: devpod::SESSION_LABEL, session, token }, format!("deployment/{name} switched to dev mode")))
 }
 
 pub async fn up(project: &Project, settings: &KubeSettings, configured_registry: Option<&str>, services: &[String], no_logs: bool) -> anyhow::Result<()> {

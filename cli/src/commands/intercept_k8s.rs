@@ -202,7 +202,10 @@ impl Swap for KubeSwap {
                 secret: &self.record.secret,
                 lease: Some((self.lease.as_secs().max(1), &account)),
             };
-            let template = ki::agent_template(&self.record.template, self.index, &spec);
+            // A version `devloop watch` runs under the agent: the intercept replaces its plain
+            // form (leave restores the template as it was).
+            let plain = crate::target::k8s::devpod::unwatched(&self.record.template);
+            let template = ki::agent_template(plain.as_ref().unwrap_or(&self.record.template), self.index, &spec);
             ki::swap_in(&self.cluster, &self.deployment, &self.record, &template).await?;
             *self.swapped_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             Ok(())

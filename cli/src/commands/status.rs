@@ -111,6 +111,7 @@ async fn kube_reports(project: &crate::config::Project, settings: &crate::target
         let mut r = ServiceReport::new(&svc.name, format!("no Deployment in namespace {}", cluster.namespace));
         let d = rollout::deployment_of(&cluster, &svc.name).await.ok().flatten();
         let dev = d.as_ref().and_then(devpod::record_of);
+        let mut has_agent = dev.is_some();
         if let Some(d) = &d {
             let name = d["metadata"]["name"].as_str().unwrap_or_default();
             r.container = Some(format!("deployment/{name}"));
@@ -127,13 +128,19 @@ async fn kube_reports(project: &crate::config::Project, settings: &crate::target
                     .ok()
                     .and_then(|i| template["spec"]["containers"][i]["image"].as_str().map(String::from))
                     .unwrap_or_default();
+                let watched = if devpod::unwatched(template).is_some() { " under the agent (devloop watch)" } else { "" };
                 match rollout::snapshot_tag(&image, &repo) {
-                    Some(tag) => format!("deployed version {tag}, {ready}"),
-                    None => format!("image {image}, {ready}"),
+                    Some(tag) => format!("deployed version {tag}{watched}, {ready}"),
+                    None => format!("image {image}{watched}, {ready}"),
                 }
             };
-            if let Some(rec) = &dev {
-                let conn = crate::commands::dev_k8s::connector_for(&cluster, rec).await;
+            let conn = match &dev {
+                Some(rec) => Some(crate::commands::dev_k8s::connector_for(&cluster, rec).await),
+                None if !r.intercepted => crate::commands::dev_k8s::watched_connector(&cluster, d).await.transpose(),
+                None => None,
+            };
+            if let Some(conn) = conn {
+                has_agent = true;
                 r.process = Some(match conn {
                     Ok(conn) => match tokio::time::timeout(Duration::from_secs(5), crate::sync::engine::Connector::connect(&conn)).await {
                         Ok(Ok((c, _))) => {
@@ -148,7 +155,7 @@ async fn kube_reports(project: &crate::config::Project, settings: &crate::target
                 });
             }
         }
-        sync_state(&project.name, svc, dev.is_some(), &mut r);
+        sync_state(&project.name, svc, has_agent, &mut r);
         reports.push(r);
     }
     Ok(reports)

@@ -71,6 +71,16 @@ pub struct Snapshot {
     pub digest: std::collections::BTreeMap<String, String>,
     /// What went to the registry, when the snapshot was pushed.
     pub pushed: Option<crate::target::k8s::registry::PushReport>,
+    /// What the image runs (its base's), when known.
+    pub command: Option<ImageCommand>,
+}
+
+/// What an image runs: its entry point, cmd and working directory.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageCommand {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub workdir: Option<String>,
 }
 
 /// Where a snapshot goes.
@@ -174,6 +184,11 @@ pub async fn snapshot(
         .await
         .with_context(|| format!("inspecting {base}"))?;
     let base_id = base_info.id.clone().unwrap_or_default();
+    let command = base_info.config.as_ref().map(|c| ImageCommand {
+        entrypoint: c.entrypoint.clone().unwrap_or_default(),
+        cmd: c.cmd.clone().unwrap_or_default(),
+        workdir: c.working_dir.clone().filter(|w| !w.is_empty()),
+    });
     let base_json = serde_json::to_value(&base_info)?;
     let root = sync.laptop_dir.clone();
     let settings = FilterSettings {
@@ -235,6 +250,7 @@ pub async fn snapshot(
         millis: started.elapsed().as_millis() as u64,
         digest,
         pushed,
+        command,
     })
 }
 

@@ -145,33 +145,42 @@ pub fn restore_patch(record: &DevRecord) -> Value {
     template_restore_patch(RECORD, SESSION_LABEL, &record.session, &record.template, &record.replicas)
 }
 
-/// Creates (or replaces) the Secret holding the agent's token.
-pub async fn create_token_secret(cluster: &Cluster, record: &DevRecord, token: &str) -> anyhow::Result<()> {
-    let _ = cluster.delete(&cluster.path("v1", "secrets", Some(&record.secret))).await;
+/// Creates (or replaces) the Secret `name` holding the agent's token.
+pub async fn create_token_secret(cluster: &Cluster, name: &str, token: &str) -> anyhow::Result<()> {
+    let _ = cluster.delete(&cluster.path("v1", "secrets", Some(name))).await;
     let body = json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": record.secret, "labels": {"app.kubernetes.io/managed-by": "devloop"}},
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "devloop"}},
         "type": "Opaque",
         "stringData": {"token": token},
     });
     cluster
         .post_json(&cluster.path("v1", "secrets", None), &body)
         .await
-        .map_err(|e| cluster.err(e, "create", "secrets", format!("creating secret {}", record.secret)))?;
+        .map_err(|e| cluster.err(e, "create", "secrets", format!("creating secret {name}")))?;
     Ok(())
+}
+
+/// The agent's token from the Secret `name`; None when the Secret does not exist.
+pub async fn read_token_opt(cluster: &Cluster, name: &str) -> anyhow::Result<Option<String>> {
+    use base64::Engine;
+    let Some(s) = cluster
+        .get_opt(&cluster.path("v1", "secrets", Some(name)))
+        .await
+        .map_err(|e| cluster.err(e, "get", "secrets", format!("reading secret {name}")))?
+    else {
+        return Ok(None);
+    };
+    let b64 = s["data"]["token"].as_str().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64)?;
+    Ok(Some(String::from_utf8(bytes)?.trim().to_string()))
 }
 
 /// The token of a Deployment already in dev mode (from its Secret).
 pub async fn read_token(cluster: &Cluster, record: &DevRecord) -> anyhow::Result<String> {
-    use base64::Engine;
-    let s = cluster
-        .get_opt(&cluster.path("v1", "secrets", Some(&record.secret)))
-        .await
-        .map_err(|e| cluster.err(e, "get", "secrets", format!("reading secret {}", record.secret)))?
-        .ok_or_else(|| anyhow::anyhow!("deployment/{} is in dev mode but its token Secret {} is gone; `devloop down` then `devloop up`", record.deployment, record.secret))?;
-    let b64 = s["data"]["token"].as_str().unwrap_or_default();
-    let bytes = base64::engine::general_purpose::STANDARD.decode(b64)?;
-    Ok(String::from_utf8(bytes)?.trim().to_string())
+    read_token_opt(cluster, &record.secret).await?.ok_or_else(|| {
+        anyhow::anyhow!("deployment/{} is in dev mode but its token Secret {} is gone; `devloop down` then `devloop up`", record.deployment, record.secret)
+    })
 }
 
 /// Switches the Deployment to dev mode in one patch (the record with it).
@@ -184,6 +193,84 @@ pub async fn swap_in(cluster: &Cluster, deployment: &Value, record: &DevRecord, 
 /// longer in this session's dev mode.
 pub async fn restore(cluster: &Cluster, record: &DevRecord) -> anyhow::Result<bool> {
     apply_restore(cluster, &record.deployment, &restore_patch(record), &record.secret).await
+}
+
+/// The label on a watched version's pod template (value: the watch session).
+pub const WATCH_LABEL: &str = "devloop.dev/watch-session";
+/// The annotation on a watched version's pod template: the wrapped container's own
+/// `command` and `args` (null when unset), which [`unwatched`] puts back, and the
+/// Deployment's replicas before it was watched (a watched version runs one pod, the one
+/// the saves are synced into; the next plain version gets them back).
+pub const WATCHED: &str = "devloop.dev/watched";
+
+/// The Secret holding the token of a watched Deployment's agent.
+pub fn watch_secret_name(deployment: &str) -> String {
+    format!("{deployment}-devloop-watch")
+}
+
+/// A deployed version under `devloop watch`: the dev pod's shape (the agent supervising the
+/// original command, the sync root seeded from the version's own image), labelled with the
+/// watch session, so that saves can be synced into it and the process restarted. Unlike dev
+/// mode it is a version of its own (no restore record): [`unwatched`] gives the plain
+/// template back, which `deploy`, `up` and `intercept` start from.
+pub fn watch_template(original: &Value, index: usize, s: &DevSpec, replicas: &Value) -> Value {
+    let c = &original["spec"]["containers"][index];
+    let own = json!({"index": index, "command": c["command"], "args": c["args"], "replicas": replicas});
+    let mut t = dev_template(original, index, s);
+    let labels = t["metadata"]["labels"].as_object_mut().expect("dev_template makes labels");
+    labels.remove(SESSION_LABEL);
+    labels.insert(WATCH_LABEL.into(), json!(s.session));
+    if !t["metadata"]["annotations"].is_object() {
+        t["metadata"]["annotations"] = json!({});
+    }
+    t["metadata"]["annotations"][WATCHED] = json!(own.to_string());
+    t
+}
+
+/// The replicas the Deployment had before it was watched, when `t` is a watched version's
+/// template (null: unset).
+pub fn watched_replicas(t: &Value) -> Option<Value> {
+    let own: Value = serde_json::from_str(t["metadata"]["annotations"][WATCHED].as_str()?).ok()?;
+    Some(own["replicas"].clone())
+}
+
+/// The plain template of a watched version (see [`watch_template`]); None when `t` is not
+/// one.
+pub fn unwatched(t: &Value) -> Option<Value> {
+    let own: Value = serde_json::from_str(t["metadata"]["annotations"][WATCHED].as_str()?).ok()?;
+    let index = own["index"].as_u64()? as usize;
+    let mut u = t.clone();
+    let meta = u["metadata"].as_object_mut()?;
+    for (key, name) in [("annotations", WATCHED), ("labels", WATCH_LABEL)] {
+        if let Some(m) = meta.get_mut(key).and_then(Value::as_object_mut) {
+            m.remove(name);
+            if m.is_empty() {
+                meta.remove(key);
+            }
+        }
+    }
+    // Drops the named entries the wrap added, and the list when it is left empty.
+    fn drop_named(obj: &mut serde_json::Map<String, Value>, key: &str, names: &[&str]) {
+        if let Some(list) = obj.get_mut(key).and_then(Value::as_array_mut) {
+            list.retain(|x| !names.contains(&x["name"].as_str().unwrap_or_default()));
+            if list.is_empty() {
+                obj.remove(key);
+            }
+        }
+    }
+    let ours = [AGENT_VOLUME, SYNC_VOLUME, TOKEN_VOLUME];
+    let spec = u["spec"].as_object_mut()?;
+    drop_named(spec, "initContainers", &["devloop-install", "devloop-seed"]);
+    drop_named(spec, "volumes", &ours);
+    let c = spec.get_mut("containers")?.get_mut(index)?.as_object_mut()?;
+    drop_named(c, "volumeMounts", &ours);
+    for key in ["command", "args"] {
+        match &own[key] {
+            Value::Null => c.remove(key),
+            v => c.insert(key.into(), v.clone()),
+        };
+    }
+    Some(u)
 }
 
 /// Every Deployment of the namespace in dev mode, with its record.
@@ -281,6 +368,28 @@ mod tests {
         after["spec"]["replicas"] = restore[2]["value"].clone();
         after["metadata"]["annotations"].as_object_mut().unwrap().remove(RECORD);
         assert_eq!(after, d);
+    }
+
+    #[test]
+    fn a_watched_version_unwraps_to_the_plain_template() {
+        let plain = deployment()["spec"]["template"].clone();
+        let spec = DevSpec { agent_image: "a", sync_to: "/app", command: &["python3".into(), "--fast".into()], workdir: Some("/app"), session: "w1", secret: "api-devloop-watch" };
+        let w = watch_template(&plain, 0, &spec, &json!(2));
+        assert_eq!(watched_replicas(&w), Some(json!(2)));
+        assert_eq!(watched_replicas(&plain), None);
+        assert_eq!(w["metadata"]["labels"][WATCH_LABEL], "w1");
+        assert!(w["metadata"]["labels"][SESSION_LABEL].is_null());
+        assert_eq!(w["spec"]["containers"][0]["command"][1], "dev");
+        assert_eq!(w["spec"]["initContainers"].as_array().unwrap().len(), 2);
+        assert_eq!(unwatched(&w), Some(plain.clone()));
+        assert_eq!(unwatched(&plain), None);
+        // A bare template: no volumes, mounts, annotations or args of its own.
+        let bare = json!({"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [
+            {"name": "side", "image": "envoy"},
+            {"name": "x", "image": "reg/x:1", "command": ["/bin/x"]}]}});
+        let w = watch_template(&bare, 1, &spec, &Value::Null);
+        assert_eq!(w["spec"]["containers"][0], bare["spec"]["containers"][0]);
+        assert_eq!(unwatched(&w), Some(bare));
     }
 
     #[test]

@@ -97,11 +97,23 @@ fn refuse_intercepted(d: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Rolls `image` out as the service's container image and waits until it is ready.
+/// How a version under `devloop watch` is wrapped: the agent image, and the service's sync
+/// folder (the agent's root).
+#[derive(Debug, Clone)]
+pub struct WatchWrap {
+    pub agent_image: String,
+    pub sync_to: String,
+}
+
+/// Rolls `image` out as the service's container image and waits until it is ready. With
+/// `watch`, the version runs under the agent (see [`super::devpod::watch_template`]), so
+/// that saves can be synced into it; without, a watched version becomes a plain one again.
 pub async fn deploy_image(
     cluster: &Cluster,
     service: &str,
     image: &str,
+    command: Option<&crate::deploy::ImageCommand>,
+    watch: Option<&WatchWrap>,
     manifests: Option<&Path>,
     timeout: Duration,
 ) -> anyhow::Result<Option<RolledOut>> {
@@ -113,17 +125,82 @@ pub async fn deploy_image(
                 cluster.context
             );
         };
-        return create_from_manifests(cluster, service, image, dir, timeout).await.map(Some);
+        let created = create_from_manifests(cluster, service, image, dir, timeout).await?;
+        if watch.is_none() {
+            return Ok(Some(created));
+        }
+        // Created plain; the watched version follows as the next revision.
+        let wrapped = Box::pin(deploy_image(cluster, service, image, command, watch, None, timeout)).await?;
+        return Ok(Some(wrapped.map(|w| RolledOut { created: created.created.clone(), ready_ms: created.ready_ms + w.ready_ms, ..w }).unwrap_or(created)));
     };
     refuse_intercepted(&d)?;
-    let mut template = d["spec"]["template"].clone();
+    let current = &d["spec"]["template"];
+    let was_watched = super::devpod::unwatched(current);
+    let mut template = was_watched.clone().unwrap_or_else(|| current.clone());
     let index = service_container(&template, service)?;
-    if template["spec"]["containers"][index]["image"].as_str() == Some(image) {
+    template["spec"]["containers"][index]["image"] = json!(image);
+    let name = name_of(&d).to_string();
+    let cause = match watch {
+        Some(w) => {
+            // The replicas to give back later: from the version watched now, else the current.
+            let replicas = super::devpod::watched_replicas(current).unwrap_or_else(|| d["spec"]["replicas"].clone());
+            template = watched(cluster, &name, current, template, index, w, command, &replicas).await?;
+            format!("devloop watch {image}")
+        }
+        None => format!("devloop deploy {image}"),
+    };
+    if &template == current {
         return Ok(None);
     }
-    template["spec"]["containers"][index]["image"] = json!(image);
-    let cause = format!("devloop deploy {image}");
-    switch_template(cluster, &d, template, &cause, timeout).await.map(Some)
+    let done = switch_template(cluster, &d, template, &cause, timeout).await?;
+    if watch.is_none() && was_watched.is_some() {
+        // No longer watched: its agent's token goes too (best effort: a leftover Secret holds
+        // only a token no pod uses).
+        let _ = cluster.delete(&cluster.path("v1", "secrets", Some(&super::devpod::watch_secret_name(&name)))).await;
+    }
+    Ok(Some(done))
+}
+
+/// The watched form of `plain` (which already has the new image): the session and token of
+/// the version running now when it is watched too, so an unchanged tree rolls nothing out.
+#[allow(clippy::too_many_arguments)]
+async fn watched(
+    cluster: &Cluster,
+    deployment: &str,
+    current: &Value,
+    plain: Value,
+    index: usize,
+    w: &WatchWrap,
+    command: Option<&crate::deploy::ImageCommand>,
+    replicas: &Value,
+) -> anyhow::Result<Value> {
+    use super::devpod;
+    let secret = devpod::watch_secret_name(deployment);
+    let running = current["metadata"]["labels"][devpod::WATCH_LABEL].as_str().map(String::from);
+    let session = match (running, devpod::read_token_opt(cluster, &secret).await?) {
+        (Some(session), Some(_)) => session,
+        // A new token: new pods must mount it, so a new session label makes them.
+        _ => {
+            devpod::create_token_secret(cluster, &secret, &crate::state::new_token()).await?;
+            crate::state::new_token()[..12].to_string()
+        }
+    };
+    let container = &plain["spec"]["containers"][index];
+    let image = command.cloned().unwrap_or_default();
+    let argv = devpod::effective_command(container, &image.entrypoint, &image.cmd);
+    if argv.is_empty() {
+        anyhow::bail!("the container of deployment/{deployment} has no command and its image declares none: nothing for the agent to run under watch");
+    }
+    let workdir = container["workingDir"].as_str().map(String::from).or(image.workdir);
+    let spec = devpod::DevSpec {
+        agent_image: &w.agent_image,
+        sync_to: &w.sync_to,
+        command: &argv,
+        workdir: workdir.as_deref(),
+        session: &session,
+        secret: &secret,
+    };
+    Ok(devpod::watch_template(&plain, index, &spec, replicas))
 }
 
 /// One revision of a Deployment: a ReplicaSet it owns.
@@ -248,10 +325,18 @@ fn url_escape(s: &str) -> String {
 /// The JSON patch that puts `template` and the change cause on the Deployment, guarded by
 /// the resourceVersion read (a concurrent change fails the patch instead of being lost).
 pub fn template_patch(d: &Value, template: &Value, cause: &str) -> Value {
+    use super::devpod::watched_replicas;
     let mut ops = vec![
         json!({"op": "test", "path": "/metadata/resourceVersion", "value": d["metadata"]["resourceVersion"]}),
         json!({"op": "replace", "path": "/spec/template", "value": template}),
     ];
+    // A watched version runs one pod (the one saves are synced into); the next plain
+    // version gets the replicas back.
+    match (watched_replicas(template), watched_replicas(&d["spec"]["template"])) {
+        (Some(_), _) => ops.push(json!({"op": "replace", "path": "/spec/replicas", "value": 1})),
+        (None, Some(before)) if !before.is_null() => ops.push(json!({"op": "replace", "path": "/spec/replicas", "value": before})),
+        _ => {}
+    }
     if d["metadata"]["annotations"].is_object() {
         ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(CHANGE_CAUSE)), "value": cause}));
     } else {
@@ -266,6 +351,9 @@ pub fn template_patch(d: &Value, template: &Value, cause: &str) -> Value {
 /// `rollback` skips.
 pub fn undo_patch(before: &Value, failed_hash: Option<&str>) -> Value {
     let mut ops = vec![json!({"op": "replace", "path": "/spec/template", "value": before["spec"]["template"]})];
+    if !before["spec"]["replicas"].is_null() {
+        ops.push(json!({"op": "replace", "path": "/spec/replicas", "value": before["spec"]["replicas"]}));
+    }
     let key = format!("/metadata/annotations/{}", pointer_token(CHANGE_CAUSE));
     match before["metadata"]["annotations"][CHANGE_CAUSE].as_str() {
         Some(c) => ops.push(json!({"op": "add", "path": key, "value": c})),
@@ -561,6 +649,8 @@ pub struct KubeRollout {
     /// `[target] manifests`, resolved against the project folder.
     pub manifests: Option<std::path::PathBuf>,
     pub timeout: Duration,
+    /// Set under `devloop watch` (the agent's image): versions run under the agent.
+    pub watch_agent: Option<String>,
 }
 
 impl crate::deploy::RolloutTarget for KubeRollout {
@@ -571,7 +661,11 @@ impl crate::deploy::RolloutTarget for KubeRollout {
         snapshot: &'a crate::deploy::Snapshot,
     ) -> futures_util::future::BoxFuture<'a, anyhow::Result<crate::deploy::Rollout>> {
         Box::pin(async move {
-            let done = deploy_image(&self.cluster, &service.name, &snapshot.image, self.manifests.as_deref(), self.timeout).await?;
+            let watch = match (&self.watch_agent, &service.sync) {
+                (Some(agent), Some(sync)) => Some(WatchWrap { agent_image: agent.clone(), sync_to: sync.container_dir.clone() }),
+                _ => None,
+            };
+            let done = deploy_image(&self.cluster, &service.name, &snapshot.image, snapshot.command.as_ref(), watch.as_ref(), self.manifests.as_deref(), self.timeout).await?;
             Ok(match done {
                 None => crate::deploy::Rollout::Unchanged,
                 Some(r) => crate::deploy::Rollout::Ready { ready_ms: r.ready_ms, revision: r.revision, created: r.created },
@@ -649,21 +743,40 @@ mod tests {
         assert_eq!(p[0], json!({"op": "test", "path": "/metadata/resourceVersion", "value": "42"}));
         assert_eq!(p[1]["value"], t);
         assert_eq!(p[2]["path"], "/metadata/annotations/kubernetes.io~1change-cause");
+        assert_eq!(p.as_array().unwrap().len(), 3, "a plain version leaves the replicas alone");
         let u = undo_patch(&d, None);
         assert_eq!(u[0]["value"], d["spec"]["template"]);
-        assert_eq!(u[1], json!({"op": "remove", "path": "/metadata/annotations/kubernetes.io~1change-cause"}));
-        assert_eq!(u.as_array().unwrap().len(), 2);
+        assert_eq!(u[1], json!({"op": "replace", "path": "/spec/replicas", "value": 2}));
+        assert_eq!(u[2], json!({"op": "remove", "path": "/metadata/annotations/kubernetes.io~1change-cause"}));
+        assert_eq!(u.as_array().unwrap().len(), 3);
         // A failure is added to the Deployment's list, once.
         let mut failed_before = d.clone();
         failed_before["metadata"]["annotations"][FAILED] = json!("[\"aaa\",\"bbb\"]");
         let u = undo_patch(&failed_before, Some("aaa"));
-        assert_eq!(u[2], json!({"op": "add", "path": "/metadata/annotations/devloop.dev~1failed-rollouts", "value": "[\"bbb\",\"aaa\"]"}));
-        failed_before["metadata"]["annotations"][FAILED] = u[2]["value"].clone();
+        assert_eq!(u[3], json!({"op": "add", "path": "/metadata/annotations/devloop.dev~1failed-rollouts", "value": "[\"bbb\",\"aaa\"]"}));
+        failed_before["metadata"]["annotations"][FAILED] = u[3]["value"].clone();
         assert_eq!(failed_hashes(&failed_before), vec!["bbb", "aaa"]);
         let mut bare = d.clone();
         bare["metadata"].as_object_mut().unwrap().remove("annotations");
         let p = template_patch(&bare, &t, "c");
         assert_eq!(p[2], json!({"op": "add", "path": "/metadata/annotations", "value": {CHANGE_CAUSE: "c"}}));
+    }
+
+    #[test]
+    fn a_watched_version_runs_one_pod_and_the_next_plain_one_gets_the_replicas_back() {
+        use crate::target::k8s::devpod::{unwatched, watch_template, DevSpec};
+        let d = deployment();
+        let spec = DevSpec { agent_image: "a", sync_to: "/app", command: &["x".into()], workdir: None, session: "w", secret: "s" };
+        let w = watch_template(&d["spec"]["template"], 1, &spec, &json!(2));
+        let p = template_patch(&d, &w, "devloop watch");
+        assert!(p.as_array().unwrap().contains(&json!({"op": "replace", "path": "/spec/replicas", "value": 1})), "{p}");
+        let mut watched = d.clone();
+        watched["spec"]["template"] = w.clone();
+        watched["spec"]["replicas"] = json!(1);
+        let p = template_patch(&watched, &unwatched(&w).unwrap(), "devloop deploy");
+        assert!(p.as_array().unwrap().contains(&json!({"op": "replace", "path": "/spec/replicas", "value": 2})), "{p}");
+        // Undoing a failed watched version puts back one replica, as it ran.
+        assert_eq!(undo_patch(&watched, None)[1], json!({"op": "replace", "path": "/spec/replicas", "value": 1}));
     }
 
     #[test]
