@@ -4,7 +4,9 @@
 //! of the same Dockerfile to an identical Deployment, in the same run, interleaved. Both are
 //! observed on the same path: a caller pod polling its Service's ClusterIP until the new
 //! version answers. Also the image part alone (devloop's snapshot + push against docker
-//! build + push) and the rollout's share.
+//! build + push) and the rollout's share. Then `devloop watch` on the same service: a save
+//! under a restart rule (synced into the watched pod), and under a redeploy rule (the next
+//! version rolled out), observed the same way.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
@@ -155,6 +157,39 @@ pub fn k8s_deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json:
             fmt_ms(alt_image[r])
         );
     }
+
+    // `watch`: the same service, watched. Phase 1 with `**/*.py` -> restart: the save is
+    // synced into the watched pod and the process restarted in place. Phase 2 with
+    // `**/*.py` -> redeploy: the save becomes a snapshot rolled out as the next watched
+    // version. Both observed like the deploys: the caller polling the Service.
+    let toml = std::fs::read_to_string(p.dir.join("devloop.toml"))?;
+    let with_rule = |action: &str| toml.replace("exclude = [", &format!("on_change = [{{ paths = [\"**/*.py\"], action = \"{action}\" }}]\nexclude = ["));
+    let watch_phase = |action: &str, tag: &str| -> Result<(Vec<f64>, Vec<f64>)> {
+        std::fs::write(p.dir.join("devloop.toml"), with_rule(action))?;
+        let mut watch = Proc::spawn(devloop(&["watch", "api"]), ctx.tmp.path().join(format!("k8s-deploy-watch-{action}.log")))?;
+        watch.wait_line(0, Duration::from_secs(240), |l| l.contains("in sync"))?;
+        let (mut serving, mut rollout) = (Vec::new(), Vec::new());
+        for r in 0..rounds {
+            let v = format!("{tag}{r}-{}", ctx.pid);
+            let mut w = waiter(&svc, &format!("\"version\": \"{v}\""))?;
+            let from = watch.len();
+            let t0 = now_ns();
+            std::fs::write(p.dir.join("api/app.py"), with_version(&v))?;
+            serving.push((seen(&mut w)? - t0) as f64 / 1e6);
+            if action == "redeploy" {
+                let (_, _, line) = watch.wait_line(from, Duration::from_secs(120), |l| l.contains("deployed ") || l.contains("redeploy failed"))?;
+                rollout.push(figure_after(&line, "rollout to ready ").with_context(|| format!("no rollout time in `{line}`"))?);
+            }
+            eprintln!("  k8s-deploy watch ({action}) round {r}: serving {}", fmt_ms(serving[r]));
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(watch.child.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ = watch.child.wait();
+        Ok((serving, rollout))
+    };
+    let (w_restart, _) = watch_phase("restart", "r")?;
+    let (w_redeploy, w_rollout) = watch_phase("redeploy", "p")?;
+    std::fs::write(p.dir.join("devloop.toml"), &toml)?;
+
     let (m_dl, m_alt) = (median(&dl), median(&alt));
     let (m_img, m_alt_img) = (median(&dl_image), median(&alt_image));
     let img_ratio = m_alt_img / m_img;
@@ -166,6 +201,9 @@ pub fn k8s_deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json:
         row("k8s-deploy", "image part: devloop snapshot + push / docker build + push", format!("{} / {}", fmt_ms(m_img), fmt_ms(m_alt_img)), "", None),
         row("k8s-deploy", "image part, docker build + push / devloop", format!("{img_ratio:.1}x"), ">= 3x", Some(img_ratio >= 3.0)),
         row("k8s-deploy", "devloop deploy command, whole / its rollout to ready (share)", format!("{} / {} ({share:.0}%)", fmt_ms(m_cmd), fmt_ms(median(&dl_rollout))), "", None),
+        row("k8s-deploy", "watch, restart rule: save -> served by the watched pod (median)", fmt_ms(median(&w_restart)), "", None),
+        row("k8s-deploy", "watch, redeploy rule: save -> next version serving (median; its rollout to ready)", format!("{} ({})", fmt_ms(median(&w_redeploy)), fmt_ms(median(&w_rollout))), "", None),
+        row("k8s-deploy", "docker build + push + set image / watch's redeploy", format!("{:.1}x", m_alt / median(&w_redeploy)), "", None),
     ];
     Ok((rows, serde_json::json!({
         "rounds": rounds,
@@ -178,6 +216,9 @@ pub fn k8s_deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json:
         "docker_build_ms": summary(&alt_build),
         "image_ratio": img_ratio,
         "rollout_share_pct": share,
+        "watch_restart_serving_ms": summary(&w_restart),
+        "watch_redeploy_serving_ms": summary(&w_redeploy),
+        "watch_redeploy_rollout_ready_ms": summary(&w_rollout),
     })))
 }
 
