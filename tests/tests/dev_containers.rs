@@ -3,7 +3,8 @@
 use devloop_tests::*;
 use std::time::{Duration, Instant};
 
-/// up -> the system serves -> an edit is served -> status -> down removes everything.
+/// up -> the system serves -> an edit is served -> status -> down removes everything (a
+/// network a foreign container holds only once that container is gone).
 #[test]
 fn up_edit_serve_down() {
     let mut shop = Shop::new("loop", false);
@@ -34,8 +35,18 @@ fn up_edit_serve_down() {
     assert!(status.contains("NOT SYNCING: the container's files may be stale since"), "{status}");
     assert_eq!(docker_ok(&["inspect", "-f", "{{.State.Running}}", &shop.container("api")]), "true");
 
+    // A container of the user's own on the project network: down removes devloop's and
+    // keeps the network, naming what holds it, instead of failing half-way.
+    let network = format!("devloop-{}", shop.project);
+    let foreign = format!("{}-foreign", shop.project);
+    docker_ok(&["run", "-d", "--name", &foreign, "--network", &network, "python:3.11-slim-bookworm", "sleep", "300"]);
+    let down = shop.run(&["down"]);
+    docker_ok(&["rm", "-f", &foreign]);
+    let text = String::from_utf8_lossy(&down.stdout).to_string() + &String::from_utf8_lossy(&down.stderr);
+    assert!(down.status.success(), "{text}");
+    assert!(text.contains("removed container") && text.contains(&format!("kept network {network}: {foreign} not made by devloop")), "{text}");
     let down = shop.run_ok(&["down"]);
-    assert!(down.contains("removed container"), "{down}");
+    assert!(down.contains(&format!("removed network {network}")), "{down}");
     assert_eq!(shop.leftovers(), Vec::<String>::new());
 }
 

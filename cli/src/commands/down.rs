@@ -16,7 +16,7 @@ pub async fn down(global: &Global, keep_volumes: bool) -> anyhow::Result<()> {
         tokens.remove(&docker::container_name(&project.name, &svc.name));
         remove_sync_status(&project.name, &svc.name);
     }
-    if removed.containers.is_empty() && removed.volumes.is_empty() && removed.networks.is_empty() {
+    if removed.containers.is_empty() && removed.volumes.is_empty() && removed.networks.is_empty() && removed.kept_networks.is_empty() {
         println!("nothing to remove for project {}", project.name);
     }
     for (what, list) in [
@@ -27,6 +27,13 @@ pub async fn down(global: &Global, keep_volumes: bool) -> anyhow::Result<()> {
         for name in list {
             println!("removed {what} {name}");
         }
+    }
+    for (name, attached) in &removed.kept_networks {
+        println!(
+            "kept network {name}: {} not made by devloop {} attached (`docker network disconnect {name} NAME`, then `devloop down` again)",
+            attached.join(", "),
+            if attached.len() == 1 { "is" } else { "are" }
+        );
     }
     Ok(())
 }

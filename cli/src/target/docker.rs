@@ -35,11 +35,12 @@ pub const TOKEN_PATH: &str = "/.devloop/token";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
-    #[error("docker: {action}: {source}")]
+    /// The engine's answer is part of the message, not a source of its own: an error
+    /// printed with its chain (`{:#}`) would say it twice.
+    #[error("docker: {action}: {cause}")]
     Api {
         action: String,
-        #[source]
-        source: bollard::errors::Error,
+        cause: bollard::errors::Error,
     },
     #[error("{0}")]
     Other(String),
@@ -47,7 +48,7 @@ pub enum DockerError {
 
 pub fn api(action: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> DockerError {
     let action = action.into();
-    move |source| DockerError::Api { action, source }
+    move |cause| DockerError::Api { action, cause }
 }
 
 pub fn network_name(project: &str) -> String {
@@ -628,6 +629,9 @@ pub struct Removed {
     pub containers: Vec<String>,
     pub volumes: Vec<String>,
     pub networks: Vec<String>,
+    /// Networks left in place because containers devloop did not make are attached: each
+    /// with their names.
+    pub kept_networks: Vec<(String, Vec<String>)>,
 }
 
 /// Removes every container, volume and network labelled with the project (all but
@@ -678,6 +682,21 @@ pub async fn down(
     if others.is_empty() {
         for n in nets {
             let name = n.name.unwrap_or_default();
+            // A container of the user's own (`docker run --network devloop-P`) keeps the
+            // network: say so instead of failing after everything else is gone.
+            let attached: Vec<String> = docker
+                .inspect_network(&name, None::<bollard::query_parameters::InspectNetworkOptions>)
+                .await
+                .map_err(api(format!("inspecting network {name}")))?
+                .containers
+                .unwrap_or_default()
+                .into_values()
+                .map(|c| c.name.unwrap_or_default())
+                .collect();
+            if !attached.is_empty() {
+                removed.kept_networks.push((name, attached));
+                continue;
+            }
             docker
                 .remove_network(&name)
                 .await
@@ -881,4 +900,18 @@ pub fn find_agent_binary() -> Result<std::path::PathBuf, String> {
         "no static devloop-agent binary found (looked in {}); build it with `scripts/build-agent.sh` or set DEVLOOP_AGENT_BIN",
         candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_error_is_said_once() {
+        let cause = bollard::errors::Error::DockerResponseServerError { status_code: 403, message: "network has active endpoints".into() };
+        let e = anyhow::Error::new(api("removing network n")(cause));
+        let text = format!("{e:#}");
+        assert_eq!(text.matches("active endpoints").count(), 1, "{text}");
+        assert!(text.starts_with("docker: removing network n: "), "{text}");
+    }
 }
