@@ -60,7 +60,9 @@ fn deploy_creates_rolls_out_undoes_a_crash_and_rolls_back() {
 
     // First deploy: nothing exists, so both services are created from the manifests.
     let out = run_ok(&shop, &ns, &["deploy"]);
-    assert!(out.contains("created service/api, deployment/api"), "{out}");
+    // The ConfigMap the api's environment comes from is created with it, first.
+    assert!(out.contains("created configmap/api-config, service/api, deployment/api"), "{out}");
+    assert_eq!(kubectl_ok(&["-n", &ns.name, "get", "configmap", "api-config", "-o", "jsonpath={.data.PORT}"]), "8000");
     assert!(out.contains("rollout to ready"), "{out}");
     let first = api_image(&ns);
     assert!(first.starts_with(&format!("{REGISTRY}/devloop-{}-api:", shop.project)), "{first}");

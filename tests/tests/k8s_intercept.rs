@@ -84,9 +84,11 @@ fn a_killed_cli_leaves_an_intercept_that_leave_all_restores() {
     // The container's environment also comes from a Secret and a ConfigMap.
     kubectl_ok(&["-n", &ns.name, "create", "secret", "generic", "api-db", "--from-literal=password=s3cret"]);
     kubectl_ok(&["-n", &ns.name, "create", "configmap", "api-settings", "--from-literal=LEVEL=debug"]);
-    let env_patch = r#"[{"op": "add", "path": "/spec/template/spec/containers/0/envFrom", "value": [{"configMapRef": {"name": "api-settings"}, "prefix": "APP_"}]},
-        {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "api-db", "key": "password"}}}},
-        {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "DB_URL", "value": "postgres://shop:$(DB_PASSWORD)@db:5432"}}]"#;
+    // (PORT comes from the example's own ConfigMap, api-config.)
+    let env_patch = r#"[{"op": "add", "path": "/spec/template/spec/containers/0/envFrom/-", "value": {"configMapRef": {"name": "api-settings"}, "prefix": "APP_"}},
+        {"op": "add", "path": "/spec/template/spec/containers/0/env", "value": [
+            {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "api-db", "key": "password"}}},
+            {"name": "DB_URL", "value": "postgres://shop:$(DB_PASSWORD)@db:5432"}]}]"#;
     kubectl_ok(&["-n", &ns.name, "patch", "deployment", "api", "--type=json", "-p", env_patch]);
     kubectl_ok(&["-n", &ns.name, "rollout", "status", "deployment/api", "--timeout=120s"]);
     let before = deployment_spec(&ns, "api");

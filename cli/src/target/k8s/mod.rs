@@ -219,6 +219,9 @@ pub const PERMISSIONS: &[(&str, &str, &str, &str)] = &[
     // intercept: the laptop's environment from the Secrets and ConfigMaps the container uses
     ("", "secrets", "", "get"),
     ("", "configmaps", "", "get"),
+    // deploy: what the pod refers to, created from the manifests with the service
+    ("", "configmaps", "", "create"),
+    ("", "persistentvolumeclaims", "", "create"),
 ];
 
 impl Cluster {

@@ -577,19 +577,73 @@ pub fn read_manifests(dir: &Path) -> anyhow::Result<Vec<Value>> {
     Ok(out)
 }
 
+/// The kinds of object a pod template refers to by name that `deploy` creates from the
+/// manifests along with the service, with their API group/version and resource.
+const DEPENDENCIES: [(&str, &str, &str); 4] = [
+    ("ConfigMap", "v1", "configmaps"),
+    ("Secret", "v1", "secrets"),
+    ("PersistentVolumeClaim", "v1", "persistentvolumeclaims"),
+    ("ServiceAccount", "v1", "serviceaccounts"),
+];
+
+/// The ConfigMaps, Secrets, PersistentVolumeClaims and ServiceAccount a pod template refers
+/// to by name (volumes, projected volumes, `envFrom`, `valueFrom`, image pull secrets, the
+/// service account), as (kind, name), each once.
+pub fn template_refs(template: &Value) -> Vec<(&'static str, String)> {
+    fn add(out: &mut Vec<(&'static str, String)>, kind: &'static str, v: &Value) {
+        if let Some(name) = v.as_str() {
+            if !out.iter().any(|(k, n)| *k == kind && n == name) {
+                out.push((kind, name.to_string()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let spec = &template["spec"];
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        add(&mut out, "ConfigMap", &v["configMap"]["name"]);
+        add(&mut out, "Secret", &v["secret"]["secretName"]);
+        add(&mut out, "PersistentVolumeClaim", &v["persistentVolumeClaim"]["claimName"]);
+        for source in v["projected"]["sources"].as_array().into_iter().flatten() {
+            add(&mut out, "ConfigMap", &source["configMap"]["name"]);
+            add(&mut out, "Secret", &source["secret"]["name"]);
+        }
+    }
+    for c in spec["initContainers"].as_array().into_iter().chain(spec["containers"].as_array()).flatten() {
+        for e in c["envFrom"].as_array().into_iter().flatten() {
+            add(&mut out, "ConfigMap", &e["configMapRef"]["name"]);
+            add(&mut out, "Secret", &e["secretRef"]["name"]);
+        }
+        for e in c["env"].as_array().into_iter().flatten() {
+            add(&mut out, "ConfigMap", &e["valueFrom"]["configMapKeyRef"]["name"]);
+            add(&mut out, "Secret", &e["valueFrom"]["secretKeyRef"]["name"]);
+        }
+    }
+    for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
+        add(&mut out, "Secret", &s["name"]);
+    }
+    add(&mut out, "ServiceAccount", &spec["serviceAccountName"]);
+    out
+}
+
 /// The service's objects among the manifests: its Deployment and its Service (both named
-/// after it), with the snapshot as the container's image and the cluster's namespace.
+/// after it), with the snapshot as the container's image and the cluster's namespace, and
+/// before them the ConfigMaps, Secrets, PersistentVolumeClaims and ServiceAccount its pod
+/// template refers to that the manifests hold.
 pub fn objects_for(manifests: &[Value], service: &str, image: &str, cause: &str) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
-    for m in manifests {
-        if m["metadata"]["name"].as_str() != Some(service) {
-            continue;
-        }
+    let local = |m: &Value| {
         let mut m = m.clone();
         if let Some(meta) = m["metadata"].as_object_mut() {
             // The target's namespace decides, as with `kubectl apply -n`.
             meta.remove("namespace");
         }
+        m
+    };
+    for m in manifests {
+        if m["metadata"]["name"].as_str() != Some(service) {
+            continue;
+        }
+        let mut m = local(m);
         match m["kind"].as_str() {
             Some("Deployment") => {
                 let index = service_container(&m["spec"]["template"], service)?;
@@ -604,15 +658,29 @@ pub fn objects_for(manifests: &[Value], service: &str, image: &str, cause: &str)
             _ => {}
         }
     }
-    if !out.iter().any(|m| m["kind"] == "Deployment") {
+    let Some(deployment) = out.iter().find(|m| m["kind"] == "Deployment") else {
         anyhow::bail!("the manifests have no Deployment named `{service}`");
+    };
+    let refs = template_refs(&deployment["spec"]["template"]);
+    for m in manifests {
+        let (Some(kind), Some(name)) = (m["kind"].as_str(), m["metadata"]["name"].as_str()) else { continue };
+        if refs.iter().any(|(k, n)| *k == kind && n == name) {
+            out.push(local(m));
+        }
     }
-    // The Service first, so the name answers as soon as a pod is ready.
-    out.sort_by_key(|m| m["kind"] != "Service");
+    // What the pods refer to first, then the Service (so the name answers as soon as a pod
+    // is ready), then the Deployment.
+    out.sort_by_key(|m| match m["kind"].as_str() {
+        Some("Deployment") => 2,
+        Some("Service") => 1,
+        _ => 0,
+    });
     Ok(out)
 }
 
 /// Creates the service's missing objects from the manifests and waits for its rollout.
+/// The Deployment and Service are looked up first; the objects they refer to are created
+/// unless they exist (a 409: someone else's, or an earlier deploy's, left as they are).
 async fn create_from_manifests(cluster: &Cluster, service: &str, image: &str, dir: &Path, timeout: Duration) -> anyhow::Result<RolledOut> {
     let manifests = read_manifests(dir)?;
     let objects = objects_for(&manifests, service, image, &format!("devloop deploy {image}"))?;
@@ -620,17 +688,24 @@ async fn create_from_manifests(cluster: &Cluster, service: &str, image: &str, di
     let mut created = Vec::new();
     let mut deployment = None;
     for o in objects {
-        let (gv, resource) = if o["kind"] == "Deployment" { ("apps/v1", "deployments") } else { ("v1", "services") };
+        let kind = o["kind"].as_str().unwrap_or_default();
+        let (gv, resource) = match kind {
+            "Deployment" => ("apps/v1", "deployments"),
+            "Service" => ("v1", "services"),
+            _ => DEPENDENCIES.iter().find(|(k, _, _)| *k == kind).map(|(_, gv, r)| (*gv, *r)).context("a kind objects_for does not give")?,
+        };
         let name = o["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        if cluster.get_opt(&cluster.path(gv, resource, Some(&name))).await.map_err(|e| cluster.err(e, "get", resource, format!("reading {resource}/{name}")))?.is_some() {
+        let workload = matches!(kind, "Deployment" | "Service");
+        if workload && cluster.get_opt(&cluster.path(gv, resource, Some(&name))).await.map_err(|e| cluster.err(e, "get", resource, format!("reading {resource}/{name}")))?.is_some() {
             continue;
         }
-        let made = cluster
-            .post_json(&cluster.path(gv, resource, None), &o)
-            .await
-            .map_err(|e| cluster.err(e, "create", resource, format!("creating {resource}/{name} from {}", dir.display())))?;
-        created.push(format!("{}/{name}", o["kind"].as_str().unwrap_or("?").to_lowercase()));
-        if o["kind"] == "Deployment" {
+        let made = match cluster.post_json(&cluster.path(gv, resource, None), &o).await {
+            Ok(made) => made,
+            Err(e) if !workload && super::status_of(&e) == Some(409) => continue,
+            Err(e) => return Err(cluster.err(e, "create", resource, format!("creating {resource}/{name} from {}", dir.display())).into()),
+        };
+        created.push(format!("{}/{name}", kind.to_lowercase()));
+        if kind == "Deployment" {
             deployment = Some(made);
         }
     }
@@ -798,6 +873,27 @@ mod tests {
         assert!(d["metadata"]["namespace"].is_null());
         assert_eq!(d["metadata"]["annotations"][CHANGE_CAUSE], "devloop deploy t");
         assert!(objects_for(&all, "db", "i", "c").unwrap_err().to_string().contains("no Deployment named `db`"));
+    }
+
+    #[test]
+    fn the_objects_a_pod_refers_to_come_first_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("api.yaml"),
+            "kind: Deployment\nmetadata: {name: api}\nspec:\n  template:\n    spec:\n      serviceAccountName: api-sa\n      imagePullSecrets: [{name: pull}]\n      volumes:\n        - {name: cfg, configMap: {name: api-files}}\n        - {name: data, persistentVolumeClaim: {claimName: api-data}}\n        - {name: p, projected: {sources: [{secret: {name: api-tls}}]}}\n      containers:\n        - name: api\n          image: x\n          envFrom: [{configMapRef: {name: api-env}}]\n          env: [{name: K, valueFrom: {secretKeyRef: {name: api-key, key: k}}}, {name: L, valueFrom: {configMapKeyRef: {name: api-env, key: l}}}]\n---\nkind: ConfigMap\nmetadata: {name: api-env, namespace: prod}\n---\nkind: ConfigMap\nmetadata: {name: web-env}\n---\nkind: Secret\nmetadata: {name: api-key}\n---\nkind: ServiceAccount\nmetadata: {name: api-sa}\n---\nkind: PersistentVolumeClaim\nmetadata: {name: api-data}\n---\nkind: Service\nmetadata: {name: api}\n",
+        )
+        .unwrap();
+        let all = read_manifests(dir.path()).unwrap();
+        let refs = template_refs(&all[0]["spec"]["template"]);
+        assert_eq!(refs.len(), 7, "api-env is named twice and counted once: {refs:?}");
+        assert!(refs.contains(&("Secret", "api-tls".into())) && refs.contains(&("Secret", "pull".into())));
+        let objs = objects_for(&all, "api", "i", "c").unwrap();
+        let names: Vec<&str> = objs.iter().map(|o| o["metadata"]["name"].as_str().unwrap()).collect();
+        // web-env is not the api's; api-files and the rest are not in the manifests.
+        assert_eq!(names, vec!["api-env", "api-key", "api-sa", "api-data", "api", "api"]);
+        assert_eq!(objs[4]["kind"], "Service");
+        assert_eq!(objs[5]["kind"], "Deployment");
+        assert!(objs[0]["metadata"]["namespace"].is_null());
     }
 
     #[test]
