@@ -854,17 +854,22 @@ mod tests {
         assert_eq!(undo_patch(&watched, None)[1], json!({"op": "replace", "path": "/spec/replicas", "value": 1}));
     }
 
+    /// The manifests read back from a folder holding `files` (name, text).
+    fn manifests(files: &[(&str, &str)]) -> Vec<Value> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        read_manifests(dir.path()).unwrap()
+    }
+
     #[test]
     fn manifests_give_the_services_objects_with_the_snapshot_image() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("api.yaml"),
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api, namespace: prod}\nspec:\n  template:\n    spec:\n      containers: [{name: api, image: placeholder}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec: {ports: [{port: 8000}]}\n---\n",
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("web.yml"), "kind: Deployment\nmetadata: {name: web}\nspec: {template: {spec: {containers: [{name: web, image: x}]}}}\n").unwrap();
-        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
-        let all = read_manifests(dir.path()).unwrap();
+        let all = manifests(&[
+            ("api.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api, namespace: prod}\nspec:\n  template:\n    spec:\n      containers: [{name: api, image: placeholder}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec: {ports: [{port: 8000}]}\n---\n"),
+            ("web.yml", "kind: Deployment\nmetadata: {name: web}\nspec: {template: {spec: {containers: [{name: web, image: x}]}}}\n"),
+            ("notes.txt", "not a manifest"),
+        ]);
         assert_eq!(all.len(), 3);
         let objs = objects_for(&all, "api", "reg/devloop-shop-api:t", "devloop deploy t").unwrap();
         assert_eq!(objs.iter().map(|o| o["kind"].as_str().unwrap()).collect::<Vec<_>>(), vec!["Service", "Deployment"]);
@@ -877,13 +882,10 @@ mod tests {
 
     #[test]
     fn the_objects_a_pod_refers_to_come_first_and_only_those() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("api.yaml"),
+        let all = manifests(&[(
+            "api.yaml",
             "kind: Deployment\nmetadata: {name: api}\nspec:\n  template:\n    spec:\n      serviceAccountName: api-sa\n      imagePullSecrets: [{name: pull}]\n      volumes:\n        - {name: cfg, configMap: {name: api-files}}\n        - {name: data, persistentVolumeClaim: {claimName: api-data}}\n        - {name: p, projected: {sources: [{secret: {name: api-tls}}]}}\n      containers:\n        - name: api\n          image: x\n          envFrom: [{configMapRef: {name: api-env}}]\n          env: [{name: K, valueFrom: {secretKeyRef: {name: api-key, key: k}}}, {name: L, valueFrom: {configMapKeyRef: {name: api-env, key: l}}}]\n---\nkind: ConfigMap\nmetadata: {name: api-env, namespace: prod}\n---\nkind: ConfigMap\nmetadata: {name: web-env}\n---\nkind: Secret\nmetadata: {name: api-key}\n---\nkind: ServiceAccount\nmetadata: {name: api-sa}\n---\nkind: PersistentVolumeClaim\nmetadata: {name: api-data}\n---\nkind: Service\nmetadata: {name: api}\n",
-        )
-        .unwrap();
-        let all = read_manifests(dir.path()).unwrap();
+        )]);
         let refs = template_refs(&all[0]["spec"]["template"]);
         assert_eq!(refs.len(), 7, "api-env is named twice and counted once: {refs:?}");
         assert!(refs.contains(&("Secret", "api-tls".into())) && refs.contains(&("Secret", "pull".into())));
