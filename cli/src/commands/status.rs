@@ -128,7 +128,7 @@ async fn kube_reports(project: &crate::config::Project, settings: &crate::target
                     .ok()
                     .and_then(|i| template["spec"]["containers"][i]["image"].as_str().map(String::from))
                     .unwrap_or_default();
-                let watched = if devpod::unwatched(template).is_some() { " under the agent (devloop watch)" } else { "" };
+                let watched = if devpod::is_watched(template) { " under the agent (devloop watch)" } else { "" };
                 match rollout::snapshot_tag(&image, &repo) {
                     Some(tag) => format!("deployed version {tag}{watched}, {ready}"),
                     None => format!("image {image}{watched}, {ready}"),

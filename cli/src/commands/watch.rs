@@ -41,6 +41,11 @@ pub async fn watch(
     let ui = Ui::new(selected.iter().map(String::as_str));
     let env = Arc::new(Env::new(global, &project, health_timeout, true).await?);
 
+    // Docker: what runs of the project, listed once for all services.
+    let containers = match env.cluster() {
+        None => docker::list_project_containers(&env.docker, &project.name, None).await?,
+        Some(_) => Vec::new(),
+    };
     // Each service to watch, with the way to reach the agent of the version that runs it.
     let mut watched: Vec<(String, Arc<dyn Connector>)> = Vec::new();
     for name in &selected {
@@ -50,7 +55,7 @@ pub async fn watch(
             continue;
         }
         let conn = match env.cluster() {
-            None => docker_version(&env, &project, service, &ui).await?,
+            None => docker_version(&env, &containers, &project, service, &ui).await?,
             Some(cluster) => kube_version(&env, cluster, &project, service, &ui).await?,
         };
         if let Some(conn) = conn {
@@ -60,6 +65,11 @@ pub async fn watch(
     if watched.is_empty() {
         anyhow::bail!("nothing to watch");
     }
+    let names: Vec<&str> = watched.iter().map(|(n, _)| n.as_str()).collect();
+    eprintln!(
+        "devloop: watching {}; Ctrl-C stops (a rollout under way finishes first)",
+        names.join(", ")
+    );
 
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -78,12 +88,8 @@ pub async fn watch(
         };
         let settings = SyncSettings::for_service(&project.name, service, !no_logs, Some(redeploy));
         let (ui, shutdown) = (ui.clone(), shutdown.clone());
-        tasks.spawn(async move { (name.clone(), engine::run(settings, conn, ui, shutdown).await) });
+        tasks.spawn(async move { (name, engine::run(settings, conn, ui, shutdown).await) });
     }
-    eprintln!(
-        "devloop: watching {}; Ctrl-C stops (a rollout under way finishes first)",
-        selected.join(", ")
-    );
     let mut failed = None;
     tokio::select! {
         _ = super::up::wait_for_signal() => {}
@@ -108,9 +114,14 @@ pub async fn watch(
 
 /// Docker: the service's dev or deployed container (deployed first when none runs); None
 /// when it is intercepted.
-async fn docker_version(env: &Env, project: &Project, service: &Service, ui: &Ui) -> anyhow::Result<Option<Arc<dyn Connector>>> {
+async fn docker_version(
+    env: &Env,
+    containers: &[bollard::models::ContainerSummary],
+    project: &Project,
+    service: &Service,
+    ui: &Ui,
+) -> anyhow::Result<Option<Arc<dyn Connector>>> {
     let name = &service.name;
-    let containers = docker::list_project_containers(&env.docker, &project.name, None).await?;
     let kind = |c: &&bollard::models::ContainerSummary| docker::label(c, labels::KIND).map(String::from);
     let mine: Vec<_> = containers.iter().filter(|c| docker::label(c, labels::SERVICE) == Some(name.as_str())).collect();
     if mine.iter().any(|c| kind(c).as_deref() == Some(labels::KIND_INTERCEPT)) {

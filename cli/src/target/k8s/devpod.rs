@@ -227,17 +227,26 @@ pub fn watch_template(original: &Value, index: usize, s: &DevSpec, replicas: &Va
     t
 }
 
+/// The [`WATCHED`] annotation of a watched version's template, parsed.
+fn watched_own(t: &Value) -> Option<Value> {
+    serde_json::from_str(t["metadata"]["annotations"][WATCHED].as_str()?).ok()
+}
+
+/// True when `t` is a watched version's template.
+pub fn is_watched(t: &Value) -> bool {
+    watched_own(t).is_some()
+}
+
 /// The replicas the Deployment had before it was watched, when `t` is a watched version's
 /// template (null: unset).
 pub fn watched_replicas(t: &Value) -> Option<Value> {
-    let own: Value = serde_json::from_str(t["metadata"]["annotations"][WATCHED].as_str()?).ok()?;
-    Some(own["replicas"].clone())
+    Some(watched_own(t)?["replicas"].clone())
 }
 
 /// The plain template of a watched version (see [`watch_template`]); None when `t` is not
 /// one.
 pub fn unwatched(t: &Value) -> Option<Value> {
-    let own: Value = serde_json::from_str(t["metadata"]["annotations"][WATCHED].as_str()?).ok()?;
+    let own = watched_own(t)?;
     let index = own["index"].as_u64()? as usize;
     let mut u = t.clone();
     let meta = u["metadata"].as_object_mut()?;

@@ -142,9 +142,7 @@ pub async fn deploy_image(
     let name = name_of(&d).to_string();
     let cause = match watch {
         Some(w) => {
-            // The replicas to give back later: from the version watched now, else the current.
-            let replicas = super::devpod::watched_replicas(current).unwrap_or_else(|| d["spec"]["replicas"].clone());
-            template = watched(cluster, &name, current, template, index, w, command, &replicas).await?;
+            template = watched(cluster, &d, template, index, w, command).await?;
             format!("devloop watch {image}")
         }
         None => format!("devloop deploy {image}"),
@@ -161,20 +159,22 @@ pub async fn deploy_image(
     Ok(Some(done))
 }
 
-/// The watched form of `plain` (which already has the new image): the session and token of
-/// the version running now when it is watched too, so an unchanged tree rolls nothing out.
-#[allow(clippy::too_many_arguments)]
+/// The watched form of `plain` (Deployment `d`'s template in its plain form, with the new
+/// image): the session and token of the version running now when it is watched too, so an
+/// unchanged tree rolls nothing out.
 async fn watched(
     cluster: &Cluster,
-    deployment: &str,
-    current: &Value,
+    d: &Value,
     plain: Value,
     index: usize,
     w: &WatchWrap,
     command: Option<&crate::deploy::ImageCommand>,
-    replicas: &Value,
 ) -> anyhow::Result<Value> {
     use super::devpod;
+    let deployment = name_of(d);
+    let current = &d["spec"]["template"];
+    // The replicas to give back later: from the version watched now, else the current.
+    let replicas = devpod::watched_replicas(current).unwrap_or_else(|| d["spec"]["replicas"].clone());
     let secret = devpod::watch_secret_name(deployment);
     let running = current["metadata"]["labels"][devpod::WATCH_LABEL].as_str().map(String::from);
     let session = match (running, devpod::read_token_opt(cluster, &secret).await?) {
@@ -186,12 +186,12 @@ async fn watched(
         }
     };
     let container = &plain["spec"]["containers"][index];
-    let image = command.cloned().unwrap_or_default();
-    let argv = devpod::effective_command(container, &image.entrypoint, &image.cmd);
+    let declared = command.cloned().unwrap_or_default();
+    let argv = devpod::effective_command(container, &declared.entrypoint, &declared.cmd);
     if argv.is_empty() {
         anyhow::bail!("the container of deployment/{deployment} has no command and its image declares none: nothing for the agent to run under watch");
     }
-    let workdir = container["workingDir"].as_str().map(String::from).or(image.workdir);
+    let workdir = container["workingDir"].as_str().map(String::from).or(declared.workdir);
     let spec = devpod::DevSpec {
         agent_image: &w.agent_image,
         sync_to: &w.sync_to,
@@ -200,7 +200,7 @@ async fn watched(
         session: &session,
         secret: &secret,
     };
-    Ok(devpod::watch_template(&plain, index, &spec, replicas))
+    Ok(devpod::watch_template(&plain, index, &spec, &replicas))
 }
 
 /// One revision of a Deployment: a ReplicaSet it owns.
