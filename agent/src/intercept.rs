@@ -4,15 +4,22 @@
 //! it to a process on the laptop. Streams the cli opens (`--expose`) are connected to
 //! services of the system, so the laptop process can call them.
 //!
+//! Where the cli runs on the engine's own machine, it hands the agent each connection to the
+//! laptop over a Unix socket instead (`devloop_proxy::handoff`), and the agent copies
+//! between the caller and that socket itself; a connection the cli does not hand over is
+//! tunnelled.
+//!
 //! The control listener answers only on the devloop control network (and loopback, for the
 //! `docker exec` bridge): callers on the service's own networks reach the service's ports
 //! and nothing else.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devloop_proxy::codec::{decode, encode};
+use devloop_proxy::handoff;
 use devloop_proxy::msg::{AgentMsg, LaptopMsg, ProcessState, ProcessStatus, Welcome};
 use devloop_proxy::tunnel::{Mux, Side, TunnelFrame};
 use devloop_proxy::{caps, PROTOCOL_VERSION, WS_PATH};
@@ -69,6 +76,9 @@ pub struct InterceptConfig {
     pub expose: Vec<String>,
     /// Kubernetes: restore the workload when no cli has been connected for this long.
     pub lease: Option<crate::lease::LeaseConfig>,
+    /// A local engine: the cli's handoff socket, which hands over connections to the laptop
+    /// so that callers' connections skip the tunnel (`devloop_proxy::handoff`).
+    pub handoff: Option<std::path::PathBuf>,
 }
 
 /// The tunnel of the cli connected now, if any.
@@ -89,7 +99,7 @@ pub async fn run(
     for port in &config.ports {
         let listener = TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, *port)).await?;
         tracing::info!(port, "accepting the service's connections");
-        tasks.spawn(accept_service(listener, *port, tunnel.clone()));
+        tasks.spawn(accept_service(listener, *port, tunnel.clone(), config.clone()));
     }
     tasks.spawn(accept_control(control, config.clone(), tunnel.clone()));
     if let Some(lease) = config.lease.clone() {
@@ -111,32 +121,83 @@ pub async fn run(
     Ok(())
 }
 
-async fn accept_service(listener: TcpListener, port: u16, tunnel: Current) -> anyhow::Result<()> {
+async fn accept_service(
+    listener: TcpListener,
+    port: u16,
+    tunnel: Current,
+    config: Arc<InterceptConfig>,
+) -> anyhow::Result<()> {
+    let handoff_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
-        let (mut tcp, peer) = listener.accept().await?;
+        let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
-        let Some(mux) = current(&tunnel) else {
-            // No laptop connected: the caller sees a closed connection, as with a stopped
-            // server, rather than a hang.
-            tracing::warn!(%peer, port, "no laptop connected; closing the connection");
-            continue;
-        };
+        let (tunnel, config, handoff_failed) =
+            (tunnel.clone(), config.clone(), handoff_failed.clone());
         tokio::spawn(async move {
-            match mux.open(port).await {
-                Ok(stream) => {
-                    let id = stream.id();
-                    match stream.bridge(&mut tcp).await {
-                        Ok((up, down)) => {
-                            tracing::debug!(stream_id = id, %peer, port, up, down, "stream closed")
+            if let Some(socket) = &config.handoff {
+                match handoff::request(socket, &config.token, port).await {
+                    Ok(handoff::Answer::Connected(laptop)) => {
+                        if handoff_failed.swap(false, Ordering::Relaxed) {
+                            tracing::info!(port, "the cli hands over connections again");
                         }
-                        Err(e) => {
-                            tracing::debug!(stream_id = id, %peer, port, error = %e, "stream ended")
+                        return relay_direct(tcp, laptop, peer, port).await;
+                    }
+                    // The cli answered: nothing to reach on the laptop. The caller sees a
+                    // closed connection, as with a stopped server.
+                    Ok(handoff::Answer::Refused(why)) => {
+                        tracing::warn!(%peer, port, why, "the laptop refused the connection");
+                        return;
+                    }
+                    Err(e) => {
+                        if !handoff_failed.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(%peer, port, error = %e, "the cli does not hand over connections; tunnelling them");
                         }
                     }
                 }
-                Err(e) => tracing::warn!(%peer, port, error = %e, "cannot open a tunnel stream"),
             }
+            tunnel_stream(tcp, peer, port, &tunnel).await
         });
+    }
+}
+
+/// The largest read of a handed-over connection: reads grow to it only during a bulk
+/// transfer (a request/response connection keeps 4 KiB per direction).
+const DIRECT_MAX_READ: usize = 256 * 1024;
+
+/// A caller's connection copied to the laptop's, both in this process: one relay.
+async fn relay_direct(mut caller: TcpStream, mut laptop: TcpStream, peer: SocketAddr, port: u16) {
+    let (mut caller_r, mut caller_w) = caller.split();
+    let (mut laptop_r, mut laptop_w) = laptop.split();
+    let copied = tokio::try_join!(
+        devloop_proxy::tunnel::pump(&mut caller_r, &mut laptop_w, DIRECT_MAX_READ),
+        devloop_proxy::tunnel::pump(&mut laptop_r, &mut caller_w, DIRECT_MAX_READ),
+    );
+    match copied {
+        Ok((up, down)) => tracing::debug!(%peer, port, up, down, "direct connection closed"),
+        Err(e) => tracing::debug!(%peer, port, error = %e, "direct connection ended"),
+    }
+}
+
+async fn tunnel_stream(mut tcp: TcpStream, peer: SocketAddr, port: u16, tunnel: &Current) {
+    let Some(mux) = current(tunnel) else {
+        // No laptop connected: the caller sees a closed connection, as with a stopped
+        // server, rather than a hang.
+        tracing::warn!(%peer, port, "no laptop connected; closing the connection");
+        return;
+    };
+    match mux.open(port).await {
+        Ok(stream) => {
+            let id = stream.id();
+            match stream.bridge(&mut tcp).await {
+                Ok((up, down)) => {
+                    tracing::debug!(stream_id = id, %peer, port, up, down, "stream closed")
+                }
+                Err(e) => {
+                    tracing::debug!(stream_id = id, %peer, port, error = %e, "stream ended")
+                }
+            }
+        }
+        Err(e) => tracing::warn!(%peer, port, error = %e, "cannot open a tunnel stream"),
     }
 }
 

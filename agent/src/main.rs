@@ -61,6 +61,9 @@ enum Mode {
         /// Kubernetes: the folder holding restore.json and restore-path (the token Secret).
         #[arg(long)]
         restore_dir: Option<PathBuf>,
+        /// A local engine: the cli's Unix socket that hands over connections to the laptop.
+        #[arg(long)]
+        handoff: Option<PathBuf>,
     },
     /// Exit 0 once ADDR accepts a TCP connection, 1 after the timeout.
     Probe {
@@ -172,6 +175,7 @@ fn main() {
                 expose,
                 lease_secs,
                 restore_dir,
+                handoff,
             } => {
                 let token = dev::read_token(&token_file)?;
                 let mut terminate =
@@ -188,6 +192,7 @@ fn main() {
                             restore_dir,
                         }
                     }),
+                    handoff,
                 };
                 devloop_agent::intercept::run(config, async move {
                     terminate.recv().await;

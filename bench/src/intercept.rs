@@ -127,7 +127,11 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
     let p = Project::new(
         ctx,
         "intercept",
-        &format!("[services.api]\nimage = \"{IMAGE}\"\nsync = {{ from = \"api\", to = \"/app\" }}\nenvironment = {{ PORT = \"8000\" }}\ncommand = [\"python3\", \"app.py\"]\n"),
+        // api2, the same service, is intercepted with `--tunnel` beside it: the path every
+        // connection takes where the cli cannot hand connections over (a remote engine).
+        &["api", "api2"]
+            .map(|s| format!("[services.{s}]\nimage = \"{IMAGE}\"\nsync = {{ from = \"api\", to = \"/app\" }}\nenvironment = {{ PORT = \"8000\" }}\ncommand = [\"python3\", \"app.py\"]\n"))
+            .concat(),
     )?;
     std::fs::create_dir_all(p.dir.join("api"))?;
     std::fs::copy(ctx.workspace.join("examples/shop/api/app.py"), p.dir.join("api/app.py"))?;
@@ -174,6 +178,7 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         NetPath { name: "socat relay", caller: socat_caller.clone(), addr: "api:8000".into() },
         NetPath { name: "devloop intercept", caller: caller.clone(), addr: "api:8000".into() },
         NetPath { name: "two socat relays (container, then host)", caller: socat_caller.clone(), addr: "api2:8000".into() },
+        NetPath { name: "devloop intercept --tunnel", caller: caller.clone(), addr: "api2:8000".into() },
     ];
     // Sanity: the floor and the socat path reach the laptop server before anything is timed.
     for path in [&paths[0], &paths[1], &paths[3]] {
@@ -182,11 +187,13 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
 
     let spec = format!("8000:{port}");
     let (mut t_icpt, mut t_leave, mut t_leave_cmd) = (Vec::new(), Vec::new(), Vec::new());
-    let mut p50: [Vec<f64>; 4] = Default::default();
-    let mut p99: [Vec<f64>; 4] = Default::default();
-    let mut mib_s: [Vec<f64>; 4] = Default::default();
-    let mut bulk_s: [Vec<f64>; 4] = Default::default();
+    let mut p50: [Vec<f64>; 5] = Default::default();
+    let mut p99: [Vec<f64>; 5] = Default::default();
+    let mut mib_s: [Vec<f64>; 5] = Default::default();
+    let mut bulk_s: [Vec<f64>; 5] = Default::default();
     let mut load_json = serde_json::Value::Null;
+    let mut load_tunnel = serde_json::Value::Null;
+    let mut tunnel_hwm_kib = 0u64;
     let mut load_socat = serde_json::Value::Null;
     let mut agent_hwm_kib = 0u64;
     for r in 0..rounds {
@@ -197,9 +204,11 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         let seen = seen_ns(&mut w, Duration::from_secs(40))?;
         t_icpt.push((seen - t0) as f64 / 1e6);
         icpt.wait_line(0, Duration::from_secs(30), |l| l.contains("intercepted in"))?;
+        let mut icpt_tunnel = p.spawn(ctx, &["intercept", "api2", "--tunnel", "--port", &spec])?;
+        icpt_tunnel.wait_line(0, Duration::from_secs(30), |l| l.contains("intercepted in"))?;
 
-        for k in 0..4 {
-            let i = (k + r) % 4;
+        for k in 0..5 {
+            let i = (k + r) % 5;
             let path = &paths[i];
             let lat = loadgen(&path.caller, &["latency", &path.addr, &requests.to_string()])?;
             p50[i].push(lat["p50_us"].as_f64().unwrap_or(f64::NAN));
@@ -209,8 +218,9 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
             bulk_s[i].push(bulk["seconds"].as_f64().unwrap_or(f64::NAN) * 1000.0);
         }
         eprintln!(
-            "  intercept round {r}: intercept {} | p50 us floor/socat/devloop/2 socats {}/{}/{}/{} | 100 MiB ms {:.0}/{:.0}/{:.0}/{:.0}",
-            fmt_ms(t_icpt[r]), p50[0][r], p50[1][r], p50[2][r], p50[3][r], bulk_s[0][r], bulk_s[1][r], bulk_s[2][r], bulk_s[3][r]
+            "  intercept round {r}: intercept {} | p50 us floor/socat/devloop/2 socats/tunnel {}/{}/{}/{}/{} | 100 MiB ms {:.0}/{:.0}/{:.0}/{:.0}/{:.0}",
+            fmt_ms(t_icpt[r]), p50[0][r], p50[1][r], p50[2][r], p50[3][r], p50[4][r],
+            bulk_s[0][r], bulk_s[1][r], bulk_s[2][r], bulk_s[3][r], bulk_s[4][r]
         );
 
         if r == rounds - 1 {
@@ -223,8 +233,15 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
             // socat forks a process per connection and listens with a backlog of 5: bounded,
             // or 1,000 connections take minutes.
             load_socat = loadgen(&socat_caller, &["load", "api:8000", &conns, &reqs, "30000"])?;
-            eprintln!("  load through devloop: {load_json}\n  load through socat:   {load_socat}\n  agent peak RSS {} KiB", agent_hwm_kib);
+            load_tunnel = loadgen(&caller, &["load", "api2:8000", &conns, &reqs])?;
+            let agent2 = format!("{}-devloop-intercept", p.container("api2"));
+            tunnel_hwm_kib = crate::harness::rss_kib(crate::harness::agent_host_pid(&agent2)?)?.0;
+            eprintln!(
+                "  load through devloop: {load_json}\n  load through socat:   {load_socat}\n  load through the tunnel: {load_tunnel}\n  agent peak RSS {agent_hwm_kib} KiB (tunnelling: {tunnel_hwm_kib} KiB)"
+            );
         }
+        p.run(ctx, &["leave", "api2"])?;
+        icpt_tunnel.wait_line(0, Duration::from_secs(15), |l| l.contains("ended elsewhere"))?;
 
         // leave -> the original container serving again.
         let mut w = waiter(ctx, &caller, "\"service\": \"api\"", "out")?;
@@ -248,7 +265,7 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
     let ok = load_json["ok"].as_u64().unwrap_or(0);
     let hwm_mb = agent_hwm_kib as f64 / 1024.0;
     let (m_in, m_out) = (med(&t_icpt), med(&t_leave));
-    let us3 = |v: &[Vec<f64>; 4]| format!("{:.0} / {:.0} / {:.0} us", med(&v[0]), med(&v[1]), med(&v[2]));
+    let us3 = |v: &[Vec<f64>; 5]| format!("{:.0} / {:.0} / {:.0} us", med(&v[0]), med(&v[1]), med(&v[2]));
     let rows = vec![
         row("intercept", "intercept -> first tunnelled request (median)", fmt_ms(m_in), "<= 2000 ms", Some(m_in <= 2000.0)),
         row("intercept", "leave -> original serving (median; command alone)", format!("{} ({})", fmt_ms(m_out), fmt_ms(med(&t_leave_cmd))), "<= 2000 ms", Some(m_out <= 2000.0)),
@@ -274,14 +291,29 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         row("intercept", "p50 devloop / two socat relays", format!("{:.2}x", med(&p50[2]) / med(&p50[3])), "", None),
         row(
             "intercept",
+            "devloop --tunnel (every connection through the tunnel): p50 / p99 / 100 MiB",
+            format!("{:.0} us / {:.0} us / {:.0} MiB/s", med(&p50[4]), med(&p99[4]), med(&mib_s[4])),
+            "",
+            None,
+        ),
+        row("intercept", "p50 devloop --tunnel / socat", format!("{:.2}x", med(&p50[4]) / med(&p50[1])), "", None),
+        row(
+            "intercept",
             format!("{load_conns} connections, {load_reqs} requests: errors (devloop; rps devloop / socat; socat errors, not done in 30 s)"),
             format!("{errors} ({} / {}; {}, {})", load_json["rps"], load_socat["rps"], load_socat["errors"], load_socat["not_done"]),
             "0",
             Some(errors == 0 && ok == load_reqs),
         ),
         row("intercept", "agent peak RSS under that load", format!("{hwm_mb:.1} MB"), "<= 30 MB", Some(hwm_mb <= 30.0)),
+        row(
+            "intercept",
+            "the same load through devloop --tunnel: errors (rps); agent peak RSS",
+            format!("{} ({}); {:.1} MB", load_tunnel["errors"], load_tunnel["rps"], tunnel_hwm_kib as f64 / 1024.0),
+            "0; <= 30 MB",
+            Some(load_tunnel["errors"].as_u64() == Some(0) && tunnel_hwm_kib as f64 / 1024.0 <= 30.0),
+        ),
     ];
-    let paths_json: Vec<_> = (0..4)
+    let paths_json: Vec<_> = (0..5)
         .map(|i| serde_json::json!({
             "path": paths[i].name, "p50_us": summary(&p50[i]), "p99_us": summary(&p99[i]),
             "bulk_mib_s": summary(&mib_s[i]), "bulk_ms": summary(&bulk_s[i]),
@@ -300,7 +332,9 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         "p90_intercept_ms": pct(&t_icpt, 90.0),
         "load_devloop": load_json,
         "load_socat": load_socat,
+        "load_tunnel": load_tunnel,
         "agent_peak_rss_kib": agent_hwm_kib,
+        "tunnel_agent_peak_rss_kib": tunnel_hwm_kib,
     })))
 }
 

@@ -88,6 +88,11 @@ enum Command {
         /// workload itself after this long without it [default: 15m].
         #[arg(long, value_parser = humantime::parse_duration)]
         lease: Option<std::time::Duration>,
+        /// Docker: carry every connection through the tunnel, even where the engine runs on
+        /// this machine and the cli could hand connections to the agent directly (the default
+        /// there: one relay instead of two). Kubernetes always tunnels.
+        #[arg(long)]
+        tunnel: bool,
         /// The laptop command to run with the service's environment; the intercept ends when it exits.
         #[arg(last = true)]
         command: Vec<String>,
@@ -219,6 +224,7 @@ fn main() -> std::process::ExitCode {
                 ports,
                 env_file,
                 expose,
+                tunnel,
                 command,
             } => {
                 if target == "list" && ports.is_empty() {
@@ -230,6 +236,7 @@ fn main() -> std::process::ExitCode {
                         ports,
                         env_file,
                         expose,
+                        tunnel,
                         command,
                     })
                     .await

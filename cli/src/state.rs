@@ -20,7 +20,7 @@ pub fn state_dir() -> PathBuf {
     home.join(".local/state/devloop")
 }
 
-fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }

@@ -4,10 +4,13 @@
 //! one [`msg::LaptopMsg`] (laptop -> agent) or [`msg::AgentMsg`] (agent -> laptop), encoded by
 //! [`codec`]. docs/PROTOCOL.md lists which changes keep compatibility and which need a new
 //! [`PROTOCOL_VERSION`].
-#![forbid(unsafe_code)]
+// One function takes ownership of descriptors received over a Unix socket (`handoff`).
+#![deny(unsafe_code)]
 
 pub mod codec;
 pub mod error;
+#[cfg(unix)]
+pub mod handoff;
 pub mod msg;
 pub mod path;
 pub mod tree;

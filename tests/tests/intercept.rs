@@ -46,6 +46,21 @@ fn web_reaches_the_laptop_and_leave_restores() {
     wait_for_log(&log, "intercepted in", Duration::from_secs(60));
     let got = wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "laptop"));
     assert!(got.is_some(), "web does not reach the laptop process:\n{}", std::fs::read_to_string(&log).unwrap());
+    // The engine runs on this machine: the cli hands the agent its connections to the
+    // laptop, rather than tunnelling them.
+    wait_for_log(&log, "reach the laptop directly", Duration::from_secs(10));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("connections handed to the laptop directly"));
+    // With the handoff socket gone, the agent tunnels connections instead: callers still
+    // reach the laptop.
+    let handoffs = shop.state.path().join("handoff");
+    for dir in std::fs::read_dir(&handoffs).unwrap().flatten() {
+        std::fs::remove_file(dir.path().join("handoff.sock")).unwrap();
+    }
+    for _ in 0..3 {
+        assert_eq!(shop.http_get("web", "http://localhost:8080/api-version").as_deref(), Some("laptop"), "no fallback to the tunnel");
+    }
+    let agent_logs = String::from_utf8_lossy(&docker(&["logs", &format!("{}-devloop-intercept", shop.container("api"))]).stderr).to_string();
+    assert!(agent_logs.contains("tunnelling them"), "{agent_logs}");
 
     let list = shop.run_ok(&["intercept", "list"]);
     assert!(list.contains("api") && list.contains("active"), "{list}");
@@ -74,6 +89,7 @@ fn web_reaches_the_laptop_and_leave_restores() {
     assert!(back.is_some(), "the original api does not answer after leave");
     assert_eq!(config_of(&shop.container("api")), before, "the restored container differs from the original");
     assert_eq!(shop.run_ok(&["intercept", "list"]).trim(), "no active intercepts");
+    assert!(std::fs::read_dir(&handoffs).map(|d| d.count() == 0).unwrap_or(true), "leave left the handoff socket's folder behind");
     shop.interrupt_all();
 }
 
@@ -131,9 +147,6 @@ fn large_and_concurrent_streams_arrive_intact() {
         }
     });
     let spec = format!("8000:{port}");
-    let log = shop.spawn(&["intercept", "api", "--port", &spec]);
-    wait_for_log(&log, "intercepted in", Duration::from_secs(60));
-
     let client = r#"
 import hashlib, os, socket, sys, threading
 def roundtrip(n):
@@ -158,11 +171,22 @@ ts = [threading.Thread(target=one) for _ in range(200)]
 [t.start() for t in ts]; [t.join() for t in ts]
 print('many', sum(results), len(results), flush=True)
 "#;
-    let out = shop.exec("web", &["python3", "-c", client]);
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains(&format!("big True {}", 32 << 20)), "{text}\n{}", std::fs::read_to_string(&log).unwrap());
-    assert!(text.contains("many 200 200"), "{text}");
-    shop.run_ok(&["leave", "api"]);
+    // Both ways a connection can reach the laptop: handed over (the default with a local
+    // engine), and through the tunnel.
+    for (mode, extra) in [("handed over", None), ("tunnelled", Some("--tunnel"))] {
+        let mut args = vec!["intercept", "api", "--port", &spec];
+        args.extend(extra);
+        let log = shop.spawn(&args);
+        wait_for_log(&log, "intercepted in", Duration::from_secs(60));
+        let out = shop.exec("web", &["python3", "-c", client]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let cli_log = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(&format!("big True {}", 32 << 20)), "{mode}: {text}\n{cli_log}");
+        assert!(text.contains("many 200 200"), "{mode}: {text}");
+        assert_eq!(cli_log.contains("reach the laptop directly"), extra.is_none(), "{mode}:\n{cli_log}");
+        shop.run_ok(&["leave", "api"]);
+        wait_for_log(&log, "ended elsewhere", Duration::from_secs(15));
+    }
     shop.interrupt_all();
 }
 
@@ -179,7 +203,8 @@ fn a_cut_tunnel_reconnects() {
     let script = shop.state.path().join("laptop_api.py");
     std::fs::write(&script, LAPTOP_API).unwrap();
     let spec = format!("8000:{port}");
-    let log = shop.spawn(&["intercept", "api", "--port", &spec, "--", "python3", script.to_str().unwrap(), &port.to_string()]);
+    // Tunnelled: connections handed over directly do not depend on the tunnel.
+    let log = shop.spawn(&["intercept", "api", "--tunnel", "--port", &spec, "--", "python3", script.to_str().unwrap(), &port.to_string()]);
     wait_for_log(&log, "intercepted in", Duration::from_secs(60));
     assert!(wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "laptop")).is_some());
 

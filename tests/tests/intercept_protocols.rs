@@ -146,19 +146,27 @@ fn h2c_and_websocket_pass_through_an_intercept() {
         ports
     });
     let (h2_spec, ws_spec) = (format!("8000:{h2_port}"), format!("8001:{ws_port}"));
-    let log = shop.spawn(&["intercept", "api", "--port", &h2_spec, "--port", &ws_spec]);
-    wait_for_log(&log, "intercepted in", Duration::from_secs(60));
+    // Handed over to the agent (the default with a local engine), then through the tunnel.
+    for extra in [None, Some("--tunnel")] {
+        let mut args = vec!["intercept", "api", "--port", &h2_spec, "--port", &ws_spec];
+        args.extend(extra);
+        let log = shop.spawn(&args);
+        wait_for_log(&log, "intercepted in", Duration::from_secs(60));
 
-    // The caller is this test process, at the agent's address on the service's network.
-    let agent = format!("{}-devloop-intercept", shop.container("api"));
-    let ip = container_ip(&agent, &format!("devloop-{}", shop.project));
-    let h2 = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), h2_client(format!("{ip}:8000"))).await });
-    assert_eq!(h2, Ok(Ok(10 * 20 * 4096)), "h2c through the intercept:\n{}", std::fs::read_to_string(&log).unwrap());
-    let ws = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), ws_client(format!("{ip}:8001"))).await });
-    let expected: usize = (0..50u32).map(|i| if i % 2 == 0 { format!("hello {i}").len() } else { (i as usize) << 15 }).sum();
-    assert_eq!(ws, Ok(Ok(expected)), "WebSocket through the intercept:\n{}", std::fs::read_to_string(&log).unwrap());
+        // The caller is this test process, at the agent's address on the service's network.
+        let agent = format!("{}-devloop-intercept", shop.container("api"));
+        let ip = container_ip(&agent, &format!("devloop-{}", shop.project));
+        let h2 = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), h2_client(format!("{ip}:8000"))).await });
+        assert_eq!(h2, Ok(Ok(10 * 20 * 4096)), "h2c through the intercept ({extra:?}):\n{}", std::fs::read_to_string(&log).unwrap());
+        let ws = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), ws_client(format!("{ip}:8001"))).await });
+        let expected: usize = (0..50u32).map(|i| if i % 2 == 0 { format!("hello {i}").len() } else { (i as usize) << 15 }).sum();
+        assert_eq!(ws, Ok(Ok(expected)), "WebSocket through the intercept ({extra:?}):\n{}", std::fs::read_to_string(&log).unwrap());
+        let handed = std::fs::read_to_string(&log).unwrap().contains("reach the laptop directly");
+        assert_eq!(handed, extra.is_none(), "{}", std::fs::read_to_string(&log).unwrap());
 
-    let left = shop.run_ok(&["leave", "api"]);
-    assert!(left.contains("restored"), "{left}");
+        let left = shop.run_ok(&["leave", "api"]);
+        assert!(left.contains("restored"), "{left}");
+        wait_for_log(&log, "ended elsewhere", Duration::from_secs(15));
+    }
     shop.interrupt_all();
 }

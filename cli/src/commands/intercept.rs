@@ -79,6 +79,8 @@ pub struct InterceptOptions {
     pub ports: Vec<(PortRef, u16)>,
     pub env_file: Option<PathBuf>,
     pub expose: Vec<Expose>,
+    /// Docker: tunnel every connection even where a handoff would work.
+    pub tunnel: bool,
     pub command: Vec<String>,
 }
 
@@ -156,6 +158,10 @@ pub struct DockerSwap {
     original: bollard::models::ContainerInspectResponse,
     record: Record,
     agent: Vec<u8>,
+    /// A local engine: the listener that hands the agent connections to the laptop, until
+    /// the swap starts serving it.
+    handoff: Mutex<Option<tokio::net::UnixListener>>,
+    handing_off: bool,
 }
 
 impl DockerSwap {
@@ -207,7 +213,90 @@ impl DockerSwap {
             cli_pid: std::process::id(),
         };
         let (_, agent) = super::read_agent_binary()?;
-        Ok(DockerSwap { docker, engine, original, record, agent })
+        let handoff = if opts.tunnel || !engine.is_local() || !same_machine(&docker).await {
+            None
+        } else {
+            match listen_for_handoffs(&record.agent_container) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot make the handoff socket; tunnelling every connection");
+                    None
+                }
+            }
+        };
+        let handing_off = handoff.is_some();
+        Ok(DockerSwap {
+            docker,
+            engine,
+            original,
+            record,
+            agent,
+            handoff: Mutex::new(handoff),
+            handing_off,
+        })
+    }
+}
+
+/// True when the engine runs on this machine's own kernel and host name: then a folder of
+/// this machine mounted into a container is the same folder, and a socket passed through it
+/// is usable on both sides. An engine in a VM (Docker Desktop), or a cli in a container of
+/// its own, differs in one of the two.
+async fn same_machine(docker: &bollard::Docker) -> bool {
+    let Ok(info) = docker.info().await else { return false };
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    let (host, kernel) = (read("/proc/sys/kernel/hostname"), read("/proc/sys/kernel/osrelease"));
+    host.is_some() && info.name == host && kernel.is_some() && info.kernel_version == kernel
+}
+
+fn listen_for_handoffs(agent_container: &str) -> std::io::Result<tokio::net::UnixListener> {
+    let dir = di::handoff_dir(agent_container);
+    crate::state::ensure_private_dir(&dir)?;
+    devloop_proxy::handoff::listen(&dir.join(devloop_proxy::handoff::SOCKET_NAME))
+}
+
+/// Answers the agent's handoff requests: each gets a fresh connection to the laptop port of
+/// the service port it names, passed over the Unix socket.
+async fn serve_handoffs(
+    listener: tokio::net::UnixListener,
+    token: String,
+    locals: HashMap<u16, u16>,
+    service: String,
+) {
+    use devloop_proxy::handoff;
+    let announced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let locals = Arc::new(locals);
+    while let Ok((mut unix, _)) = listener.accept().await {
+        let (token, service, announced, locals) =
+            (token.clone(), service.clone(), announced.clone(), locals.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(req)) =
+                tokio::time::timeout(Duration::from_secs(5), handoff::read_request(&mut unix)).await
+            else {
+                return;
+            };
+            if !handoff::token_matches(&req.token, &token) {
+                tracing::warn!("a handoff request with a wrong token; ignored");
+                return;
+            }
+            let Some(local) = locals.get(&req.port).copied() else {
+                let _ = handoff::send_refusal(&mut unix, &format!("port {} is not intercepted", req.port)).await;
+                return;
+            };
+            match TcpStream::connect(("127.0.0.1", local)).await {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    if handoff::send_connection(&unix, &tcp).await.is_ok()
+                        && !announced.swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        eprintln!("devloop: calls to {service} reach the laptop directly (the engine runs on this machine: one relay, no tunnel)");
+                    }
+                }
+                Err(e) => {
+                    eprintln!("devloop: a call to {service}:{} found nothing on laptop port {local} ({e})", req.port);
+                    let _ = handoff::send_refusal(&mut unix, &format!("nothing listens on the laptop's port {local}")).await;
+                }
+            }
+        });
     }
 }
 
@@ -236,7 +325,13 @@ impl Swap for DockerSwap {
                 .write(&self.record.agent_container, token)
                 .context("saving the session token")?;
             let targets: Vec<String> = expose.iter().map(|e| format!("{}:{}", e.name, e.port)).collect();
-            di::swap_in(&self.docker, &self.original, &self.record, &self.agent, token, &targets).await?;
+            let listener = self.handoff.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let dir = listener.as_ref().map(|_| di::handoff_dir(&self.record.agent_container));
+            di::swap_in(&self.docker, &self.original, &self.record, &self.agent, token, &targets, dir.as_deref()).await?;
+            if let Some(listener) = listener {
+                let locals = self.record.ports.iter().copied().collect();
+                tokio::spawn(serve_handoffs(listener, token.to_string(), locals, self.record.service.clone()));
+            }
             Ok(())
         })
     }
@@ -251,6 +346,11 @@ impl Swap for DockerSwap {
 
     fn restore(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move { Ok(di::restore(&self.docker, &self.record).await?) })
+    }
+
+    fn detail(&self) -> Option<String> {
+        self.handing_off
+            .then(|| "connections handed to the laptop directly".to_string())
     }
 }
 

@@ -41,6 +41,16 @@ pub struct Record {
     pub cli_pid: u32,
 }
 
+/// The folder of an intercept's handoff socket (mounted into the agent's container): short,
+/// since a Unix socket's path has at most 107 bytes, and derived from the agent container's
+/// name, so `leave` from any shell removes it.
+pub fn handoff_dir(agent_container: &str) -> std::path::PathBuf {
+    let hash = blake3::hash(agent_container.as_bytes()).to_hex();
+    crate::state::state_dir()
+        .join("handoff")
+        .join(&hash.as_str()[..16])
+}
+
 fn records_dir() -> std::path::PathBuf {
     crate::state::state_dir().join("intercepts")
 }
@@ -234,6 +244,7 @@ pub async fn swap_in(
     agent_binary: &[u8],
     token: &str,
     expose: &[String],
+    handoff: Option<&std::path::Path>,
 ) -> Result<(), DockerError> {
     let orig_name = container_name(original);
     let (control, subnet) = ensure_control_network(docker).await?;
@@ -278,6 +289,14 @@ pub async fn swap_in(
     for e in expose {
         cmd.extend(["--expose".to_string(), e.clone()]);
     }
+    let binds = handoff.map(|dir| {
+        let inside = devloop_proxy::handoff::CONTAINER_DIR;
+        cmd.extend([
+            "--handoff".to_string(),
+            format!("{inside}/{}", devloop_proxy::handoff::SOCKET_NAME),
+        ]);
+        vec![format!("{}:{inside}", dir.display())]
+    });
     let mut endpoints = HashMap::new();
     let first = networks.first().map(|(n, _)| n.clone());
     for (net, ep) in &networks {
@@ -308,6 +327,7 @@ pub async fn swap_in(
         host_config: Some(HostConfig {
             port_bindings: host.port_bindings.clone(),
             network_mode: first.clone().or(Some(control.clone())),
+            binds,
             ..Default::default()
         }),
         // Docker takes one network at create; the others are connected before the start.
@@ -379,5 +399,6 @@ pub async fn restore(docker: &Docker, record: &Record) -> Result<(), DockerError
         }
     }
     crate::state::TokenStore::new().remove(&record.agent_container);
+    let _ = std::fs::remove_dir_all(handoff_dir(&record.agent_container));
     Ok(())
 }

@@ -17,7 +17,7 @@ pub use frame::{
     Side, TunnelFrame, CONNECTION_LOST, INITIAL_WINDOW, MAX_DATA_FRAME, MAX_REASON_BYTES, MAX_STREAM_WINDOW,
     MAX_WINDOW, OUT_QUEUE_FRAMES,
 };
-pub use mux::{Incoming, Mux, MuxStream};
+pub use mux::{pump, Incoming, Mux, MuxStream};
 
 /// Raises this process's soft limit of open files to its hard limit. Every tunnelled
 /// connection holds a socket at both ends of the tunnel, and a soft limit of 1,024 (the usual

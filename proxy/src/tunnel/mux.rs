@@ -632,7 +632,10 @@ impl MuxStream {
         let result = {
             let (mut io_read, mut io_write) = tokio::io::split(&mut *io);
             let (mut mux_read, mut mux_write) = tokio::io::split(&mut self);
-            tokio::try_join!(pump(&mut io_read, &mut mux_write), pump(&mut mux_read, &mut io_write))
+            tokio::try_join!(
+                pump(&mut io_read, &mut mux_write, MAX_DATA_FRAME),
+                pump(&mut mux_read, &mut io_write, MAX_DATA_FRAME)
+            )
         };
         match result {
             Ok(copied) => Ok(copied),
@@ -673,10 +676,11 @@ impl MuxStream {
 }
 
 /// Copies until EOF, then half-closes the writer. The buffer starts at 4 KiB and doubles
-/// (up to one data frame) only while reads fill it: a thousand request/response streams
-/// hold 4 KiB each, a bulk transfer still moves whole frames. A fixed 32 KiB per direction
-/// (tokio's `copy_bidirectional_with_sizes`) made 1,000 idle streams cost 64 MB.
-async fn pump<R, W>(r: &mut R, w: &mut W) -> io::Result<u64>
+/// (up to `max`: one data frame for a tunnel stream) only while reads fill it: a thousand
+/// request/response streams hold 4 KiB each, a bulk transfer still moves large reads. A
+/// fixed 32 KiB per direction (tokio's `copy_bidirectional_with_sizes`) made 1,000 idle
+/// streams cost 64 MB.
+pub async fn pump<R, W>(r: &mut R, w: &mut W, max: usize) -> io::Result<u64>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
@@ -692,8 +696,8 @@ where
         }
         w.write_all(&buf[..n]).await?;
         total += n as u64;
-        if n == buf.len() && buf.len() < MAX_DATA_FRAME {
-            buf.resize(buf.len() * 2, 0);
+        if n == buf.len() && buf.len() < max {
+            buf.resize((buf.len() * 2).min(max), 0);
         }
     }
 }
