@@ -63,7 +63,7 @@ fn web_reaches_the_laptop_and_leave_restores() {
     assert!(agent_logs.contains("tunnelling them"), "{agent_logs}");
 
     let list = shop.run_ok(&["intercept", "list"]);
-    assert!(list.contains("api") && list.contains("active"), "{list}");
+    assert!(list.contains("api") && list.contains("active") && list.contains("(handed over)"), "{list}");
 
     // A caller on the service's network reaches the service's port and nothing else: the
     // agent's control port does not answer there.
@@ -208,6 +208,8 @@ fn a_cut_tunnel_reconnects() {
     wait_for_log(&log, "intercepted in", Duration::from_secs(60));
     assert!(wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "laptop")).is_some());
 
+    let list = shop.run_ok(&["intercept", "list"]);
+    assert!(list.contains("(tunnelled)"), "{list}");
     let agent = format!("{}-devloop-intercept", shop.container("api"));
     docker_ok(&["network", "disconnect", "devloop-control", &agent]);
     wait_for_log(&log, "tunnel to the agent is down", Duration::from_secs(15));

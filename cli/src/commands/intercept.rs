@@ -629,8 +629,14 @@ pub async fn list(global: &super::Global) -> anyhow::Result<()> {
             }
         };
         let ports: Vec<String> = r.ports.iter().map(|(a, b)| format!("{a}->{b}")).collect();
+        // The agent's command says how connections travel (`--handoff`: handed over).
+        let path = match agent.and_then(|a| a.command.as_deref()) {
+            Some(c) if c.contains("--handoff") => " (handed over)",
+            Some(_) => " (tunnelled)",
+            None => "",
+        };
         println!(
-            "{}  ({})  ports {}  since {}  {state}",
+            "{}  ({})  ports {}{path}  since {}  {state}",
             r.service,
             r.original_name,
             ports.join(","),
