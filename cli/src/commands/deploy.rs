@@ -53,12 +53,13 @@ impl Env {
             TargetChoice::Docker => None,
             TargetChoice::Kubernetes { settings, registry } => {
                 let cluster = Cluster::connect(&settings).await?;
+                let route = registry::route(&cluster, registry.as_deref()).await?;
                 let watch_agent = if watch {
-                    Some(super::intercept_k8s::agent_image(&cluster, registry.as_deref()).await?)
+                    Some(super::intercept_k8s::agent_image(&route).await?)
                 } else {
                     None
                 };
-                let registry = match registry::route(&cluster, registry.as_deref()).await? {
+                let registry = match route {
                     registry::ImageRoute::Registry(reg) => Some((Pusher::new(&reg.push)?, reg.pull)),
                     registry::ImageRoute::Load { .. } => None,
                 };

@@ -157,11 +157,12 @@ pub async fn up(project: &Project, settings: &KubeSettings, configured_registry:
     }
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
     let cluster = Cluster::connect(settings).await?;
-    let reg = match registry::route(&cluster, configured_registry).await? {
+    let route = registry::route(&cluster, configured_registry).await?;
+    let agent = agent_image(&route).await?;
+    let reg = match route {
         registry::ImageRoute::Registry(r) => Some(r),
         registry::ImageRoute::Load { .. } => None,
     };
-    let agent = agent_image(&cluster, configured_registry).await?;
     let mut connectors = Vec::new();
     for service in &selected {
         let t = Instant::now();

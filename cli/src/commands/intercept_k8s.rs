@@ -50,16 +50,17 @@ async fn sweep(cluster: &Cluster) {
 
 /// Gets the agent image (FROM scratch: the static binary) to the cluster: pushed to its
 /// registry, or built in the local engine and loaded with kind/k3d/minikube; returns the
-/// reference the nodes use.
-pub async fn agent_image(cluster: &Cluster, configured: Option<&str>) -> anyhow::Result<String> {
+/// reference the nodes use. `route` is [`registry::route`]'s answer, which callers that
+/// push other images too look up once.
+pub async fn agent_image(route: &registry::ImageRoute) -> anyhow::Result<String> {
     let (_, binary) = super::read_agent_binary()?;
     let tag = crate::target::agent_image_tag(&binary);
-    let reg = match registry::route(cluster, configured).await? {
+    let reg = match route {
         registry::ImageRoute::Registry(r) => r,
         registry::ImageRoute::Load { context } => {
             let (docker, _) = super::connect_engine().await?;
             let image = crate::target::docker_deploy::ensure_agent_image(&docker, &binary).await?;
-            registry::load_into_cluster(&context, &image).await?;
+            registry::load_into_cluster(context, &image).await?;
             return Ok(image);
         }
     };
@@ -116,7 +117,7 @@ impl KubeSwap {
         for s in &env.skipped {
             eprintln!("devloop: not in the laptop's environment: {s}");
         }
-        let image = agent_image(&cluster, registry).await?;
+        let image = agent_image(&registry::route(&cluster, registry).await?).await?;
         let session = crate::state::new_token()[..12].to_string();
         let record = Record {
             deployment: name.clone(),
