@@ -196,12 +196,13 @@ fn watch_syncs_into_the_deployed_pod_and_redeploys_by_rule() {
     let (_, status) = run(&shop, &ns, &["status"]);
     assert!(status.contains("under the agent (devloop watch)") && status.contains("process    running (pid") && status.contains("sync       syncing (pid"), "{status}");
 
-    let codes = shop.interrupt_all();
-    assert!(codes.iter().all(|c| c.success()), "{codes:?}\n{}", text());
-
-    // A plain deploy: the plain template again, with the new snapshot, and the manifest's two
-    // replicas; the token Secret goes.
+    // A plain deploy from another shell while watch runs: the plain template again, with the
+    // new snapshot, and the manifest's two replicas; the token Secret goes, and the watch
+    // stops saying why rather than waiting for an agent that will not come back.
     let out = run_ok(&shop, &ns, &["deploy", "api"]);
+    wait_for_log(&log, "no longer runs under this `devloop watch`", Duration::from_secs(120));
+    let codes = shop.interrupt_all();
+    assert!(codes.iter().all(|c| !c.success()), "watch did not fail when its version was replaced: {codes:?}\n{}", text());
     assert_eq!(deployment_spec(&ns, "api")["replicas"], 2, "{out}");
     let mut expected = plain.clone();
     expected["spec"]["containers"][0]["image"] = serde_json::json!(api_image(&ns));

@@ -13,7 +13,7 @@ use super::up::wait_for_signal;
 use crate::agent_link::{AgentLink, Connected};
 use crate::config::{Project, Service};
 use crate::state::now_ms;
-use crate::sync::engine::{self, Connector, SyncSettings};
+use crate::sync::engine::{self, Connector, Gone, SyncSettings};
 use crate::target::k8s::devpod::{self, DevRecord, DevSpec};
 use crate::target::k8s::intercept as ki;
 use crate::target::k8s::registry::{self, Pusher, Registry};
@@ -25,6 +25,7 @@ use crate::ui::{human_ms, Ui};
 /// session, a port-forward to the agent's port.
 pub struct KubeConnector {
     pub cluster: Cluster,
+    pub deployment: String,
     /// [`devpod::SESSION_LABEL`] or [`devpod::WATCH_LABEL`].
     pub label: &'static str,
     pub session: String,
@@ -34,6 +35,7 @@ pub struct KubeConnector {
 impl Connector for KubeConnector {
     fn connect(&self) -> BoxFuture<'_, anyhow::Result<(Connected, String)>> {
         Box::pin(async move {
+            self.still_there().await?;
             let pod = ki::wait_session_pod(&self.cluster, self.label, &self.session, Duration::from_secs(60)).await?;
             let stream = portforward::open(&self.cluster, &pod, devpod::AGENT_PORT).await?;
             let connected = AgentLink::connect(stream, &self.token)
@@ -44,10 +46,40 @@ impl Connector for KubeConnector {
     }
 }
 
+impl KubeConnector {
+    /// Fails with [`Gone`] when the Deployment no longer runs this session's agent: pods of
+    /// the session will not come back, so waiting for one would only end in a timeout.
+    async fn still_there(&self) -> anyhow::Result<()> {
+        let path = self.cluster.path("apps/v1", "deployments", Some(&self.deployment));
+        let d = match self.cluster.get_opt(&path).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return Err(Gone(format!("deployment/{} was deleted", self.deployment)).into()),
+            // The API is unreachable for now: the reconnect loop retries.
+            Err(e) => return Err(self.cluster.err(e, "get", "deployments", format!("reading deployment/{}", self.deployment)).into()),
+        };
+        let session = d["spec"]["template"]["metadata"]["labels"][self.label].as_str();
+        if session == Some(self.session.as_str()) {
+            return Ok(());
+        }
+        let why = if self.label == devpod::WATCH_LABEL {
+            "no longer runs under this `devloop watch` (a plain `deploy` or `rollback` replaced it); run `devloop watch` again to go on"
+        } else {
+            "left dev mode (`devloop down`, or another `devloop up` switched it again); run `devloop up` again to go on"
+        };
+        Err(Gone(format!("deployment/{} {why}", self.deployment)).into())
+    }
+}
+
 /// The connector to the agent of a Deployment in dev mode (its token read from its Secret).
 pub async fn connector_for(cluster: &Cluster, record: &DevRecord) -> anyhow::Result<KubeConnector> {
     let token = devpod::read_token(cluster, record).await?;
-    Ok(KubeConnector { cluster: cluster.clone(), label: devpod::SESSION_LABEL, session: record.session.clone(), token })
+    Ok(KubeConnector {
+        cluster: cluster.clone(),
+        deployment: record.deployment.clone(),
+        label: devpod::SESSION_LABEL,
+        session: record.session.clone(),
+        token,
+    })
 }
 
 /// The connector to the agent of a version `devloop watch` runs under the agent (its session
@@ -61,7 +93,13 @@ pub async fn watched_connector(cluster: &Cluster, d: &serde_json::Value) -> anyh
     let token = devpod::read_token_opt(cluster, &secret)
         .await?
         .with_context(|| format!("the token Secret {secret} of the watched deployment/{deployment} is gone"))?;
-    Ok(Some(KubeConnector { cluster: cluster.clone(), label: devpod::WATCH_LABEL, session: session.to_string(), token }))
+    Ok(Some(KubeConnector {
+        cluster: cluster.clone(),
+        deployment: deployment.to_string(),
+        label: devpod::WATCH_LABEL,
+        session: session.to_string(),
+        token,
+    }))
 }
 
 /// The command and working directory the container's image declares: from the local
@@ -147,7 +185,7 @@ async fn ensure_dev_pod(cluster: &Cluster, reg: Option<&Registry>, agent: &str, 
         let _ = cluster.delete(&cluster.path("v1", "secrets", Some(&record.secret))).await;
         return Err(e);
     }
-    Ok((KubeConnector { cluster: cluster.clone(), label: devpod::SESSION_LABEL, session, token }, format!("deployment/{name} switched to dev mode")))
+    Ok((KubeConnector { cluster: cluster.clone(), deployment: name.clone(), label: devpod::SESSION_LABEL, session, token }, format!("deployment/{name} switched to dev mode")))
 }
 
 pub async fn up(project: &Project, settings: &KubeSettings, configured_registry: Option<&str>, services: &[String], no_logs: bool) -> anyhow::Result<()> {

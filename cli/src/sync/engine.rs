@@ -29,6 +29,20 @@ pub trait Connector: Send + Sync {
     fn connect(&self) -> BoxFuture<'_, anyhow::Result<(Connected, String)>>;
 }
 
+/// A connector's error that retrying cannot fix: the version it reaches was replaced by one
+/// without this session's agent (`devloop down`, a plain `deploy` or `rollback` from another
+/// shell). The sync stops with it instead of waiting for an agent that will not come back.
+#[derive(Debug)]
+pub struct Gone(pub String);
+
+impl std::fmt::Display for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Gone {}
+
 /// Makes and rolls out a new version of the service; Ok(a line saying what was done).
 pub type Redeploy = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<String>> + Send + Sync>;
 
@@ -160,6 +174,13 @@ pub async fn run(
             route,
         ) = match connected {
             Ok(c) => c,
+            Err(e) if e.downcast_ref::<Gone>().is_some() => {
+                status.connected = false;
+                status.errors = vec![format!("{e:#}")];
+                status.stopped_at_ms = Some(now_ms());
+                save(&settings, &status);
+                return Err(e);
+            }
             Err(e) => {
                 if !announced_wait {
                     ui.warn(&svc, format!("cannot reach the agent ({e:#}); retrying"));
