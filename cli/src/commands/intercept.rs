@@ -265,7 +265,17 @@ async fn serve_handoffs(
     use devloop_proxy::handoff;
     let announced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let locals = Arc::new(locals);
-    while let Ok((mut unix, _)) = listener.accept().await {
+    loop {
+        let mut unix = match listener.accept().await {
+            Ok((unix, _)) => unix,
+            // Out of descriptors under a burst of callers, say: the agent tunnels what it
+            // cannot hand over meanwhile, and accepting resumes once some are closed.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept a handoff request; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
         let (token, service, announced, locals) =
             (token.clone(), service.clone(), announced.clone(), locals.clone());
         tokio::spawn(async move {
