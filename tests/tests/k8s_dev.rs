@@ -67,9 +67,21 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
 
     let statuses = shop.interrupt_all();
     assert!(statuses.iter().all(|s| s.success()), "{statuses:?}\n{}", std::fs::read_to_string(&log).unwrap());
+
+    // `up` again finds the dev pod and syncs into it; `down` from another shell while it runs
+    // ends dev mode, and that `up` stops saying so rather than waiting for the pod.
+    let log = shop.state.path().join("up-again.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = with_cluster(&shop, &["up", "api"]).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap();
+    shop.adopt(child);
+    wait_for_log(&log, "in sync:", Duration::from_secs(120));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("already in dev mode"), "{}", std::fs::read_to_string(&log).unwrap());
     let o = with_cluster(&shop, &["down"]).output().unwrap();
     let down = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && down.contains("deployment/api restored"), "{down}");
+    wait_for_log(&log, "left dev mode", Duration::from_secs(120));
+    let statuses = shop.interrupt_all();
+    assert!(statuses.iter().all(|s| !s.success()), "up did not fail when dev mode ended elsewhere: {statuses:?}");
     let o = with_cluster(&shop, &["status"]).output().unwrap();
     let status = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(status.contains("deployment/api (image ") && !status.contains("dev pod"), "{status}");
