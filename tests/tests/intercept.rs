@@ -108,6 +108,23 @@ fn a_killed_cli_leaves_an_intercept_that_leave_restores() {
     let f = std::fs::File::create(&log).unwrap();
     let mut cli = shop.cmd(&["intercept", "api", "--port", &spec]).stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null()).spawn().unwrap();
     wait_for_log(&log, "intercepted in", Duration::from_secs(60));
+    // Nothing listens on the laptop port: twenty callers (this process, at the agent's
+    // address on the service's network) get closed connections, and the terminal a line or
+    // two about them, not twenty.
+    let agent = format!("{}-devloop-intercept", shop.container("api"));
+    let ip = container_ip(&agent, &format!("devloop-{}", shop.project));
+    for _ in 0..20 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&format!("{ip}:8000").parse().unwrap(), Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let mut back = Vec::new();
+        let _ = s.read_to_end(&mut back);
+        assert!(back.is_empty(), "an answer with nothing on the laptop port: {back:?}");
+    }
+    wait_for_log(&log, "found nothing on laptop port", Duration::from_secs(10));
+    let lines = std::fs::read_to_string(&log).unwrap().lines().filter(|l| l.contains("found nothing on")).count();
+    assert!((1..=2).contains(&lines), "{lines} lines for 20 refused calls:\n{}", std::fs::read_to_string(&log).unwrap());
     cli.kill().unwrap();
     cli.wait().unwrap();
 

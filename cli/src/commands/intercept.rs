@@ -302,7 +302,7 @@ async fn serve_handoffs(
                     }
                 }
                 Err(e) => {
-                    eprintln!("devloop: a call to {service}:{} found nothing on laptop port {local} ({e})", req.port);
+                    super::refusals::report(&service, req.port, local, &e);
                     let _ = handoff::send_refusal(&mut unix, &format!("nothing listens on the laptop's port {local}")).await;
                 }
             }
@@ -531,7 +531,7 @@ fn start_tunnel(
                         let _ = stream.bridge(&mut tcp).await;
                     }
                     Err(e) => {
-                        eprintln!("devloop: a call to {service}:{remote} found nothing on laptop port {local} ({e})");
+                        super::refusals::report(&service, remote, local, &e);
                         stream.reset(&format!("nothing listens on the laptop's port {local}"));
                     }
                 }

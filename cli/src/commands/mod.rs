@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod down;
 pub mod intercept;
 pub mod intercept_k8s;
+pub mod refusals;
 pub mod status;
 pub mod up;
 pub mod watch;
