@@ -32,16 +32,9 @@ pub trait Connector: Send + Sync {
 /// A connector's error that retrying cannot fix: the version it reaches was replaced by one
 /// without this session's agent (`devloop down`, a plain `deploy` or `rollback` from another
 /// shell). The sync stops with it instead of waiting for an agent that will not come back.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct Gone(pub String);
-
-impl std::fmt::Display for Gone {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Gone {}
 
 /// Makes and rolls out a new version of the service; Ok(a line saying what was done).
 pub type Redeploy = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<String>> + Send + Sync>;
