@@ -49,7 +49,7 @@ impl Connector for KubeConnector {
 impl KubeConnector {
     /// Fails with [`Gone`] when the Deployment no longer runs this session's agent: pods of
     /// the session will not come back, so waiting for one would only end in a timeout.
-    async fn still_there(&self) -> anyhow::Result<()> {
+    pub(crate) async fn still_there(&self) -> anyhow::Result<()> {
         let path = self.cluster.path("apps/v1", "deployments", Some(&self.deployment));
         let d = match self.cluster.get_opt(&path).await {
             Ok(Some(d)) => d,
@@ -57,9 +57,15 @@ impl KubeConnector {
             // The API is unreachable for now: the reconnect loop retries.
             Err(e) => return Err(self.cluster.err(e, "get", "deployments", format!("reading deployment/{}", self.deployment)).into()),
         };
-        let session = d["spec"]["template"]["metadata"]["labels"][self.label].as_str();
-        if session == Some(self.session.as_str()) {
+        let carries = |template: &serde_json::Value| template["metadata"]["labels"][self.label].as_str() == Some(self.session.as_str());
+        if carries(&d["spec"]["template"]) {
             return Ok(());
+        }
+        // An intercept or dev mode of a watched version saved its template, and `leave` /
+        // `down` bring the session back: wait for that, as for any unreachable agent.
+        let saved = ki::record_of(&d).map(|r| (r.template, "intercepted")).or_else(|| devpod::record_of(&d).map(|r| (r.template, "in dev mode")));
+        if let Some((_, held)) = saved.filter(|(template, _)| carries(template)) {
+            anyhow::bail!("deployment/{} is {held} for now; syncing resumes when that ends", self.deployment);
         }
         let why = if self.label == devpod::WATCH_LABEL {
             "no longer runs under this `devloop watch` (a plain `deploy` or `rollback` replaced it); run `devloop watch` again to go on"

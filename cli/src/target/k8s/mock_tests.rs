@@ -737,3 +737,40 @@ async fn wait_agent_pod_polls_until_ready_and_gives_up_on_a_pull_error() {
     let stuck = stuck.unwrap_err().to_string();
     assert!(stuck.contains("pod bad cannot start: container app: ImagePullBackOff: no such image"), "{stuck}");
 }
+
+// ---- Whether a watch's or a dev session's agent can come back ----
+
+#[tokio::test]
+async fn a_watch_waits_out_an_intercept_and_stops_when_its_version_is_replaced() {
+    use crate::commands::dev_k8s::KubeConnector;
+    use crate::sync::engine::Gone;
+    use super::devpod::WATCH_LABEL;
+    let watched = deployment("api", json!({"app": "api", WATCH_LABEL: "w1"}));
+    let plain = deployment("api", json!({"app": "api"}));
+    // Intercepted: the template is the agent's, and the record keeps the watched one.
+    let mut intercepted = plain.clone();
+    let held = Record { template: watched["spec"]["template"].clone(), ..record() };
+    intercepted["metadata"]["annotations"] = json!({RECORD: serde_json::to_string(&held).unwrap()});
+    let answers = vec![
+        get(&deployments("api")).answer(200, watched),
+        get(&deployments("api")).answer(200, intercepted),
+        get(&deployments("api")).answer(200, plain),
+        get(&deployments("api")).answer(404, not_found("deployments.apps \"api\"")),
+    ];
+    let results = exchange(answers, |cluster| async move {
+        let c = KubeConnector { cluster, deployment: "api".into(), label: WATCH_LABEL, session: "w1".into(), token: "t".into() };
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            out.push(c.still_there().await);
+        }
+        out
+    })
+    .await;
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    let waiting = results[1].as_ref().unwrap_err();
+    assert!(waiting.downcast_ref::<Gone>().is_none() && waiting.to_string().contains("intercepted for now"), "{waiting:#}");
+    let replaced = results[2].as_ref().unwrap_err();
+    assert!(replaced.downcast_ref::<Gone>().is_some() && replaced.to_string().contains("no longer runs under this `devloop watch`"), "{replaced:#}");
+    let deleted = results[3].as_ref().unwrap_err();
+    assert!(deleted.downcast_ref::<Gone>().is_some() && deleted.to_string().contains("was deleted"), "{deleted:#}");
+}
