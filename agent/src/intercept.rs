@@ -99,7 +99,12 @@ pub async fn run(
     for port in &config.ports {
         let listener = TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, *port)).await?;
         tracing::info!(port, "accepting the service's connections");
-        tasks.spawn(accept_service(listener, *port, tunnel.clone(), config.clone()));
+        tasks.spawn(accept_service(
+            listener,
+            *port,
+            tunnel.clone(),
+            config.clone(),
+        ));
     }
     tasks.spawn(accept_control(control, config.clone(), tunnel.clone()));
     if let Some(lease) = config.lease.clone() {
@@ -253,7 +258,11 @@ async fn serve_control(
         };
     let Ok(Ok(mut ws)) = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_hdr_async_with_config(tcp, check_path, Some(ws_config().read_buffer_size(TUNNEL_READ_BUFFER))),
+        tokio_tungstenite::accept_hdr_async_with_config(
+            tcp,
+            check_path,
+            Some(ws_config().read_buffer_size(TUNNEL_READ_BUFFER)),
+        ),
     )
     .await
     else {
@@ -320,7 +329,11 @@ async fn serve_control(
             // Frames already queued go out in the same write; the flush comes as soon as the
             // queue is empty, so nothing waits for more.
             while let Some(msg) = next.take() {
-                if sink.feed(Message::Binary(encode(&msg).into())).await.is_err() {
+                if sink
+                    .feed(Message::Binary(encode(&msg).into()))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 next = frames_rx.try_recv().ok().map(AgentMsg::Tunnel);

@@ -35,7 +35,10 @@ pub async fn keep(config: LeaseConfig, connected: impl Fn() -> bool) {
         if last_seen.elapsed() < config.after {
             continue;
         }
-        tracing::warn!(after_secs = config.after.as_secs(), "no cli connected for the lease time: restoring the workload");
+        tracing::warn!(
+            after_secs = config.after.as_secs(),
+            "no cli connected for the lease time: restoring the workload"
+        );
         match restore(&config.restore_dir, Path::new(SERVICE_ACCOUNT)).await {
             Ok(status) => {
                 tracing::info!(status, "workload restored by the lease");
@@ -52,27 +55,43 @@ pub async fn keep(config: LeaseConfig, connected: impl Fn() -> bool) {
 /// Sends the restore patch. Ok(status) also when the Deployment no longer carries this
 /// intercept (the patch's test fails with 422: someone ran `leave` meanwhile).
 pub async fn restore(dir: &Path, service_account: &Path) -> anyhow::Result<u16> {
-    let token = std::fs::read_to_string(service_account.join("token")).context("reading the ServiceAccount token")?;
+    let token = std::fs::read_to_string(service_account.join("token"))
+        .context("reading the ServiceAccount token")?;
     let ca = std::fs::read(service_account.join("ca.crt")).context("reading the cluster CA")?;
     let path = std::fs::read_to_string(dir.join("restore-path")).context("reading restore-path")?;
     let body = std::fs::read(dir.join("restore.json")).context("reading restore.json")?;
-    let host = std::env::var("KUBERNETES_SERVICE_HOST").context("KUBERNETES_SERVICE_HOST is not set: not in a pod")?;
-    let port: u16 = std::env::var("KUBERNETES_SERVICE_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(443);
+    let host = std::env::var("KUBERNETES_SERVICE_HOST")
+        .context("KUBERNETES_SERVICE_HOST is not set: not in a pod")?;
+    let port: u16 = std::env::var("KUBERNETES_SERVICE_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(443);
 
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::pem::PemObject;
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
-        roots.add(cert.context("parsing ca.crt")?).context("adding the cluster CA")?;
+        roots
+            .add(cert.context("parsing ca.crt")?)
+            .context("adding the cluster CA")?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(host.clone()).context("the API server's address")?;
-    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect((host.as_str(), port)))
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .context("the API server's address")?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .context("connecting to the API server timed out")??;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
         .await
-        .context("connecting to the API server timed out")??;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.context("TLS with the API server")?;
+        .context("TLS with the API server")?;
     let head = format!(
         "PATCH {} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json-patch+json\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         path.trim(),
@@ -92,9 +111,22 @@ pub async fn restore(dir: &Path, service_account: &Path) -> anyhow::Result<u16> 
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no HTTP status in the API server's answer: {:?}", text.chars().take(200).collect::<String>()))?;
+        .with_context(|| {
+            format!(
+                "no HTTP status in the API server's answer: {:?}",
+                text.chars().take(200).collect::<String>()
+            )
+        })?;
     match status {
         200 | 422 | 409 | 404 => Ok(status),
-        _ => anyhow::bail!("the API server answered {status}: {}", text.split("\r\n\r\n").nth(1).unwrap_or("").chars().take(500).collect::<String>()),
+        _ => anyhow::bail!(
+            "the API server answered {status}: {}",
+            text.split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or("")
+                .chars()
+                .take(500)
+                .collect::<String>()
+        ),
     }
 }

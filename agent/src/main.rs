@@ -107,18 +107,29 @@ fn main() {
     match &args.mode {
         Mode::Install { dest } => {
             if let Err(e) = devloop_agent::seed::install(dest) {
-                eprintln!("devloop-agent: error: installing to {}: {e}", dest.display());
+                eprintln!(
+                    "devloop-agent: error: installing to {}: {e}",
+                    dest.display()
+                );
                 std::process::exit(1);
             }
             return;
         }
         Mode::CopyTree { from, to } => match devloop_agent::seed::copy_tree(from, to) {
             Ok(n) => {
-                println!("devloop-agent: copied {n} entries of {} to {}", from.display(), to.display());
+                println!(
+                    "devloop-agent: copied {n} entries of {} to {}",
+                    from.display(),
+                    to.display()
+                );
                 return;
             }
             Err(e) => {
-                eprintln!("devloop-agent: error: copying {} to {}: {e}", from.display(), to.display());
+                eprintln!(
+                    "devloop-agent: error: copying {} to {}: {e}",
+                    from.display(),
+                    to.display()
+                );
                 std::process::exit(1);
             }
         },

@@ -30,7 +30,10 @@ pub fn copy_tree(from: &Path, to: &Path) -> io::Result<u64> {
         Err(e) => return Err(e),
     };
     if !meta.is_dir() {
-        return Err(io::Error::other(format!("{} is not a folder", from.display())));
+        return Err(io::Error::other(format!(
+            "{} is not a folder",
+            from.display()
+        )));
     }
     let mut n = 0;
     for entry in std::fs::read_dir(from)? {
@@ -43,7 +46,10 @@ pub fn copy_tree(from: &Path, to: &Path) -> io::Result<u64> {
             symlink(std::fs::read_link(&src)?, &dst)?;
         } else if kind.is_dir() {
             n += copy_tree(&src, &dst)?;
-            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(meta.permissions().mode() & 0o7777))?;
+            std::fs::set_permissions(
+                &dst,
+                std::fs::Permissions::from_mode(meta.permissions().mode() & 0o7777),
+            )?;
         } else if kind.is_file() {
             std::fs::copy(&src, &dst)?;
         } else {
@@ -66,14 +72,31 @@ mod tests {
         std::fs::create_dir(src.path().join("lib")).unwrap();
         std::fs::write(src.path().join("lib/a.py"), "a").unwrap();
         std::fs::write(src.path().join("run.sh"), "#!/bin/sh").unwrap();
-        std::fs::set_permissions(src.path().join("run.sh"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::fs::set_permissions(
+            src.path().join("run.sh"),
+            std::fs::Permissions::from_mode(0o750),
+        )
+        .unwrap();
         symlink("lib/a.py", src.path().join("link")).unwrap();
         let n = copy_tree(src.path(), &dst.path().join("root")).unwrap();
         assert_eq!(n, 4);
         let root = dst.path().join("root");
         assert_eq!(std::fs::read_to_string(root.join("lib/a.py")).unwrap(), "a");
-        assert_eq!(std::fs::metadata(root.join("run.sh")).unwrap().permissions().mode() & 0o777, 0o750);
-        assert_eq!(std::fs::read_link(root.join("link")).unwrap(), Path::new("lib/a.py"));
-        assert_eq!(copy_tree(&src.path().join("missing"), &dst.path().join("x")).unwrap(), 0);
+        assert_eq!(
+            std::fs::metadata(root.join("run.sh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o750
+        );
+        assert_eq!(
+            std::fs::read_link(root.join("link")).unwrap(),
+            Path::new("lib/a.py")
+        );
+        assert_eq!(
+            copy_tree(&src.path().join("missing"), &dst.path().join("x")).unwrap(),
+            0
+        );
     }
 }

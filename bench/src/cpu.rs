@@ -11,15 +11,27 @@ pub struct CpuTimes(HashMap<u32, (String, u64)>);
 impl CpuTimes {
     pub fn now() -> CpuTimes {
         let mut map = HashMap::new();
-        let Ok(procs) = std::fs::read_dir("/proc") else { return CpuTimes(map) };
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return CpuTimes(map);
+        };
         for p in procs.flatten() {
-            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-            let Ok(comm) = std::fs::read_to_string(p.path().join("comm")) else { continue };
-            let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else { continue };
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(comm) = std::fs::read_to_string(p.path().join("comm")) else {
+                continue;
+            };
+            let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+                continue;
+            };
             let ns: u64 = tasks
                 .flatten()
                 .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-                .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+                .filter_map(|s| {
+                    s.split_whitespace()
+                        .next()
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
                 .sum();
             map.insert(pid, (program(comm.trim()), ns));
         }
@@ -67,7 +79,12 @@ fn program(comm: &str) -> String {
 pub fn per_mib(used: &[(String, f64)], mib: f64) -> (serde_json::Value, String) {
     let map: serde_json::Map<String, serde_json::Value> = used
         .iter()
-        .map(|(name, ms)| (name.clone(), serde_json::json!((ms / mib * 100.0).round() / 100.0)))
+        .map(|(name, ms)| {
+            (
+                name.clone(),
+                serde_json::json!((ms / mib * 100.0).round() / 100.0),
+            )
+        })
         .collect();
     let line = used
         .iter()

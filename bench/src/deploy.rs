@@ -10,7 +10,10 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{docker_ok, fmt_ms, median, ms, pct, row, run_ok, summary, Cleanup, Ctx, Project, Row, TEST_RUN_LABEL};
+use crate::harness::{
+    docker_ok, fmt_ms, median, ms, pct, row, run_ok, summary, Cleanup, Ctx, Project, Row,
+    TEST_RUN_LABEL,
+};
 
 fn get_version(addr: &str) -> Option<String> {
     let sock: std::net::SocketAddr = addr.parse().ok()?;
@@ -18,7 +21,8 @@ fn get_version(addr: &str) -> Option<String> {
     // Short: a poll stuck on a connection into a container being removed would otherwise
     // hide the moment the new version starts answering.
     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    s.write_all(b"GET /items HTTP/1.0\r\nHost: bench\r\n\r\n").ok()?;
+    s.write_all(b"GET /items HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let at = out.find("\"version\": \"")? + "\"version\": \"".len();
@@ -55,7 +59,9 @@ pub(crate) fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<(
 
 /// A project with one service `api` (the example's), published on a free host port.
 fn api_project(ctx: &Ctx, scenario: &str) -> Result<(Project, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let p = Project::new(
         ctx,
         scenario,
@@ -83,8 +89,17 @@ pub fn deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Val
         bail!("examples/shop/api/app.py has no `VERSION = \"1\"` line to edit");
     }
     let alt_repo = format!("bench{}-deploy-built", ctx.pid);
-    cleanup.images.lock().unwrap_or_else(|e| e.into_inner()).push(alt_repo.clone());
-    run_ok(Command::new("docker").env("DOCKER_BUILDKIT", "0").args(["build", "-q", "-t", &format!("{alt_repo}:warm")]).arg(alt_p.dir.join("api")))?;
+    cleanup
+        .images
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(alt_repo.clone());
+    run_ok(
+        Command::new("docker")
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "-q", "-t", &format!("{alt_repo}:warm")])
+            .arg(alt_p.dir.join("api")),
+    )?;
     let alt_network = format!("devloop-{}", alt_p.name);
     // What serves `api` in the alternative's project now: devloop's first version, then the
     // alternative's containers.
@@ -101,12 +116,18 @@ pub fn deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Val
             let mut cmd = p.cmd(ctx, &["deploy", "api"]);
             let child = std::thread::spawn(move || cmd.output());
             let seen = wait_version(&addr, &v, Duration::from_secs(60))?;
-            let out = child.join().map_err(|_| anyhow::anyhow!("deploy thread panicked"))??;
+            let out = child
+                .join()
+                .map_err(|_| anyhow::anyhow!("deploy thread panicked"))??;
             if !out.status.success() {
-                bail!("devloop deploy failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "devloop deploy failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             dl_cmd.push(ms(t0.elapsed()));
-            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
             if let Some(line) = text.lines().find(|l| l.contains("deployed")) {
                 eprintln!("    {}", line.trim());
             }
@@ -118,13 +139,34 @@ pub fn deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Val
             std::fs::write(alt_p.dir.join("api/app.py"), with_version(&v))?;
             let t0 = Instant::now();
             let image = format!("{alt_repo}:{v}");
-            run_ok(Command::new("docker").env("DOCKER_BUILDKIT", "0").args(["build", "-q", "-t", &image]).arg(alt_p.dir.join("api")))?;
+            run_ok(
+                Command::new("docker")
+                    .env("DOCKER_BUILDKIT", "0")
+                    .args(["build", "-q", "-t", &image])
+                    .arg(alt_p.dir.join("api")),
+            )?;
             let name = format!("bench{}-deploy-alt-{v}", ctx.pid);
             docker_ok(&[
-                "run", "-d", "--name", &name, "--label", &format!("{TEST_RUN_LABEL}={}", ctx.run), "--network", &alt_network,
-                "--network-alias", "api", "-e", "PORT=8000", &image,
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--label",
+                &format!("{TEST_RUN_LABEL}={}", ctx.run),
+                "--network",
+                &alt_network,
+                "--network-alias",
+                "api",
+                "-e",
+                "PORT=8000",
+                &image,
             ])?;
-            let ip = docker_ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{alt_network}\").IPAddress}}}}"), &name])?;
+            let ip = docker_ok(&[
+                "inspect",
+                "-f",
+                &format!("{{{{(index .NetworkSettings.Networks \"{alt_network}\").IPAddress}}}}"),
+                &name,
+            ])?;
             wait_version(&format!("{ip}:8000"), &v, Duration::from_secs(60))?;
             for old in alt_current.drain(..) {
                 docker_ok(&["rm", "-f", &old])?;
@@ -141,7 +183,12 @@ pub fn deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Val
             alt_round(&mut alt)?;
             devloop_round(&mut dl, &mut dl_cmd)?;
         }
-        eprintln!("  deploy round {r}: devloop {} (command {}), docker build + replace {}", fmt_ms(dl[r]), fmt_ms(dl_cmd[r]), fmt_ms(alt[r]));
+        eprintln!(
+            "  deploy round {r}: devloop {} (command {}), docker build + replace {}",
+            fmt_ms(dl[r]),
+            fmt_ms(dl_cmd[r]),
+            fmt_ms(alt[r])
+        );
     }
 
     // An unchanged service: the same tree again.
@@ -150,26 +197,70 @@ pub fn deploy(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Val
         let t0 = Instant::now();
         let out = p.run(ctx, &["deploy", "api"])?;
         unchanged.push(ms(t0.elapsed()));
-        if !String::from_utf8_lossy(&out.stdout).contains("unchanged") && !String::from_utf8_lossy(&out.stderr).contains("unchanged") {
-            bail!("deploy of an unchanged tree did something: {}", String::from_utf8_lossy(&out.stderr));
+        if !String::from_utf8_lossy(&out.stdout).contains("unchanged")
+            && !String::from_utf8_lossy(&out.stderr).contains("unchanged")
+        {
+            bail!(
+                "deploy of an unchanged tree did something: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     let (m_dl, m_alt, m_un) = (median(&dl), median(&alt), median(&unchanged));
     let ratio = m_alt / m_dl;
     let rows = vec![
-        row("deploy", "one-file change -> new version serving, devloop (median)", fmt_ms(m_dl), "<= 1000 ms", Some(m_dl <= 1000.0)),
-        row("deploy", "same, docker build (warm cache) + same replacement", fmt_ms(m_alt), "", None),
-        row("deploy", "docker build path / devloop", format!("{ratio:.1}x"), ">= 4x", Some(ratio >= 4.0)),
-        row("deploy", "devloop deploy command, whole (median)", fmt_ms(median(&dl_cmd)), "", None),
-        row("deploy", "deploy of an unchanged service (median)", fmt_ms(m_un), "<= 200 ms", Some(m_un <= 200.0)),
-        row("deploy", "p90 devloop / docker build path", format!("{} / {}", fmt_ms(pct(&dl, 90.0)), fmt_ms(pct(&alt, 90.0))), "", None),
+        row(
+            "deploy",
+            "one-file change -> new version serving, devloop (median)",
+            fmt_ms(m_dl),
+            "<= 1000 ms",
+            Some(m_dl <= 1000.0),
+        ),
+        row(
+            "deploy",
+            "same, docker build (warm cache) + same replacement",
+            fmt_ms(m_alt),
+            "",
+            None,
+        ),
+        row(
+            "deploy",
+            "docker build path / devloop",
+            format!("{ratio:.1}x"),
+            ">= 4x",
+            Some(ratio >= 4.0),
+        ),
+        row(
+            "deploy",
+            "devloop deploy command, whole (median)",
+            fmt_ms(median(&dl_cmd)),
+            "",
+            None,
+        ),
+        row(
+            "deploy",
+            "deploy of an unchanged service (median)",
+            fmt_ms(m_un),
+            "<= 200 ms",
+            Some(m_un <= 200.0),
+        ),
+        row(
+            "deploy",
+            "p90 devloop / docker build path",
+            format!("{} / {}", fmt_ms(pct(&dl, 90.0)), fmt_ms(pct(&alt, 90.0))),
+            "",
+            None,
+        ),
     ];
-    Ok((rows, serde_json::json!({
-        "rounds": rounds,
-        "devloop_ms": summary(&dl),
-        "devloop_command_ms": summary(&dl_cmd),
-        "docker_build_and_replace_ms": summary(&alt),
-        "ratio": ratio,
-        "unchanged_ms": summary(&unchanged),
-    })))
+    Ok((
+        rows,
+        serde_json::json!({
+            "rounds": rounds,
+            "devloop_ms": summary(&dl),
+            "devloop_command_ms": summary(&dl_cmd),
+            "docker_build_and_replace_ms": summary(&alt),
+            "ratio": ratio,
+            "unchanged_ms": summary(&unchanged),
+        }),
+    ))
 }

@@ -12,7 +12,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{docker_ok, fmt_ms, median, now_ns, pct, row, run_ok, summary, Cleanup, Ctx, Proc, Project, Row, TEST_RUN_LABEL};
+use crate::harness::{
+    docker_ok, fmt_ms, median, now_ns, pct, row, run_ok, summary, Cleanup, Ctx, Proc, Project, Row,
+    TEST_RUN_LABEL,
+};
 
 const IMAGE: &str = "python:3.11-slim-bookworm";
 const BULK: u64 = 100 << 20;
@@ -20,42 +23,72 @@ const BULK: u64 = 100 << 20;
 pub fn loadgen_bin(ctx: &Ctx) -> Result<PathBuf> {
     let p = std::env::var_os("DEVLOOP_BENCH_LOADGEN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| ctx.workspace.join("target/x86_64-unknown-linux-gnu/release/devloop-loadgen"));
+        .unwrap_or_else(|| {
+            ctx.workspace
+                .join("target/x86_64-unknown-linux-gnu/release/devloop-loadgen")
+        });
     if !p.is_file() {
-        bail!("{} is missing: run scripts/build-loadgen.sh (scripts/bench.sh does)", p.display());
+        bail!(
+            "{} is missing: run scripts/build-loadgen.sh (scripts/bench.sh does)",
+            p.display()
+        );
     }
     Ok(p)
 }
 
 /// Builds a FROM-scratch image holding `files` (host path -> path in the image).
-fn scratch_image(ctx: &Ctx, cleanup: &Cleanup, tag: &str, files: &[(PathBuf, String)], entry: &[&str]) -> Result<()> {
-    let dir = ctx.tmp.path().join(format!("image-{}", tag.replace([':', '/'], "-")));
+fn scratch_image(
+    ctx: &Ctx,
+    cleanup: &Cleanup,
+    tag: &str,
+    files: &[(PathBuf, String)],
+    entry: &[&str],
+) -> Result<()> {
+    let dir = ctx
+        .tmp
+        .path()
+        .join(format!("image-{}", tag.replace([':', '/'], "-")));
     let mut dockerfile = String::from("FROM scratch\n");
     for (i, (from, to)) in files.iter().enumerate() {
         let name = format!("f{i}");
         std::fs::create_dir_all(&dir)?;
-        std::fs::copy(from, dir.join(&name)).with_context(|| format!("copying {}", from.display()))?;
+        std::fs::copy(from, dir.join(&name))
+            .with_context(|| format!("copying {}", from.display()))?;
         dockerfile.push_str(&format!("COPY {name} {to}\n"));
     }
     let entry: Vec<String> = entry.iter().map(|a| format!("\"{a}\"")).collect();
     dockerfile.push_str(&format!("ENTRYPOINT [{}]\n", entry.join(", ")));
     std::fs::write(dir.join("Dockerfile"), dockerfile)?;
-    cleanup.images.lock().unwrap_or_else(|e| e.into_inner()).push(tag.to_string());
-    run_ok(Command::new("docker").env("DOCKER_BUILDKIT", "0").args(["build", "-q", "-t", tag]).arg(&dir))?;
+    cleanup
+        .images
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(tag.to_string());
+    run_ok(
+        Command::new("docker")
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "-q", "-t", tag])
+            .arg(&dir),
+    )?;
     Ok(())
 }
 
 /// socat and the shared libraries it loads (as `ldd` lists them), for a FROM-scratch image:
 /// the engine has no registry to pull an image with socat from.
 fn socat_files() -> Result<Vec<(PathBuf, String)>> {
-    let socat = which("socat").context("socat is not installed on the host (apt-get install socat; scripts/bench.sh does)")?;
+    let socat = which("socat").context(
+        "socat is not installed on the host (apt-get install socat; scripts/bench.sh does)",
+    )?;
     let out = run_ok(Command::new("ldd").arg(&socat))?;
     let mut files = vec![(socat, "/socat".to_string())];
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // "libssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
         let path = match line.split_once("=>") {
             Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
         };
         if let Some(p) = path.filter(|p| p.starts_with('/')) {
             files.push((PathBuf::from(p), p.to_string()));
@@ -65,11 +98,21 @@ fn socat_files() -> Result<Vec<(PathBuf, String)>> {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 fn gateway(network: &str) -> Result<String> {
-    docker_ok(&["network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", network])
+    docker_ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+        network,
+    ])
 }
 
 /// Runs the loadgen in a caller container and parses its one JSON line.
@@ -84,8 +127,15 @@ fn loadgen(caller: &str, args: &[&str]) -> Result<serde_json::Value> {
 /// Starts `wait-for` in the caller, returns once it polls, and the Proc to read `seen NS` from.
 fn waiter(ctx: &Ctx, caller: &str, text: &str, tag: &str) -> Result<Proc> {
     let mut cmd = Command::new("docker");
-    cmd.args(["exec", caller, "/loadgen", "wait-for", "api:8000", text, "30000"]);
-    let mut p = Proc::spawn(cmd, ctx.tmp.path().join(format!("waiter-{tag}-{}.log", now_ns())))?;
+    cmd.args([
+        "exec", caller, "/loadgen", "wait-for", "api:8000", text, "30000",
+    ]);
+    let mut p = Proc::spawn(
+        cmd,
+        ctx.tmp
+            .path()
+            .join(format!("waiter-{tag}-{}.log", now_ns())),
+    )?;
     p.wait_line(0, Duration::from_secs(20), |l| l == "ready")?;
     Ok(p)
 }
@@ -102,7 +152,8 @@ pub fn laptop_server(ctx: &Ctx, lg: &std::path::Path, log: &str) -> Result<(Proc
     let mut cmd = Command::new(lg);
     cmd.args(["serve", "0", "laptop"]);
     let mut server = Proc::spawn(cmd, ctx.tmp.path().join(log))?;
-    let (_, _, line) = server.wait_line(0, Duration::from_secs(10), |l| l.starts_with("listening "))?;
+    let (_, _, line) =
+        server.wait_line(0, Duration::from_secs(10), |l| l.starts_with("listening "))?;
     let port = line["listening ".len()..].trim().parse()?;
     Ok((server, port))
 }
@@ -116,10 +167,20 @@ struct NetPath {
 pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::Value)> {
     let rounds = if ctx.quick { 2 } else { 6 };
     let requests = if ctx.quick { 1000 } else { 3000 };
-    let (load_conns, load_reqs) = if ctx.quick { (200, 10_000) } else { (1000, 100_000) };
+    let (load_conns, load_reqs) = if ctx.quick {
+        (200, 10_000)
+    } else {
+        (1000, 100_000)
+    };
     let lg = loadgen_bin(ctx)?;
     let lg_image = format!("bench{}-loadgen:latest", ctx.pid);
-    scratch_image(ctx, cleanup, &lg_image, &[(lg.clone(), "/loadgen".into())], &["/loadgen"])?;
+    scratch_image(
+        ctx,
+        cleanup,
+        &lg_image,
+        &[(lg.clone(), "/loadgen".into())],
+        &["/loadgen"],
+    )?;
     let socat_image = format!("bench{}-socat:latest", ctx.pid);
     scratch_image(ctx, cleanup, &socat_image, &socat_files()?, &["/socat"])?;
 
@@ -134,7 +195,10 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
             .concat(),
     )?;
     std::fs::create_dir_all(p.dir.join("api"))?;
-    std::fs::copy(ctx.workspace.join("examples/shop/api/app.py"), p.dir.join("api/app.py"))?;
+    std::fs::copy(
+        ctx.workspace.join("examples/shop/api/app.py"),
+        p.dir.join("api/app.py"),
+    )?;
     let mut up = p.spawn(ctx, &["up", "--no-logs"])?;
     up.wait_line(0, Duration::from_secs(300), |l| l.contains("in sync"))?;
     up.interrupt();
@@ -148,41 +212,100 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
     docker_ok(&["network", "create", "--label", &label, &socat_net])?;
     let socat_target = format!("TCP:{}:{port}", gateway(&socat_net)?);
     docker_ok(&[
-        "run", "-d", "--name", &format!("bench{}-socat-api", ctx.pid), "--label", &label, "--network", &socat_net,
-        "--network-alias", "api", &socat_image, "TCP-LISTEN:8000,fork,reuseaddr", &socat_target,
+        "run",
+        "-d",
+        "--name",
+        &format!("bench{}-socat-api", ctx.pid),
+        "--label",
+        &label,
+        "--network",
+        &socat_net,
+        "--network-alias",
+        "api",
+        &socat_image,
+        "TCP-LISTEN:8000,fork,reuseaddr",
+        &socat_target,
     ])?;
     // Diagnosis: two socat relays in a row, a container and then the host, the shape of
     // the agent and the cli with no framing: what two hops cost on this machine.
-    let hop_port = std::net::TcpListener::bind("0.0.0.0:0")?.local_addr()?.port();
+    let hop_port = std::net::TcpListener::bind("0.0.0.0:0")?
+        .local_addr()?
+        .port();
     let socat_bin = which("socat").context("socat is not installed on the host")?;
     let _host_socat = Proc::spawn(
         {
             let mut c = Command::new(&socat_bin);
-            c.args([format!("TCP-LISTEN:{hop_port},fork,reuseaddr"), format!("TCP:127.0.0.1:{port}")]);
+            c.args([
+                format!("TCP-LISTEN:{hop_port},fork,reuseaddr"),
+                format!("TCP:127.0.0.1:{port}"),
+            ]);
             c
         },
         ctx.tmp.path().join("host-socat.log"),
     )?;
     let two_hop_target = format!("TCP:{}:{hop_port}", gateway(&socat_net)?);
     docker_ok(&[
-        "run", "-d", "--name", &format!("bench{}-socat-api2", ctx.pid), "--label", &label, "--network", &socat_net,
-        "--network-alias", "api2", &socat_image, "TCP-LISTEN:8000,fork,reuseaddr", &two_hop_target,
+        "run",
+        "-d",
+        "--name",
+        &format!("bench{}-socat-api2", ctx.pid),
+        "--label",
+        &label,
+        "--network",
+        &socat_net,
+        "--network-alias",
+        "api2",
+        &socat_image,
+        "TCP-LISTEN:8000,fork,reuseaddr",
+        &two_hop_target,
     ])?;
     let caller = format!("bench{}-caller", ctx.pid);
     let socat_caller = format!("bench{}-caller-socat", ctx.pid);
     for (name, net) in [(&caller, &network), (&socat_caller, &socat_net)] {
-        docker_ok(&["run", "-d", "--name", name, "--label", &label, "--network", net, &lg_image, "idle"])?;
+        docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--label",
+            &label,
+            "--network",
+            net,
+            &lg_image,
+            "idle",
+        ])?;
     }
     let paths = [
-        NetPath { name: "no relay", caller: caller.clone(), addr: format!("{}:{port}", gateway(&network)?) },
-        NetPath { name: "socat relay", caller: socat_caller.clone(), addr: "api:8000".into() },
-        NetPath { name: "devloop intercept", caller: caller.clone(), addr: "api:8000".into() },
-        NetPath { name: "two socat relays (container, then host)", caller: socat_caller.clone(), addr: "api2:8000".into() },
-        NetPath { name: "devloop intercept --tunnel", caller: caller.clone(), addr: "api2:8000".into() },
+        NetPath {
+            name: "no relay",
+            caller: caller.clone(),
+            addr: format!("{}:{port}", gateway(&network)?),
+        },
+        NetPath {
+            name: "socat relay",
+            caller: socat_caller.clone(),
+            addr: "api:8000".into(),
+        },
+        NetPath {
+            name: "devloop intercept",
+            caller: caller.clone(),
+            addr: "api:8000".into(),
+        },
+        NetPath {
+            name: "two socat relays (container, then host)",
+            caller: socat_caller.clone(),
+            addr: "api2:8000".into(),
+        },
+        NetPath {
+            name: "devloop intercept --tunnel",
+            caller: caller.clone(),
+            addr: "api2:8000".into(),
+        },
     ];
     // Sanity: the floor and the socat path reach the laptop server before anything is timed.
     for path in [&paths[0], &paths[1], &paths[3]] {
-        loadgen(&path.caller, &["latency", &path.addr, "10"]).with_context(|| format!("the {} path does not work", path.name))?;
+        loadgen(&path.caller, &["latency", &path.addr, "10"])
+            .with_context(|| format!("the {} path does not work", path.name))?;
     }
 
     let spec = format!("8000:{port}");
@@ -210,7 +333,10 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         for k in 0..5 {
             let i = (k + r) % 5;
             let path = &paths[i];
-            let lat = loadgen(&path.caller, &["latency", &path.addr, &requests.to_string()])?;
+            let lat = loadgen(
+                &path.caller,
+                &["latency", &path.addr, &requests.to_string()],
+            )?;
             p50[i].push(lat["p50_us"].as_f64().unwrap_or(f64::NAN));
             p99[i].push(lat["p99_us"].as_f64().unwrap_or(f64::NAN));
             let bulk = loadgen(&path.caller, &["fetch", &path.addr, &BULK.to_string()])?;
@@ -241,7 +367,9 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
             );
         }
         p.run(ctx, &["leave", "api2"])?;
-        icpt_tunnel.wait_line(0, Duration::from_secs(15), |l| l.contains("ended elsewhere"))?;
+        icpt_tunnel.wait_line(0, Duration::from_secs(15), |l| {
+            l.contains("ended elsewhere")
+        })?;
 
         // leave -> the original container serving again.
         let mut w = waiter(ctx, &caller, "\"service\": \"api\"", "out")?;
@@ -249,12 +377,20 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         let out = p.run(ctx, &["leave", "api"])?;
         t_leave_cmd.push((now_ns() - t0) as f64 / 1e6);
         if !String::from_utf8_lossy(&out.stdout).contains("restored") {
-            bail!("leave did not restore: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "leave did not restore: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let seen = seen_ns(&mut w, Duration::from_secs(40))?;
         t_leave.push((seen - t0) as f64 / 1e6);
-        icpt.wait_line(0, Duration::from_secs(15), |l| l.contains("ended elsewhere"))?;
-        eprintln!("  leave round {r}: original serving after {}", fmt_ms(t_leave[r]));
+        icpt.wait_line(0, Duration::from_secs(15), |l| {
+            l.contains("ended elsewhere")
+        })?;
+        eprintln!(
+            "  leave round {r}: original serving after {}",
+            fmt_ms(t_leave[r])
+        );
     }
     drop(server);
 
@@ -265,7 +401,14 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
     let ok = load_json["ok"].as_u64().unwrap_or(0);
     let hwm_mb = agent_hwm_kib as f64 / 1024.0;
     let (m_in, m_out) = (med(&t_icpt), med(&t_leave));
-    let us3 = |v: &[Vec<f64>; 5]| format!("{:.0} / {:.0} / {:.0} us", med(&v[0]), med(&v[1]), med(&v[2]));
+    let us3 = |v: &[Vec<f64>; 5]| {
+        format!(
+            "{:.0} / {:.0} / {:.0} us",
+            med(&v[0]),
+            med(&v[1]),
+            med(&v[2])
+        )
+    };
     let rows = vec![
         row("intercept", "intercept -> first tunnelled request (median)", fmt_ms(m_in), "<= 2000 ms", Some(m_in <= 2000.0)),
         row("intercept", "leave -> original serving (median; command alone)", format!("{} ({})", fmt_ms(m_out), fmt_ms(med(&t_leave_cmd))), "<= 2000 ms", Some(m_out <= 2000.0)),
@@ -314,27 +457,31 @@ pub fn intercept(ctx: &Ctx, cleanup: &Cleanup) -> Result<(Vec<Row>, serde_json::
         ),
     ];
     let paths_json: Vec<_> = (0..5)
-        .map(|i| serde_json::json!({
-            "path": paths[i].name, "p50_us": summary(&p50[i]), "p99_us": summary(&p99[i]),
-            "bulk_mib_s": summary(&mib_s[i]), "bulk_ms": summary(&bulk_s[i]),
-        }))
+        .map(|i| {
+            serde_json::json!({
+                "path": paths[i].name, "p50_us": summary(&p50[i]), "p99_us": summary(&p99[i]),
+                "bulk_mib_s": summary(&mib_s[i]), "bulk_ms": summary(&bulk_s[i]),
+            })
+        })
         .collect();
-    Ok((rows, serde_json::json!({
-        "rounds": rounds,
-        "requests_per_latency_run": requests,
-        "intercept_ms": summary(&t_icpt),
-        "leave_ms": summary(&t_leave),
-        "leave_command_ms": summary(&t_leave_cmd),
-        "paths": paths_json,
-        "p50_ratio": lat_ratio,
-        "p99_ratio": p99_ratio,
-        "bulk_ratio_socat_over_devloop": bulk_ratio,
-        "p90_intercept_ms": pct(&t_icpt, 90.0),
-        "load_devloop": load_json,
-        "load_socat": load_socat,
-        "load_tunnel": load_tunnel,
-        "agent_peak_rss_kib": agent_hwm_kib,
-        "tunnel_agent_peak_rss_kib": tunnel_hwm_kib,
-    })))
+    Ok((
+        rows,
+        serde_json::json!({
+            "rounds": rounds,
+            "requests_per_latency_run": requests,
+            "intercept_ms": summary(&t_icpt),
+            "leave_ms": summary(&t_leave),
+            "leave_command_ms": summary(&t_leave_cmd),
+            "paths": paths_json,
+            "p50_ratio": lat_ratio,
+            "p99_ratio": p99_ratio,
+            "bulk_ratio_socat_over_devloop": bulk_ratio,
+            "p90_intercept_ms": pct(&t_icpt, 90.0),
+            "load_devloop": load_json,
+            "load_socat": load_socat,
+            "load_tunnel": load_tunnel,
+            "agent_peak_rss_kib": agent_hwm_kib,
+            "tunnel_agent_peak_rss_kib": tunnel_hwm_kib,
+        }),
+    ))
 }
-

@@ -24,7 +24,11 @@ pub(crate) fn kubeconfig() -> Option<PathBuf> {
 
 pub(crate) fn kubectl_cmd() -> Command {
     let local = "/var/cache/devloop-k8s/bin/kubectl";
-    let mut c = Command::new(if std::path::Path::new(local).is_file() { local } else { "kubectl" });
+    let mut c = Command::new(if std::path::Path::new(local).is_file() {
+        local
+    } else {
+        "kubectl"
+    });
     if let Some(k) = kubeconfig() {
         c.env("KUBECONFIG", k);
     }
@@ -32,9 +36,15 @@ pub(crate) fn kubectl_cmd() -> Command {
 }
 
 pub(crate) fn kubectl(args: &[&str]) -> Result<String> {
-    let o = kubectl_cmd().args(args).output().context("running kubectl")?;
+    let o = kubectl_cmd()
+        .args(args)
+        .output()
+        .context("running kubectl")?;
     if !o.status.success() {
-        bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&o.stderr).trim());
+        bail!(
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
@@ -44,7 +54,9 @@ pub(crate) struct Namespace(pub(crate) String);
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        let _ = kubectl_cmd().args(["delete", "namespace", &self.0, "--wait=false"]).output();
+        let _ = kubectl_cmd()
+            .args(["delete", "namespace", &self.0, "--wait=false"])
+            .output();
     }
 }
 
@@ -52,7 +64,8 @@ fn loadgen_in(ns: &str, pod: &str, args: &[&str]) -> Result<serde_json::Value> {
     let mut full = vec!["-n", ns, "exec", pod, "--", "/loadgen"];
     full.extend_from_slice(args);
     let out = kubectl(&full)?;
-    serde_json::from_str(out.lines().last().unwrap_or("")).with_context(|| format!("loadgen printed `{out}`"))
+    serde_json::from_str(out.lines().last().unwrap_or(""))
+        .with_context(|| format!("loadgen printed `{out}`"))
 }
 
 fn loadgen_here(bin: &std::path::Path, args: &[&str]) -> Result<serde_json::Value> {
@@ -61,7 +74,8 @@ fn loadgen_here(bin: &std::path::Path, args: &[&str]) -> Result<serde_json::Valu
         bail!("loadgen {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     }
     let out = String::from_utf8_lossy(&o.stdout).to_string();
-    serde_json::from_str(out.lines().last().unwrap_or("")).with_context(|| format!("loadgen printed `{out}`"))
+    serde_json::from_str(out.lines().last().unwrap_or(""))
+        .with_context(|| format!("loadgen printed `{out}`"))
 }
 
 pub(crate) fn deployment(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
@@ -92,15 +106,22 @@ pub(crate) fn push_loadgen(ctx: &Ctx, ns: &str, kubeconfig: &std::path::Path) ->
     use devloop::target::k8s::{registry, Cluster, KubeSettings};
     let lg = crate::intercept::loadgen_bin(ctx)?;
     let binary = std::fs::read(&lg).with_context(|| format!("reading {}", lg.display()))?;
-    let settings = KubeSettings { context: None, namespace: Some(ns.to_string()) };
+    let settings = KubeSettings {
+        context: None,
+        namespace: Some(ns.to_string()),
+    };
     ctx.rt.block_on(async {
         std::env::set_var("KUBECONFIG", kubeconfig);
         let cluster = Cluster::connect(&settings).await?;
-        let reg = registry::discover(&cluster, None).await?.context("the cluster advertises no registry")?;
+        let reg = registry::discover(&cluster, None)
+            .await?
+            .context("the cluster advertises no registry")?;
         let layer = registry::one_file_layer("loadgen", 0o755, &binary)?;
         let config = registry::image_config(std::slice::from_ref(&layer), &["/loadgen"]);
         let tag = devloop::target::agent_image_tag(&binary);
-        registry::Pusher::new(&reg.push)?.push_image("devloop-loadgen", &tag, &[layer], &config).await?;
+        registry::Pusher::new(&reg.push)?
+            .push_image("devloop-loadgen", &tag, &[layer], &config)
+            .await?;
         anyhow::Ok(format!("{}/devloop-loadgen:{tag}", reg.pull))
     })
 }
@@ -108,7 +129,10 @@ pub(crate) fn push_loadgen(ctx: &Ctx, ns: &str, kubeconfig: &std::path::Path) ->
 /// A caller: a loadgen pod that idles until `kubectl exec` runs it.
 pub(crate) fn caller(image: &str) -> serde_json::Value {
     let mut c = deployment("caller", image, &["idle"]);
-    c["spec"]["template"]["spec"]["containers"][0].as_object_mut().expect("object").remove("readinessProbe");
+    c["spec"]["template"]["spec"]["containers"][0]
+        .as_object_mut()
+        .expect("object")
+        .remove("readinessProbe");
     c
 }
 
@@ -132,7 +156,9 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let rounds = if ctx.quick { 2 } else { 5 };
     let requests = if ctx.quick { 1000 } else { 3000 };
     let Some(kubeconfig) = kubeconfig() else {
-        bail!("no cluster: set KUBECONFIG, or start this machine's with ../shared/k8s/cluster.sh up");
+        bail!(
+            "no cluster: set KUBECONFIG, or start this machine's with ../shared/k8s/cluster.sh up"
+        );
     };
     kubectl(&["get", "--raw", "/readyz"]).context("the cluster does not answer")?;
     let ns = Namespace(format!("bench{}", ctx.pid));
@@ -153,39 +179,104 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": manifests});
     let file = ctx.tmp.path().join("k8s-bench.json");
     std::fs::write(&file, serde_json::to_vec(&list)?)?;
-    kubectl(&["-n", &ns.0, "apply", "-f", file.to_str().context("utf-8 path")?])?;
+    kubectl(&[
+        "-n",
+        &ns.0,
+        "apply",
+        "-f",
+        file.to_str().context("utf-8 path")?,
+    ])?;
     for d in ["api", "server", "caller"] {
-        kubectl(&["-n", &ns.0, "rollout", "status", &format!("deployment/{d}"), "--timeout=120s"])?;
+        kubectl(&[
+            "-n",
+            &ns.0,
+            "rollout",
+            "status",
+            &format!("deployment/{d}"),
+            "--timeout=120s",
+        ])?;
     }
-    let caller_pod = kubectl(&["-n", &ns.0, "get", "pods", "-l", "app=caller", "-o", "jsonpath={.items[0].metadata.name}"])?;
+    let caller_pod = kubectl(&[
+        "-n",
+        &ns.0,
+        "get",
+        "pods",
+        "-l",
+        "app=caller",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
     // The Service's address, not its name: the same path for callers, without this
     // cluster's DNS (dnsmasq) failing a lookup now and then in the middle of a run.
-    let svc = format!("{}:8000", kubectl(&["-n", &ns.0, "get", "service", "api", "-o", "jsonpath={.spec.clusterIP}"])?);
+    let svc = format!(
+        "{}:8000",
+        kubectl(&[
+            "-n",
+            &ns.0,
+            "get",
+            "service",
+            "api",
+            "-o",
+            "jsonpath={.spec.clusterIP}"
+        ])?
+    );
 
     // The laptop server, and kubectl port-forward to the same server in a pod.
     let (server, port) = crate::intercept::laptop_server(ctx, &lg, "k8s-laptop-server.log")?;
-    let pf_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let pf_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut pf = Proc::spawn(
         {
             let mut c = kubectl_cmd();
-            c.args(["-n", &ns.0, "port-forward", "deployment/server", &format!("{pf_port}:8000")]);
+            c.args([
+                "-n",
+                &ns.0,
+                "port-forward",
+                "deployment/server",
+                &format!("{pf_port}:8000"),
+            ]);
             c
         },
         ctx.tmp.path().join("k8s-port-forward.log"),
     )?;
-    pf.wait_line(0, Duration::from_secs(30), |l| l.contains("Forwarding from"))?;
+    pf.wait_line(0, Duration::from_secs(30), |l| {
+        l.contains("Forwarding from")
+    })?;
     let pf_addr = format!("127.0.0.1:{pf_port}");
-    loadgen_here(&lg, &["latency", &pf_addr, "10"]).context("the port-forward path does not work")?;
+    loadgen_here(&lg, &["latency", &pf_addr, "10"])
+        .context("the port-forward path does not work")?;
 
     let devloop = |args: &[&str]| {
         let mut c = Command::new(&ctx.devloop);
-        c.arg("-n").arg(&ns.0).args(args).env("KUBECONFIG", &kubeconfig).env("DEVLOOP_AGENT_BIN", &ctx.agent).current_dir(ctx.tmp.path());
+        c.arg("-n")
+            .arg(&ns.0)
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("DEVLOOP_AGENT_BIN", &ctx.agent)
+            .current_dir(ctx.tmp.path());
         c
     };
     let waiter = |text: &str, tag: &str| -> Result<Proc> {
         let mut c = kubectl_cmd();
-        c.args(["-n", &ns.0, "exec", &caller_pod, "--", "/loadgen", "wait-for", &svc, text, "60000"]);
-        let mut p = Proc::spawn(c, ctx.tmp.path().join(format!("k8s-waiter-{tag}-{}.log", now_ns())))?;
+        c.args([
+            "-n",
+            &ns.0,
+            "exec",
+            &caller_pod,
+            "--",
+            "/loadgen",
+            "wait-for",
+            &svc,
+            text,
+            "60000",
+        ]);
+        let mut p = Proc::spawn(
+            c,
+            ctx.tmp
+                .path()
+                .join(format!("k8s-waiter-{tag}-{}.log", now_ns())),
+        )?;
         p.wait_line(0, Duration::from_secs(30), |l| l == "ready")?;
         Ok(p)
     };
@@ -196,15 +287,28 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let mut pf_upload = Vec::new();
     // CPU by program during each 100 MiB transfer: intercept, port-forward download, upload.
     let mut cpu: [Vec<Vec<(String, f64)>>; 3] = Default::default();
-    let (mut p50, mut p99, mut mib) = (<[Vec<f64>; 2]>::default(), <[Vec<f64>; 2]>::default(), <[Vec<f64>; 2]>::default());
+    let (mut p50, mut p99, mut mib) = (
+        <[Vec<f64>; 2]>::default(),
+        <[Vec<f64>; 2]>::default(),
+        <[Vec<f64>; 2]>::default(),
+    );
     for r in 0..rounds {
         let mut w = waiter("laptop", "in")?;
         let t0 = now_ns();
-        let mut icpt = Proc::spawn(devloop(&["intercept", "api", "--port", &spec]), ctx.tmp.path().join(format!("k8s-intercept-{r}.log")))?;
+        let mut icpt = Proc::spawn(
+            devloop(&["intercept", "api", "--port", &spec]),
+            ctx.tmp.path().join(format!("k8s-intercept-{r}.log")),
+        )?;
         t_in.push((seen(&mut w)? - t0) as f64 / 1e6);
-        let (_, _, line) = icpt.wait_line(0, Duration::from_secs(60), |l| l.contains("intercepted in"))?;
+        let (_, _, line) =
+            icpt.wait_line(0, Duration::from_secs(60), |l| l.contains("intercepted in"))?;
         // "... (agent pod ready after N ms) ..."
-        if let Some(ms) = line.split("agent pod ready after ").nth(1).and_then(|s| s.split(' ').next()).and_then(|s| s.parse::<f64>().ok()) {
+        if let Some(ms) = line
+            .split("agent pod ready after ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse::<f64>().ok())
+        {
             t_rollout.push(ms);
         }
         // The Service must reach the agent alone: wait until the original pods are gone,
@@ -214,7 +318,11 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         for k in 0..2 {
             let i = (k + r) % 2;
             let lat = if i == 0 {
-                loadgen_in(&ns.0, &caller_pod, &["latency", &svc, &requests.to_string()])?
+                loadgen_in(
+                    &ns.0,
+                    &caller_pod,
+                    &["latency", &svc, &requests.to_string()],
+                )?
             } else {
                 loadgen_here(&lg, &["latency", &pf_addr, &requests.to_string()])?
             };
@@ -242,7 +350,9 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
             bail!("leave failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         t_out.push((seen(&mut w)? - t0) as f64 / 1e6);
-        let _ = icpt.wait_line(0, Duration::from_secs(30), |l| l.contains("ended elsewhere"));
+        let _ = icpt.wait_line(0, Duration::from_secs(30), |l| {
+            l.contains("ended elsewhere")
+        });
         eprintln!(
             "  k8s round {r}: intercept {} (agent pod ready {}) | p50 us intercept/port-forward {}/{} | 100 MiB MiB/s {:.0}/{:.0} | leave {}",
             fmt_ms(t_in[r]),
@@ -250,7 +360,14 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
             p50[0][r], p50[1][r], mib[0][r], mib[1][r], fmt_ms(t_out[r])
         );
         // The next round's intercept needs the original's pod ready again.
-        kubectl(&["-n", &ns.0, "rollout", "status", "deployment/api", "--timeout=120s"])?;
+        kubectl(&[
+            "-n",
+            &ns.0,
+            "rollout",
+            "status",
+            "deployment/api",
+            "--timeout=120s",
+        ])?;
     }
     drop(pf);
     drop(server);
@@ -259,7 +376,9 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let bulk_mib = (BULK >> 20) as f64;
     let cpu_of = |k: usize, speeds: &[f64]| {
         let m = median(speeds);
-        let r = (0..speeds.len()).min_by(|a, b| (speeds[*a] - m).abs().total_cmp(&(speeds[*b] - m).abs())).unwrap_or(0);
+        let r = (0..speeds.len())
+            .min_by(|a, b| (speeds[*a] - m).abs().total_cmp(&(speeds[*b] - m).abs()))
+            .unwrap_or(0);
         crate::cpu::per_mib(cpu[k].get(r).map(Vec::as_slice).unwrap_or(&[]), bulk_mib)
     };
     let (cpu_intercept, cpu_intercept_line) = cpu_of(0, &mib[0]);
@@ -269,8 +388,15 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     eprintln!("  CPU ms per MiB, port-forward download: {cpu_download_line}");
     eprintln!("  CPU ms per MiB, port-forward upload: {cpu_upload_line}");
     let (m_in, m_out) = (median(&t_in), median(&t_out));
-    let share = if t_rollout.is_empty() { f64::NAN } else { median(&t_rollout) / m_in * 100.0 };
-    let (lat_ratio, bulk_ratio) = (median(&p50[0]) / median(&p50[1]), median(&mib[0]) / median(&mib[1]));
+    let share = if t_rollout.is_empty() {
+        f64::NAN
+    } else {
+        median(&t_rollout) / m_in * 100.0
+    };
+    let (lat_ratio, bulk_ratio) = (
+        median(&p50[0]) / median(&p50[1]),
+        median(&mib[0]) / median(&mib[1]),
+    );
     let upload_ratio = median(&mib[0]) / median(&pf_upload);
     let rows = vec![
         row("k8s-intercept", "intercept -> first tunnelled request (median)", fmt_ms(m_in), "<= 5000 ms", Some(m_in <= 5000.0)),
@@ -302,14 +428,17 @@ pub fn k8s_intercept(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
         row("k8s-intercept", "CPU ms per MiB, port-forward download", cpu_download_line, "", None),
         row("k8s-intercept", "CPU ms per MiB, port-forward upload", cpu_upload_line, "", None),
     ];
-    Ok((rows, serde_json::json!({
-        "rounds": rounds,
-        "intercept_ms": summary(&t_in),
-        "agent_rollout_ms": summary(&t_rollout),
-        "leave_ms": summary(&t_out),
-        "intercept_p50_us": summary(&p50[0]), "intercept_p99_us": summary(&p99[0]), "intercept_mib_s": summary(&mib[0]),
-        "port_forward_upload_mib_s": summary(&pf_upload),
-        "port_forward_p50_us": summary(&p50[1]), "port_forward_p99_us": summary(&p99[1]), "port_forward_mib_s": summary(&mib[1]),
-        "cpu_ms_per_mib": {"intercept": cpu_intercept, "port_forward_download": cpu_download, "port_forward_upload": cpu_upload},
-    })))
+    Ok((
+        rows,
+        serde_json::json!({
+            "rounds": rounds,
+            "intercept_ms": summary(&t_in),
+            "agent_rollout_ms": summary(&t_rollout),
+            "leave_ms": summary(&t_out),
+            "intercept_p50_us": summary(&p50[0]), "intercept_p99_us": summary(&p99[0]), "intercept_mib_s": summary(&mib[0]),
+            "port_forward_upload_mib_s": summary(&pf_upload),
+            "port_forward_p50_us": summary(&p50[1]), "port_forward_p99_us": summary(&p99[1]), "port_forward_mib_s": summary(&mib[1]),
+            "cpu_ms_per_mib": {"intercept": cpu_intercept, "port_forward_download": cpu_download, "port_forward_upload": cpu_upload},
+        }),
+    ))
 }

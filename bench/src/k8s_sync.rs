@@ -16,7 +16,9 @@ use crate::scenarios::{in_sync, OBSERVER};
 pub fn k8s_sync(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let rounds = if ctx.quick { 10 } else { 30 };
     let Some(kubeconfig) = kubeconfig() else {
-        bail!("no cluster: set KUBECONFIG, or start this machine's with ../shared/k8s/cluster.sh up");
+        bail!(
+            "no cluster: set KUBECONFIG, or start this machine's with ../shared/k8s/cluster.sh up"
+        );
     };
     kubectl(&["get", "--raw", "/readyz"]).context("the cluster does not answer")?;
     let ns = Namespace(format!("bench{}-sync", ctx.pid));
@@ -45,8 +47,21 @@ pub fn k8s_sync(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     });
     let file = ctx.tmp.path().join("k8s-sync-obs.json");
     std::fs::write(&file, serde_json::to_vec(&deployment)?)?;
-    kubectl(&["-n", &ns.0, "apply", "-f", file.to_str().context("utf-8 path")?])?;
-    kubectl(&["-n", &ns.0, "rollout", "status", "deployment/obs", "--timeout=180s"])?;
+    kubectl(&[
+        "-n",
+        &ns.0,
+        "apply",
+        "-f",
+        file.to_str().context("utf-8 path")?,
+    ])?;
+    kubectl(&[
+        "-n",
+        &ns.0,
+        "rollout",
+        "status",
+        "deployment/obs",
+        "--timeout=180s",
+    ])?;
 
     let p = Project::new(
         ctx,
@@ -63,7 +78,17 @@ pub fn k8s_sync(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     up.wait_line(0, Duration::from_secs(240), in_sync)?;
     up.wait_line(0, Duration::from_secs(30), |l| l.contains("observer ready"))?;
     // The dev pod (the original may still be terminating).
-    let pod = kubectl(&["-n", &ns.0, "get", "pods", "-l", "app=obs,devloop.dev/dev-session", "--field-selector=status.phase=Running", "-o", "jsonpath={.items[0].metadata.name}"])?;
+    let pod = kubectl(&[
+        "-n",
+        &ns.0,
+        "get",
+        "pods",
+        "-l",
+        "app=obs,devloop.dev/dev-session",
+        "--field-selector=status.phase=Running",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
     let laptop_file = p.dir.join("app/probe.txt");
     let cp_dir = ctx.tmp.path().join("k8s-sync-cp");
     std::fs::create_dir_all(&cp_dir)?;
@@ -88,8 +113,15 @@ pub fn k8s_sync(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
             t
         };
         let needle = format!(" {token}");
-        let (_, _, line) = up.wait_line(from, Duration::from_secs(10), |l| l.contains("SEEN ") && l.ends_with(&needle))?;
-        let seen: i128 = line.split_whitespace().rev().nth(1).and_then(|v| v.parse().ok()).context("parsing the observer's line")?;
+        let (_, _, line) = up.wait_line(from, Duration::from_secs(10), |l| {
+            l.contains("SEEN ") && l.ends_with(&needle)
+        })?;
+        let seen: i128 = line
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .context("parsing the observer's line")?;
         std::thread::sleep(Duration::from_millis(30));
         Ok((seen - start_ns) as f64 / 1e6)
     };
@@ -118,14 +150,41 @@ pub fn k8s_sync(ctx: &Ctx) -> Result<(Vec<Row>, serde_json::Value)> {
     let (m_d, m_c) = (median(&dl), median(&cp));
     let ratio = m_c / m_d;
     let rows = vec![
-        row("k8s-sync", format!("devloop save -> readable in the dev pod (median of {rounds}, p90 {})", fmt_ms(pct(&dl, 90.0))), fmt_ms(m_d), "<= 10 ms", Some(m_d <= 10.0)),
-        row("k8s-sync", format!("kubectl cp per change (median, p90 {})", fmt_ms(pct(&cp, 90.0))), fmt_ms(m_c), "", None),
-        row("k8s-sync", "kubectl cp / devloop", format!("{ratio:.1}x"), ">= 10x", Some(ratio >= 10.0)),
+        row(
+            "k8s-sync",
+            format!(
+                "devloop save -> readable in the dev pod (median of {rounds}, p90 {})",
+                fmt_ms(pct(&dl, 90.0))
+            ),
+            fmt_ms(m_d),
+            "<= 10 ms",
+            Some(m_d <= 10.0),
+        ),
+        row(
+            "k8s-sync",
+            format!(
+                "kubectl cp per change (median, p90 {})",
+                fmt_ms(pct(&cp, 90.0))
+            ),
+            fmt_ms(m_c),
+            "",
+            None,
+        ),
+        row(
+            "k8s-sync",
+            "kubectl cp / devloop",
+            format!("{ratio:.1}x"),
+            ">= 10x",
+            Some(ratio >= 10.0),
+        ),
     ];
-    Ok((rows, serde_json::json!({
-        "rounds": rounds,
-        "devloop_ms": summary(&dl),
-        "kubectl_cp_ms": summary(&cp),
-        "ratio": ratio,
-    })))
+    Ok((
+        rows,
+        serde_json::json!({
+            "rounds": rounds,
+            "devloop_ms": summary(&dl),
+            "kubectl_cp_ms": summary(&cp),
+            "ratio": ratio,
+        }),
+    ))
 }

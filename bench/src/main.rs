@@ -17,7 +17,18 @@ use anyhow::{bail, Result};
 use harness::{Cleanup, Ctx, Row};
 use std::time::Instant;
 
-const SCENARIOS: [&str; 10] = ["latency", "burst", "initial", "restart", "index100k", "deploy", "intercept", "k8s-intercept", "k8s-deploy", "k8s-sync"];
+const SCENARIOS: [&str; 10] = [
+    "latency",
+    "burst",
+    "initial",
+    "restart",
+    "index100k",
+    "deploy",
+    "intercept",
+    "k8s-intercept",
+    "k8s-deploy",
+    "k8s-sync",
+];
 
 struct Args {
     quick: bool,

@@ -230,19 +230,24 @@ fn main() -> std::process::ExitCode {
                 if target == "list" && ports.is_empty() {
                     commands::intercept::list(&global).await
                 } else {
-                    commands::intercept::intercept(&global, commands::intercept::InterceptOptions {
-                        target,
-                        lease,
-                        ports,
-                        env_file,
-                        expose,
-                        tunnel,
-                        command,
-                    })
+                    commands::intercept::intercept(
+                        &global,
+                        commands::intercept::InterceptOptions {
+                            target,
+                            lease,
+                            ports,
+                            env_file,
+                            expose,
+                            tunnel,
+                            command,
+                        },
+                    )
                     .await
                 }
             }
-            Command::Leave { target, all } => commands::intercept::leave(&global, target, all).await,
+            Command::Leave { target, all } => {
+                commands::intercept::leave(&global, target, all).await
+            }
             Command::History { service } => commands::deploy::history_cmd(&global, &service).await,
             Command::Rollback {
                 service,

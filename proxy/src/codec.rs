@@ -34,16 +34,43 @@ mod tests {
     /// Every tunnel frame kind, with edge values (empty and full data, the largest ids).
     fn tunnel_frames() -> Vec<TunnelFrame> {
         vec![
-            TunnelFrame::Open { stream: 1, port: 8080 },
-            TunnelFrame::Open { stream: u64::MAX, port: u16::MAX },
-            TunnelFrame::Data { stream: 2, data: b"GET / HTTP/1.0\r\n\r\n".to_vec() },
-            TunnelFrame::Data { stream: 4, data: Vec::new() },
-            TunnelFrame::Data { stream: 6, data: vec![0xa5; MAX_DATA_FRAME] },
-            TunnelFrame::Window { stream: 3, credit: 128 * 1024 },
-            TunnelFrame::Window { stream: 3, credit: u32::MAX },
+            TunnelFrame::Open {
+                stream: 1,
+                port: 8080,
+            },
+            TunnelFrame::Open {
+                stream: u64::MAX,
+                port: u16::MAX,
+            },
+            TunnelFrame::Data {
+                stream: 2,
+                data: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+            },
+            TunnelFrame::Data {
+                stream: 4,
+                data: Vec::new(),
+            },
+            TunnelFrame::Data {
+                stream: 6,
+                data: vec![0xa5; MAX_DATA_FRAME],
+            },
+            TunnelFrame::Window {
+                stream: 3,
+                credit: 128 * 1024,
+            },
+            TunnelFrame::Window {
+                stream: 3,
+                credit: u32::MAX,
+            },
             TunnelFrame::End { stream: 5 },
-            TunnelFrame::Reset { stream: 7, reason: "connect to 127.0.0.1:8080: refused".into() },
-            TunnelFrame::Reset { stream: 9, reason: String::new() },
+            TunnelFrame::Reset {
+                stream: 7,
+                reason: "connect to 127.0.0.1:8080: refused".into(),
+            },
+            TunnelFrame::Reset {
+                stream: 9,
+                reason: String::new(),
+            },
         ]
     }
 
@@ -61,24 +88,52 @@ mod tests {
             LaptopMsg::Batch {
                 req: 2,
                 ops: vec![
-                    FileOp::Put { path: p.clone(), mode: 0o644, data: b"print(1)\n".to_vec() },
-                    FileOp::Mkdir { path: RelPath::new("d").unwrap(), mode: 0o755 },
-                    FileOp::Symlink { path: RelPath::new("l").unwrap(), target: "../x".into() },
+                    FileOp::Put {
+                        path: p.clone(),
+                        mode: 0o644,
+                        data: b"print(1)\n".to_vec(),
+                    },
+                    FileOp::Mkdir {
+                        path: RelPath::new("d").unwrap(),
+                        mode: 0o755,
+                    },
+                    FileOp::Symlink {
+                        path: RelPath::new("l").unwrap(),
+                        target: "../x".into(),
+                    },
                     FileOp::Delete { path: p.clone() },
-                    FileOp::Chmod { path: p.clone(), mode: 0o755 },
+                    FileOp::Chmod {
+                        path: p.clone(),
+                        mode: 0o755,
+                    },
                 ],
             },
-            LaptopMsg::TarChunk { req: 3, data: vec![0; 1000], last: true },
+            LaptopMsg::TarChunk {
+                req: 3,
+                data: vec![0; 1000],
+                last: true,
+            },
             LaptopMsg::Restart { req: 4 },
-            LaptopMsg::Run { req: 5, argv: vec!["pip".into(), "install".into()] },
+            LaptopMsg::Run {
+                req: 5,
+                argv: vec!["pip".into(), "install".into()],
+            },
             LaptopMsg::Ping { nonce: u64::MAX },
         ];
-        let laptop = laptop.into_iter().chain(tunnel_frames().into_iter().map(LaptopMsg::Tunnel)).collect();
+        let laptop = laptop
+            .into_iter()
+            .chain(tunnel_frames().into_iter().map(LaptopMsg::Tunnel))
+            .collect();
         let status = ProcessStatus {
             state: ProcessState::Running { pid: 42 },
             starts: 3,
             quick_exits: 1,
-            last_exit: Some(ExitInfo { code: Some(1), signal: None, ran_ms: 10, at_ms: 99 }),
+            last_exit: Some(ExitInfo {
+                code: Some(1),
+                signal: None,
+                ran_ms: 10,
+                at_ms: 99,
+            }),
         };
         let agent = vec![
             AgentMsg::Welcome(Welcome {
@@ -87,24 +142,50 @@ mod tests {
                 capabilities: vec![],
                 root: "/app".into(),
                 process: status.clone(),
-                recent_logs: vec![LogLine { stream: LogStream::Stderr, at_ms: 1, line: b"boom".to_vec() }],
+                recent_logs: vec![LogLine {
+                    stream: LogStream::Stderr,
+                    at_ms: 1,
+                    line: b"boom".to_vec(),
+                }],
             }),
-            AgentMsg::Refused { reason: "bad token".into() },
-            AgentMsg::Ack { req: 2, outcome: Outcome::Failed { error: "x".into() } },
+            AgentMsg::Refused {
+                reason: "bad token".into(),
+            },
+            AgentMsg::Ack {
+                req: 2,
+                outcome: Outcome::Failed { error: "x".into() },
+            },
             AgentMsg::Index {
                 req: 1,
                 entries: vec![
-                    (p.clone(), Entry::File { mode: 0o644, size: 9, hash: [7; 32] }),
+                    (
+                        p.clone(),
+                        Entry::File {
+                            mode: 0o644,
+                            size: 9,
+                            hash: [7; 32],
+                        },
+                    ),
                     (RelPath::new("d").unwrap(), Entry::Dir { mode: 0o755 }),
-                    (RelPath::new("l").unwrap(), Entry::Symlink { target: "x".into() }),
+                    (
+                        RelPath::new("l").unwrap(),
+                        Entry::Symlink { target: "x".into() },
+                    ),
                 ],
                 last: true,
             },
-            AgentMsg::Log(LogLine { stream: LogStream::Stdout, at_ms: 5, line: b"hi".to_vec() }),
+            AgentMsg::Log(LogLine {
+                stream: LogStream::Stdout,
+                at_ms: 5,
+                line: b"hi".to_vec(),
+            }),
             AgentMsg::Process(status),
             AgentMsg::Pong { nonce: 7 },
         ];
-        let agent = agent.into_iter().chain(tunnel_frames().into_iter().map(AgentMsg::Tunnel)).collect();
+        let agent = agent
+            .into_iter()
+            .chain(tunnel_frames().into_iter().map(AgentMsg::Tunnel))
+            .collect();
         (laptop, agent)
     }
 
@@ -125,13 +206,19 @@ mod tests {
         for m in laptop {
             let bytes = encode(&m);
             for cut in 0..bytes.len() {
-                assert!(decode::<LaptopMsg>(&bytes[..cut]).is_err(), "{m:?} cut at {cut}");
+                assert!(
+                    decode::<LaptopMsg>(&bytes[..cut]).is_err(),
+                    "{m:?} cut at {cut}"
+                );
             }
         }
         for m in agent {
             let bytes = encode(&m);
             for cut in 0..bytes.len() {
-                assert!(decode::<AgentMsg>(&bytes[..cut]).is_err(), "{m:?} cut at {cut}");
+                assert!(
+                    decode::<AgentMsg>(&bytes[..cut]).is_err(),
+                    "{m:?} cut at {cut}"
+                );
             }
         }
     }
@@ -139,15 +226,27 @@ mod tests {
     /// The worked examples of docs/PROTOCOL.md, section "Tunnel streams".
     #[test]
     fn tunnel_frames_encode_as_documented() {
-        let open = AgentMsg::Tunnel(TunnelFrame::Open { stream: 1, port: 8080 });
+        let open = AgentMsg::Tunnel(TunnelFrame::Open {
+            stream: 1,
+            port: 8080,
+        });
         assert_eq!(encode(&open), [0x07, 0x00, 0x01, 0x90, 0x3f]);
-        let data = LaptopMsg::Tunnel(TunnelFrame::Data { stream: 1, data: b"hi".to_vec() });
+        let data = LaptopMsg::Tunnel(TunnelFrame::Data {
+            stream: 1,
+            data: b"hi".to_vec(),
+        });
         assert_eq!(encode(&data), [0x07, 0x01, 0x01, 0x02, 0x68, 0x69]);
-        let window = LaptopMsg::Tunnel(TunnelFrame::Window { stream: 1, credit: 131_072 });
+        let window = LaptopMsg::Tunnel(TunnelFrame::Window {
+            stream: 1,
+            credit: 131_072,
+        });
         assert_eq!(encode(&window), [0x07, 0x02, 0x01, 0x80, 0x80, 0x08]);
         let end = AgentMsg::Tunnel(TunnelFrame::End { stream: 1 });
         assert_eq!(encode(&end), [0x07, 0x03, 0x01]);
-        let reset = LaptopMsg::Tunnel(TunnelFrame::Reset { stream: 2, reason: "x".into() });
+        let reset = LaptopMsg::Tunnel(TunnelFrame::Reset {
+            stream: 2,
+            reason: "x".into(),
+        });
         assert_eq!(encode(&reset), [0x07, 0x04, 0x02, 0x01, 0x78]);
     }
 
@@ -155,7 +254,10 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut bytes = encode(&LaptopMsg::Ping { nonce: 1 });
         bytes.push(0);
-        assert_eq!(decode::<LaptopMsg>(&bytes), Err(ProtoError::TrailingBytes(1)));
+        assert_eq!(
+            decode::<LaptopMsg>(&bytes),
+            Err(ProtoError::TrailingBytes(1))
+        );
     }
 
     #[test]
@@ -175,10 +277,18 @@ mod tests {
             Delete { path: String },
         }
         for evil in ["../../etc", "/etc", "a/../../b", ""] {
-            let bytes = encode(&Raw::Batch { req: 1, ops: vec![RawOp::Delete { path: evil.into() }] });
+            let bytes = encode(&Raw::Batch {
+                req: 1,
+                ops: vec![RawOp::Delete { path: evil.into() }],
+            });
             assert!(decode::<LaptopMsg>(&bytes).is_err(), "{evil}");
         }
-        let bytes = encode(&Raw::Batch { req: 1, ops: vec![RawOp::Delete { path: "ok/x".into() }] });
+        let bytes = encode(&Raw::Batch {
+            req: 1,
+            ops: vec![RawOp::Delete {
+                path: "ok/x".into(),
+            }],
+        });
         assert!(decode::<LaptopMsg>(&bytes).is_ok());
     }
 
@@ -197,8 +307,11 @@ mod tests {
     fn random_bytes_never_panic() {
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
         let (laptop, agent) = samples();
-        let seeds: Vec<Vec<u8>> =
-            laptop.iter().map(encode).chain(agent.iter().map(encode)).collect();
+        let seeds: Vec<Vec<u8>> = laptop
+            .iter()
+            .map(encode)
+            .chain(agent.iter().map(encode))
+            .collect();
         for i in 0..200_000u64 {
             let len = (rng.next() % 300) as usize;
             let mut bytes: Vec<u8> = if i % 2 == 0 {
@@ -224,6 +337,9 @@ mod tests {
     #[test]
     fn oversized_message_is_refused_before_decoding() {
         let bytes = vec![0u8; MAX_MESSAGE_BYTES + 1];
-        assert!(matches!(decode::<LaptopMsg>(&bytes), Err(ProtoError::TooLarge(_))));
+        assert!(matches!(
+            decode::<LaptopMsg>(&bytes),
+            Err(ProtoError::TooLarge(_))
+        ));
     }
 }

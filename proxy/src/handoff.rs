@@ -21,9 +21,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use nix::sys::socket::{
-    recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags,
-};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 
@@ -104,12 +102,19 @@ fn recv_status(fd: RawFd) -> io::Result<(Option<u8>, Option<OwnedFd>)> {
     };
     // SAFETY: the kernel installed these descriptors in this process for this message; no
     // one else holds them, so each is owned exactly once here.
-    let mut owned: Vec<OwnedFd> = fds.drain(..).map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect();
+    let mut owned: Vec<OwnedFd> = fds
+        .drain(..)
+        .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
+        .collect();
     if read == 0 {
         return Ok((None, None));
     }
     // More than one descriptor is not the protocol: keep the first, close the rest.
-    let first = if owned.is_empty() { None } else { Some(owned.remove(0)) };
+    let first = if owned.is_empty() {
+        None
+    } else {
+        Some(owned.remove(0))
+    };
     Ok((Some(byte[0]), first))
 }
 
@@ -136,7 +141,10 @@ pub async fn read_request(unix: &mut UnixStream) -> io::Result<Request> {
     let mut magic = [0u8; 4];
     unix.read_exact(&mut magic).await?;
     if magic != REQUEST_MAGIC {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a handoff request"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a handoff request",
+        ));
     }
     let len = unix.read_u8().await?;
     let mut token = vec![0; len as usize];
@@ -203,7 +211,9 @@ mod tests {
                     return;
                 }
                 if req.port != 80 {
-                    send_refusal(&mut unix, "port not intercepted").await.unwrap();
+                    send_refusal(&mut unix, "port not intercepted")
+                        .await
+                        .unwrap();
                     return;
                 }
                 let conn = TcpStream::connect(laptop).await.unwrap();

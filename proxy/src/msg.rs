@@ -39,9 +39,14 @@ pub struct Welcome {
 pub enum LaptopMsg {
     Hello(Hello),
     /// Ask for the agent's view of the root; answered by [`AgentMsg::Index`].
-    Index { req: u64 },
+    Index {
+        req: u64,
+    },
     /// Apply file operations in order; answered by one [`AgentMsg::Ack`].
-    Batch { req: u64, ops: Vec<FileOp> },
+    Batch {
+        req: u64,
+        ops: Vec<FileOp>,
+    },
     /// A piece of a tar stream. The agent applies entries as they arrive (with the same
     /// confinement as [`FileOp`]s) and acknowledges the stream once, after the `last` chunk.
     TarChunk {
@@ -51,12 +56,19 @@ pub enum LaptopMsg {
         last: bool,
     },
     /// Restart the supervised process (stop it, then start it again); acknowledged.
-    Restart { req: u64 },
+    Restart {
+        req: u64,
+    },
     /// Run a command to completion in the working directory, then acknowledge with its exit
     /// status. Its output arrives as log lines.
-    Run { req: u64, argv: Vec<String> },
+    Run {
+        req: u64,
+        argv: Vec<String>,
+    },
     /// Liveness probe; answered by [`AgentMsg::Pong`].
-    Ping { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
     /// A frame of a tunnel stream (capability [`crate::caps::TUNNEL`]).
     Tunnel(TunnelFrame),
 }
@@ -66,13 +78,24 @@ pub enum LaptopMsg {
 pub enum AgentMsg {
     Welcome(Welcome),
     /// The handshake failed; the agent closes the connection after this.
-    Refused { reason: String },
-    Ack { req: u64, outcome: Outcome },
+    Refused {
+        reason: String,
+    },
+    Ack {
+        req: u64,
+        outcome: Outcome,
+    },
     /// The agent's tree. Large trees come in several parts; `last` marks the final one.
-    Index { req: u64, entries: Vec<(RelPath, Entry)>, last: bool },
+    Index {
+        req: u64,
+        entries: Vec<(RelPath, Entry)>,
+        last: bool,
+    },
     Log(LogLine),
     Process(ProcessStatus),
-    Pong { nonce: u64 },
+    Pong {
+        nonce: u64,
+    },
     /// A frame of a tunnel stream (capability [`crate::caps::TUNNEL`]).
     Tunnel(TunnelFrame),
 }
@@ -153,9 +176,13 @@ pub struct ProcessStatus {
 pub enum ProcessState {
     /// No command configured: the agent only syncs.
     NoCommand,
-    Running { pid: u32 },
+    Running {
+        pid: u32,
+    },
     /// Exited and waiting `retry_in_ms` before the next start (crash loop back-off).
-    BackingOff { retry_in_ms: u64 },
+    BackingOff {
+        retry_in_ms: u64,
+    },
     /// Stopped on request and not restarted.
     Stopped,
 }

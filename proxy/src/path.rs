@@ -19,7 +19,10 @@ pub struct RelPath(String);
 impl RelPath {
     pub fn new(path: impl Into<String>) -> Result<Self, ProtoError> {
         let path = path.into();
-        let bad = |reason| ProtoError::InvalidPath { path: path.clone(), reason };
+        let bad = |reason| ProtoError::InvalidPath {
+            path: path.clone(),
+            reason,
+        };
         if path.is_empty() {
             return Err(bad("empty"));
         }
@@ -85,7 +88,8 @@ impl RelPath {
 
     /// True when `self` is `other` or lies below it.
     pub fn starts_with(&self, other: &RelPath) -> bool {
-        self.0 == other.0 || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+        self.0 == other.0
+            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
     }
 
     pub fn join(&self, name: &str) -> Result<RelPath, ProtoError> {
@@ -131,7 +135,18 @@ mod tests {
 
     #[test]
     fn refuses_escapes_and_odd_spellings() {
-        for bad in ["", "/etc/passwd", "..", "../x", "a/../../x", "a/..", "./a", "a//b", "a/", "a\0b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "..",
+            "../x",
+            "a/../../x",
+            "a/..",
+            "./a",
+            "a//b",
+            "a/",
+            "a\0b",
+        ] {
             assert!(RelPath::new(bad).is_err(), "{bad:?}");
         }
         assert!(RelPath::new("x".repeat(MAX_PATH_BYTES + 1)).is_err());
@@ -149,9 +164,13 @@ mod tests {
         assert_eq!(p.parent().unwrap().as_str(), "a/b");
         assert!(RelPath::new("a").unwrap().parent().is_none());
         assert!(p.starts_with(&RelPath::new("a/b").unwrap()));
-        assert!(!RelPath::new("a/bc").unwrap().starts_with(&RelPath::new("a/b").unwrap()));
+        assert!(!RelPath::new("a/bc")
+            .unwrap()
+            .starts_with(&RelPath::new("a/b").unwrap()));
         assert_eq!(
-            RelPath::from_path(std::path::Path::new("./x/y")).unwrap().as_str(),
+            RelPath::from_path(std::path::Path::new("./x/y"))
+                .unwrap()
+                .as_str(),
             "x/y"
         );
         assert!(RelPath::from_path(std::path::Path::new("../x")).is_err());

@@ -64,7 +64,12 @@ fn channel_pair() -> Pair {
         }
         to_laptop.shutdown(CONNECTION_LOST);
     });
-    Pair { laptop, agent, laptop_in: Some(laptop_in), agent_in: Some(agent_in) }
+    Pair {
+        laptop,
+        agent,
+        laptop_in: Some(laptop_in),
+        agent_in: Some(agent_in),
+    }
 }
 
 /// Two multiplexers connected by a WebSocket on 127.0.0.1 (the agent serves, the laptop
@@ -81,7 +86,9 @@ async fn websocket_pair() -> (Pair, oneshot::Sender<()>) {
     });
     let tcp = TcpStream::connect(addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    let (laptop_ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/devloop"), tcp).await.unwrap();
+    let (laptop_ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/devloop"), tcp)
+        .await
+        .unwrap();
     let agent_ws = server.await.unwrap();
 
     let (laptop_tx, laptop_rx) = mpsc::channel(OUT_QUEUE_FRAMES);
@@ -111,7 +118,15 @@ async fn websocket_pair() -> (Pair, oneshot::Sender<()>) {
             other => Err(format!("{other:?}")),
         },
     );
-    (Pair { laptop, agent, laptop_in: Some(laptop_in), agent_in: Some(agent_in) }, kill)
+    (
+        Pair {
+            laptop,
+            agent,
+            laptop_in: Some(laptop_in),
+            agent_in: Some(agent_in),
+        },
+        kill,
+    )
 }
 
 /// One side's connection: a writer that sends every queued frame at once (flushing when the
@@ -184,7 +199,9 @@ async fn listen_and_open(mux: Mux, port: u16) -> SocketAddr {
             tcp.set_nodelay(true).unwrap();
             let mux = mux.clone();
             tokio::spawn(async move {
-                let Ok(stream) = mux.open(port).await else { return };
+                let Ok(stream) = mux.open(port).await else {
+                    return;
+                };
                 bridge(&mut tcp, stream).await;
             });
         }
@@ -322,7 +339,10 @@ async fn upload_and_check(addr: SocketAddr, data: &[u8]) -> Duration {
     let elapsed = start.elapsed();
     assert_eq!(answer.len(), 40, "answer {answer:?}");
     assert_eq!(&answer[..32], blake3::hash(data).as_bytes(), "hash differs");
-    assert_eq!(u64::from_le_bytes(answer[32..].try_into().unwrap()), data.len() as u64);
+    assert_eq!(
+        u64::from_le_bytes(answer[32..].try_into().unwrap()),
+        data.len() as u64
+    );
     elapsed
 }
 
@@ -384,7 +404,10 @@ fn expect_error_with(result: io::Result<usize>, needle: &str) -> io::Error {
     match result {
         Ok(n) => panic!("expected an error with {needle:?}, read {n} bytes"),
         Err(e) => {
-            assert!(e.to_string().contains(needle), "error {e:?} does not say {needle:?}");
+            assert!(
+                e.to_string().contains(needle),
+                "error {e:?} does not say {needle:?}"
+            );
             e
         }
     }
@@ -417,8 +440,9 @@ async fn streams_opened_by_the_agent() {
     let echo_port = echo_server().await;
     connect_accepted(pair.laptop_in.take().unwrap());
     let addr = listen_and_open(pair.agent.clone(), echo_port).await;
-    let tasks: Vec<_> =
-        (0..10u64).map(|i| tokio::spawn(echo_and_check(addr, pseudo_random(i, 100_000)))).collect();
+    let tasks: Vec<_> = (0..10u64)
+        .map(|i| tokio::spawn(echo_and_check(addr, pseudo_random(i, 100_000))))
+        .collect();
     for t in tasks {
         timeout(LONG, t).await.expect("stream stalled").unwrap();
     }
@@ -436,8 +460,14 @@ async fn streams_opened_by_the_agent() {
 async fn a_hundred_concurrent_streams_of_a_mebibyte_each() {
     let (pair, addr) = bridged(channel_pair(), echo_server().await).await;
     let start = Instant::now();
-    let tasks: Vec<_> =
-        (0..100u64).map(|i| tokio::spawn(echo_and_check(addr, pseudo_random(i, 1024 * 1024 + i as usize)))).collect();
+    let tasks: Vec<_> = (0..100u64)
+        .map(|i| {
+            tokio::spawn(echo_and_check(
+                addr,
+                pseudo_random(i, 1024 * 1024 + i as usize),
+            ))
+        })
+        .collect();
     for t in tasks {
         timeout(LONG, t).await.expect("stream stalled").unwrap();
     }
@@ -469,8 +499,14 @@ async fn half_close_lets_the_server_answer_after_the_request_ends() {
     // Like `nc -N`: the request ends with a half-close, and the answer still comes back.
     tcp.shutdown().await.unwrap();
     let mut answer = Vec::new();
-    timeout(LONG, tcp.read_to_end(&mut answer)).await.unwrap().unwrap();
-    assert_eq!(&answer[..32], blake3::hash(b"GET / HTTP/1.0\r\n\r\n").as_bytes());
+    timeout(LONG, tcp.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &answer[..32],
+        blake3::hash(b"GET / HTTP/1.0\r\n\r\n").as_bytes()
+    );
     assert_eq!(u64::from_le_bytes(answer[32..].try_into().unwrap()), 18);
     drop(tcp);
     all_streams_ended(&pair).await;
@@ -494,7 +530,10 @@ async fn half_close_at_the_stream_level() {
     laptop_stream.read_to_end(&mut response).await.unwrap();
     assert_eq!(response, b"response");
     // Writing after the own shutdown is refused locally.
-    assert_eq!(laptop_stream.write(b"x").await.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    assert_eq!(
+        laptop_stream.write(b"x").await.unwrap_err().kind(),
+        io::ErrorKind::BrokenPipe
+    );
     all_streams_ended(&pair).await;
     // Both ended cleanly: dropping them now sends nothing and resets nothing.
     drop(laptop_stream);
@@ -508,7 +547,10 @@ async fn the_far_side_refusing_resets_the_stream_with_its_reason() {
     let port = closed_port().await;
     let mut stream = pair.laptop.open(port).await.unwrap();
     let mut buf = [0u8; 16];
-    let err = expect_error_with(timeout(LONG, stream.read(&mut buf)).await.unwrap(), &format!("connect to 127.0.0.1:{port}"));
+    let err = expect_error_with(
+        timeout(LONG, stream.read(&mut buf)).await.unwrap(),
+        &format!("connect to 127.0.0.1:{port}"),
+    );
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
     expect_error_with(stream.write(b"x").await, "refused");
@@ -538,7 +580,9 @@ async fn dropping_a_stream_resets_the_peers() {
     drop(laptop_stream);
     let mut buf = Vec::new();
     let err = expect_error_with(
-        timeout(LONG, agent_stream.read_to_end(&mut buf)).await.unwrap(),
+        timeout(LONG, agent_stream.read_to_end(&mut buf))
+            .await
+            .unwrap(),
         "the laptop dropped the stream without shutting it down",
     );
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
@@ -547,7 +591,9 @@ async fn dropping_a_stream_resets_the_peers() {
     let (_, agent_stream) = agent_in.accept().await.unwrap();
     agent_stream.reset("local socket error: broken pipe");
     let err = expect_error_with(
-        timeout(LONG, laptop_stream.read(&mut [0u8; 4])).await.unwrap(),
+        timeout(LONG, laptop_stream.read(&mut [0u8; 4]))
+            .await
+            .unwrap(),
         "local socket error: broken pipe",
     );
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
@@ -592,14 +638,23 @@ async fn shutdown_fails_every_open_stream_with_connection_lost() {
     // Both sides notice the connection ending and shut down their multiplexer.
     pair.laptop.shutdown(CONNECTION_LOST);
     pair.agent.shutdown(CONNECTION_LOST);
-    expect_error_with(timeout(LONG, waiter).await.unwrap().unwrap(), CONNECTION_LOST);
+    expect_error_with(
+        timeout(LONG, waiter).await.unwrap().unwrap(),
+        CONNECTION_LOST,
+    );
     for mut s in laptop_streams.into_iter().chain(agent_streams) {
         let err = expect_error_with(s.read(&mut [0u8; 8]).await, CONNECTION_LOST);
         assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
         expect_error_with(s.write(b"x").await, CONNECTION_LOST);
     }
-    assert_eq!(pair.laptop.open(9).await.unwrap_err().to_string(), CONNECTION_LOST);
-    assert!(agent_in.accept().await.is_none(), "incoming ends after shutdown");
+    assert_eq!(
+        pair.laptop.open(9).await.unwrap_err().to_string(),
+        CONNECTION_LOST
+    );
+    assert!(
+        agent_in.accept().await.is_none(),
+        "incoming ends after shutdown"
+    );
     assert_eq!(pair.laptop.live_streams() + pair.agent.live_streams(), 0);
 }
 
@@ -617,9 +672,16 @@ async fn a_stalled_reader_holds_at_most_its_window_and_the_writer_waits() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!writer.is_finished(), "the writer went past the window");
-    assert_eq!(agent_stream.buffered(), INITIAL_WINDOW as usize, "the window filled, no more");
+    assert_eq!(
+        agent_stream.buffered(),
+        INITIAL_WINDOW as usize,
+        "the window filled, no more"
+    );
     let mut got = Vec::new();
-    timeout(LONG, agent_stream.read_to_end(&mut got)).await.unwrap().unwrap();
+    timeout(LONG, agent_stream.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
     let (_laptop_stream, data) = writer.await.unwrap();
     assert!(got == data, "data differs");
 }
@@ -646,16 +708,23 @@ async fn websocket_echo_large_transfer_and_latency() {
     );
     let direct_port = echo_server().await;
     let direct = round_trips(SocketAddr::from(([127, 0, 0, 1], direct_port)), 1000).await;
-    println!("plain loopback TCP, 64-byte round trips: p50 {:?}, p99 {:?}", percentile(&direct, 50), percentile(&direct, 99));
+    println!(
+        "plain loopback TCP, 64-byte round trips: p50 {:?}, p99 {:?}",
+        percentile(&direct, 50),
+        percentile(&direct, 99)
+    );
 
     let data = pseudo_random(7, 64 * 1024 * 1024);
-    let elapsed = timeout(LONG, upload_and_check(hash_addr, &data)).await.unwrap();
+    let elapsed = timeout(LONG, upload_and_check(hash_addr, &data))
+        .await
+        .unwrap();
     println!(
         "64 MiB through the websocket tunnel in {elapsed:.2?}: {:.0} MiB/s",
         64.0 / elapsed.as_secs_f64()
     );
-    let tasks: Vec<_> =
-        (0..20u64).map(|i| tokio::spawn(echo_and_check(echo_addr, pseudo_random(i, 1024 * 1024)))).collect();
+    let tasks: Vec<_> = (0..20u64)
+        .map(|i| tokio::spawn(echo_and_check(echo_addr, pseudo_random(i, 1024 * 1024))))
+        .collect();
     for t in tasks {
         timeout(LONG, t).await.expect("stream stalled").unwrap();
     }
@@ -674,7 +743,11 @@ async fn websocket_a_stalled_stream_does_not_delay_the_others() {
     let stalled = pair.laptop.open(firehose_port).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while stalled.buffered() < INITIAL_WINDOW as usize {
-        assert!(Instant::now() < deadline, "window never filled: {}", stalled.buffered());
+        assert!(
+            Instant::now() < deadline,
+            "window never filled: {}",
+            stalled.buffered()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // And a bulk upload going on all the while, competing for the connection: it sends
@@ -701,8 +774,15 @@ async fn websocket_a_stalled_stream_does_not_delay_the_others() {
             tcp.shutdown().await.unwrap();
             let mut answer = Vec::new();
             tcp.read_to_end(&mut answer).await.unwrap();
-            assert_eq!(&answer[..32], hasher.finalize().as_bytes(), "bulk upload differs");
-            assert_eq!(u64::from_le_bytes(answer[32..].try_into().unwrap()), sent.load(Ordering::Relaxed));
+            assert_eq!(
+                &answer[..32],
+                hasher.finalize().as_bytes(),
+                "bulk upload differs"
+            );
+            assert_eq!(
+                u64::from_le_bytes(answer[32..].try_into().unwrap()),
+                sent.load(Ordering::Relaxed)
+            );
         })
     };
     while sent.load(Ordering::Relaxed) < 4 * 1024 * 1024 {
@@ -723,9 +803,16 @@ async fn websocket_a_stalled_stream_does_not_delay_the_others() {
         times[times.len() - 1]
     );
     assert!(total < Duration::from_secs(2), "round trips took {total:?}");
-    assert!(during > 0, "the upload made no progress during the round trips");
+    assert!(
+        during > 0,
+        "the upload made no progress during the round trips"
+    );
     timeout(LONG, bulk).await.unwrap().unwrap();
-    assert_eq!(stalled.buffered(), INITIAL_WINDOW as usize, "the stalled stream holds its window, no more");
+    assert_eq!(
+        stalled.buffered(),
+        INITIAL_WINDOW as usize,
+        "the stalled stream holds its window, no more"
+    );
     drop(stalled);
     all_streams_ended(&pair).await;
 }
@@ -748,7 +835,10 @@ async fn websocket_connection_drop_fails_every_stream_on_both_sides() {
     }
     kill.send(()).unwrap();
     for mut s in laptop_streams.into_iter().chain(agent_streams) {
-        expect_error_with(timeout(LONG, s.read(&mut [0u8; 8])).await.unwrap(), CONNECTION_LOST);
+        expect_error_with(
+            timeout(LONG, s.read(&mut [0u8; 8])).await.unwrap(),
+            CONNECTION_LOST,
+        );
     }
     assert!(pair.laptop.open(1).await.is_err());
     assert_eq!(pair.laptop.live_streams() + pair.agent.live_streams(), 0);
@@ -767,14 +857,20 @@ fn agent_with_fake_laptop() -> (Mux, Incoming, mpsc::Receiver<TunnelFrame>) {
 }
 
 async fn next_frame(rx: &mut mpsc::Receiver<TunnelFrame>) -> TunnelFrame {
-    timeout(Duration::from_secs(5), rx.recv()).await.expect("no frame sent").expect("channel closed")
+    timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("no frame sent")
+        .expect("channel closed")
 }
 
 async fn expect_reset(rx: &mut mpsc::Receiver<TunnelFrame>, id: u64, needle: &str) {
     match next_frame(rx).await {
         TunnelFrame::Reset { stream, reason } => {
             assert_eq!(stream, id);
-            assert!(reason.contains(needle), "reason {reason:?} does not say {needle:?}");
+            assert!(
+                reason.contains(needle),
+                "reason {reason:?} does not say {needle:?}"
+            );
         }
         other => panic!("expected a reset of {id}, got {other:?}"),
     }
@@ -783,51 +879,94 @@ async fn expect_reset(rx: &mut mpsc::Receiver<TunnelFrame>, id: u64, needle: &st
 #[tokio::test]
 async fn data_beyond_the_window_resets_the_stream() {
     let (agent, mut incoming, mut rx) = agent_with_fake_laptop();
-    agent.handle(TunnelFrame::Open { stream: 2, port: 80 });
+    agent.handle(TunnelFrame::Open {
+        stream: 2,
+        port: 80,
+    });
     let (_, mut stream) = incoming.accept().await.unwrap();
     for _ in 0..INITIAL_WINDOW as usize / MAX_DATA_FRAME {
-        agent.handle(TunnelFrame::Data { stream: 2, data: vec![1; MAX_DATA_FRAME] });
+        agent.handle(TunnelFrame::Data {
+            stream: 2,
+            data: vec![1; MAX_DATA_FRAME],
+        });
     }
     assert_eq!(stream.buffered(), INITIAL_WINDOW as usize);
-    agent.handle(TunnelFrame::Data { stream: 2, data: vec![1] });
+    agent.handle(TunnelFrame::Data {
+        stream: 2,
+        data: vec![1],
+    });
     expect_reset(&mut rx, 2, "beyond the window").await;
     let err = expect_error_with(stream.read(&mut [0u8; 8]).await, "protocol violation");
     assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
     assert_eq!(agent.live_streams(), 0);
     // Late frames for the ended stream are ignored, not answered.
-    agent.handle(TunnelFrame::Data { stream: 2, data: vec![1] });
+    agent.handle(TunnelFrame::Data {
+        stream: 2,
+        data: vec![1],
+    });
     agent.handle(TunnelFrame::End { stream: 2 });
-    assert!(timeout(Duration::from_millis(100), rx.recv()).await.is_err(), "late frames were answered");
+    assert!(
+        timeout(Duration::from_millis(100), rx.recv())
+            .await
+            .is_err(),
+        "late frames were answered"
+    );
 }
 
 #[tokio::test]
 async fn frames_for_streams_never_opened_are_answered_with_a_reset() {
     let (agent, _incoming, mut rx) = agent_with_fake_laptop();
-    agent.handle(TunnelFrame::Data { stream: 4, data: b"x".to_vec() });
+    agent.handle(TunnelFrame::Data {
+        stream: 4,
+        data: b"x".to_vec(),
+    });
     expect_reset(&mut rx, 4, "never opened").await;
-    agent.handle(TunnelFrame::Window { stream: 1, credit: 5 });
+    agent.handle(TunnelFrame::Window {
+        stream: 1,
+        credit: 5,
+    });
     expect_reset(&mut rx, 1, "never opened").await;
     agent.handle(TunnelFrame::End { stream: 6 });
     expect_reset(&mut rx, 6, "never opened").await;
     // A reset is never answered with a reset.
-    agent.handle(TunnelFrame::Reset { stream: 8, reason: "whatever".into() });
-    assert!(timeout(Duration::from_millis(100), rx.recv()).await.is_err());
+    agent.handle(TunnelFrame::Reset {
+        stream: 8,
+        reason: "whatever".into(),
+    });
+    assert!(timeout(Duration::from_millis(100), rx.recv())
+        .await
+        .is_err());
 }
 
 #[tokio::test]
 async fn opens_with_a_wrong_or_reused_id_are_refused() {
     let (agent, mut incoming, mut rx) = agent_with_fake_laptop();
     // The laptop opens even ids; 3 is the agent's.
-    agent.handle(TunnelFrame::Open { stream: 3, port: 80 });
+    agent.handle(TunnelFrame::Open {
+        stream: 3,
+        port: 80,
+    });
     expect_reset(&mut rx, 3, "wrong parity").await;
-    agent.handle(TunnelFrame::Open { stream: 0, port: 80 });
+    agent.handle(TunnelFrame::Open {
+        stream: 0,
+        port: 80,
+    });
     expect_reset(&mut rx, 0, "wrong parity").await;
-    agent.handle(TunnelFrame::Open { stream: 4, port: 80 });
+    agent.handle(TunnelFrame::Open {
+        stream: 4,
+        port: 80,
+    });
     let (_, mut first) = incoming.accept().await.unwrap();
-    agent.handle(TunnelFrame::Open { stream: 2, port: 80 });
+    agent.handle(TunnelFrame::Open {
+        stream: 2,
+        port: 80,
+    });
     expect_reset(&mut rx, 2, "not above its previous id 4").await;
     // Reusing a live id resets that stream too.
-    agent.handle(TunnelFrame::Open { stream: 4, port: 80 });
+    agent.handle(TunnelFrame::Open {
+        stream: 4,
+        port: 80,
+    });
     expect_reset(&mut rx, 4, "not above").await;
     expect_error_with(first.read(&mut [0u8; 1]).await, "protocol violation");
     assert_eq!(agent.live_streams(), 0);
@@ -836,23 +975,47 @@ async fn opens_with_a_wrong_or_reused_id_are_refused() {
 #[tokio::test]
 async fn oversized_frames_data_after_end_and_excess_credit_reset_the_stream() {
     let (agent, mut incoming, mut rx) = agent_with_fake_laptop();
-    agent.handle(TunnelFrame::Open { stream: 2, port: 80 });
-    agent.handle(TunnelFrame::Data { stream: 2, data: vec![0; MAX_DATA_FRAME + 1] });
+    agent.handle(TunnelFrame::Open {
+        stream: 2,
+        port: 80,
+    });
+    agent.handle(TunnelFrame::Data {
+        stream: 2,
+        data: vec![0; MAX_DATA_FRAME + 1],
+    });
     expect_reset(&mut rx, 2, "above the limit").await;
 
-    agent.handle(TunnelFrame::Open { stream: 4, port: 80 });
-    agent.handle(TunnelFrame::Data { stream: 4, data: b"ok".to_vec() });
+    agent.handle(TunnelFrame::Open {
+        stream: 4,
+        port: 80,
+    });
+    agent.handle(TunnelFrame::Data {
+        stream: 4,
+        data: b"ok".to_vec(),
+    });
     agent.handle(TunnelFrame::End { stream: 4 });
-    agent.handle(TunnelFrame::Data { stream: 4, data: b"late".to_vec() });
+    agent.handle(TunnelFrame::Data {
+        stream: 4,
+        data: b"late".to_vec(),
+    });
     expect_reset(&mut rx, 4, "after its end").await;
 
-    agent.handle(TunnelFrame::Open { stream: 6, port: 80 });
+    agent.handle(TunnelFrame::Open {
+        stream: 6,
+        port: 80,
+    });
     for _ in 0..5000 {
-        agent.handle(TunnelFrame::Window { stream: 6, credit: u32::MAX });
+        agent.handle(TunnelFrame::Window {
+            stream: 6,
+            credit: u32::MAX,
+        });
     }
     expect_reset(&mut rx, 6, "credit").await;
 
-    agent.handle(TunnelFrame::Open { stream: 8, port: 80 });
+    agent.handle(TunnelFrame::Open {
+        stream: 8,
+        port: 80,
+    });
     agent.handle(TunnelFrame::End { stream: 8 });
     agent.handle(TunnelFrame::End { stream: 8 });
     expect_reset(&mut rx, 8, "ended twice").await;
@@ -866,9 +1029,21 @@ async fn oversized_frames_data_after_end_and_excess_credit_reset_the_stream() {
 async fn a_small_write_is_sent_at_once_and_credit_comes_back_in_batches() {
     let (agent, _incoming, mut rx) = agent_with_fake_laptop();
     let mut stream = agent.open(8080).await.unwrap();
-    assert_eq!(next_frame(&mut rx).await, TunnelFrame::Open { stream: 1, port: 8080 });
+    assert_eq!(
+        next_frame(&mut rx).await,
+        TunnelFrame::Open {
+            stream: 1,
+            port: 8080
+        }
+    );
     stream.write_all(b"hi").await.unwrap();
-    assert_eq!(next_frame(&mut rx).await, TunnelFrame::Data { stream: 1, data: b"hi".to_vec() });
+    assert_eq!(
+        next_frame(&mut rx).await,
+        TunnelFrame::Data {
+            stream: 1,
+            data: b"hi".to_vec()
+        }
+    );
     // A big write is cut into frames of at most MAX_DATA_FRAME.
     let big = vec![9u8; MAX_DATA_FRAME * 2 + 10];
     let writer = {
@@ -892,22 +1067,45 @@ async fn a_small_write_is_sent_at_once_and_credit_comes_back_in_batches() {
     // reader is behind (a frame still buffered): the window stays as it is.
     let half = INITIAL_WINDOW as usize / 2;
     for _ in 0..half / MAX_DATA_FRAME + 1 {
-        agent.handle(TunnelFrame::Data { stream: 1, data: vec![5; MAX_DATA_FRAME] });
+        agent.handle(TunnelFrame::Data {
+            stream: 1,
+            data: vec![5; MAX_DATA_FRAME],
+        });
     }
     let mut buf = vec![0u8; half - 1];
     stream.read_exact(&mut buf).await.unwrap();
-    assert!(timeout(Duration::from_millis(100), rx.recv()).await.is_err(), "window sent too early");
+    assert!(
+        timeout(Duration::from_millis(100), rx.recv())
+            .await
+            .is_err(),
+        "window sent too early"
+    );
     stream.read_exact(&mut [0u8; 1]).await.unwrap();
-    assert_eq!(next_frame(&mut rx).await, TunnelFrame::Window { stream: 1, credit: half as u32 });
+    assert_eq!(
+        next_frame(&mut rx).await,
+        TunnelFrame::Window {
+            stream: 1,
+            credit: half as u32
+        }
+    );
     // A reader that drains everything: the window, not the reader, limits the stream, so the
     // grant doubles it.
     for _ in 0..half / MAX_DATA_FRAME - 1 {
-        agent.handle(TunnelFrame::Data { stream: 1, data: vec![5; MAX_DATA_FRAME] });
+        agent.handle(TunnelFrame::Data {
+            stream: 1,
+            data: vec![5; MAX_DATA_FRAME],
+        });
     }
     let mut buf = vec![0u8; half];
     stream.read_exact(&mut buf).await.unwrap();
     assert_eq!(stream.buffered(), 0);
-    assert_eq!(next_frame(&mut rx).await, TunnelFrame::Window { stream: 1, credit: (half + INITIAL_WINDOW as usize) as u32 });
+    assert_eq!(
+        next_frame(&mut rx).await,
+        TunnelFrame::Window {
+            stream: 1,
+            credit: (half + INITIAL_WINDOW as usize) as u32
+        }
+    );
     // The peer's End then reads as end-of-file.
     agent.handle(TunnelFrame::End { stream: 1 });
     assert_eq!(stream.read(&mut [0u8; 1]).await.unwrap(), 0);

@@ -27,7 +27,11 @@ pub fn kubeconfig() -> Option<PathBuf> {
 
 /// kubectl matching the server when the local cluster's is there, else the one on PATH.
 pub fn kubectl_cmd() -> Command {
-    let bin = if std::path::Path::new(LOCAL_KUBECTL).is_file() { LOCAL_KUBECTL } else { "kubectl" };
+    let bin = if std::path::Path::new(LOCAL_KUBECTL).is_file() {
+        LOCAL_KUBECTL
+    } else {
+        "kubectl"
+    };
     let mut c = Command::new(bin);
     if let Some(k) = kubeconfig() {
         c.env("KUBECONFIG", k);
@@ -41,7 +45,12 @@ pub fn kubectl(args: &[&str]) -> Output {
 
 pub fn kubectl_ok(args: &[&str]) -> String {
     let o = kubectl(args);
-    assert!(o.status.success(), "kubectl {args:?} failed: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "kubectl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
@@ -50,12 +59,19 @@ pub fn kubectl_ok(args: &[&str]) -> String {
 pub fn require_cluster(test: &str) -> bool {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let problem = match kubeconfig() {
-        None => Some(format!("no kubeconfig: KUBECONFIG is unset and {LOCAL_KUBECONFIG} does not exist")),
+        None => Some(format!(
+            "no kubeconfig: KUBECONFIG is unset and {LOCAL_KUBECONFIG} does not exist"
+        )),
         Some(_) => {
-            let o = kubectl_cmd().args(["get", "--raw", "/readyz", "--request-timeout=10s"]).output();
+            let o = kubectl_cmd()
+                .args(["get", "--raw", "/readyz", "--request-timeout=10s"])
+                .output();
             match o {
                 Ok(o) if o.status.success() => None,
-                Ok(o) => Some(format!("the cluster does not answer: {}", String::from_utf8_lossy(&o.stderr).trim())),
+                Ok(o) => Some(format!(
+                    "the cluster does not answer: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
                 Err(e) => Some(format!("kubectl cannot run: {e}")),
             }
         }
@@ -100,8 +116,17 @@ pub fn shop_images() -> &'static (String, String) {
         let build = |svc: &str| {
             let image = format!("{REGISTRY}/devloop-test-shop-{svc}:1");
             let dir = workspace().join("examples/shop").join(svc);
-            let o = Command::new("docker").env("DOCKER_BUILDKIT", "0").args(["build", "-q", "-t", &image]).arg(&dir).output().expect("docker build");
-            assert!(o.status.success(), "docker build {svc}: {}", String::from_utf8_lossy(&o.stderr));
+            let o = Command::new("docker")
+                .env("DOCKER_BUILDKIT", "0")
+                .args(["build", "-q", "-t", &image])
+                .arg(&dir)
+                .output()
+                .expect("docker build");
+            assert!(
+                o.status.success(),
+                "docker build {svc}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             docker_ok(&["push", &image]);
             image
         };
@@ -112,16 +137,33 @@ pub fn shop_images() -> &'static (String, String) {
 /// Applies the example's manifests with the test images and waits for both rollouts.
 pub fn deploy_shop(ns: &Namespace) {
     let (api, web) = shop_images();
-    for (file, placeholder, image) in [("api.yaml", "image: shop-api", api), ("web.yaml", "image: shop-web", web)] {
-        let text = std::fs::read_to_string(workspace().join("examples/shop/k8s").join(file)).expect("manifest");
+    for (file, placeholder, image) in [
+        ("api.yaml", "image: shop-api", api),
+        ("web.yaml", "image: shop-web", web),
+    ] {
+        let text = std::fs::read_to_string(workspace().join("examples/shop/k8s").join(file))
+            .expect("manifest");
         assert!(text.contains(placeholder), "{file} has no `{placeholder}`");
         let text = text.replace(placeholder, &format!("image: {image}"));
         let path = std::env::temp_dir().join(format!("{}-{file}", ns.name));
         std::fs::write(&path, text).expect("write manifest");
-        kubectl_ok(&["-n", &ns.name, "apply", "-f", path.to_str().expect("utf-8 path")]);
+        kubectl_ok(&[
+            "-n",
+            &ns.name,
+            "apply",
+            "-f",
+            path.to_str().expect("utf-8 path"),
+        ]);
     }
     for d in ["api", "web"] {
-        kubectl_ok(&["-n", &ns.name, "rollout", "status", &format!("deployment/{d}"), "--timeout=180s"]);
+        kubectl_ok(&[
+            "-n",
+            &ns.name,
+            "rollout",
+            "status",
+            &format!("deployment/{d}"),
+            "--timeout=180s",
+        ]);
     }
 }
 
@@ -130,7 +172,16 @@ pub fn get_from_web(ns: &Namespace, url: &str) -> Option<String> {
     let script = format!(
         "import urllib.request\ntry:\n    print(urllib.request.urlopen('{url}', timeout=3).read().decode())\nexcept Exception as e:\n    print('ERR', e)"
     );
-    let o = kubectl(&["-n", &ns.name, "exec", "deploy/web", "--", "python3", "-c", &script]);
+    let o = kubectl(&[
+        "-n",
+        &ns.name,
+        "exec",
+        "deploy/web",
+        "--",
+        "python3",
+        "-c",
+        &script,
+    ]);
     let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
     (o.status.success() && !out.starts_with("ERR")).then_some(out)
 }
@@ -163,21 +214,50 @@ pub fn service_account_kubeconfig(ns: &Namespace, name: &str, dir: &std::path::P
     kubectl_ok(&["-n", &ns.name, "create", "serviceaccount", name]);
     // Kubernetes 1.20 makes the token Secret a moment after the account.
     let secret = poll(Duration::from_secs(30), || {
-        let out = kubectl(&["-n", &ns.name, "get", "serviceaccount", name, "-o", "jsonpath={.secrets[0].name}"]);
+        let out = kubectl(&[
+            "-n",
+            &ns.name,
+            "get",
+            "serviceaccount",
+            name,
+            "-o",
+            "jsonpath={.secrets[0].name}",
+        ]);
         let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (!s.is_empty()).then_some(s)
     })
     .expect("the service account's token secret");
-    let token_b64 = kubectl_ok(&["-n", &ns.name, "get", "secret", &secret, "-o", "jsonpath={.data.token}"]);
+    let token_b64 = kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "get",
+        "secret",
+        &secret,
+        "-o",
+        "jsonpath={.data.token}",
+    ]);
     let token = String::from_utf8(
-        Command::new("base64").arg("-d").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().expect("stdin").write_all(token_b64.as_bytes())?;
-            c.wait_with_output()
-        }).expect("base64 -d").stdout,
+        Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(token_b64.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("base64 -d")
+            .stdout,
     )
     .expect("utf-8 token");
-    let view: serde_json::Value = serde_json::from_str(&kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"])).expect("kubeconfig json");
+    let view: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
+        "config", "view", "--raw", "--minify", "-o", "json",
+    ]))
+    .expect("kubeconfig json");
     let cluster = &view["clusters"][0]["cluster"];
     let config = serde_json::json!({
         "apiVersion": "v1", "kind": "Config",

@@ -15,41 +15,68 @@ pub mod k8s;
 pub const TEST_RUN_LABEL: &str = "dev.devloop.test-run";
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The `devloop` binary of this build.
 pub fn devloop_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/debug/deps/e2e-xxxx -> target/debug/devloop
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("devloop");
-    assert!(bin.is_file(), "{} is missing: run `cargo build -p devloop` first (scripts/test.sh does)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("devloop");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p devloop` first (scripts/test.sh does)",
+        bin.display()
+    );
     bin
 }
 
 pub fn agent_bin() -> PathBuf {
     let p = workspace().join("target/x86_64-unknown-linux-gnu/release/devloop-agent");
-    assert!(p.is_file(), "{} is missing: run scripts/build-agent.sh first (scripts/test.sh does)", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/build-agent.sh first (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
 /// Fails the test (never skips it) when the engine cannot be reached.
 pub fn require_docker() {
-    let out = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output();
+    let out = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output();
     match out {
         Ok(o) if o.status.success() => {}
-        Ok(o) => panic!("these tests need a Docker engine and `docker info` failed: {}", String::from_utf8_lossy(&o.stderr)),
+        Ok(o) => panic!(
+            "these tests need a Docker engine and `docker info` failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
         Err(e) => panic!("these tests need a Docker engine and the docker CLI: {e}"),
     }
 }
 
 pub fn docker(args: &[&str]) -> Output {
-    Command::new("docker").args(args).output().expect("run docker")
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker")
 }
 
 pub fn docker_ok(args: &[&str]) -> String {
     let o = docker(args);
-    assert!(o.status.success(), "docker {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
@@ -58,9 +85,17 @@ pub fn docker_ok(args: &[&str]) -> String {
 /// to debootstrap the same image would only waste minutes.
 pub fn ensure_base_image() {
     let lock_path = std::env::temp_dir().join("devloop-test-base.lock");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).expect("lock file");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .expect("lock file");
     let _lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).expect("flock");
-    if docker(&["image", "inspect", "python:3.11-slim-bookworm"]).status.success() {
+    if docker(&["image", "inspect", "python:3.11-slim-bookworm"])
+        .status
+        .success()
+    {
         return;
     }
     let status = Command::new("bash")
@@ -75,7 +110,12 @@ pub fn ensure_base_image() {
 /// engine, so such tests must not overlap with one another, in any test binary.
 pub fn intercept_lock() -> nix::fcntl::Flock<std::fs::File> {
     let path = std::env::temp_dir().join("devloop-test-intercepts.lock");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).expect("lock file");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .expect("lock file");
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).expect("flock")
 }
 
@@ -118,22 +158,37 @@ impl Shop {
             let text = std::fs::read_to_string(&compose).unwrap();
             let text: String = text
                 .lines()
-                .filter(|l| !l.trim_start().starts_with("ports:") && !l.trim_start().starts_with("- \"8080:8080\""))
+                .filter(|l| {
+                    !l.trim_start().starts_with("ports:")
+                        && !l.trim_start().starts_with("- \"8080:8080\"")
+                })
                 .map(|l| format!("{l}\n"))
                 .collect();
             std::fs::write(&compose, text).unwrap();
         }
         let state = tempfile::tempdir().unwrap();
-        Shop { dir, project, state, children: Vec::new() }
+        Shop {
+            dir,
+            project,
+            state,
+            children: Vec::new(),
+        }
     }
 
     /// Publishes web's port 8080 on 127.0.0.1 at a free host port instead of 8080, so
     /// tests that need the published port can run side by side. Returns the port.
     pub fn publish_web_on_free_port(&self) -> u16 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let compose = self.path().join("docker-compose.yml");
         let text = std::fs::read_to_string(&compose).unwrap();
-        let text = text.replace("    build: ./web\n", &format!("    build: ./web\n    ports: [\"127.0.0.1:{port}:8080\"]\n"));
+        let text = text.replace(
+            "    build: ./web\n",
+            &format!("    build: ./web\n    ports: [\"127.0.0.1:{port}:8080\"]\n"),
+        );
         std::fs::write(&compose, text).unwrap();
         port
     }
@@ -171,10 +226,27 @@ impl Shop {
 
     /// Starts a long-running devloop command with its output in a file; returns the file.
     pub fn spawn(&mut self, args: &[&str]) -> PathBuf {
-        let name: String = args.join("-").chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(80).collect();
+        let name: String = args
+            .join("-")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(80)
+            .collect();
         let log = self.state.path().join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
-        let child = self.cmd(args).stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null()).spawn().expect("spawn devloop");
+        let child = self
+            .cmd(args)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn devloop");
         self.children.push(child);
         log
     }
@@ -189,7 +261,10 @@ impl Shop {
     pub fn interrupt_all(&mut self) -> Vec<std::process::ExitStatus> {
         let mut out = Vec::new();
         for mut c in self.children.drain(..) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGINT);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
                 if let Ok(Some(s)) = c.try_wait() {
@@ -225,18 +300,28 @@ impl Shop {
             "import urllib.request,sys\ntry:\n  print(urllib.request.urlopen('{url}', timeout=3).read().decode())\nexcept Exception as e:\n  print('ERR', e); sys.exit(1)"
         );
         let o = self.exec(from_service, &["python3", "-c", &script]);
-        o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
     }
 
     /// Objects (containers, volumes, networks) that carry this test's label.
     pub fn leftovers(&self) -> Vec<String> {
         let filter = format!("label={TEST_RUN_LABEL}={}", self.project);
         let mut all = Vec::new();
-        for kind in [["ps", "-a", "--format", "{{.Names}}"], ["volume", "ls", "-q", ""], ["network", "ls", "--format", "{{.Name}}"]] {
+        for kind in [
+            ["ps", "-a", "--format", "{{.Names}}"],
+            ["volume", "ls", "-q", ""],
+            ["network", "ls", "--format", "{{.Name}}"],
+        ] {
             let mut args: Vec<&str> = kind.iter().copied().filter(|a| !a.is_empty()).collect();
             args.extend(["--filter", &filter]);
             let out = docker_ok(&args);
-            all.extend(out.lines().filter(|l| !l.is_empty()).map(|l| format!("{} {l}", kind[0])));
+            all.extend(
+                out.lines()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| format!("{} {l}", kind[0])),
+            );
         }
         all
     }
@@ -262,8 +347,17 @@ impl Drop for Shop {
             let _ = docker(&["network", "rm", n]);
         }
         // Images devloop built or snapshotted for this project (dev images, bases, versions).
-        let images = docker(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=devloop-{}-*", self.project)]);
-        for image in String::from_utf8_lossy(&images.stdout).lines().filter(|l| !l.is_empty()) {
+        let images = docker(&[
+            "images",
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+            "--filter",
+            &format!("reference=devloop-{}-*", self.project),
+        ]);
+        for image in String::from_utf8_lossy(&images.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
             let _ = docker(&["rmi", "-f", image]);
         }
     }
@@ -273,15 +367,22 @@ impl Drop for Shop {
 pub fn laptop_get(url: &str) -> Option<String> {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://")?;
-    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (authority, path) = rest
+        .split_once('/')
+        .map(|(a, p)| (a, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let addr: std::net::SocketAddr = authority.parse().ok()?;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes()).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
-    head.split_whitespace().nth(1).filter(|c| *c == "200").map(|_| body.trim().to_string())
+    head.split_whitespace()
+        .nth(1)
+        .filter(|c| *c == "200")
+        .map(|_| body.trim().to_string())
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.
@@ -300,15 +401,32 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 
 /// Waits until the log file contains `needle`; panics with the log otherwise.
 pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
-    let found = wait_for(timeout, || std::fs::read_to_string(log).ok().filter(|t| t.contains(needle)).map(|_| ()));
+    let found = wait_for(timeout, || {
+        std::fs::read_to_string(log)
+            .ok()
+            .filter(|t| t.contains(needle))
+            .map(|_| ())
+    });
     if found.is_none() {
-        panic!("`{needle}` did not appear in {} within {timeout:?}:\n{}", log.display(), std::fs::read_to_string(log).unwrap_or_default());
+        panic!(
+            "`{needle}` did not appear in {} within {timeout:?}:\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
     }
 }
 
 /// The session token devloop stored for a container.
 pub fn token_of(shop: &Shop, service: &str) -> String {
-    std::fs::read_to_string(shop.state.path().join("tokens").join(shop.container(service))).expect("token file").trim().to_string()
+    std::fs::read_to_string(
+        shop.state
+            .path()
+            .join("tokens")
+            .join(shop.container(service)),
+    )
+    .expect("token file")
+    .trim()
+    .to_string()
 }
 
 /// A container's address on one of its networks.
@@ -319,13 +437,20 @@ pub fn container_ip(container: &str, network: &str) -> String {
 
 /// The agent's address on the project network.
 pub fn agent_addr(shop: &Shop, service: &str) -> std::net::SocketAddr {
-    let ip = container_ip(&shop.container(service), &format!("devloop-{}", shop.project));
+    let ip = container_ip(
+        &shop.container(service),
+        &format!("devloop-{}", shop.project),
+    );
     format!("{ip}:7717").parse().expect("container address")
 }
 
 /// A port nothing listens on right now, on the laptop's loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The laptop process of the intercept tests: an HTTP server on 127.0.0.1:ARGV[1] that
@@ -345,19 +470,34 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
 pub async fn tree_hashes(shop: &Shop, service: &str) -> ([u8; 32], [u8; 32]) {
     use devloop::sync::filter::{Filter, FilterSettings};
     let root = shop.path().join(service);
-    let settings = FilterSettings { excludes: vec!["__pycache__/".into(), "*.pyc".into()], include_node_modules: false };
+    let settings = FilterSettings {
+        excludes: vec!["__pycache__/".into(), "*.pyc".into()],
+        include_node_modules: false,
+    };
     let mut filter = Filter::new(&root, settings).unwrap();
     let (laptop, _) = devloop::sync::scan::scan(&root, &mut filter);
-    let stream = tokio::net::TcpStream::connect(agent_addr(shop, service)).await.unwrap();
-    let c = devloop::agent_link::AgentLink::connect(stream, &token_of(shop, service)).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(agent_addr(shop, service))
+        .await
+        .unwrap();
+    let c = devloop::agent_link::AgentLink::connect(stream, &token_of(shop, service))
+        .await
+        .unwrap();
     let agent: devloop_proxy::tree::Tree = c
         .link
         .index()
         .await
         .unwrap()
         .into_iter()
-        .filter(|(p, e)| !filter.is_ignored(Path::new(p.as_str()), matches!(e, devloop_proxy::tree::Entry::Dir { .. })))
+        .filter(|(p, e)| {
+            !filter.is_ignored(
+                Path::new(p.as_str()),
+                matches!(e, devloop_proxy::tree::Entry::Dir { .. }),
+            )
+        })
         .collect();
     c.link.close();
-    (devloop_proxy::tree::tree_hash(&laptop), devloop_proxy::tree::tree_hash(&agent))
+    (
+        devloop_proxy::tree::tree_hash(&laptop),
+        devloop_proxy::tree::tree_hash(&agent),
+    )
 }

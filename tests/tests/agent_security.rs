@@ -36,48 +36,119 @@ async fn wrong_token_and_path_escapes_are_refused() {
     }
     // A wrong token followed at once by a batch: nothing of it is applied.
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async("ws://agent/devloop", s).await.unwrap();
-    ws.send(Message::Binary(encode(&hello("wrong")).into())).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://agent/devloop", s)
+        .await
+        .unwrap();
+    ws.send(Message::Binary(encode(&hello("wrong")).into()))
+        .await
+        .unwrap();
     let put = LaptopMsg::Batch {
         req: 1,
-        ops: vec![FileOp::Put { path: RelPath::new("pwned.txt").unwrap(), mode: 0o644, data: b"x".to_vec() }],
+        ops: vec![FileOp::Put {
+            path: RelPath::new("pwned.txt").unwrap(),
+            mode: 0o644,
+            data: b"x".to_vec(),
+        }],
     };
     let _ = ws.send(Message::Binary(encode(&put).into())).await;
     while let Some(Ok(_)) = ws.next().await {}
     // No hello at all, just a batch.
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async("ws://agent/devloop", s).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://agent/devloop", s)
+        .await
+        .unwrap();
     let _ = ws.send(Message::Binary(encode(&put).into())).await;
     while let Some(Ok(_)) = ws.next().await {}
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!shop.exec("api", &["test", "-e", "/app/pwned.txt"]).status.success(), "a refused connection applied a file");
+    assert!(
+        !shop
+            .exec("api", &["test", "-e", "/app/pwned.txt"])
+            .status
+            .success(),
+        "a refused connection applied a file"
+    );
     let agent_log = docker_ok(&["logs", &shop.container("api")]);
-    let agent_log = agent_log + &String::from_utf8_lossy(&docker(&["logs", &shop.container("api")]).stderr);
-    assert!(agent_log.contains("token"), "the refusal is not logged:\n{agent_log}");
+    let agent_log =
+        agent_log + &String::from_utf8_lossy(&docker(&["logs", &shop.container("api")]).stderr);
+    assert!(
+        agent_log.contains("token"),
+        "the refusal is not logged:\n{agent_log}"
+    );
 
     // The right token, and a symlink that leaves the root: writes through it are refused.
     let token = token_of(&shop, "api");
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let c = AgentLink::connect(s, &token).await.expect("right token");
     let p = |s: &str| RelPath::new(s).unwrap();
-    c.link.batch(vec![FileOp::Symlink { path: p("out"), target: "/etc".into() }]).await.expect("a symlink itself is fine");
+    c.link
+        .batch(vec![FileOp::Symlink {
+            path: p("out"),
+            target: "/etc".into(),
+        }])
+        .await
+        .expect("a symlink itself is fine");
     for op in [
-        FileOp::Put { path: p("out/evil"), mode: 0o644, data: b"x".to_vec() },
-        FileOp::Mkdir { path: p("out/evil"), mode: 0o755 },
-        FileOp::Symlink { path: p("out/evil"), target: "x".into() },
-        FileOp::Delete { path: p("out/hostname") },
-        FileOp::Chmod { path: p("out/hostname"), mode: 0o777 },
+        FileOp::Put {
+            path: p("out/evil"),
+            mode: 0o644,
+            data: b"x".to_vec(),
+        },
+        FileOp::Mkdir {
+            path: p("out/evil"),
+            mode: 0o755,
+        },
+        FileOp::Symlink {
+            path: p("out/evil"),
+            target: "x".into(),
+        },
+        FileOp::Delete {
+            path: p("out/hostname"),
+        },
+        FileOp::Chmod {
+            path: p("out/hostname"),
+            mode: 0o777,
+        },
     ] {
         let what = format!("{op:?}");
-        assert!(c.link.batch(vec![op]).await.is_err(), "{what} went through a symlink out of the root");
+        assert!(
+            c.link.batch(vec![op]).await.is_err(),
+            "{what} went through a symlink out of the root"
+        );
     }
-    assert!(!shop.exec("api", &["test", "-e", "/etc/evil"]).status.success());
-    assert!(shop.exec("api", &["test", "-f", "/etc/hostname"]).status.success());
+    assert!(!shop
+        .exec("api", &["test", "-e", "/etc/evil"])
+        .status
+        .success());
+    assert!(shop
+        .exec("api", &["test", "-f", "/etc/hostname"])
+        .status
+        .success());
     // Even a symlink to a folder inside the root is not written through.
-    c.link.batch(vec![FileOp::Symlink { path: p("inside"), target: "/app".into() }]).await.unwrap();
-    assert!(c.link.batch(vec![FileOp::Put { path: p("inside/x"), mode: 0o644, data: vec![] }]).await.is_err());
+    c.link
+        .batch(vec![FileOp::Symlink {
+            path: p("inside"),
+            target: "/app".into(),
+        }])
+        .await
+        .unwrap();
+    assert!(c
+        .link
+        .batch(vec![FileOp::Put {
+            path: p("inside/x"),
+            mode: 0o644,
+            data: vec![]
+        }])
+        .await
+        .is_err());
     // Replacing the symlink itself is allowed and leaves its target alone.
-    c.link.batch(vec![FileOp::Put { path: p("out"), mode: 0o644, data: b"now a file".to_vec() }]).await.unwrap();
+    c.link
+        .batch(vec![FileOp::Put {
+            path: p("out"),
+            mode: 0o644,
+            data: b"now a file".to_vec(),
+        }])
+        .await
+        .unwrap();
     assert!(shop.exec("api", &["test", "-d", "/etc"]).status.success());
     c.link.close();
 
@@ -91,18 +162,36 @@ async fn wrong_token_and_path_escapes_are_refused() {
     }
     #[derive(serde::Serialize)]
     enum RawOp {
-        Put { path: String, mode: u32, data: Vec<u8> },
+        Put {
+            path: String,
+            mode: u32,
+            data: Vec<u8>,
+        },
     }
     for evil in ["../escape.txt", "/escape.txt", "a/../../escape.txt"] {
         let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut ws, _) = tokio_tungstenite::client_async("ws://agent/devloop", s).await.unwrap();
-        ws.send(Message::Binary(encode(&hello(&token)).into())).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async("ws://agent/devloop", s)
+            .await
+            .unwrap();
+        ws.send(Message::Binary(encode(&hello(&token)).into()))
+            .await
+            .unwrap();
         let _welcome = ws.next().await;
-        let raw = Raw::Batch { req: 9, ops: vec![RawOp::Put { path: evil.into(), mode: 0o644, data: b"x".to_vec() }] };
+        let raw = Raw::Batch {
+            req: 9,
+            ops: vec![RawOp::Put {
+                path: evil.into(),
+                mode: 0o644,
+                data: b"x".to_vec(),
+            }],
+        };
         let _ = ws.send(Message::Binary(postcard_encode(&raw).into())).await;
         while let Some(Ok(_)) = ws.next().await {}
     }
-    assert!(!shop.exec("api", &["sh", "-c", "ls /escape.txt /app/../escape.txt"]).status.success());
+    assert!(!shop
+        .exec("api", &["sh", "-c", "ls /escape.txt /app/../escape.txt"])
+        .status
+        .success());
     shop.interrupt_all();
 }
 
@@ -137,11 +226,18 @@ async fn connection_cut_mid_burst_converges() {
         if laptop == agent {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "trees never converged; log:\n{}", std::fs::read_to_string(&log).unwrap());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "trees never converged; log:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("reconnect"), "the cut was not noticed:\n{text}");
+    assert!(
+        text.contains("reconnect"),
+        "the cut was not noticed:\n{text}"
+    );
     shop.interrupt_all();
 }
 
@@ -167,7 +263,11 @@ async fn checkout_sized_burst_converges() {
         if laptop == agent {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "trees never converged; log:\n{}", std::fs::read_to_string(&log).unwrap());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "trees never converged; log:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     shop.interrupt_all();

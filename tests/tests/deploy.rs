@@ -5,7 +5,12 @@ use devloop_tests::*;
 use std::time::Duration;
 
 fn image_of(shop: &Shop, service: &str) -> String {
-    docker_ok(&["inspect", "-f", "{{.Config.Image}}", &shop.container(service)])
+    docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.Config.Image}}",
+        &shop.container(service),
+    ])
 }
 
 #[test]
@@ -13,17 +18,21 @@ fn deploy_change_deploy_and_same_tree_same_tag() {
     let shop = Shop::new("deploy", false);
     let port = shop.publish_web_on_free_port();
     let out = shop.run(&["deploy"]);
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("deployed devloop-"), "{text}");
-    let served = wait_for(Duration::from_secs(10), || shop.http_get("web", "http://localhost:8080/api-version"));
+    let served = wait_for(Duration::from_secs(10), || {
+        shop.http_get("web", "http://localhost:8080/api-version")
+    });
     assert_eq!(served.as_deref(), Some("1"), "{text}");
     let first = image_of(&shop, "api");
 
     // Unchanged tree: a no-op with the same tag.
     let text = shop.run_ok(&["deploy", "api"]) + "";
     let again = shop.run(&["deploy", "api"]);
-    let again_text = String::from_utf8_lossy(&again.stdout).to_string() + &String::from_utf8_lossy(&again.stderr);
+    let again_text = String::from_utf8_lossy(&again.stdout).to_string()
+        + &String::from_utf8_lossy(&again.stderr);
     assert!(again_text.contains("unchanged"), "{text}\n{again_text}");
     assert_eq!(image_of(&shop, "api"), first);
 
@@ -32,20 +41,38 @@ fn deploy_change_deploy_and_same_tree_same_tag() {
     shop.run_ok(&["deploy", "api"]);
     let with_extra = image_of(&shop, "api");
     assert_ne!(with_extra, first);
-    assert!(shop.exec("api", &["test", "-f", "/app/extra.txt"]).status.success());
+    assert!(shop
+        .exec("api", &["test", "-f", "/app/extra.txt"])
+        .status
+        .success());
     std::fs::remove_file(shop.path().join("api/extra.txt")).unwrap();
     let app = shop.path().join("api/app.py");
-    std::fs::write(&app, std::fs::read_to_string(&app).unwrap().replace("VERSION = \"1\"", "VERSION = \"2\"")).unwrap();
+    std::fs::write(
+        &app,
+        std::fs::read_to_string(&app)
+            .unwrap()
+            .replace("VERSION = \"1\"", "VERSION = \"2\""),
+    )
+    .unwrap();
     shop.run_ok(&["deploy", "api"]);
     let second = image_of(&shop, "api");
     assert_ne!(second, with_extra);
-    let served = wait_for(Duration::from_secs(10), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "2"));
+    let served = wait_for(Duration::from_secs(10), || {
+        shop.http_get("web", "http://localhost:8080/api-version")
+            .filter(|v| v == "2")
+    });
     assert!(served.is_some(), "the new version is not served");
     // Through the host port, which the relay holds across rollouts.
     let url = format!("http://127.0.0.1:{port}/api-version");
-    assert_eq!(wait_for(Duration::from_secs(5), || laptop_get(&url)).as_deref(), Some("2"));
+    assert_eq!(
+        wait_for(Duration::from_secs(5), || laptop_get(&url)).as_deref(),
+        Some("2")
+    );
     let listing = docker_ok(&["run", "--rm", "--entrypoint", "ls", &second, "/app"]);
-    assert!(!listing.contains("extra.txt"), "a file deleted on the laptop is still in the image: {listing}");
+    assert!(
+        !listing.contains("extra.txt"),
+        "a file deleted on the laptop is still in the image: {listing}"
+    );
     assert!(listing.contains("app.py"), "{listing}");
     // The image holds nothing of devloop.
     let root = docker_ok(&["run", "--rm", "--entrypoint", "ls", &second, "-a", "/"]);
@@ -55,9 +82,19 @@ fn deploy_change_deploy_and_same_tree_same_tag() {
     assert!(status.contains("deployed version"), "{status}");
 
     // Going back to the first tree gives the first tag again.
-    std::fs::write(&app, std::fs::read_to_string(&app).unwrap().replace("VERSION = \"2\"", "VERSION = \"1\"")).unwrap();
+    std::fs::write(
+        &app,
+        std::fs::read_to_string(&app)
+            .unwrap()
+            .replace("VERSION = \"2\"", "VERSION = \"1\""),
+    )
+    .unwrap();
     shop.run_ok(&["deploy", "api"]);
-    assert_eq!(image_of(&shop, "api"), first, "the same tree must give the same tag");
+    assert_eq!(
+        image_of(&shop, "api"),
+        first,
+        "the same tree must give the same tag"
+    );
 }
 
 #[test]
@@ -69,50 +106,109 @@ fn a_version_that_fails_its_health_check_never_takes_over() {
     let app = shop.path().join("api/app.py");
     std::fs::write(&app, "raise SystemExit('broken on purpose')\n").unwrap();
     let out = shop.run(&["deploy", "api", "--health-timeout", "5s"]);
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("did not become healthy") && text.contains("broken on purpose"), "{text}");
-    assert_eq!(image_of(&shop, "api"), good, "the old version must keep running");
-    let items = wait_for(Duration::from_secs(5), || shop.http_get("api", "http://localhost:8000/items"));
+    assert!(
+        text.contains("did not become healthy") && text.contains("broken on purpose"),
+        "{text}"
+    );
+    assert_eq!(
+        image_of(&shop, "api"),
+        good,
+        "the old version must keep running"
+    );
+    let items = wait_for(Duration::from_secs(5), || {
+        shop.http_get("api", "http://localhost:8000/items")
+    });
     assert!(items.is_some(), "the old version stopped serving");
 }
 
 #[test]
 fn history_and_rollback() {
     let shop = Shop::new("rollback", false);
-    std::fs::write(shop.path().join("devloop.toml"), std::fs::read_to_string(shop.path().join("devloop.toml")).unwrap().replacen("\n", "\n[deploy]\nkeep = 2\n", 1)).unwrap();
+    std::fs::write(
+        shop.path().join("devloop.toml"),
+        std::fs::read_to_string(shop.path().join("devloop.toml"))
+            .unwrap()
+            .replacen("\n", "\n[deploy]\nkeep = 2\n", 1),
+    )
+    .unwrap();
     let app = shop.path().join("api/app.py");
     let original = std::fs::read_to_string(&app).unwrap();
     let mut images = Vec::new();
     for v in ["1", "2", "3"] {
-        std::fs::write(&app, original.replace("VERSION = \"1\"", &format!("VERSION = \"{v}\""))).unwrap();
+        std::fs::write(
+            &app,
+            original.replace("VERSION = \"1\"", &format!("VERSION = \"{v}\"")),
+        )
+        .unwrap();
         shop.run_ok(&["deploy", "api"]);
         images.push(image_of(&shop, "api"));
     }
     let history = shop.run_ok(&["history", "api"]);
     // A reader that stops early (`devloop history api | head -1`) ends the output, quietly.
-    let mut piped = shop.cmd(&["history", "api"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut piped = shop
+        .cmd(&["history", "api"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     drop(piped.stdout.take());
     let o = piped.wait_with_output().unwrap();
-    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("panicked"), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<&str> = history.lines().filter(|l| l.starts_with("* ") || l.starts_with("  ")).collect();
+    assert!(
+        o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let lines: Vec<&str> = history
+        .lines()
+        .filter(|l| l.starts_with("* ") || l.starts_with("  "))
+        .collect();
     assert_eq!(lines.len(), 2, "keep = 2 keeps two versions:\n{history}");
-    assert!(lines[0].starts_with('*') && lines[0].contains("1 changed: app.py"), "{history}");
+    assert!(
+        lines[0].starts_with('*') && lines[0].contains("1 changed: app.py"),
+        "{history}"
+    );
     // The oldest version's image was pruned.
-    assert!(!docker(&["image", "inspect", &images[0]]).status.success(), "version 1 was not pruned");
+    assert!(
+        !docker(&["image", "inspect", &images[0]]).status.success(),
+        "version 1 was not pruned"
+    );
 
     let out = shop.run_ok(&["rollback", "api"]);
     let _ = out;
     assert_eq!(image_of(&shop, "api"), images[1]);
-    let served = wait_for(Duration::from_secs(10), || shop.http_get("api", "http://localhost:8000/items").filter(|t| t.contains("\"version\": \"2\"") || t.contains("\"version\":\"2\"")));
-    assert!(served.is_some(), "version 2 is not served after the rollback");
+    let served = wait_for(Duration::from_secs(10), || {
+        shop.http_get("api", "http://localhost:8000/items")
+            .filter(|t| t.contains("\"version\": \"2\"") || t.contains("\"version\":\"2\""))
+    });
+    assert!(
+        served.is_some(),
+        "version 2 is not served after the rollback"
+    );
     let history = shop.run_ok(&["history", "api"]);
     // A reader that stops early (`devloop history api | head -1`) ends the output, quietly.
-    let mut piped = shop.cmd(&["history", "api"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut piped = shop
+        .cmd(&["history", "api"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     drop(piped.stdout.take());
     let o = piped.wait_with_output().unwrap();
-    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("panicked"), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(history.lines().find(|l| l.starts_with('*')).is_some_and(|l| l.contains("rollback")), "{history}");
+    assert!(
+        o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        history
+            .lines()
+            .find(|l| l.starts_with('*'))
+            .is_some_and(|l| l.contains("rollback")),
+        "{history}"
+    );
 }
 
 /// `watch`: a save redeploys (per the rule), a broken save leaves the last good version
@@ -140,19 +236,37 @@ fn watch_redeploys_on_save_and_survives_a_broken_one() {
         let img = image_of(&shop, "api");
         (img != first).then_some(img)
     });
-    assert!(new_image.is_some(), "no redeploy after a save:\n{}", std::fs::read_to_string(&log).unwrap());
-    let served = wait_for(Duration::from_secs(10), || shop.http_get("api", "http://localhost:8000/items").filter(|t| t.contains("\"2\"")));
+    assert!(
+        new_image.is_some(),
+        "no redeploy after a save:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let served = wait_for(Duration::from_secs(10), || {
+        shop.http_get("api", "http://localhost:8000/items")
+            .filter(|t| t.contains("\"2\""))
+    });
     assert!(served.is_some(), "the redeployed version is not served");
     let good = image_of(&shop, "api");
 
     std::fs::write(&app, "raise SystemExit('broken on purpose')\n").unwrap();
     wait_for_log(&log, "redeploy failed", Duration::from_secs(60));
     assert_eq!(image_of(&shop, "api"), good, "a broken version took over");
-    assert!(shop.http_get("api", "http://localhost:8000/items").is_some(), "the last good version stopped serving");
+    assert!(
+        shop.http_get("api", "http://localhost:8000/items")
+            .is_some(),
+        "the last good version stopped serving"
+    );
 
     std::fs::write(&app, original.replace("VERSION = \"1\"", "VERSION = \"3\"")).unwrap();
-    let served = wait_for(Duration::from_secs(60), || shop.http_get("api", "http://localhost:8000/items").filter(|t| t.contains("\"3\"")));
-    assert!(served.is_some(), "the fix did not go out:\n{}", std::fs::read_to_string(&log).unwrap());
+    let served = wait_for(Duration::from_secs(60), || {
+        shop.http_get("api", "http://localhost:8000/items")
+            .filter(|t| t.contains("\"3\""))
+    });
+    assert!(
+        served.is_some(),
+        "the fix did not go out:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     let codes = shop.interrupt_all();
     assert!(codes.iter().all(|c| c.success()), "{codes:?}");
 }
@@ -175,9 +289,14 @@ fn the_image_healthcheck_decides() {
     let original = std::fs::read_to_string(&app).unwrap();
     assert!(original.contains("if path == \"/health\":"));
     // The port still answers, but /health is now a 404.
-    std::fs::write(&app, original.replace("if path == \"/health\":", "if path == \"/healthz\":")).unwrap();
+    std::fs::write(
+        &app,
+        original.replace("if path == \"/health\":", "if path == \"/healthz\":"),
+    )
+    .unwrap();
     let out = shop.run(&["deploy", "api", "--health-timeout", "4s"]);
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("health check"), "{text}");
     assert_eq!(image_of(&shop, "api"), good);
@@ -196,19 +315,40 @@ fn a_changed_build_input_rebuilds_the_base() {
     .unwrap();
     let cfg = shop.path().join("devloop.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replacen("[services.api]\n", "[services.api]\nbuild_inputs = [\"deps.txt\"]\n", 1)).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replacen(
+            "[services.api]\n",
+            "[services.api]\nbuild_inputs = [\"deps.txt\"]\n",
+            1,
+        ),
+    )
+    .unwrap();
 
     let first = shop.run(&["deploy", "api"]);
-    let out = String::from_utf8_lossy(&first.stdout).to_string() + &String::from_utf8_lossy(&first.stderr);
-    assert!(first.status.success() && out.contains("building the snapshot base"), "{out}");
+    let out = String::from_utf8_lossy(&first.stdout).to_string()
+        + &String::from_utf8_lossy(&first.stderr);
+    assert!(
+        first.status.success() && out.contains("building the snapshot base"),
+        "{out}"
+    );
     // A change of the app only: no base build.
     let app = shop.path().join("api/app.py");
-    std::fs::write(&app, std::fs::read_to_string(&app).unwrap().replace("VERSION = \"1\"", "VERSION = \"2\"")).unwrap();
+    std::fs::write(
+        &app,
+        std::fs::read_to_string(&app)
+            .unwrap()
+            .replace("VERSION = \"1\"", "VERSION = \"2\""),
+    )
+    .unwrap();
     let out = shop.run_ok(&["deploy", "api"]);
     assert!(!out.contains("building the snapshot base"), "{out}");
     // A change of the declared input: the base is built again and the image holds its effect.
     std::fs::write(shop.path().join("api/deps.txt"), "two\n").unwrap();
     let out = shop.run_ok(&["deploy", "api"]);
     assert!(out.contains("building the snapshot base"), "{out}");
-    assert_eq!(String::from_utf8_lossy(&shop.exec("api", &["cat", "/installed.txt"]).stdout), "two\n");
+    assert_eq!(
+        String::from_utf8_lossy(&shop.exec("api", &["cat", "/installed.txt"]).stdout),
+        "two\n"
+    );
 }

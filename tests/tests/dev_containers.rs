@@ -11,8 +11,15 @@ fn up_edit_serve_down() {
     let log = shop.spawn(&["up"]);
     wait_for_log(&log, "in sync", Duration::from_secs(240));
     // web calls api over the project network by its service name.
-    let page = wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version"));
-    assert_eq!(page.as_deref(), Some("1"), "log:\n{}", std::fs::read_to_string(&log).unwrap());
+    let page = wait_for(Duration::from_secs(20), || {
+        shop.http_get("web", "http://localhost:8080/api-version")
+    });
+    assert_eq!(
+        page.as_deref(),
+        Some("1"),
+        "log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 
     // Save a new version of the api: the restart rule restarts it with the new code.
     let app = shop.path().join("api/app.py");
@@ -20,9 +27,19 @@ fn up_edit_serve_down() {
     assert!(text.contains("VERSION = \"1\""));
     let saved = Instant::now();
     std::fs::write(&app, text.replace("VERSION = \"1\"", "VERSION = \"2\"")).unwrap();
-    let served = wait_for(Duration::from_secs(20), || shop.http_get("web", "http://localhost:8080/api-version").filter(|v| v == "2"));
-    assert!(served.is_some(), "new version not served; log:\n{}", std::fs::read_to_string(&log).unwrap());
-    eprintln!("save -> new api version served through web: {:?}", saved.elapsed());
+    let served = wait_for(Duration::from_secs(20), || {
+        shop.http_get("web", "http://localhost:8080/api-version")
+            .filter(|v| v == "2")
+    });
+    assert!(
+        served.is_some(),
+        "new version not served; log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    eprintln!(
+        "save -> new api version served through web: {:?}",
+        saved.elapsed()
+    );
 
     let status = shop.run_ok(&["status"]);
     assert!(status.contains("syncing (pid"), "{status}");
@@ -32,21 +49,52 @@ fn up_edit_serve_down() {
     let codes = shop.interrupt_all();
     assert!(codes.iter().all(|c| c.success()), "{codes:?}");
     let status = shop.run_ok(&["status"]);
-    assert!(status.contains("NOT SYNCING: the container's files may be stale since"), "{status}");
-    assert_eq!(docker_ok(&["inspect", "-f", "{{.State.Running}}", &shop.container("api")]), "true");
+    assert!(
+        status.contains("NOT SYNCING: the container's files may be stale since"),
+        "{status}"
+    );
+    assert_eq!(
+        docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.State.Running}}",
+            &shop.container("api")
+        ]),
+        "true"
+    );
 
     // A container of the user's own on the project network: down removes devloop's and
     // keeps the network, naming what holds it, instead of failing half-way.
     let network = format!("devloop-{}", shop.project);
     let foreign = format!("{}-foreign", shop.project);
-    docker_ok(&["run", "-d", "--name", &foreign, "--network", &network, "python:3.11-slim-bookworm", "sleep", "300"]);
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &foreign,
+        "--network",
+        &network,
+        "python:3.11-slim-bookworm",
+        "sleep",
+        "300",
+    ]);
     let down = shop.run(&["down"]);
     docker_ok(&["rm", "-f", &foreign]);
-    let text = String::from_utf8_lossy(&down.stdout).to_string() + &String::from_utf8_lossy(&down.stderr);
+    let text =
+        String::from_utf8_lossy(&down.stdout).to_string() + &String::from_utf8_lossy(&down.stderr);
     assert!(down.status.success(), "{text}");
-    assert!(text.contains("removed container") && text.contains(&format!("kept network {network}: {foreign} not made by devloop")), "{text}");
+    assert!(
+        text.contains("removed container")
+            && text.contains(&format!(
+                "kept network {network}: {foreign} not made by devloop"
+            )),
+        "{text}"
+    );
     let down = shop.run_ok(&["down"]);
-    assert!(down.contains(&format!("removed network {network}")), "{down}");
+    assert!(
+        down.contains(&format!("removed network {network}")),
+        "{down}"
+    );
     assert_eq!(shop.leftovers(), Vec::<String>::new());
 }
 
@@ -61,7 +109,11 @@ fn file_kinds_arrive() {
     std::fs::create_dir_all(root.join("pkg/empty")).unwrap();
     std::fs::write(root.join("pkg/mod.txt"), "hello").unwrap();
     std::fs::write(root.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
-    std::fs::set_permissions(root.join("run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        root.join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     std::os::unix::fs::symlink("pkg/mod.txt", root.join("link")).unwrap();
     std::fs::write(root.join("gone.txt"), "x").unwrap();
     std::fs::write(root.join("ignored.pyc"), "x").unwrap();
@@ -75,12 +127,23 @@ fn file_kinds_arrive() {
             && check("test -f /app/gone.txt"))
         .then_some(())
     });
-    assert!(arrived.is_some(), "creates did not arrive; log:\n{}", std::fs::read_to_string(&log).unwrap());
-    assert!(!check("test -e /app/ignored.pyc"), "an excluded file was synced");
+    assert!(
+        arrived.is_some(),
+        "creates did not arrive; log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        !check("test -e /app/ignored.pyc"),
+        "an excluded file was synced"
+    );
 
     std::fs::remove_file(root.join("gone.txt")).unwrap();
     std::fs::rename(root.join("pkg"), root.join("pkg2")).unwrap();
-    std::fs::set_permissions(root.join("run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        root.join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let arrived = wait_for(Duration::from_secs(10), || {
         (!check("test -e /app/gone.txt")
             && !check("test -e /app/pkg")
@@ -89,7 +152,11 @@ fn file_kinds_arrive() {
             && !check("test -x /app/run.sh"))
         .then_some(())
     });
-    assert!(arrived.is_some(), "deletes/renames/chmod did not arrive; log:\n{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        arrived.is_some(),
+        "deletes/renames/chmod did not arrive; log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     shop.interrupt_all();
 }
 
@@ -110,9 +177,17 @@ fn atomic_rename_save_arrives() {
         let o = shop.exec("api", &["cat", "/app/notes.txt"]);
         (String::from_utf8_lossy(&o.stdout) == "version 4").then_some(())
     });
-    assert!(ok.is_some(), "log:\n{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        ok.is_some(),
+        "log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     let o = shop.exec("api", &["sh", "-c", "ls -a /app | grep -c swp || true"]);
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "0", "editor temp files must not be synced");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "0",
+        "editor temp files must not be synced"
+    );
     shop.interrupt_all();
 
     // A laptop that lost its copy of the token (another shell user, a wiped state folder)
@@ -120,7 +195,12 @@ fn atomic_rename_save_arrives() {
     std::fs::remove_dir_all(shop.state.path().join("tokens")).unwrap();
     let status = shop.run_ok(&["status"]);
     assert!(status.contains("running (pid"), "{status}");
-    assert!(shop.state.path().join("tokens").join(shop.container("api")).is_file());
+    assert!(shop
+        .state
+        .path()
+        .join("tokens")
+        .join(shop.container("api"))
+        .is_file());
 }
 
 /// `devloop sync SVC` after `up` has ended: the container is reused and the sync resumes,
@@ -132,26 +212,43 @@ fn sync_command_resumes_a_stopped_sync() {
     wait_for_log(&log, "in sync", Duration::from_secs(240));
     shop.interrupt_all();
     // Edited while nobody syncs: the container cannot know yet.
-    std::fs::write(shop.path().join("api/offline.txt"), "edited while not syncing").unwrap();
+    std::fs::write(
+        shop.path().join("api/offline.txt"),
+        "edited while not syncing",
+    )
+    .unwrap();
     let status = shop.run_ok(&["status"]);
     assert!(status.contains("NOT SYNCING"), "{status}");
 
     let log = shop.spawn(&["sync", "api", "--no-logs"]);
     wait_for_log(&log, "in sync", Duration::from_secs(30));
     let o = shop.exec("api", &["cat", "/app/offline.txt"]);
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "edited while not syncing", "the reconcile missed an offline edit");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "edited while not syncing",
+        "the reconcile missed an offline edit"
+    );
     let status = shop.run_ok(&["status"]);
     assert!(status.contains("syncing (pid"), "{status}");
     // A second sync of the same service is refused while one runs.
     let second = shop.run(&["sync", "api"]);
     assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("already syncing"), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already syncing"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     shop.interrupt_all();
 
     // `up` again reuses the running container.
     let log = shop.spawn(&["up", "api", "--no-logs"]);
     wait_for_log(&log, "in sync", Duration::from_secs(60));
-    assert!(std::fs::read_to_string(&log).unwrap().contains("devloop-") && std::fs::read_to_string(&log).unwrap().contains(" running ("));
+    assert!(
+        std::fs::read_to_string(&log).unwrap().contains("devloop-")
+            && std::fs::read_to_string(&log)
+                .unwrap()
+                .contains(" running (")
+    );
     shop.interrupt_all();
 }
 
@@ -167,11 +264,23 @@ fn doctor_names_problems_and_fixes() {
     // A typo in devloop.toml: named with file, line and key.
     let cfg = shop.path().join("devloop.toml");
     let good = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, format!("{good}\n[services.extra]\nimage = \"python:3.11-slim-bookworm\"\nexlcude = [\"x\"]\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{good}\n[services.extra]\nimage = \"python:3.11-slim-bookworm\"\nexlcude = [\"x\"]\n"
+        ),
+    )
+    .unwrap();
     let o = shop.run(&["doctor"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(!o.status.success());
-    assert!(text.contains("FAIL  config") && text.contains("devloop.toml") && text.contains("exlcude") && text.contains("line"), "{text}");
+    assert!(
+        text.contains("FAIL  config")
+            && text.contains("devloop.toml")
+            && text.contains("exlcude")
+            && text.contains("line"),
+        "{text}"
+    );
     std::fs::write(&cfg, &good).unwrap();
 
     // A port in use by something else.
@@ -179,14 +288,28 @@ fn doctor_names_problems_and_fixes() {
     let port = listener.local_addr().unwrap().port();
     let compose = shop.path().join("docker-compose.yml");
     let text = std::fs::read_to_string(&compose).unwrap();
-    std::fs::write(&compose, text.replace("    build: ./web\n", &format!("    build: ./web\n    ports: [\"127.0.0.1:{port}:8080\"]\n"))).unwrap();
+    std::fs::write(
+        &compose,
+        text.replace(
+            "    build: ./web\n",
+            &format!("    build: ./web\n    ports: [\"127.0.0.1:{port}:8080\"]\n"),
+        ),
+    )
+    .unwrap();
     let o = shop.run(&["doctor"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(!o.status.success(), "{text}");
-    assert!(text.contains(&format!("FAIL  web port {port}")) && text.contains("fix:"), "{text}");
+    assert!(
+        text.contains(&format!("FAIL  web port {port}")) && text.contains("fix:"),
+        "{text}"
+    );
 
     // No agent binary.
-    let o = shop.cmd(&["doctor"]).env("DEVLOOP_AGENT_BIN", "/nonexistent/devloop-agent").output().unwrap();
+    let o = shop
+        .cmd(&["doctor"])
+        .env("DEVLOOP_AGENT_BIN", "/nonexistent/devloop-agent")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(!o.status.success());
     assert!(text.contains("agent binary"), "{text}");
@@ -201,7 +324,11 @@ fn a_missing_public_base_is_built_offline() {
     // debian:bookworm-slim is used by no other test; remove it so the path is taken.
     let _ = docker(&["rmi", "-f", "debian:bookworm-slim"]);
     std::fs::create_dir_all(shop.path().join("plain")).unwrap();
-    std::fs::write(shop.path().join("plain/Dockerfile"), "FROM debian:bookworm-slim\nWORKDIR /srv\nCOPY . /srv\nCMD [\"sleep\", \"infinity\"]\n").unwrap();
+    std::fs::write(
+        shop.path().join("plain/Dockerfile"),
+        "FROM debian:bookworm-slim\nWORKDIR /srv\nCOPY . /srv\nCMD [\"sleep\", \"infinity\"]\n",
+    )
+    .unwrap();
     std::fs::write(shop.path().join("plain/hello.txt"), "hi").unwrap();
     std::fs::write(
         shop.path().join("devloop.toml"),
@@ -212,9 +339,21 @@ fn a_missing_public_base_is_built_offline() {
     let log = shop.spawn(&["up", "--no-logs"]);
     wait_for_log(&log, "in sync", Duration::from_secs(600));
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("building an equivalent from Debian packages"), "{text}");
-    let label = docker_ok(&["image", "inspect", "-f", "{{index .Config.Labels \"dev.devloop.offline-base\"}}", "debian:bookworm-slim"]);
+    assert!(
+        text.contains("building an equivalent from Debian packages"),
+        "{text}"
+    );
+    let label = docker_ok(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"dev.devloop.offline-base\"}}",
+        "debian:bookworm-slim",
+    ]);
     assert_eq!(label, "true");
-    assert_eq!(String::from_utf8_lossy(&shop.exec("plain", &["cat", "/srv/hello.txt"]).stdout), "hi");
+    assert_eq!(
+        String::from_utf8_lossy(&shop.exec("plain", &["cat", "/srv/hello.txt"]).stdout),
+        "hi"
+    );
     shop.interrupt_all();
 }

@@ -19,7 +19,11 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
     let mut shop = Shop::new("k8sdev", false);
     let cfg = shop.path().join("devloop.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n"),
+    )
+    .unwrap();
     let kube = kubeconfig().unwrap();
     let with_cluster = |shop: &Shop, args: &[&str]| {
         let mut c = shop.cmd(&["-n", &ns.name]);
@@ -31,62 +35,168 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
     std::fs::write(shop.path().join("api/laptop-only.txt"), "from the laptop").unwrap();
     let log = shop.state.path().join("up.log");
     let f = std::fs::File::create(&log).unwrap();
-    let child = with_cluster(&shop, &["up", "api"]).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap();
+    let child = with_cluster(&shop, &["up", "api"])
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
     shop.adopt(child);
     wait_for_log(&log, "in sync:", Duration::from_secs(240));
     let up_text = std::fs::read_to_string(&log).unwrap();
     assert!(up_text.contains("switched to dev mode"), "{up_text}");
-    let pods = kubectl_ok(&["-n", &ns.name, "get", "pods", "-l", "app.kubernetes.io/name=api", "-o", "jsonpath={.items[*].metadata.name}"]);
+    let pods = kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=api",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
     let pod = pods.split_whitespace().find(|p| {
-        kubectl(&["-n", &ns.name, "exec", p, "-c", "api", "--", "cat", "/app/laptop-only.txt"]).status.success()
+        kubectl(&[
+            "-n",
+            &ns.name,
+            "exec",
+            p,
+            "-c",
+            "api",
+            "--",
+            "cat",
+            "/app/laptop-only.txt",
+        ])
+        .status
+        .success()
     });
-    assert!(pod.is_some(), "the laptop-only file is not in any api pod ({pods}):\n{up_text}");
+    assert!(
+        pod.is_some(),
+        "the laptop-only file is not in any api pod ({pods}):\n{up_text}"
+    );
     // The image's files were there before the sync (seeded), and the original command runs
     // under the agent: web gets the api's answer.
-    assert!(poll(Duration::from_secs(60), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("\"version\": \"1\""))).is_some(), "{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        poll(Duration::from_secs(60), || get_from_web(
+            &ns,
+            "http://api:8000/items"
+        )
+        .filter(|b| b.contains("\"version\": \"1\"")))
+        .is_some(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 
     // A save restarts the service with the new file (the example's rule for *.py).
     let app = shop.path().join("api/app.py");
     let src = std::fs::read_to_string(&app).unwrap();
-    std::fs::write(&app, src.replace("VERSION = \"1\"", "VERSION = \"dev-pod\"")).unwrap();
-    let served = poll(Duration::from_secs(60), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("\"version\": \"dev-pod\"")));
-    assert!(served.is_some(), "the edit is not served from the dev pod:\n{}", std::fs::read_to_string(&log).unwrap());
+    std::fs::write(
+        &app,
+        src.replace("VERSION = \"1\"", "VERSION = \"dev-pod\""),
+    )
+    .unwrap();
+    let served = poll(Duration::from_secs(60), || {
+        get_from_web(&ns, "http://api:8000/items")
+            .filter(|b| b.contains("\"version\": \"dev-pod\""))
+    });
+    assert!(
+        served.is_some(),
+        "the edit is not served from the dev pod:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     // The service's own output reaches the laptop (its request log line for /items).
     wait_for_log(&log, "GET /items", Duration::from_secs(30));
 
     // A deploy would change the dev pod's template under the sync: refused.
     let o = with_cluster(&shop, &["deploy", "api"]).output().unwrap();
-    let refused = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && refused.contains("is in dev mode"), "{refused}");
+    let refused =
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && refused.contains("is in dev mode"),
+        "{refused}"
+    );
 
     // status says what runs where: the dev pod, the agent's process, who syncs.
     let o = with_cluster(&shop, &["status"]).output().unwrap();
     let status = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(o.status.success(), "{status}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(status.contains("deployment/api (dev pod since") && status.contains("process    running (pid") && status.contains("sync       syncing (pid"), "{status}");
+    assert!(
+        o.status.success(),
+        "{status}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        status.contains("deployment/api (dev pod since")
+            && status.contains("process    running (pid")
+            && status.contains("sync       syncing (pid"),
+        "{status}"
+    );
 
     let statuses = shop.interrupt_all();
-    assert!(statuses.iter().all(|s| s.success()), "{statuses:?}\n{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        statuses.iter().all(|s| s.success()),
+        "{statuses:?}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 
     // `up` again finds the dev pod and syncs into it; `down` from another shell while it runs
     // ends dev mode, and that `up` stops saying so rather than waiting for the pod.
     let log = shop.state.path().join("up-again.log");
     let f = std::fs::File::create(&log).unwrap();
-    let child = with_cluster(&shop, &["up", "api"]).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap();
+    let child = with_cluster(&shop, &["up", "api"])
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
     shop.adopt(child);
     wait_for_log(&log, "in sync:", Duration::from_secs(120));
-    assert!(std::fs::read_to_string(&log).unwrap().contains("already in dev mode"), "{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("already in dev mode"),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     let o = with_cluster(&shop, &["down"]).output().unwrap();
     let down = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && down.contains("deployment/api restored"), "{down}");
+    assert!(
+        o.status.success() && down.contains("deployment/api restored"),
+        "{down}"
+    );
     wait_for_log(&log, "left dev mode", Duration::from_secs(120));
     let statuses = shop.interrupt_all();
-    assert!(statuses.iter().all(|s| !s.success()), "up did not fail when dev mode ended elsewhere: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| !s.success()),
+        "up did not fail when dev mode ended elsewhere: {statuses:?}"
+    );
     let o = with_cluster(&shop, &["status"]).output().unwrap();
     let status = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(status.contains("deployment/api (image ") && !status.contains("dev pod"), "{status}");
-    assert_eq!(deployment_spec(&ns, "api"), before, "the spec after down differs from the original's");
-    assert_ne!(kubectl(&["-n", &ns.name, "get", "secret", "api-devloop-dev"]).status.code(), Some(0), "the token secret is left over");
-    kubectl_ok(&["-n", &ns.name, "rollout", "status", "deployment/api", "--timeout=120s"]);
-    assert!(poll(Duration::from_secs(60), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("\"version\": \"1\""))).is_some());
+    assert!(
+        status.contains("deployment/api (image ") && !status.contains("dev pod"),
+        "{status}"
+    );
+    assert_eq!(
+        deployment_spec(&ns, "api"),
+        before,
+        "the spec after down differs from the original's"
+    );
+    assert_ne!(
+        kubectl(&["-n", &ns.name, "get", "secret", "api-devloop-dev"])
+            .status
+            .code(),
+        Some(0),
+        "the token secret is left over"
+    );
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "rollout",
+        "status",
+        "deployment/api",
+        "--timeout=120s",
+    ]);
+    assert!(poll(Duration::from_secs(60), || get_from_web(
+        &ns,
+        "http://api:8000/items"
+    )
+    .filter(|b| b.contains("\"version\": \"1\"")))
+    .is_some());
 }

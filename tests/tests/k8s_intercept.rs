@@ -10,7 +10,12 @@ use std::time::Duration;
 
 fn devloop(ns: &Namespace, state: &std::path::Path, args: &[&str]) -> Command {
     let mut c = Command::new(devloop_bin());
-    c.arg("-n").arg(&ns.name).args(args).env("DEVLOOP_STATE_DIR", state).env("DEVLOOP_AGENT_BIN", agent_bin()).env("NO_COLOR", "1");
+    c.arg("-n")
+        .arg(&ns.name)
+        .args(args)
+        .env("DEVLOOP_STATE_DIR", state)
+        .env("DEVLOOP_AGENT_BIN", agent_bin())
+        .env("NO_COLOR", "1");
     if let Some(k) = kubeconfig() {
         c.env("KUBECONFIG", k);
     }
@@ -21,13 +26,22 @@ fn devloop(ns: &Namespace, state: &std::path::Path, args: &[&str]) -> Command {
 
 fn run_ok(mut c: Command) -> String {
     let o = c.output().unwrap();
-    assert!(o.status.success(), "{c:?} failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{c:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
 }
 
 fn spawn_logged(mut c: Command, log: &std::path::Path) -> std::process::Child {
     let f = std::fs::File::create(log).unwrap();
-    c.stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null()).spawn().unwrap()
+    c.stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 #[test]
@@ -38,7 +52,12 @@ fn web_reaches_the_laptop_through_the_cluster_and_leave_restores_the_spec() {
     let ns = Namespace::new("icpt");
     deploy_shop(&ns);
     let before = deployment_spec(&ns, "api");
-    assert!(poll(Duration::from_secs(30), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("teapot"))).is_some());
+    assert!(poll(Duration::from_secs(30), || get_from_web(
+        &ns,
+        "http://api:8000/items"
+    )
+    .filter(|b| b.contains("teapot")))
+    .is_some());
 
     let state = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -47,30 +66,86 @@ fn web_reaches_the_laptop_through_the_cluster_and_leave_restores_the_spec() {
     // The container port by its name (`http`), as a user of the manifests would say it.
     let spec = format!("http:{port}");
     let log = state.path().join("intercept.log");
-    let mut cli = spawn_logged(devloop(&ns, state.path(), &["intercept", "api", "--port", &spec, "--", "python3", script.to_str().unwrap(), &port.to_string()]), &log);
+    let mut cli = spawn_logged(
+        devloop(
+            &ns,
+            state.path(),
+            &[
+                "intercept",
+                "api",
+                "--port",
+                &spec,
+                "--",
+                "python3",
+                script.to_str().unwrap(),
+                &port.to_string(),
+            ],
+        ),
+        &log,
+    );
     wait_for_log(&log, "intercepted in", Duration::from_secs(180));
-    let got = poll(Duration::from_secs(30), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("laptop")));
-    assert!(got.is_some(), "web does not reach the laptop process:\n{}", std::fs::read_to_string(&log).unwrap());
+    let got = poll(Duration::from_secs(30), || {
+        get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("laptop"))
+    });
+    assert!(
+        got.is_some(),
+        "web does not reach the laptop process:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     // The laptop process runs with the service's environment.
     assert!(got.unwrap().contains("\"port_env\": \"8000\""));
 
     let list = run_ok(devloop(&ns, state.path(), &["intercept", "list"]));
     assert!(list.contains("api") && list.contains("8000->"), "{list}");
-    let again = devloop(&ns, state.path(), &["intercept", "api", "--port", &spec]).output().unwrap();
+    let again = devloop(&ns, state.path(), &["intercept", "api", "--port", &spec])
+        .output()
+        .unwrap();
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already intercepted"), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already intercepted"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 
     let left = run_ok(devloop(&ns, state.path(), &["leave", "api"]));
     assert!(left.contains("restored"), "{left}");
     wait_for_log(&log, "ended elsewhere", Duration::from_secs(30));
     let _ = cli.wait();
-    assert_eq!(deployment_spec(&ns, "api"), before, "the spec after leave differs from the original's");
-    kubectl_ok(&["-n", &ns.name, "rollout", "status", "deployment/api", "--timeout=120s"]);
-    let back = poll(Duration::from_secs(30), || get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("teapot")));
-    assert!(back.is_some(), "the original api does not answer after leave");
-    assert!(kubectl(&["-n", &ns.name, "get", "secret", "api-devloop-intercept"]).status.code() != Some(0), "the token secret is left over");
+    assert_eq!(
+        deployment_spec(&ns, "api"),
+        before,
+        "the spec after leave differs from the original's"
+    );
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "rollout",
+        "status",
+        "deployment/api",
+        "--timeout=120s",
+    ]);
+    let back = poll(Duration::from_secs(30), || {
+        get_from_web(&ns, "http://api:8000/items").filter(|b| b.contains("teapot"))
+    });
+    assert!(
+        back.is_some(),
+        "the original api does not answer after leave"
+    );
+    assert!(
+        kubectl(&["-n", &ns.name, "get", "secret", "api-devloop-intercept"])
+            .status
+            .code()
+            != Some(0),
+        "the token secret is left over"
+    );
     for kind in ["serviceaccount", "role", "rolebinding"] {
-        assert_ne!(kubectl(&["-n", &ns.name, "get", kind, "api-devloop-lease"]).status.code(), Some(0), "the lease's {kind} is left over");
+        assert_ne!(
+            kubectl(&["-n", &ns.name, "get", kind, "api-devloop-lease"])
+                .status
+                .code(),
+            Some(0),
+            "the lease's {kind} is left over"
+        );
     }
 }
 
@@ -82,29 +157,86 @@ fn a_killed_cli_leaves_an_intercept_that_leave_all_restores() {
     let ns = Namespace::new("icptkill");
     deploy_shop(&ns);
     // The container's environment also comes from a Secret and a ConfigMap.
-    kubectl_ok(&["-n", &ns.name, "create", "secret", "generic", "api-db", "--from-literal=password=s3cret"]);
-    kubectl_ok(&["-n", &ns.name, "create", "configmap", "api-settings", "--from-literal=LEVEL=debug"]);
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "create",
+        "secret",
+        "generic",
+        "api-db",
+        "--from-literal=password=s3cret",
+    ]);
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "create",
+        "configmap",
+        "api-settings",
+        "--from-literal=LEVEL=debug",
+    ]);
     // (PORT comes from the example's own ConfigMap, api-config.)
     let env_patch = r#"[{"op": "add", "path": "/spec/template/spec/containers/0/envFrom/-", "value": {"configMapRef": {"name": "api-settings"}, "prefix": "APP_"}},
         {"op": "add", "path": "/spec/template/spec/containers/0/env", "value": [
             {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "api-db", "key": "password"}}},
             {"name": "DB_URL", "value": "postgres://shop:$(DB_PASSWORD)@db:5432"}]}]"#;
-    kubectl_ok(&["-n", &ns.name, "patch", "deployment", "api", "--type=json", "-p", env_patch]);
-    kubectl_ok(&["-n", &ns.name, "rollout", "status", "deployment/api", "--timeout=120s"]);
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "deployment",
+        "api",
+        "--type=json",
+        "-p",
+        env_patch,
+    ]);
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "rollout",
+        "status",
+        "deployment/api",
+        "--timeout=120s",
+    ]);
     let before = deployment_spec(&ns, "api");
     let state = tempfile::tempdir().unwrap();
     let spec = format!("8000:{}", free_port());
     let log = state.path().join("intercept.log");
     let env_file = state.path().join("api.env");
-    let mut cli = spawn_logged(devloop(&ns, state.path(), &["intercept", "api", "--port", &spec, "--env-file", env_file.to_str().unwrap()]), &log);
+    let mut cli = spawn_logged(
+        devloop(
+            &ns,
+            state.path(),
+            &[
+                "intercept",
+                "api",
+                "--port",
+                &spec,
+                "--env-file",
+                env_file.to_str().unwrap(),
+            ],
+        ),
+        &log,
+    );
     wait_for_log(&log, "wrote the environment", Duration::from_secs(180));
     let env = std::fs::read_to_string(&env_file).unwrap();
-    for line in ["PORT=8000", "APP_LEVEL=debug", "DB_PASSWORD=s3cret", "DB_URL=postgres://shop:s3cret@db:5432"] {
-        assert!(env.lines().any(|l| l == line), "`{line}` missing from the laptop's environment:\n{env}");
+    for line in [
+        "PORT=8000",
+        "APP_LEVEL=debug",
+        "DB_PASSWORD=s3cret",
+        "DB_URL=postgres://shop:s3cret@db:5432",
+    ] {
+        assert!(
+            env.lines().any(|l| l == line),
+            "`{line}` missing from the laptop's environment:\n{env}"
+        );
     }
     cli.kill().unwrap();
     cli.wait().unwrap();
-    assert_ne!(deployment_spec(&ns, "api"), before, "the intercept changed nothing");
+    assert_ne!(
+        deployment_spec(&ns, "api"),
+        before,
+        "the intercept changed nothing"
+    );
 
     // A fresh state folder: the record is on the Deployment, not on this machine.
     let elsewhere = tempfile::tempdir().unwrap();
@@ -112,7 +244,11 @@ fn a_killed_cli_leaves_an_intercept_that_leave_all_restores() {
     assert!(list.contains("api"), "{list}");
     let out = run_ok(devloop(&ns, elsewhere.path(), &["leave", "--all"]));
     assert!(out.contains("api restored"), "{out}");
-    assert_eq!(deployment_spec(&ns, "api"), before, "the spec after leave differs from the original's");
+    assert_eq!(
+        deployment_spec(&ns, "api"),
+        before,
+        "the spec after leave differs from the original's"
+    );
     let none = run_ok(devloop(&ns, elsewhere.path(), &["intercept", "list"]));
     assert!(none.contains("no active intercepts"), "{none}");
 }
@@ -125,7 +261,10 @@ fn unknown_context_namespace_and_service_are_named() {
     let state = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
         let mut c = Command::new(devloop_bin());
-        c.args(args).env("DEVLOOP_STATE_DIR", state.path()).env("DEVLOOP_AGENT_BIN", agent_bin()).current_dir(state.path());
+        c.args(args)
+            .env("DEVLOOP_STATE_DIR", state.path())
+            .env("DEVLOOP_AGENT_BIN", agent_bin())
+            .current_dir(state.path());
         if let Some(k) = kubeconfig() {
             c.env("KUBECONFIG", k);
         }
@@ -139,7 +278,10 @@ fn unknown_context_namespace_and_service_are_named() {
     assert!(e.contains("no namespace `no-such-ns`"), "{e}");
     let ns = Namespace::new("errs");
     let e = run(&["-n", &ns.name, "intercept", "nothing", "--port", "8000:1"]);
-    assert!(e.contains("no Deployment or Service named `nothing`"), "{e}");
+    assert!(
+        e.contains("no Deployment or Service named `nothing`"),
+        "{e}"
+    );
 }
 
 /// A user limited by RBAC is told which permission is missing; the Role in
@@ -156,11 +298,18 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
     let kubeconfig = service_account_kubeconfig(&ns, "limited", state.path());
     let as_user = |args: &[&str]| {
         let mut c = Command::new(devloop_bin());
-        c.args(args).env("KUBECONFIG", &kubeconfig).env("DEVLOOP_STATE_DIR", state.path()).env("DEVLOOP_AGENT_BIN", agent_bin()).env("NO_COLOR", "1").current_dir(state.path());
+        c.args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("DEVLOOP_STATE_DIR", state.path())
+            .env("DEVLOOP_AGENT_BIN", agent_bin())
+            .env("NO_COLOR", "1")
+            .current_dir(state.path());
         c
     };
     let spec = format!("8000:{}", free_port());
-    let o = as_user(&["-n", &ns.name, "intercept", "api", "--port", &spec]).output().unwrap();
+    let o = as_user(&["-n", &ns.name, "intercept", "api", "--port", &spec])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     // The Deployment is read first (a Service adds only port names, and a user without
@@ -168,16 +317,37 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
     assert!(err.contains("needs `get` on `deployments`"), "{err}");
     let doctor = as_user(&["-n", &ns.name, "doctor"]).output().unwrap();
     let text = String::from_utf8_lossy(&doctor.stdout);
-    assert!(text.contains("FAIL  permissions") && text.contains("patch deployments") && text.contains("get pods/portforward"), "{text}");
+    assert!(
+        text.contains("FAIL  permissions")
+            && text.contains("patch deployments")
+            && text.contains("get pods/portforward"),
+        "{text}"
+    );
 
     let role = workspace().join("docs/kubernetes-role.yaml");
     kubectl_ok(&["-n", &ns.name, "apply", "-f", role.to_str().unwrap()]);
     let subject = format!("{}:limited", ns.name);
-    kubectl_ok(&["-n", &ns.name, "create", "rolebinding", "devloop", "--role=devloop", &format!("--serviceaccount={subject}")]);
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "create",
+        "rolebinding",
+        "devloop",
+        "--role=devloop",
+        &format!("--serviceaccount={subject}"),
+    ]);
     let reader = workspace().join("docs/kubernetes-registry-reader.yaml");
     kubectl_ok(&["apply", "-f", reader.to_str().unwrap()]);
     let binding = format!("devloop-registry-reader-{}", ns.name);
-    kubectl_ok(&["-n", "kube-public", "create", "rolebinding", &binding, "--role=devloop-registry-reader", &format!("--serviceaccount={subject}")]);
+    kubectl_ok(&[
+        "-n",
+        "kube-public",
+        "create",
+        "rolebinding",
+        &binding,
+        "--role=devloop-registry-reader",
+        &format!("--serviceaccount={subject}"),
+    ]);
     struct Unbind(String);
     impl Drop for Unbind {
         fn drop(&mut self) {
@@ -188,9 +358,15 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
 
     let doctor = as_user(&["-n", &ns.name, "doctor"]).output().unwrap();
     let text = String::from_utf8_lossy(&doctor.stdout);
-    assert!(text.contains("ok    permissions") && text.contains("ok    registry"), "{text}");
+    assert!(
+        text.contains("ok    permissions") && text.contains("ok    registry"),
+        "{text}"
+    );
     let log = state.path().join("intercept.log");
-    let mut cli = spawn_logged(as_user(&["-n", &ns.name, "intercept", "api", "--port", &spec]), &log);
+    let mut cli = spawn_logged(
+        as_user(&["-n", &ns.name, "intercept", "api", "--port", &spec]),
+        &log,
+    );
     wait_for_log(&log, "intercepted in", Duration::from_secs(180));
     let list = run_ok(as_user(&["-n", &ns.name, "intercept", "list"]));
     assert!(list.contains("api"), "{list}");
@@ -205,25 +381,42 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
     let shop = Shop::new("k8srbac", false);
     let cfg = shop.path().join("devloop.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n"),
+    )
+    .unwrap();
     let in_shop = |args: &[&str]| {
         let mut c = shop.cmd(&["-n", &ns.name]);
         c.args(args).env("KUBECONFIG", &kubeconfig);
         c
     };
     let mut up = spawn_logged(in_shop(&["up", "api"]), &state.path().join("up.log"));
-    wait_for_log(&state.path().join("up.log"), "in sync:", Duration::from_secs(240));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT);
+    wait_for_log(
+        &state.path().join("up.log"),
+        "in sync:",
+        Duration::from_secs(240),
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
     let _ = up.wait();
     let out = run_ok(in_shop(&["down"]));
     assert!(out.contains("deployment/api restored"), "{out}");
     let out = run_ok(in_shop(&["deploy", "api"]));
     assert!(out.contains("rollout to ready"), "{out}");
     let out = run_ok(in_shop(&["history", "api"]));
-    assert!(out.lines().filter(|l| l.starts_with('*')).count() == 1, "{out}");
+    assert!(
+        out.lines().filter(|l| l.starts_with('*')).count() == 1,
+        "{out}"
+    );
     let out = run_ok(in_shop(&["rollback", "api"]));
     assert!(out.contains("rolled back"), "{out}");
-    assert_eq!(deployment_spec(&ns, "api")["template"]["spec"]["containers"][0]["image"], before["template"]["spec"]["containers"][0]["image"]);
+    assert_eq!(
+        deployment_spec(&ns, "api")["template"]["spec"]["containers"][0]["image"],
+        before["template"]["spec"]["containers"][0]["image"]
+    );
 }
 
 /// The lease: the cli is killed and nobody runs `leave`; the agent restores the Deployment
@@ -240,7 +433,14 @@ fn the_lease_restores_a_workload_whose_cli_vanished() {
     let state = tempfile::tempdir().unwrap();
     let spec = format!("8000:{}", free_port());
     let log = state.path().join("intercept.log");
-    let mut cli = spawn_logged(devloop(&ns, state.path(), &["intercept", "api", "--port", &spec, "--lease", "5s"]), &log);
+    let mut cli = spawn_logged(
+        devloop(
+            &ns,
+            state.path(),
+            &["intercept", "api", "--port", &spec, "--lease", "5s"],
+        ),
+        &log,
+    );
     wait_for_log(&log, "intercepted in", Duration::from_secs(180));
     for kind in ["serviceaccount", "role", "rolebinding"] {
         kubectl_ok(&["-n", &ns.name, "get", kind, "api-devloop-lease"]);
@@ -248,16 +448,36 @@ fn the_lease_restores_a_workload_whose_cli_vanished() {
     cli.kill().unwrap();
     cli.wait().unwrap();
 
-    let restored = poll(Duration::from_secs(90), || (deployment_spec(&ns, "api") == before).then_some(()));
+    let restored = poll(Duration::from_secs(90), || {
+        (deployment_spec(&ns, "api") == before).then_some(())
+    });
     assert!(
         restored.is_some(),
         "the agent did not restore the Deployment within 90 s; agent log:\n{}",
-        String::from_utf8_lossy(&kubectl(&["-n", &ns.name, "logs", "-l", "devloop.dev/intercept-session", "--tail=20"]).stdout)
+        String::from_utf8_lossy(
+            &kubectl(&[
+                "-n",
+                &ns.name,
+                "logs",
+                "-l",
+                "devloop.dev/intercept-session",
+                "--tail=20"
+            ])
+            .stdout
+        )
     );
     let out = run_ok(devloop(&ns, state.path(), &["intercept", "list"]));
     assert!(out.contains("restored by its agent's lease"), "{out}");
     for kind in ["serviceaccount", "role", "rolebinding", "secret"] {
-        let name = if kind == "secret" { "api-devloop-intercept" } else { "api-devloop-lease" };
-        assert_ne!(kubectl(&["-n", &ns.name, "get", kind, name]).status.code(), Some(0), "{kind} {name} is left over");
+        let name = if kind == "secret" {
+            "api-devloop-intercept"
+        } else {
+            "api-devloop-lease"
+        };
+        assert_ne!(
+            kubectl(&["-n", &ns.name, "get", kind, name]).status.code(),
+            Some(0),
+            "{kind} {name} is left over"
+        );
     }
 }

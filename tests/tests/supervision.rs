@@ -21,7 +21,10 @@ fn crash_loop_is_shown_in_logs_and_status() {
     wait_for_log(&log, "exited with code 3", Duration::from_secs(20));
     wait_for_log(&log, "crash loop", Duration::from_secs(20));
     let status = shop.run_ok(&["status"]);
-    assert!(status.contains("CRASH LOOP") || status.contains("quick exits"), "{status}");
+    assert!(
+        status.contains("CRASH LOOP") || status.contains("quick exits"),
+        "{status}"
+    );
     assert!(status.contains("last exit code 3"), "{status}");
     shop.interrupt_all();
 }
@@ -51,7 +54,12 @@ fn intercepted_service_is_left_alone() {
     let log = shop.spawn(&["up", "--no-logs"]);
     wait_for_log(&log, "intercepted: left alone", Duration::from_secs(240));
     wait_for_log(&log, "in sync", Duration::from_secs(60));
-    assert!(!docker(&["inspect", &shop.container("api")]).status.success(), "up created a dev container for an intercepted service");
+    assert!(
+        !docker(&["inspect", &shop.container("api")])
+            .status
+            .success(),
+        "up created a dev container for an intercepted service"
+    );
     let status = shop.run_ok(&["status"]);
     assert!(status.contains("INTERCEPTED"), "{status}");
     shop.interrupt_all();
@@ -80,7 +88,13 @@ fn failing_run_rule_is_reported_and_sync_continues() {
         (String::from_utf8_lossy(&o.stdout) == "still syncing").then_some(())
     });
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(ok.is_some(), "sync stopped after a failed run rule:\n{text}");
-    assert!(!text.contains("connection to the agent lost"), "a refusal was taken for a lost connection:\n{text}");
+    assert!(
+        ok.is_some(),
+        "sync stopped after a failed run rule:\n{text}"
+    );
+    assert!(
+        !text.contains("connection to the agent lost"),
+        "a refusal was taken for a lost connection:\n{text}"
+    );
     shop.interrupt_all();
 }

@@ -50,12 +50,19 @@ fn arg<'a>(args: &'a [String], i: usize, what: &str) -> Res<&'a str> {
 
 fn num(args: &[String], i: usize, what: &str) -> Res<u64> {
     let s = arg(args, i, what)?;
-    s.parse().map_err(|_| format!("{what} must be a number, not `{s}`"))
+    s.parse()
+        .map_err(|_| format!("{what} must be a number, not `{s}`"))
 }
 
 async fn run(args: &[String]) -> Res<()> {
     match arg(args, 0, "a mode")? {
-        "serve" => serve(num(args, 1, "PORT")? as u16, args.get(2).cloned().unwrap_or_else(|| "loadgen".into())).await,
+        "serve" => {
+            serve(
+                num(args, 1, "PORT")? as u16,
+                args.get(2).cloned().unwrap_or_else(|| "loadgen".into()),
+            )
+            .await
+        }
         "latency" => latency(arg(args, 1, "HOST:PORT")?, num(args, 2, "N")? as usize).await,
         "fetch" => fetch(arg(args, 1, "HOST:PORT")?, num(args, 2, "BYTES")?).await,
         "upload" => upload(arg(args, 1, "HOST:PORT")?, num(args, 2, "BYTES")?).await,
@@ -64,9 +71,22 @@ async fn run(args: &[String]) -> Res<()> {
                 Some(_) => Some(Duration::from_millis(num(args, 4, "MS")?)),
                 None => None,
             };
-            load(arg(args, 1, "HOST:PORT")?, num(args, 2, "CONNS")? as usize, num(args, 3, "REQS")? as usize, deadline).await
+            load(
+                arg(args, 1, "HOST:PORT")?,
+                num(args, 2, "CONNS")? as usize,
+                num(args, 3, "REQS")? as usize,
+                deadline,
+            )
+            .await
         }
-        "wait-for" => wait_for(arg(args, 1, "HOST:PORT")?, arg(args, 2, "TEXT")?, num(args, 3, "MS")?).await,
+        "wait-for" => {
+            wait_for(
+                arg(args, 1, "HOST:PORT")?,
+                arg(args, 2, "TEXT")?,
+                num(args, 3, "MS")?,
+            )
+            .await
+        }
         "idle" => loop {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         },
@@ -81,8 +101,13 @@ async fn run(args: &[String]) -> Res<()> {
 // ---- server ----
 
 async fn serve(port: u16, tag: String) -> Res<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await.map_err(|e| format!("bind :{port}: {e}"))?;
-    println!("listening {}", listener.local_addr().map_err(|e| e.to_string())?.port());
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .await
+        .map_err(|e| format!("bind :{port}: {e}"))?;
+    println!(
+        "listening {}",
+        listener.local_addr().map_err(|e| e.to_string())?.port()
+    );
     let tag: Arc<[u8]> = tag.into_bytes().into();
     loop {
         let (sock, _) = listener.accept().await.map_err(|e| e.to_string())?;
@@ -130,7 +155,10 @@ async fn serve_conn(sock: TcpStream, tag: &[u8]) -> std::io::Result<()> {
             body_len -= k as u64;
         }
         let sock = io.get_mut();
-        if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(n) = path
+            .strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n");
             sock.write_all(head.as_bytes()).await?;
             let mut left = n;
@@ -140,7 +168,11 @@ async fn serve_conn(sock: TcpStream, tag: &[u8]) -> std::io::Result<()> {
                 left -= k as u64;
             }
         } else {
-            let mut out = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n", tag.len()).into_bytes();
+            let mut out = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+                tag.len()
+            )
+            .into_bytes();
             out.extend_from_slice(tag);
             sock.write_all(&out).await?;
         }
@@ -158,7 +190,10 @@ impl Conn {
     async fn open(addr: &str) -> std::io::Result<Conn> {
         let sock = TcpStream::connect(addr).await?;
         sock.set_nodelay(true)?;
-        Ok(Conn { io: BufReader::with_capacity(64 << 10, sock), head: String::new() })
+        Ok(Conn {
+            io: BufReader::with_capacity(64 << 10, sock),
+            head: String::new(),
+        })
     }
 
     /// One GET; returns the body's length, and the body when `keep` (else it is discarded).
@@ -171,7 +206,10 @@ impl Conn {
         loop {
             self.head.clear();
             if self.io.read_line(&mut self.head).await? == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed before the response"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed before the response",
+                ));
             }
             let l = self.head.trim_end();
             if first {
@@ -195,7 +233,10 @@ impl Conn {
             while left > 0 {
                 let buf = self.io.fill_buf().await?;
                 if buf.is_empty() {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "body cut short"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "body cut short",
+                    ));
                 }
                 let k = (buf.len() as u64).min(left) as usize;
                 self.io.consume(k);
@@ -217,7 +258,9 @@ fn pct(sorted: &[u32], p: f64) -> u32 {
 }
 
 async fn latency(addr: &str, n: usize) -> Res<()> {
-    let mut c = Conn::open(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut c = Conn::open(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     for _ in 0..(n / 10).max(1) {
         c.get("/", false).await.map_err(|e| e.to_string())?;
     }
@@ -239,28 +282,42 @@ async fn latency(addr: &str, n: usize) -> Res<()> {
 }
 
 async fn fetch(addr: &str, bytes: u64) -> Res<()> {
-    let mut c = Conn::open(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut c = Conn::open(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     let t = Instant::now();
-    let (got, _) = c.get(&format!("/bytes/{bytes}"), false).await.map_err(|e| e.to_string())?;
+    let (got, _) = c
+        .get(&format!("/bytes/{bytes}"), false)
+        .await
+        .map_err(|e| e.to_string())?;
     let secs = t.elapsed().as_secs_f64();
     if got != bytes {
         return Err(format!("asked for {bytes} bytes, got {got}"));
     }
-    println!("{{\"bytes\":{got},\"seconds\":{secs:.6},\"mib_s\":{:.1}}}", got as f64 / (1 << 20) as f64 / secs);
+    println!(
+        "{{\"bytes\":{got},\"seconds\":{secs:.6},\"mib_s\":{:.1}}}",
+        got as f64 / (1 << 20) as f64 / secs
+    );
     Ok(())
 }
 
 async fn upload(addr: &str, bytes: u64) -> Res<()> {
-    let mut c = Conn::open(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut c = Conn::open(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     let block = vec![b'u'; 256 << 10];
     let t = Instant::now();
     let head = format!("POST /upload HTTP/1.1\r\nHost: loadgen\r\nContent-Length: {bytes}\r\n\r\n");
     let sock = c.io.get_mut();
-    sock.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
+    sock.write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut left = bytes;
     while left > 0 {
         let k = left.min(block.len() as u64) as usize;
-        sock.write_all(&block[..k]).await.map_err(|e| e.to_string())?;
+        sock.write_all(&block[..k])
+            .await
+            .map_err(|e| e.to_string())?;
         left -= k as u64;
     }
     // The answer comes once the server has read the whole body.
@@ -270,7 +327,10 @@ async fn upload(addr: &str, bytes: u64) -> Res<()> {
     if !line.contains(" 200 ") {
         return Err(format!("upload answered `{}`", line.trim()));
     }
-    println!("{{\"bytes\":{bytes},\"seconds\":{secs:.6},\"mib_s\":{:.1}}}", bytes as f64 / (1 << 20) as f64 / secs);
+    println!(
+        "{{\"bytes\":{bytes},\"seconds\":{secs:.6},\"mib_s\":{:.1}}}",
+        bytes as f64 / (1 << 20) as f64 / secs
+    );
     Ok(())
 }
 
@@ -283,7 +343,12 @@ async fn load(addr: &str, conns: usize, reqs: usize, deadline: Option<Duration>)
     for i in 0..conns {
         // Spread the requests evenly: the first `reqs % conns` connections do one more.
         let mine = reqs / conns + usize::from(i < reqs % conns);
-        let (addr, errors, barrier, not_done) = (addr.to_string(), errors.clone(), barrier.clone(), not_done.clone());
+        let (addr, errors, barrier, not_done) = (
+            addr.to_string(),
+            errors.clone(),
+            barrier.clone(),
+            not_done.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut c = Conn::open(&addr).await;
             barrier.wait().await;
@@ -295,7 +360,9 @@ async fn load(addr: &str, conns: usize, reqs: usize, deadline: Option<Duration>)
                 }
                 // A request may not outlive the deadline (a relay can accept a connection
                 // and never serve it); without one, a minute is a failure.
-                let limit = deadline.map(|d| d.saturating_sub(start.elapsed())).unwrap_or(Duration::from_secs(60));
+                let limit = deadline
+                    .map(|d| d.saturating_sub(start.elapsed()))
+                    .unwrap_or(Duration::from_secs(60));
                 let t = Instant::now();
                 let attempt = async {
                     if c.is_err() {
@@ -347,13 +414,18 @@ async fn wait_for(addr: &str, text: &str, ms: u64) -> Res<()> {
         };
         if let Ok(Ok((_, body))) = tokio::time::timeout(Duration::from_millis(300), attempt).await {
             if body.windows(text.len()).any(|w| w == text.as_bytes()) {
-                let ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+                let ns = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
                 println!("seen {ns}");
                 return Ok(());
             }
         }
         if Instant::now() > deadline {
-            return Err(format!("{addr} did not answer with `{text}` within {ms} ms"));
+            return Err(format!(
+                "{addr} did not answer with `{text}` within {ms} ms"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -60,14 +60,20 @@ impl Env {
                     None
                 };
                 let registry = match route {
-                    registry::ImageRoute::Registry(reg) => Some((Pusher::new(&reg.push)?, reg.pull)),
+                    registry::ImageRoute::Registry(reg) => {
+                        Some((Pusher::new(&reg.push)?, reg.pull))
+                    }
                     registry::ImageRoute::Load { .. } => None,
                 };
                 Some(KubeEnv {
                     registry,
                     rollout: KubeRollout {
                         cluster,
-                        manifests: project.target.manifests.as_ref().map(|m| project.dir.join(m)),
+                        manifests: project
+                            .target
+                            .manifests
+                            .as_ref()
+                            .map(|m| project.dir.join(m)),
                         // A rollout also pulls the image and starts pods one after another.
                         timeout: health_timeout.unwrap_or(Duration::from_secs(60)),
                         watch_agent,
@@ -206,7 +212,11 @@ pub(crate) async fn snapshot_and_roll_out(
     let started = Instant::now();
     let base = deploy::ensure_base(&env.docker, project, service, ui).await?;
     let snap = deploy::snapshot(&env.docker, project, service, &base, &env.destination()).await?;
-    if let Some(KubeEnv { registry: None, rollout }) = &env.kube {
+    if let Some(KubeEnv {
+        registry: None,
+        rollout,
+    }) = &env.kube
+    {
         // No registry: the snapshot made in the engine goes to the cluster with its tool.
         registry::load_into_cluster(&rollout.cluster.context, &snap.image).await?;
     }
@@ -259,7 +269,10 @@ fn report(snap: &Snapshot, rollout: &Rollout, started: Instant) -> String {
             let all = started.elapsed().as_millis() as u64;
             let share = (*ready_ms as f64 * 100.0 / all.max(1) as f64).round();
             let image_part = match (&snap.pushed, snap.reused) {
-                (_, true) => format!("snapshot in the registry already ({})", human_ms(snap.millis)),
+                (_, true) => format!(
+                    "snapshot in the registry already ({})",
+                    human_ms(snap.millis)
+                ),
                 (Some(p), false) => format!(
                     "snapshot pushed in {}: {} blobs, {}, {} already there",
                     human_ms(snap.millis),
@@ -274,7 +287,9 @@ fn report(snap: &Snapshot, rollout: &Rollout, started: Instant) -> String {
             } else {
                 format!("; created {}", created.join(", "))
             };
-            let revision = revision.map(|r| format!(", revision {r}")).unwrap_or_default();
+            let revision = revision
+                .map(|r| format!(", revision {r}"))
+                .unwrap_or_default();
             format!(
                 "deployed {} in {total} ({image_part}, {} paths; rollout to ready {} = {share:.0}% of it{revision}{created})",
                 snap.image,
@@ -299,7 +314,12 @@ fn human_bytes(n: u64) -> String {
 /// no image pruning: the cluster keeps its revisions.
 fn describe(project: &Project, service: &Service, snap: &Snapshot) {
     let mut h = history::load(&project.name, &service.name);
-    h.record(&snap.tag, &snap.image, snap.digest.clone(), crate::state::now_ms());
+    h.record(
+        &snap.tag,
+        &snap.image,
+        snap.digest.clone(),
+        crate::state::now_ms(),
+    );
     let old = h.beyond(project.keep_versions.max(10));
     h.forget(&old.iter().map(|v| v.tag.clone()).collect::<Vec<_>>());
     if let Err(e) = history::save(&project.name, &service.name, &h) {
@@ -507,7 +527,10 @@ async fn kube_history(cluster: &Cluster, project: &Project, service: &str) -> an
     );
     for r in revs.iter().rev() {
         let mark = if Some(r.number) == current { "*" } else { " " };
-        let tag = r.images.iter().find_map(|i| kube_rollout::snapshot_tag(i, &repo));
+        let tag = r
+            .images
+            .iter()
+            .find_map(|i| kube_rollout::snapshot_tag(i, &repo));
         let what = match &tag {
             Some(t) => local
                 .versions
@@ -517,14 +540,26 @@ async fn kube_history(cluster: &Cluster, project: &Project, service: &str) -> an
                 .unwrap_or_else(|| t.clone()),
             None => r.images.join(", "),
         };
-        let cause = r.cause.as_deref().filter(|c| !c.starts_with("devloop deploy")).map(|c| format!("  ({c})")).unwrap_or_default();
-        let failed = if r.failed { "  [rollout failed, undone]" } else { "" };
+        let cause = r
+            .cause
+            .as_deref()
+            .filter(|c| !c.starts_with("devloop deploy"))
+            .map(|c| format!("  ({c})"))
+            .unwrap_or_default();
+        let failed = if r.failed {
+            "  [rollout failed, undone]"
+        } else {
+            ""
+        };
         let when = humantime::parse_rfc3339(&r.created)
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| ago(d.as_millis() as u64))
             .unwrap_or_default();
-        out.push_str(&format!("{mark} {:>3}  {:<12}  {what}{cause}{failed}\n", r.number, when));
+        out.push_str(&format!(
+            "{mark} {:>3}  {:<12}  {what}{cause}{failed}\n",
+            r.number, when
+        ));
     }
     crate::ui::print_to_pipe(&out);
     Ok(())

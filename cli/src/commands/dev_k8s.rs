@@ -36,7 +36,13 @@ impl Connector for KubeConnector {
     fn connect(&self) -> BoxFuture<'_, anyhow::Result<(Connected, String)>> {
         Box::pin(async move {
             self.still_there().await?;
-            let pod = ki::wait_session_pod(&self.cluster, self.label, &self.session, Duration::from_secs(60)).await?;
+            let pod = ki::wait_session_pod(
+                &self.cluster,
+                self.label,
+                &self.session,
+                Duration::from_secs(60),
+            )
+            .await?;
             let stream = portforward::open(&self.cluster, &pod, devpod::AGENT_PORT).await?;
             let connected = AgentLink::connect(stream, &self.token)
                 .await
@@ -50,22 +56,43 @@ impl KubeConnector {
     /// Fails with [`Gone`] when the Deployment no longer runs this session's agent: pods of
     /// the session will not come back, so waiting for one would only end in a timeout.
     pub(crate) async fn still_there(&self) -> anyhow::Result<()> {
-        let path = self.cluster.path("apps/v1", "deployments", Some(&self.deployment));
+        let path = self
+            .cluster
+            .path("apps/v1", "deployments", Some(&self.deployment));
         let d = match self.cluster.get_opt(&path).await {
             Ok(Some(d)) => d,
-            Ok(None) => return Err(Gone(format!("deployment/{} was deleted", self.deployment)).into()),
+            Ok(None) => {
+                return Err(Gone(format!("deployment/{} was deleted", self.deployment)).into())
+            }
             // The API is unreachable for now: the reconnect loop retries.
-            Err(e) => return Err(self.cluster.err(e, "get", "deployments", format!("reading deployment/{}", self.deployment)).into()),
+            Err(e) => {
+                return Err(self
+                    .cluster
+                    .err(
+                        e,
+                        "get",
+                        "deployments",
+                        format!("reading deployment/{}", self.deployment),
+                    )
+                    .into())
+            }
         };
-        let carries = |template: &serde_json::Value| template["metadata"]["labels"][self.label].as_str() == Some(self.session.as_str());
+        let carries = |template: &serde_json::Value| {
+            template["metadata"]["labels"][self.label].as_str() == Some(self.session.as_str())
+        };
         if carries(&d["spec"]["template"]) {
             return Ok(());
         }
         // An intercept or dev mode of a watched version saved its template, and `leave` /
         // `down` bring the session back: wait for that, as for any unreachable agent.
-        let saved = ki::record_of(&d).map(|r| (r.template, "intercepted")).or_else(|| devpod::record_of(&d).map(|r| (r.template, "in dev mode")));
+        let saved = ki::record_of(&d)
+            .map(|r| (r.template, "intercepted"))
+            .or_else(|| devpod::record_of(&d).map(|r| (r.template, "in dev mode")));
         if let Some((_, held)) = saved.filter(|(template, _)| carries(template)) {
-            anyhow::bail!("deployment/{} is {held} for now; syncing resumes when that ends", self.deployment);
+            anyhow::bail!(
+                "deployment/{} is {held} for now; syncing resumes when that ends",
+                self.deployment
+            );
         }
         let why = if self.label == devpod::WATCH_LABEL {
             "no longer runs under this `devloop watch` (a plain `deploy` or `rollback` replaced it); run `devloop watch` again to go on"
@@ -90,15 +117,21 @@ pub async fn connector_for(cluster: &Cluster, record: &DevRecord) -> anyhow::Res
 
 /// The connector to the agent of a version `devloop watch` runs under the agent (its session
 /// from the template, its token from its Secret); None when the Deployment is not one.
-pub async fn watched_connector(cluster: &Cluster, d: &serde_json::Value) -> anyhow::Result<Option<KubeConnector>> {
-    let Some(session) = d["spec"]["template"]["metadata"]["labels"][devpod::WATCH_LABEL].as_str() else {
+pub async fn watched_connector(
+    cluster: &Cluster,
+    d: &serde_json::Value,
+) -> anyhow::Result<Option<KubeConnector>> {
+    let Some(session) = d["spec"]["template"]["metadata"]["labels"][devpod::WATCH_LABEL].as_str()
+    else {
         return Ok(None);
     };
     let deployment = d["metadata"]["name"].as_str().unwrap_or_default();
     let secret = devpod::watch_secret_name(deployment);
     let token = devpod::read_token_opt(cluster, &secret)
         .await?
-        .with_context(|| format!("the token Secret {secret} of the watched deployment/{deployment} is gone"))?;
+        .with_context(|| {
+            format!("the token Secret {secret} of the watched deployment/{deployment} is gone")
+        })?;
     Ok(Some(KubeConnector {
         cluster: cluster.clone(),
         deployment: deployment.to_string(),
@@ -110,12 +143,25 @@ pub async fn watched_connector(cluster: &Cluster, d: &serde_json::Value) -> anyh
 
 /// The command and working directory the container's image declares: from the local
 /// engine when it has the image, else from the registry.
-async fn image_command(image: &str, reg: Option<&Registry>) -> anyhow::Result<(Vec<String>, Vec<String>, Option<String>)> {
-    let strings = |v: &serde_json::Value| -> Vec<String> { v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect() };
+async fn image_command(
+    image: &str,
+    reg: Option<&Registry>,
+) -> anyhow::Result<(Vec<String>, Vec<String>, Option<String>)> {
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect()
+    };
     if let Ok((docker, _)) = super::connect_engine().await {
         if let Ok(i) = docker.inspect_image(image).await {
             let c = i.config.unwrap_or_default();
-            return Ok((c.entrypoint.unwrap_or_default(), c.cmd.unwrap_or_default(), c.working_dir.filter(|w| !w.is_empty())));
+            return Ok((
+                c.entrypoint.unwrap_or_default(),
+                c.cmd.unwrap_or_default(),
+                c.working_dir.filter(|w| !w.is_empty()),
+            ));
         }
     }
     let (host, repo, reference) = registry::parse_reference(image);
@@ -130,12 +176,24 @@ async fn image_command(image: &str, reg: Option<&Registry>) -> anyhow::Result<(V
         .await
         .with_context(|| format!("reading the command of image {image} (or give the container a `command` in its Deployment)"))?;
     let c = &config["config"];
-    Ok((strings(&c["Entrypoint"]), strings(&c["Cmd"]), c["WorkingDir"].as_str().filter(|w| !w.is_empty()).map(String::from)))
+    Ok((
+        strings(&c["Entrypoint"]),
+        strings(&c["Cmd"]),
+        c["WorkingDir"]
+            .as_str()
+            .filter(|w| !w.is_empty())
+            .map(String::from),
+    ))
 }
 
 /// Puts one service's Deployment in dev mode (or finds it there); returns the connector to
 /// its agent and what was done.
-async fn ensure_dev_pod(cluster: &Cluster, reg: Option<&Registry>, agent: &str, service: &Service) -> anyhow::Result<(KubeConnector, String)> {
+async fn ensure_dev_pod(
+    cluster: &Cluster,
+    reg: Option<&Registry>,
+    agent: &str,
+    service: &Service,
+) -> anyhow::Result<(KubeConnector, String)> {
     let sync = service.sync.as_ref().context("no `sync` in devloop.toml")?;
     let d = deployment_of(cluster, &service.name).await?.with_context(|| {
         format!(
@@ -143,12 +201,22 @@ async fn ensure_dev_pod(cluster: &Cluster, reg: Option<&Registry>, agent: &str, 
             service.name, cluster.namespace, service.name
         )
     })?;
-    let name = d["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let name = d["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if let Some(r) = ki::record_of(&d) {
-        anyhow::bail!("deployment/{name} is intercepted (by {}); `devloop leave {}` first", r.holder, r.service);
+        anyhow::bail!(
+            "deployment/{name} is intercepted (by {}); `devloop leave {}` first",
+            r.holder,
+            r.service
+        );
     }
     if let Some(r) = devpod::record_of(&d) {
-        return Ok((connector_for(cluster, &r).await?, format!("deployment/{name} already in dev mode")));
+        return Ok((
+            connector_for(cluster, &r).await?,
+            format!("deployment/{name} already in dev mode"),
+        ));
     }
     let template = d["spec"]["template"].clone();
     // A version `devloop watch` left under the agent: dev mode wraps its plain form (and
@@ -156,14 +224,25 @@ async fn ensure_dev_pod(cluster: &Cluster, reg: Option<&Registry>, agent: &str, 
     let plain = devpod::unwatched(&template).unwrap_or_else(|| template.clone());
     let index = service_container(&plain, &service.name)?;
     let container = &plain["spec"]["containers"][index];
-    let image = container["image"].as_str().context("the container has no image")?;
+    let image = container["image"]
+        .as_str()
+        .context("the container has no image")?;
     let needs_image = container["command"].is_null() || container["workingDir"].is_null();
-    let (entrypoint, cmd, image_workdir) = if needs_image { image_command(image, reg).await? } else { (Vec::new(), Vec::new(), None) };
+    let (entrypoint, cmd, image_workdir) = if needs_image {
+        image_command(image, reg).await?
+    } else {
+        (Vec::new(), Vec::new(), None)
+    };
     let command = devpod::effective_command(container, &entrypoint, &cmd);
     if command.is_empty() {
-        anyhow::bail!("the container of deployment/{name} has no command and its image declares none");
+        anyhow::bail!(
+            "the container of deployment/{name} has no command and its image declares none"
+        );
     }
-    let workdir = container["workingDir"].as_str().map(String::from).or(image_workdir);
+    let workdir = container["workingDir"]
+        .as_str()
+        .map(String::from)
+        .or(image_workdir);
     let session = crate::state::new_token()[..12].to_string();
     let token = crate::state::new_token();
     let record = DevRecord {
@@ -188,14 +267,35 @@ async fn ensure_dev_pod(cluster: &Cluster, reg: Option<&Registry>, agent: &str, 
     };
     let dev = devpod::dev_template(&plain, index, &spec);
     if let Err(e) = devpod::swap_in(cluster, &d, &record, &dev).await {
-        let _ = cluster.delete(&cluster.path("v1", "secrets", Some(&record.secret))).await;
+        let _ = cluster
+            .delete(&cluster.path("v1", "secrets", Some(&record.secret)))
+            .await;
         return Err(e);
     }
-    Ok((KubeConnector { cluster: cluster.clone(), deployment: name.clone(), label: devpod::SESSION_LABEL, session, token }, format!("deployment/{name} switched to dev mode")))
+    Ok((
+        KubeConnector {
+            cluster: cluster.clone(),
+            deployment: name.clone(),
+            label: devpod::SESSION_LABEL,
+            session,
+            token,
+        },
+        format!("deployment/{name} switched to dev mode"),
+    ))
 }
 
-pub async fn up(project: &Project, settings: &KubeSettings, configured_registry: Option<&str>, services: &[String], no_logs: bool) -> anyhow::Result<()> {
-    let selected: Vec<&Service> = project.select(services)?.into_iter().filter(|s| s.sync.is_some()).collect();
+pub async fn up(
+    project: &Project,
+    settings: &KubeSettings,
+    configured_registry: Option<&str>,
+    services: &[String],
+    no_logs: bool,
+) -> anyhow::Result<()> {
+    let selected: Vec<&Service> = project
+        .select(services)?
+        .into_iter()
+        .filter(|s| s.sync.is_some())
+        .collect();
     if selected.is_empty() {
         anyhow::bail!("no service has `sync` in devloop.toml: nothing to run in dev mode");
     }
@@ -210,9 +310,23 @@ pub async fn up(project: &Project, settings: &KubeSettings, configured_registry:
     let mut connectors = Vec::new();
     for service in &selected {
         let t = Instant::now();
-        let (conn, what) = ensure_dev_pod(&cluster, reg.as_ref(), &agent, service).await.with_context(|| format!("dev mode for `{}`", service.name))?;
-        let pod = ki::wait_session_pod(&cluster, devpod::SESSION_LABEL, &conn.session, Duration::from_secs(180)).await?;
-        ui.info(&service.name, format!("{what}; pod {pod} ready ({})", human_ms(t.elapsed().as_millis() as u64)));
+        let (conn, what) = ensure_dev_pod(&cluster, reg.as_ref(), &agent, service)
+            .await
+            .with_context(|| format!("dev mode for `{}`", service.name))?;
+        let pod = ki::wait_session_pod(
+            &cluster,
+            devpod::SESSION_LABEL,
+            &conn.session,
+            Duration::from_secs(180),
+        )
+        .await?;
+        ui.info(
+            &service.name,
+            format!(
+                "{what}; pod {pod} ready ({})",
+                human_ms(t.elapsed().as_millis() as u64)
+            ),
+        );
         connectors.push((service.name.clone(), Arc::new(conn)));
     }
     let shutdown = CancellationToken::new();
@@ -221,7 +335,12 @@ pub async fn up(project: &Project, settings: &KubeSettings, configured_registry:
         let service = project.service(&name)?;
         let settings = SyncSettings::for_service(&project.name, service, !no_logs, None);
         let (ui, shutdown) = (ui.clone(), shutdown.clone());
-        tasks.spawn(async move { (name.clone(), engine::run(settings, conn, ui, shutdown).await) });
+        tasks.spawn(async move {
+            (
+                name.clone(),
+                engine::run(settings, conn, ui, shutdown).await,
+            )
+        });
     }
     eprintln!(
         "devloop: syncing {} into their dev pods in namespace {}; Ctrl-C stops syncing (the pods stay in dev mode; `devloop down` switches them back)",
@@ -255,32 +374,58 @@ pub async fn down(settings: &KubeSettings) -> anyhow::Result<()> {
     let cluster = Cluster::connect(settings).await?;
     let records = devpod::in_dev_mode(&cluster).await?;
     if records.is_empty() {
-        eprintln!("devloop: no Deployment in namespace {} is in dev mode", cluster.namespace);
+        eprintln!(
+            "devloop: no Deployment in namespace {} is in dev mode",
+            cluster.namespace
+        );
         return Ok(());
     }
     for r in records {
         if devpod::restore(&cluster, &r).await? {
-            eprintln!("devloop: deployment/{} restored (dev mode since {})", r.deployment, crate::ui::ago(r.started_ms));
+            eprintln!(
+                "devloop: deployment/{} restored (dev mode since {})",
+                r.deployment,
+                crate::ui::ago(r.started_ms)
+            );
         }
     }
     Ok(())
 }
 
 /// `sync SERVICE` on Kubernetes: only the sync (and logs) of a pod already in dev mode.
-pub async fn sync(project: &Project, settings: &KubeSettings, service: &str, no_logs: bool) -> anyhow::Result<()> {
+pub async fn sync(
+    project: &Project,
+    settings: &KubeSettings,
+    service: &str,
+    no_logs: bool,
+) -> anyhow::Result<()> {
     let svc = project.service(service)?;
     let cluster = Cluster::connect(settings).await?;
-    let d = deployment_of(&cluster, service).await?.with_context(|| format!("no Deployment or Service named `{service}` in namespace `{}`", cluster.namespace))?;
-    let r = devpod::record_of(&d).with_context(|| format!("`{service}` is not in dev mode; `devloop up {service}` switches it"))?;
+    let d = deployment_of(&cluster, service).await?.with_context(|| {
+        format!(
+            "no Deployment or Service named `{service}` in namespace `{}`",
+            cluster.namespace
+        )
+    })?;
+    let r = devpod::record_of(&d).with_context(|| {
+        format!("`{service}` is not in dev mode; `devloop up {service}` switches it")
+    })?;
     let conn = Arc::new(connector_for(&cluster, &r).await?);
     let ui = Ui::new([service]);
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(engine::run(SyncSettings::for_service(&project.name, svc, !no_logs, None), conn, ui, shutdown.clone()));
+    let task = tokio::spawn(engine::run(
+        SyncSettings::for_service(&project.name, svc, !no_logs, None),
+        conn,
+        ui,
+        shutdown.clone(),
+    ));
     tokio::pin!(task);
     tokio::select! {
         _ = wait_for_signal() => { shutdown.cancel(); (&mut task).await??; }
         r = &mut task => { r??; }
     }
-    eprintln!("devloop: sync of `{service}` stopped; the dev pod's files no longer follow your edits");
+    eprintln!(
+        "devloop: sync of `{service}` stopped; the dev pod's files no longer follow your edits"
+    );
     Ok(())
 }

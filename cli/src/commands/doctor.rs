@@ -187,7 +187,9 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
         }
     }
 
-    if let super::TargetChoice::Kubernetes { settings, registry } = super::choose_target(global, project.as_ref()) {
+    if let super::TargetChoice::Kubernetes { settings, registry } =
+        super::choose_target(global, project.as_ref())
+    {
         kubernetes(&mut r, &settings, registry.as_deref()).await;
     }
 
@@ -200,15 +202,26 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
 }
 
 /// The Kubernetes target: the context and namespace, the registry, the permissions.
-async fn kubernetes(r: &mut Report, settings: &crate::target::k8s::KubeSettings, registry: Option<&str>) {
+async fn kubernetes(
+    r: &mut Report,
+    settings: &crate::target::k8s::KubeSettings,
+    registry: Option<&str>,
+) {
     use crate::target::k8s::{registry as reg, Cluster};
     let cluster = match Cluster::connect(settings).await {
         Ok(c) => {
-            r.ok("kubernetes", format!("context {}, namespace {}", c.context, c.namespace));
+            r.ok(
+                "kubernetes",
+                format!("context {}, namespace {}", c.context, c.namespace),
+            );
             c
         }
         Err(e) => {
-            r.fail("kubernetes", e.to_string(), "check `kubectl config get-contexts` and the --context / -n flags");
+            r.fail(
+                "kubernetes",
+                e.to_string(),
+                "check `kubectl config get-contexts` and the --context / -n flags",
+            );
             return;
         }
     };

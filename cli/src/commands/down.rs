@@ -6,7 +6,9 @@ use crate::target::docker;
 
 pub async fn down(global: &Global, keep_volumes: bool) -> anyhow::Result<()> {
     let project = super::load_project(global)?;
-    if let super::TargetChoice::Kubernetes { settings, .. } = super::choose_target(global, Some(&project)) {
+    if let super::TargetChoice::Kubernetes { settings, .. } =
+        super::choose_target(global, Some(&project))
+    {
         return super::dev_k8s::down(&settings).await;
     }
     let (docker, _) = connect_engine().await?;
@@ -16,7 +18,11 @@ pub async fn down(global: &Global, keep_volumes: bool) -> anyhow::Result<()> {
         tokens.remove(&docker::container_name(&project.name, &svc.name));
         remove_sync_status(&project.name, &svc.name);
     }
-    if removed.containers.is_empty() && removed.volumes.is_empty() && removed.networks.is_empty() && removed.kept_networks.is_empty() {
+    if removed.containers.is_empty()
+        && removed.volumes.is_empty()
+        && removed.networks.is_empty()
+        && removed.kept_networks.is_empty()
+    {
         println!("nothing to remove for project {}", project.name);
     }
     for (what, list) in [

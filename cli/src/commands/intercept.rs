@@ -64,7 +64,9 @@ pub fn parse_port(s: &str) -> Result<(PortRef, u16), String> {
         Err(_) if !r.is_empty() && r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
             Ok(PortRef::Name(r.to_string()))
         }
-        Err(_) => Err(format!("{s:?}: {r:?} is neither a port number nor a port name")),
+        Err(_) => Err(format!(
+            "{s:?}: {r:?} is neither a port number nor a port name"
+        )),
     };
     match s.split_once(':') {
         Some((r, l)) => Ok((remote(r)?, port(l)?)),
@@ -120,7 +122,11 @@ pub trait Swap: Send + Sync {
     /// The original's environment, for the laptop command.
     fn env(&self) -> Vec<(String, String)>;
     /// Persists the restore record, then puts the agent in the original's place.
-    fn swap_in<'a>(&'a self, token: &'a str, expose: &'a [Expose]) -> BoxFuture<'a, anyhow::Result<()>>;
+    fn swap_in<'a>(
+        &'a self,
+        token: &'a str,
+        expose: &'a [Expose],
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
     /// A fresh control connection to the agent.
     fn connect<'a>(&'a self, token: &'a str) -> BoxFuture<'a, anyhow::Result<Connected>>;
     /// True when `leave` (from any shell) ended this intercept.
@@ -145,7 +151,8 @@ pub async fn intercept(global: &super::Global, opts: InterceptOptions) -> anyhow
             hold(&swap, &opts).await
         }
         super::TargetChoice::Kubernetes { settings, registry } => {
-            let swap = super::intercept_k8s::KubeSwap::new(&settings, registry.as_deref(), &opts).await?;
+            let swap =
+                super::intercept_k8s::KubeSwap::new(&settings, registry.as_deref(), &opts).await?;
             hold(&swap, &opts).await
         }
     }
@@ -242,9 +249,18 @@ impl DockerSwap {
 /// is usable on both sides. An engine in a VM (Docker Desktop), or a cli in a container of
 /// its own, differs in one of the two.
 async fn same_machine(docker: &bollard::Docker) -> bool {
-    let Ok(info) = docker.info().await else { return false };
-    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
-    let (host, kernel) = (read("/proc/sys/kernel/hostname"), read("/proc/sys/kernel/osrelease"));
+    let Ok(info) = docker.info().await else {
+        return false;
+    };
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
+    let (host, kernel) = (
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/kernel/osrelease"),
+    );
     host.is_some() && info.name == host && kernel.is_some() && info.kernel_version == kernel
 }
 
@@ -276,11 +292,16 @@ async fn serve_handoffs(
                 continue;
             }
         };
-        let (token, service, announced, locals) =
-            (token.clone(), service.clone(), announced.clone(), locals.clone());
+        let (token, service, announced, locals) = (
+            token.clone(),
+            service.clone(),
+            announced.clone(),
+            locals.clone(),
+        );
         tokio::spawn(async move {
             let Ok(Ok(req)) =
-                tokio::time::timeout(Duration::from_secs(5), handoff::read_request(&mut unix)).await
+                tokio::time::timeout(Duration::from_secs(5), handoff::read_request(&mut unix))
+                    .await
             else {
                 return;
             };
@@ -289,7 +310,11 @@ async fn serve_handoffs(
                 return;
             }
             let Some(local) = locals.get(&req.port).copied() else {
-                let _ = handoff::send_refusal(&mut unix, &format!("port {} is not intercepted", req.port)).await;
+                let _ = handoff::send_refusal(
+                    &mut unix,
+                    &format!("port {} is not intercepted", req.port),
+                )
+                .await;
                 return;
             };
             match TcpStream::connect(("127.0.0.1", local)).await {
@@ -303,7 +328,11 @@ async fn serve_handoffs(
                 }
                 Err(e) => {
                     super::refusals::report(&service, req.port, local, &e);
-                    let _ = handoff::send_refusal(&mut unix, &format!("nothing listens on the laptop's port {local}")).await;
+                    let _ = handoff::send_refusal(
+                        &mut unix,
+                        &format!("nothing listens on the laptop's port {local}"),
+                    )
+                    .await;
                 }
             }
         });
@@ -327,27 +356,59 @@ impl Swap for DockerSwap {
         di::env_of(&self.original)
     }
 
-    fn swap_in<'a>(&'a self, token: &'a str, expose: &'a [Expose]) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn swap_in<'a>(
+        &'a self,
+        token: &'a str,
+        expose: &'a [Expose],
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             // Crash safety: the record is on disk before anything changes.
             di::save_record(&self.record).context("saving the restore record")?;
             TokenStore::new()
                 .write(&self.record.agent_container, token)
                 .context("saving the session token")?;
-            let targets: Vec<String> = expose.iter().map(|e| format!("{}:{}", e.name, e.port)).collect();
-            let listener = self.handoff.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let dir = listener.as_ref().map(|_| di::handoff_dir(&self.record.agent_container));
-            di::swap_in(&self.docker, &self.original, &self.record, &self.agent, token, &targets, dir.as_deref()).await?;
+            let targets: Vec<String> = expose
+                .iter()
+                .map(|e| format!("{}:{}", e.name, e.port))
+                .collect();
+            let listener = self
+                .handoff
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let dir = listener
+                .as_ref()
+                .map(|_| di::handoff_dir(&self.record.agent_container));
+            di::swap_in(
+                &self.docker,
+                &self.original,
+                &self.record,
+                &self.agent,
+                token,
+                &targets,
+                dir.as_deref(),
+            )
+            .await?;
             if let Some(listener) = listener {
                 let locals = self.record.ports.iter().copied().collect();
-                tokio::spawn(serve_handoffs(listener, token.to_string(), locals, self.record.service.clone()));
+                tokio::spawn(serve_handoffs(
+                    listener,
+                    token.to_string(),
+                    locals,
+                    self.record.service.clone(),
+                ));
             }
             Ok(())
         })
     }
 
     fn connect<'a>(&'a self, token: &'a str) -> BoxFuture<'a, anyhow::Result<Connected>> {
-        Box::pin(connect_agent(&self.docker, &self.engine, &self.record.agent_container, token))
+        Box::pin(connect_agent(
+            &self.docker,
+            &self.engine,
+            &self.record.agent_container,
+            token,
+        ))
     }
 
     fn ended_elsewhere(&self) -> BoxFuture<'_, bool> {
@@ -372,7 +433,9 @@ pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()
     let started = Instant::now();
     if let Err(e) = swap.swap_in(&token, &opts.expose).await {
         eprintln!("devloop: the swap failed ({e:#}); restoring {orig_name}");
-        swap.restore().await.context("restoring after a failed swap")?;
+        swap.restore()
+            .await
+            .context("restoring after a failed swap")?;
         return Err(e);
     }
 
@@ -383,7 +446,12 @@ pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()
             Ok(l) => l,
             Err(err) => {
                 swap.restore().await?;
-                return Err(err).with_context(|| format!("listening on 127.0.0.1:{} for --expose {}:{}", e.local, e.name, e.port));
+                return Err(err).with_context(|| {
+                    format!(
+                        "listening on 127.0.0.1:{} for --expose {}:{}",
+                        e.local, e.name, e.port
+                    )
+                });
             }
         };
         tokio::spawn(expose_loop(listener, i as u16, mux_slot.clone()));
@@ -611,7 +679,9 @@ async fn connect_agent(
 
 pub async fn list(global: &super::Global) -> anyhow::Result<()> {
     let project = super::load_project(global).ok();
-    if let super::TargetChoice::Kubernetes { settings, .. } = super::choose_target(global, project.as_ref()) {
+    if let super::TargetChoice::Kubernetes { settings, .. } =
+        super::choose_target(global, project.as_ref())
+    {
         return super::intercept_k8s::list(&settings).await;
     }
     let (docker, _) = connect_engine().await?;
@@ -669,9 +739,15 @@ pub async fn list(global: &super::Global) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn leave(global: &super::Global, target: Option<String>, all: bool) -> anyhow::Result<()> {
+pub async fn leave(
+    global: &super::Global,
+    target: Option<String>,
+    all: bool,
+) -> anyhow::Result<()> {
     let project = super::load_project(global).ok();
-    if let super::TargetChoice::Kubernetes { settings, .. } = super::choose_target(global, project.as_ref()) {
+    if let super::TargetChoice::Kubernetes { settings, .. } =
+        super::choose_target(global, project.as_ref())
+    {
         return super::intercept_k8s::leave(&settings, target, all).await;
     }
     let (docker, _) = connect_engine().await?;
@@ -767,7 +843,10 @@ mod tests {
     fn ports_and_exposes_parse() {
         assert_eq!(parse_port("8080:3000"), Ok((PortRef::Number(8080), 3000)));
         assert_eq!(parse_port("8080"), Ok((PortRef::Number(8080), 8080)));
-        assert_eq!(parse_port("http:3000"), Ok((PortRef::Name("http".into()), 3000)));
+        assert_eq!(
+            parse_port("http:3000"),
+            Ok((PortRef::Name("http".into()), 3000))
+        );
         assert!(parse_port("http").is_err());
         assert!(parse_port("a/b:1").is_err());
         assert!(parse_port("8080:x").is_err());

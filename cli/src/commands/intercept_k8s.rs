@@ -67,7 +67,9 @@ pub async fn agent_image(route: &registry::ImageRoute) -> anyhow::Result<String>
     let t = Instant::now();
     let layer = registry::one_file_layer("devloop-agent", 0o755, &binary)?;
     let config = registry::image_config(std::slice::from_ref(&layer), &["/devloop-agent"]);
-    let report = Pusher::new(&reg.push)?.push_image("devloop-agent", &tag, &[layer], &config).await?;
+    let report = Pusher::new(&reg.push)?
+        .push_image("devloop-agent", &tag, &[layer], &config)
+        .await?;
     tracing::info!(
         "agent image pushed to {} ({}): {} blobs sent ({} bytes), {} present, {} ms",
         reg.push,
@@ -83,16 +85,25 @@ pub async fn agent_image(route: &registry::ImageRoute) -> anyhow::Result<String>
 /// Who holds a swap, for `list` and errors: user@host and pid.
 pub(crate) fn holder() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "?".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
     format!("{user}@{host} pid {}", std::process::id())
 }
 
 impl KubeSwap {
-    pub async fn new(settings: &KubeSettings, registry: Option<&str>, opts: &InterceptOptions) -> anyhow::Result<KubeSwap> {
+    pub async fn new(
+        settings: &KubeSettings,
+        registry: Option<&str>,
+        opts: &InterceptOptions,
+    ) -> anyhow::Result<KubeSwap> {
         let cluster = Cluster::connect(settings).await?;
         sweep(&cluster).await;
         let (deployment, service) = ki::find_deployment(&cluster, &opts.target).await?;
-        let name = deployment["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = deployment["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if let Some(r) = ki::record_of(&deployment) {
             anyhow::bail!(
                 "deployment {name} is already intercepted (by {}, {}); end that with `devloop leave {}`",
@@ -104,12 +115,16 @@ impl KubeSwap {
         let template = deployment["spec"]["template"].clone();
         let mut ports = Vec::new();
         for (r, l) in &opts.ports {
-            let n = ki::resolve_port(&template, service.as_ref(), r).with_context(|| format!("--port {r}:{l}"))?;
+            let n = ki::resolve_port(&template, service.as_ref(), r)
+                .with_context(|| format!("--port {r}:{l}"))?;
             ports.push((n, *l));
         }
         let remote: Vec<u16> = ports.iter().map(|(r, _)| *r).collect();
         let index = ki::container_for(&template, &remote)?;
-        let container = template["spec"]["containers"][index]["name"].as_str().unwrap_or_default().to_string();
+        let container = template["spec"]["containers"][index]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         // The laptop process gets the container's environment, Secrets and ConfigMaps included.
         let spec = &template["spec"]["containers"][index];
         let sources = k8s_env::fetch(&cluster, &k8s_env::references(spec)).await?;
@@ -149,11 +164,20 @@ impl KubeSwap {
         if let Some(p) = self.pod.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(p);
         }
-        let p = ki::wait_agent_pod(&self.cluster, &self.record.session, Duration::from_secs(120)).await?;
+        let p = ki::wait_agent_pod(
+            &self.cluster,
+            &self.record.session,
+            Duration::from_secs(120),
+        )
+        .await?;
         *self.pod.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
         let mut ready = self.ready_after.lock().unwrap_or_else(|e| e.into_inner());
         if ready.is_none() {
-            *ready = self.swapped_at.lock().unwrap_or_else(|e| e.into_inner()).map(|t| t.elapsed());
+            *ready = self
+                .swapped_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map(|t| t.elapsed());
         }
         Ok(p)
     }
@@ -176,7 +200,11 @@ impl Swap for KubeSwap {
         self.env.clone()
     }
 
-    fn swap_in<'a>(&'a self, token: &'a str, expose: &'a [Expose]) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn swap_in<'a>(
+        &'a self,
+        token: &'a str,
+        expose: &'a [Expose],
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             // Exposed services are found through the API (their ClusterIP), so this works
             // without cluster DNS.
@@ -186,12 +214,27 @@ impl Swap for KubeSwap {
                     .cluster
                     .get_opt(&self.cluster.path("v1", "services", Some(&e.name)))
                     .await
-                    .map_err(|err| self.cluster.err(err, "get", "services", format!("reading service {}", e.name)))?
-                    .with_context(|| format!("--expose {}: no Service `{}` in namespace `{}`", e.name, e.name, self.cluster.namespace))?;
-                let ip = svc["spec"]["clusterIP"].as_str().filter(|ip| !ip.is_empty() && *ip != "None");
+                    .map_err(|err| {
+                        self.cluster.err(
+                            err,
+                            "get",
+                            "services",
+                            format!("reading service {}", e.name),
+                        )
+                    })?
+                    .with_context(|| {
+                        format!(
+                            "--expose {}: no Service `{}` in namespace `{}`",
+                            e.name, e.name, self.cluster.namespace
+                        )
+                    })?;
+                let ip = svc["spec"]["clusterIP"]
+                    .as_str()
+                    .filter(|ip| !ip.is_empty() && *ip != "None");
                 targets.push(format!("{}:{}", ip.unwrap_or(&e.name), e.port));
             }
-            ki::create_token_secret(&self.cluster, &self.record.secret, &self.record, token).await?;
+            ki::create_token_secret(&self.cluster, &self.record.secret, &self.record, token)
+                .await?;
             let account = ki::lease_account(&self.record.deployment);
             ki::create_lease_account(&self.cluster, &self.record.deployment).await?;
             let remote: Vec<u16> = self.record.ports.iter().map(|(r, _)| *r).collect();
@@ -206,7 +249,11 @@ impl Swap for KubeSwap {
             // A version `devloop watch` runs under the agent: the intercept replaces its plain
             // form (leave restores the template as it was).
             let plain = crate::target::k8s::devpod::unwatched(&self.record.template);
-            let template = ki::agent_template(plain.as_ref().unwrap_or(&self.record.template), self.index, &spec);
+            let template = ki::agent_template(
+                plain.as_ref().unwrap_or(&self.record.template),
+                self.index,
+                &spec,
+            );
             ki::swap_in(&self.cluster, &self.deployment, &self.record, &template).await?;
             *self.swapped_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             Ok(())
@@ -219,13 +266,20 @@ impl Swap for KubeSwap {
             loop {
                 let attempt = async {
                     let pod = self.pod().await?;
-                    let stream = crate::target::k8s::portforward::open(&self.cluster, &pod, ki::AGENT_CONTROL_PORT).await?;
+                    let stream = crate::target::k8s::portforward::open(
+                        &self.cluster,
+                        &pod,
+                        ki::AGENT_CONTROL_PORT,
+                    )
+                    .await?;
                     anyhow::Ok(AgentLink::connect(stream, token).await?)
                 }
                 .await;
                 match attempt {
                     Ok(c) => return Ok(c),
-                    Err(e) if Instant::now() > deadline => return Err(e.context("connecting to the agent through a port-forward")),
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(e.context("connecting to the agent through a port-forward"))
+                    }
                     Err(_) => {
                         // The pod may have been replaced: look it up again.
                         *self.pod.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -238,8 +292,18 @@ impl Swap for KubeSwap {
 
     fn ended_elsewhere(&self) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            match self.cluster.get_opt(&self.cluster.path("apps/v1", "deployments", Some(&self.record.deployment))).await {
-                Ok(Some(d)) => ki::record_of(&d).map(|r| r.session) != Some(self.record.session.clone()),
+            match self
+                .cluster
+                .get_opt(&self.cluster.path(
+                    "apps/v1",
+                    "deployments",
+                    Some(&self.record.deployment),
+                ))
+                .await
+            {
+                Ok(Some(d)) => {
+                    ki::record_of(&d).map(|r| r.session) != Some(self.record.session.clone())
+                }
                 Ok(None) => true,
                 Err(_) => false,
             }
@@ -264,7 +328,10 @@ pub async fn list(settings: &KubeSettings) -> anyhow::Result<()> {
     sweep(&cluster).await;
     let records = ki::intercepted(&cluster).await?;
     if records.is_empty() {
-        println!("no active intercepts in namespace {} (context {})", cluster.namespace, cluster.context);
+        println!(
+            "no active intercepts in namespace {} (context {})",
+            cluster.namespace, cluster.context
+        );
         return Ok(());
     }
     for r in records {
@@ -282,20 +349,29 @@ pub async fn list(settings: &KubeSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn leave(settings: &KubeSettings, target: Option<String>, all: bool) -> anyhow::Result<()> {
+pub async fn leave(
+    settings: &KubeSettings,
+    target: Option<String>,
+    all: bool,
+) -> anyhow::Result<()> {
     let cluster = Cluster::connect(settings).await?;
     sweep(&cluster).await;
     let records = ki::intercepted(&cluster).await?;
     let chosen: Vec<Record> = match (&target, all) {
         (_, true) => records,
         (Some(t), false) => {
-            let named: Vec<Record> = records.into_iter().filter(|r| &r.service == t || &r.deployment == t).collect();
+            let named: Vec<Record> = records
+                .into_iter()
+                .filter(|r| &r.service == t || &r.deployment == t)
+                .collect();
             if named.is_empty() {
                 anyhow::bail!("`{t}` is not intercepted in namespace {} (`devloop intercept list` shows what is)", cluster.namespace);
             }
             named
         }
-        (None, false) => anyhow::bail!("say which intercept to end (`devloop leave SERVICE`), or --all"),
+        (None, false) => {
+            anyhow::bail!("say which intercept to end (`devloop leave SERVICE`), or --all")
+        }
     };
     if chosen.is_empty() {
         println!("no active intercepts in namespace {}", cluster.namespace);

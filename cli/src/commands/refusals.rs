@@ -17,7 +17,10 @@ struct Refusals {
 
 impl Refusals {
     const fn new() -> Self {
-        Refusals { last: None, unreported: 0 }
+        Refusals {
+            last: None,
+            unreported: 0,
+        }
     }
 
     /// Counts one refused call at `now`; returns how many calls the line to print now covers
@@ -36,7 +39,10 @@ static REFUSALS: Mutex<Refusals> = Mutex::new(Refusals::new());
 
 /// Reports a call to `service:remote` that found nothing on laptop port `local`.
 pub fn report(service: &str, remote: u16, local: u16, error: &std::io::Error) {
-    let covered = REFUSALS.lock().unwrap_or_else(|e| e.into_inner()).note(Instant::now());
+    let covered = REFUSALS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .note(Instant::now());
     match covered {
         Some(1) => eprintln!("devloop: a call to {service}:{remote} found nothing on laptop port {local} ({error})"),
         Some(n) => eprintln!(

@@ -50,7 +50,9 @@ impl ServiceReport {
 
 pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
     let project = load_project(global)?;
-    if let super::TargetChoice::Kubernetes { settings, .. } = super::choose_target(global, Some(&project)) {
+    if let super::TargetChoice::Kubernetes { settings, .. } =
+        super::choose_target(global, Some(&project))
+    {
         let reports = kube_reports(&project, &settings).await?;
         return print(&project, &reports, json);
     }
@@ -103,19 +105,32 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
 
 /// On Kubernetes: each service's Deployment (its mode: dev pod, intercepted, a deployed
 /// snapshot, or its own image), the dev pod's agent and process, and the sync.
-async fn kube_reports(project: &crate::config::Project, settings: &crate::target::k8s::KubeSettings) -> anyhow::Result<Vec<ServiceReport>> {
+async fn kube_reports(
+    project: &crate::config::Project,
+    settings: &crate::target::k8s::KubeSettings,
+) -> anyhow::Result<Vec<ServiceReport>> {
     use crate::target::k8s::{devpod, intercept as ki, rollout, Cluster};
     let cluster = Cluster::connect(settings).await?;
     let mut reports = Vec::new();
     for svc in &project.services {
-        let mut r = ServiceReport::new(&svc.name, format!("no Deployment in namespace {}", cluster.namespace));
-        let d = rollout::deployment_of(&cluster, &svc.name).await.ok().flatten();
+        let mut r = ServiceReport::new(
+            &svc.name,
+            format!("no Deployment in namespace {}", cluster.namespace),
+        );
+        let d = rollout::deployment_of(&cluster, &svc.name)
+            .await
+            .ok()
+            .flatten();
         let dev = d.as_ref().and_then(devpod::record_of);
         let mut has_agent = dev.is_some();
         if let Some(d) = &d {
             let name = d["metadata"]["name"].as_str().unwrap_or_default();
             r.container = Some(format!("deployment/{name}"));
-            let ready = format!("{}/{} ready", d["status"]["readyReplicas"].as_u64().unwrap_or(0), d["spec"]["replicas"].as_u64().unwrap_or(1));
+            let ready = format!(
+                "{}/{} ready",
+                d["status"]["readyReplicas"].as_u64().unwrap_or(0),
+                d["spec"]["replicas"].as_u64().unwrap_or(1)
+            );
             r.intercepted = ki::record_of(d).is_some();
             r.state = if let Some(rec) = &dev {
                 format!("dev pod since {}, {ready}", ago(rec.started_ms))
@@ -126,9 +141,17 @@ async fn kube_reports(project: &crate::config::Project, settings: &crate::target
                 let template = &d["spec"]["template"];
                 let image = rollout::service_container(template, &svc.name)
                     .ok()
-                    .and_then(|i| template["spec"]["containers"][i]["image"].as_str().map(String::from))
+                    .and_then(|i| {
+                        template["spec"]["containers"][i]["image"]
+                            .as_str()
+                            .map(String::from)
+                    })
                     .unwrap_or_default();
-                let watched = if devpod::is_watched(template) { " under the agent (devloop watch)" } else { "" };
+                let watched = if devpod::is_watched(template) {
+                    " under the agent (devloop watch)"
+                } else {
+                    ""
+                };
                 match rollout::snapshot_tag(&image, &repo) {
                     Some(tag) => format!("deployed version {tag}{watched}, {ready}"),
                     None => format!("image {image}{watched}, {ready}"),
@@ -136,13 +159,20 @@ async fn kube_reports(project: &crate::config::Project, settings: &crate::target
             };
             let conn = match &dev {
                 Some(rec) => Some(crate::commands::dev_k8s::connector_for(&cluster, rec).await),
-                None if !r.intercepted => crate::commands::dev_k8s::watched_connector(&cluster, d).await.transpose(),
+                None if !r.intercepted => crate::commands::dev_k8s::watched_connector(&cluster, d)
+                    .await
+                    .transpose(),
                 None => None,
             };
             if let Some(conn) = conn {
                 has_agent = true;
                 r.process = Some(match conn {
-                    Ok(conn) => match tokio::time::timeout(Duration::from_secs(5), crate::sync::engine::Connector::connect(&conn)).await {
+                    Ok(conn) => match tokio::time::timeout(
+                        Duration::from_secs(5),
+                        crate::sync::engine::Connector::connect(&conn),
+                    )
+                    .await
+                    {
                         Ok(Ok((c, _))) => {
                             c.link.close();
                             r.agent_version = Some(c.welcome.agent_version.clone());
@@ -161,7 +191,11 @@ async fn kube_reports(project: &crate::config::Project, settings: &crate::target
     Ok(reports)
 }
 
-fn print(project: &crate::config::Project, reports: &[ServiceReport], json: bool) -> anyhow::Result<()> {
+fn print(
+    project: &crate::config::Project,
+    reports: &[ServiceReport],
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(reports)?);
         return Ok(());
@@ -196,7 +230,12 @@ fn print(project: &crate::config::Project, reports: &[ServiceReport], json: bool
 
 /// The sync part of a report, from the state folder: who syncs, or since when the files
 /// may be stale. `has_target`: the service has a dev container or dev pod to sync into.
-fn sync_state(project: &str, svc: &crate::config::Service, has_target: bool, r: &mut ServiceReport) {
+fn sync_state(
+    project: &str,
+    svc: &crate::config::Service,
+    has_target: bool,
+    r: &mut ServiceReport,
+) {
     let syncing = SyncLock::is_held(project, &svc.name);
     let saved = read_sync_status(project, &svc.name);
     if let Some(s) = &saved {
@@ -231,8 +270,15 @@ fn sync_state(project: &str, svc: &crate::config::Service, has_target: bool, r: 
             .as_ref()
             .and_then(|s| s.stopped_at_ms.or(s.last_sync_ms));
         match since {
-            Some(t) => format!("NOT SYNCING: the container's files may be stale since {} (run `devloop sync {}`)", ago(t), svc.name),
-            None => format!("NOT SYNCING: never synced; files are the image's (run `devloop sync {}`)", svc.name),
+            Some(t) => format!(
+                "NOT SYNCING: the container's files may be stale since {} (run `devloop sync {}`)",
+                ago(t),
+                svc.name
+            ),
+            None => format!(
+                "NOT SYNCING: never synced; files are the image's (run `devloop sync {}`)",
+                svc.name
+            ),
         }
     };
 }

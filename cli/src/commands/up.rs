@@ -4,7 +4,9 @@ use anyhow::Context;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{choose_target, connect_engine, connector, load_project, read_agent_binary, Global, TargetChoice};
+use super::{
+    choose_target, connect_engine, connector, load_project, read_agent_binary, Global, TargetChoice,
+};
 use crate::config::file::OnExit;
 use crate::sync::engine::{self, SyncSettings};
 use crate::target::docker::{self, Ensured};
@@ -25,7 +27,14 @@ pub struct UpOptions {
 pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
     let project = load_project(global)?;
     if let TargetChoice::Kubernetes { settings, registry } = choose_target(global, Some(&project)) {
-        return super::dev_k8s::up(&project, &settings, registry.as_deref(), &opts.services, opts.no_logs).await;
+        return super::dev_k8s::up(
+            &project,
+            &settings,
+            registry.as_deref(),
+            &opts.services,
+            opts.no_logs,
+        )
+        .await;
     }
     let selected = project.select(&opts.services)?;
     let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));

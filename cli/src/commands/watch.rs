@@ -122,31 +122,61 @@ async fn docker_version(
     ui: &Ui,
 ) -> anyhow::Result<Option<Arc<dyn Connector>>> {
     let name = &service.name;
-    let kind = |c: &&bollard::models::ContainerSummary| docker::label(c, labels::KIND).map(String::from);
-    let mine: Vec<_> = containers.iter().filter(|c| docker::label(c, labels::SERVICE) == Some(name.as_str())).collect();
-    if mine.iter().any(|c| kind(c).as_deref() == Some(labels::KIND_INTERCEPT)) {
-        ui.warn(name, "intercepted: left alone (end it with `devloop leave`)");
+    let kind =
+        |c: &&bollard::models::ContainerSummary| docker::label(c, labels::KIND).map(String::from);
+    let mine: Vec<_> = containers
+        .iter()
+        .filter(|c| docker::label(c, labels::SERVICE) == Some(name.as_str()))
+        .collect();
+    if mine
+        .iter()
+        .any(|c| kind(c).as_deref() == Some(labels::KIND_INTERCEPT))
+    {
+        ui.warn(
+            name,
+            "intercepted: left alone (end it with `devloop leave`)",
+        );
         return Ok(None);
     }
     let running = mine.iter().any(|c| {
-        matches!(kind(c).as_deref(), Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY)) && docker::is_running(c)
+        matches!(
+            kind(c).as_deref(),
+            Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY)
+        ) && docker::is_running(c)
     });
     if !running {
         ui.info(name, "nothing runs yet: deploying first");
         let line = snapshot_and_roll_out(env, project, service, ui).await?;
         ui.info(name, line);
     }
-    Ok(Some(connector(&env.docker, &env.engine, &project.name, name)))
+    Ok(Some(connector(
+        &env.docker,
+        &env.engine,
+        &project.name,
+        name,
+    )))
 }
 
 /// Kubernetes: the service's Deployment switched to the current snapshot running under the
 /// agent (created from the manifests first when missing; nothing rolls out when it already
 /// runs so); None when it is intercepted or in dev mode.
-async fn kube_version(env: &Env, cluster: &Cluster, project: &Project, service: &Service, ui: &Ui) -> anyhow::Result<Option<Arc<dyn Connector>>> {
+async fn kube_version(
+    env: &Env,
+    cluster: &Cluster,
+    project: &Project,
+    service: &Service,
+    ui: &Ui,
+) -> anyhow::Result<Option<Arc<dyn Connector>>> {
     let name = &service.name;
     if let Some(d) = deployment_of(cluster, name).await? {
         if let Some(r) = ki::record_of(&d) {
-            ui.warn(name, format!("intercepted (by {}): left alone (end it with `devloop leave {name}`)", r.holder));
+            ui.warn(
+                name,
+                format!(
+                    "intercepted (by {}): left alone (end it with `devloop leave {name}`)",
+                    r.holder
+                ),
+            );
             return Ok(None);
         }
         if let Some(r) = devpod::record_of(&d) {
@@ -156,9 +186,14 @@ async fn kube_version(env: &Env, cluster: &Cluster, project: &Project, service: 
     }
     let line = snapshot_and_roll_out(env, project, service, ui).await?;
     ui.info(name, line);
-    let d = deployment_of(cluster, name).await?.with_context(|| format!("the Deployment of `{name}` is gone"))?;
+    let d = deployment_of(cluster, name)
+        .await?
+        .with_context(|| format!("the Deployment of `{name}` is gone"))?;
     let conn = watched_connector(cluster, &d).await?.with_context(|| {
-        format!("deployment/{} does not run under the agent after the rollout (changed meanwhile?)", d["metadata"]["name"].as_str().unwrap_or_default())
+        format!(
+            "deployment/{} does not run under the agent after the rollout (changed meanwhile?)",
+            d["metadata"]["name"].as_str().unwrap_or_default()
+        )
     })?;
     Ok(Some(Arc::new(conn)))
 }

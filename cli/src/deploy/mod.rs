@@ -297,14 +297,26 @@ async fn make(
             Ok((layer, config))
         })
         .await??;
-        let report =
-            push::push_snapshot(docker, pusher, repo, tag, push::Base { name: base, layers: &base_layers }, layer, &config)
-                .await
-                .with_context(|| format!("pushing the snapshot {image}"))?;
+        let report = push::push_snapshot(
+            docker,
+            pusher,
+            repo,
+            tag,
+            push::Base {
+                name: base,
+                layers: &base_layers,
+            },
+            layer,
+            &config,
+        )
+        .await
+        .with_context(|| format!("pushing the snapshot {image}"))?;
         return Ok(Some(report));
     }
     let image_ref = image.to_string();
-    let archive = tokio::task::spawn_blocking(move || snapshot::archive(&parts.input(), &image_ref)).await??;
+    let archive =
+        tokio::task::spawn_blocking(move || snapshot::archive(&parts.input(), &image_ref))
+            .await??;
     let mut stream = docker.import_image(
         bollard::query_parameters::ImportImageOptionsBuilder::new()
             .quiet(true)

@@ -30,7 +30,10 @@ pub async fn push_snapshot(
     layer: Vec<u8>,
     config: &serde_json::Value,
 ) -> anyhow::Result<PushReport> {
-    let Base { name: base, layers: base_layers } = base;
+    let Base {
+        name: base,
+        layers: base_layers,
+    } = base;
     let mut report = PushReport::default();
     let mut descriptors = Vec::with_capacity(base_layers.len() + 1);
     let mut missing = BTreeSet::new();
@@ -38,17 +41,26 @@ pub async fn push_snapshot(
         match pusher.blob_size(repo, digest).await? {
             Some(size) => {
                 report.count(false, 0);
-                descriptors.push(Descriptor { digest: digest.clone(), size });
+                descriptors.push(Descriptor {
+                    digest: digest.clone(),
+                    size,
+                });
             }
             None => {
                 missing.insert(digest.clone());
-                descriptors.push(Descriptor { digest: digest.clone(), size: 0 });
+                descriptors.push(Descriptor {
+                    digest: digest.clone(),
+                    size: 0,
+                });
             }
         }
     }
     if !missing.is_empty() {
         let mut found = saved_layers(docker, base, &missing).await?;
-        for d in descriptors.iter_mut().filter(|d| missing.contains(&d.digest)) {
+        for d in descriptors
+            .iter_mut()
+            .filter(|d| missing.contains(&d.digest))
+        {
             let bytes = found.remove(&d.digest).with_context(|| {
                 format!("`docker save {base}` did not hold its layer {}", d.digest)
             })?;
@@ -57,13 +69,24 @@ pub async fn push_snapshot(
             report.count(true, d.size as usize);
         }
     }
-    let layer_desc = Descriptor { digest: sha256_digest(&layer), size: layer.len() as u64 };
+    let layer_desc = Descriptor {
+        digest: sha256_digest(&layer),
+        size: layer.len() as u64,
+    };
     report.count(pusher.put_blob(repo, &layer).await?, layer.len());
     descriptors.push(layer_desc);
     let config_bytes = serde_json::to_vec(config)?;
-    report.count(pusher.put_blob(repo, &config_bytes).await?, config_bytes.len());
-    let config_desc = Descriptor { digest: sha256_digest(&config_bytes), size: config_bytes.len() as u64 };
-    pusher.put_manifest(repo, tag, &config_desc, &descriptors).await?;
+    report.count(
+        pusher.put_blob(repo, &config_bytes).await?,
+        config_bytes.len(),
+    );
+    let config_desc = Descriptor {
+        digest: sha256_digest(&config_bytes),
+        size: config_bytes.len() as u64,
+    };
+    pusher
+        .put_manifest(repo, tag, &config_desc, &descriptors)
+        .await?;
     Ok(report)
 }
 

@@ -685,7 +685,10 @@ pub async fn down(
             // A container of the user's own (`docker run --network devloop-P`) keeps the
             // network: say so instead of failing after everything else is gone.
             let attached: Vec<String> = docker
-                .inspect_network(&name, None::<bollard::query_parameters::InspectNetworkOptions>)
+                .inspect_network(
+                    &name,
+                    None::<bollard::query_parameters::InspectNetworkOptions>,
+                )
                 .await
                 .map_err(api(format!("inspecting network {name}")))?
                 .containers
@@ -908,7 +911,10 @@ mod tests {
 
     #[test]
     fn an_engine_error_is_said_once() {
-        let cause = bollard::errors::Error::DockerResponseServerError { status_code: 403, message: "network has active endpoints".into() };
+        let cause = bollard::errors::Error::DockerResponseServerError {
+            status_code: 403,
+            message: "network has active endpoints".into(),
+        };
         let e = anyhow::Error::new(api("removing network n")(cause));
         let text = format!("{e:#}");
         assert_eq!(text.matches("active endpoints").count(), 1, "{text}");

@@ -143,7 +143,10 @@ impl TunnelFrame {
 
     /// A `Reset` whose reason is cut to [`MAX_REASON_BYTES`].
     pub fn reset(stream: u64, reason: &str) -> TunnelFrame {
-        TunnelFrame::Reset { stream, reason: cut_reason(reason).to_string() }
+        TunnelFrame::Reset {
+            stream,
+            reason: cut_reason(reason).to_string(),
+        }
     }
 }
 

@@ -14,8 +14,8 @@ mod frame;
 mod mux;
 
 pub use frame::{
-    Side, TunnelFrame, CONNECTION_LOST, INITIAL_WINDOW, MAX_DATA_FRAME, MAX_REASON_BYTES, MAX_STREAM_WINDOW,
-    MAX_WINDOW, OUT_QUEUE_FRAMES,
+    Side, TunnelFrame, CONNECTION_LOST, INITIAL_WINDOW, MAX_DATA_FRAME, MAX_REASON_BYTES,
+    MAX_STREAM_WINDOW, MAX_WINDOW, OUT_QUEUE_FRAMES,
 };
 pub use mux::{pump, Incoming, Mux, MuxStream};
 

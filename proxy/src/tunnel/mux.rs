@@ -29,7 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
 use super::frame::{
-    cut_reason, Side, TunnelFrame, CONNECTION_LOST, INITIAL_WINDOW, MAX_DATA_FRAME, MAX_STREAM_WINDOW, MAX_WINDOW,
+    cut_reason, Side, TunnelFrame, CONNECTION_LOST, INITIAL_WINDOW, MAX_DATA_FRAME,
+    MAX_STREAM_WINDOW, MAX_WINDOW,
 };
 
 /// Streams the peer opened and the application has not accepted yet. Beyond this, a new
@@ -161,7 +162,9 @@ impl StreamState {
     }
 
     fn error(&self) -> Option<io::Error> {
-        self.reset.as_ref().map(|(kind, reason)| io::Error::new(*kind, reason.clone()))
+        self.reset
+            .as_ref()
+            .map(|(kind, reason)| io::Error::new(*kind, reason.clone()))
     }
 
     fn wake(&mut self) {
@@ -257,7 +260,14 @@ impl Shared {
                 st.buffered = 0;
             }
             st.wake();
-            (st.id, st.port, st.direction, st.bytes_sent, st.bytes_received, buffered)
+            (
+                st.id,
+                st.port,
+                st.direction,
+                st.bytes_sent,
+                st.bytes_received,
+                buffered,
+            )
         };
         lock(&self.inner).streams.remove(&id);
         let side = self.side;
@@ -320,13 +330,22 @@ impl Shared {
                 return;
             }
             inner.closed = Some(reason.to_string());
-            (inner.streams.drain().map(|(_, st)| st).collect(), inner.incoming_tx.take())
+            (
+                inner.streams.drain().map(|(_, st)| st).collect(),
+                inner.incoming_tx.take(),
+            )
         };
         // Dropped outside the lock: streams still queued in it lock the table when they drop.
         drop(incoming_tx);
         tracing::info!(side = %self.side, streams = streams.len(), %reason, "tunnel shut down");
         for st in &streams {
-            self.end_stream(st, Ending::ResetHere { reason: reason.to_string(), send: false });
+            self.end_stream(
+                st,
+                Ending::ResetHere {
+                    reason: reason.to_string(),
+                    send: false,
+                },
+            );
         }
     }
 }
@@ -380,7 +399,12 @@ impl Mux {
     /// may follow right away). If the peer cannot connect `port`, the stream is reset with
     /// its reason. Fails only when the tunnel is shut down or the outgoing channel closed.
     pub async fn open(&self, port: u16) -> io::Result<MuxStream> {
-        let permit = self.shared.out.reserve().await.map_err(|_| lost(CONNECTION_LOST))?;
+        let permit = self
+            .shared
+            .out
+            .reserve()
+            .await
+            .map_err(|_| lost(CONNECTION_LOST))?;
         let (id, state) = {
             let mut inner = lock(&self.shared.inner);
             if let Some(reason) = &inner.closed {
@@ -395,7 +419,13 @@ impl Mux {
             (id, state)
         };
         tracing::debug!(side = %self.shared.side, stream_id = id, port, direction = lock(&state).direction, "tunnel stream opened");
-        Ok(MuxStream { id, port, state, shared: self.shared.clone(), reserve: None })
+        Ok(MuxStream {
+            id,
+            port,
+            state,
+            shared: self.shared.clone(),
+            reserve: None,
+        })
     }
 
     /// Takes one frame from the peer. Never waits: data is buffered in its stream (at most
@@ -409,7 +439,9 @@ impl Mux {
             TunnelFrame::Reset { stream, reason } => match shared.lookup(stream) {
                 Lookup::Live(st) => shared.end_stream(&st, Ending::ResetByPeer(reason)),
                 // Never answer a reset with a reset.
-                _ => tracing::debug!(side = %shared.side, stream_id = stream, %reason, "reset for a stream that is not open: ignored"),
+                _ => {
+                    tracing::debug!(side = %shared.side, stream_id = stream, %reason, "reset for a stream that is not open: ignored")
+                }
             },
             TunnelFrame::Data { stream, data } => {
                 let st = match shared.lookup(stream) {
@@ -521,7 +553,10 @@ impl Mux {
         let shared = &self.shared;
         let peer = shared.side.peer();
         enum Verdict {
-            Accept(Arc<Mutex<StreamState>>, Option<mpsc::Sender<(u16, MuxStream)>>),
+            Accept(
+                Arc<Mutex<StreamState>>,
+                Option<mpsc::Sender<(u16, MuxStream)>>,
+            ),
             Refuse(String, Option<Arc<Mutex<StreamState>>>),
             Ignore,
         }
@@ -558,7 +593,13 @@ impl Mux {
             Verdict::Refuse(what, None) => shared.violation_without_stream(stream, what),
             Verdict::Accept(state, incoming_tx) => {
                 tracing::debug!(side = %shared.side, stream_id = stream, port, direction = lock(&state).direction, "tunnel stream accepted");
-                let ms = MuxStream { id: stream, port, state, shared: shared.clone(), reserve: None };
+                let ms = MuxStream {
+                    id: stream,
+                    port,
+                    state,
+                    shared: shared.clone(),
+                    reserve: None,
+                };
                 let Some(incoming_tx) = incoming_tx else {
                     return ms.reset(&format!("the {} does not accept streams", shared.side));
                 };
@@ -617,7 +658,8 @@ impl MuxStream {
     /// (cut to [`super::MAX_REASON_BYTES`]).
     pub fn reset(self, reason: &str) {
         let reason = cut_reason(reason).to_string();
-        self.shared.end_stream(&self.state, Ending::ResetHere { reason, send: true });
+        self.shared
+            .end_stream(&self.state, Ending::ResetHere { reason, send: true });
     }
 
     /// Carries bytes both ways between `io` (a TCP connection, usually) and this stream until
@@ -657,7 +699,10 @@ impl MuxStream {
 
     /// A slot in the outgoing channel, waiting in line (first come, first served) when it is
     /// full.
-    fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<mpsc::OwnedPermit<TunnelFrame>>> {
+    fn poll_permit(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<mpsc::OwnedPermit<TunnelFrame>>> {
         if self.reserve.is_none() {
             match self.shared.out.clone().try_reserve_owned() {
                 Ok(permit) => return Poll::Ready(Ok(permit)),
@@ -668,7 +713,9 @@ impl MuxStream {
             }
         }
         let out = &self.shared.out;
-        let fut = self.reserve.get_or_insert_with(|| Box::pin(out.clone().reserve_owned()));
+        let fut = self
+            .reserve
+            .get_or_insert_with(|| Box::pin(out.clone().reserve_owned()));
         let result = ready!(fut.as_mut().poll(cx));
         self.reserve = None;
         Poll::Ready(result.map_err(|_| lost(CONNECTION_LOST)))
@@ -703,7 +750,11 @@ where
 }
 
 impl AsyncRead for MuxStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let mut st = lock(&this.state);
         if let Some(e) = st.error() {
@@ -719,7 +770,9 @@ impl AsyncRead for MuxStream {
         let mut n = 0;
         while buf.remaining() > 0 {
             let off = st.front_read;
-            let Some(front) = st.recv_buf.front() else { break };
+            let Some(front) = st.recv_buf.front() else {
+                break;
+            };
             let take = (front.len() - off).min(buf.remaining());
             buf.put_slice(&front[off..off + take]);
             n += take;
@@ -749,14 +802,19 @@ impl AsyncRead for MuxStream {
             // plus at most the buffer, which never holds more than a window, plus the
             // growth): it fits in a u32.
             let credit = u32::try_from(credit).unwrap_or(u32::MAX);
-            this.shared.queue_control(TunnelFrame::Window { stream: id, credit });
+            this.shared
+                .queue_control(TunnelFrame::Window { stream: id, credit });
         }
         Poll::Ready(Ok(()))
     }
 }
 
 impl AsyncWrite for MuxStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         {
             let mut st = lock(&this.state);
@@ -783,10 +841,16 @@ impl AsyncWrite for MuxStream {
             return Poll::Ready(Err(e));
         }
         // Only this writer takes credit, so it is still > 0.
-        let n = buf.len().min(MAX_DATA_FRAME).min(usize::try_from(st.send_credit).unwrap_or(MAX_DATA_FRAME));
+        let n = buf
+            .len()
+            .min(MAX_DATA_FRAME)
+            .min(usize::try_from(st.send_credit).unwrap_or(MAX_DATA_FRAME));
         st.send_credit -= n as u64;
         st.bytes_sent += n as u64;
-        permit.send(TunnelFrame::Data { stream: this.id, data: buf[..n].to_vec() });
+        permit.send(TunnelFrame::Data {
+            stream: this.id,
+            data: buf[..n].to_vec(),
+        });
         Poll::Ready(Ok(n))
     }
 
@@ -833,17 +897,27 @@ impl Drop for MuxStream {
                 return;
             }
             if !st.send_end {
-                format!("the {} dropped the stream without shutting it down", self.shared.side)
+                format!(
+                    "the {} dropped the stream without shutting it down",
+                    self.shared.side
+                )
             } else {
-                format!("the {} dropped the stream before reading to its end", self.shared.side)
+                format!(
+                    "the {} dropped the stream before reading to its end",
+                    self.shared.side
+                )
             }
         };
-        self.shared.end_stream(&self.state, Ending::ResetHere { reason, send: true });
+        self.shared
+            .end_stream(&self.state, Ending::ResetHere { reason, send: true });
     }
 }
 
 impl std::fmt::Debug for MuxStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MuxStream").field("id", &self.id).field("port", &self.port).finish()
+        f.debug_struct("MuxStream")
+            .field("id", &self.id)
+            .field("port", &self.port)
+            .finish()
     }
 }

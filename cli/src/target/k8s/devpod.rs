@@ -10,7 +10,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::intercept::{apply_restore, apply_swap, records_on_deployments, template_restore_patch, template_swap_patch};
+use super::intercept::{
+    apply_restore, apply_swap, records_on_deployments, template_restore_patch, template_swap_patch,
+};
 use super::Cluster;
 
 /// The annotation holding a dev-mode Deployment's restore record.
@@ -93,7 +95,9 @@ pub fn dev_template(original: &Value, index: usize, s: &DevSpec) -> Value {
     }
     command.push("--".into());
     command.extend(s.command.iter().cloned());
-    let c = t["spec"]["containers"][index].as_object_mut().expect("a container is an object");
+    let c = t["spec"]["containers"][index]
+        .as_object_mut()
+        .expect("a container is an object");
     c.insert("command".into(), json!(command));
     c.remove("args");
     let mounts = c.entry("volumeMounts").or_insert_with(|| json!([]));
@@ -132,22 +136,37 @@ pub fn dev_template(original: &Value, index: usize, s: &DevSpec) -> Value {
         v.push(json!({"name": AGENT_VOLUME, "emptyDir": {}}));
         v.push(json!({"name": SYNC_VOLUME, "emptyDir": {}}));
         // 0444: the agent may run as any user the original ran as.
-        v.push(json!({"name": TOKEN_VOLUME, "secret": {"secretName": s.secret, "defaultMode": 0o444}}));
+        v.push(
+            json!({"name": TOKEN_VOLUME, "secret": {"secretName": s.secret, "defaultMode": 0o444}}),
+        );
     }
     t
 }
 
 pub fn swap_patch(deployment: &Value, record: &DevRecord, template: &Value) -> Value {
-    template_swap_patch(deployment, RECORD, serde_json::to_string(record).expect("a record serializes"), template)
+    template_swap_patch(
+        deployment,
+        RECORD,
+        serde_json::to_string(record).expect("a record serializes"),
+        template,
+    )
 }
 
 pub fn restore_patch(record: &DevRecord) -> Value {
-    template_restore_patch(RECORD, SESSION_LABEL, &record.session, &record.template, &record.replicas)
+    template_restore_patch(
+        RECORD,
+        SESSION_LABEL,
+        &record.session,
+        &record.template,
+        &record.replicas,
+    )
 }
 
 /// Creates (or replaces) the Secret `name` holding the agent's token.
 pub async fn create_token_secret(cluster: &Cluster, name: &str, token: &str) -> anyhow::Result<()> {
-    let _ = cluster.delete(&cluster.path("v1", "secrets", Some(name))).await;
+    let _ = cluster
+        .delete(&cluster.path("v1", "secrets", Some(name)))
+        .await;
     let body = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "devloop"}},
@@ -184,15 +203,33 @@ pub async fn read_token(cluster: &Cluster, record: &DevRecord) -> anyhow::Result
 }
 
 /// Switches the Deployment to dev mode in one patch (the record with it).
-pub async fn swap_in(cluster: &Cluster, deployment: &Value, record: &DevRecord, template: &Value) -> anyhow::Result<()> {
+pub async fn swap_in(
+    cluster: &Cluster,
+    deployment: &Value,
+    record: &DevRecord,
+    template: &Value,
+) -> anyhow::Result<()> {
     let name = &record.deployment;
-    apply_swap(cluster, name, &swap_patch(deployment, record, template), "switching it to dev mode", format!("switching deployment {name} to dev mode")).await
+    apply_swap(
+        cluster,
+        name,
+        &swap_patch(deployment, record, template),
+        "switching it to dev mode",
+        format!("switching deployment {name} to dev mode"),
+    )
+    .await
 }
 
 /// Switches the Deployment back and removes the token Secret. Ok(false) when it was no
 /// longer in this session's dev mode.
 pub async fn restore(cluster: &Cluster, record: &DevRecord) -> anyhow::Result<bool> {
-    apply_restore(cluster, &record.deployment, &restore_patch(record), &record.secret).await
+    apply_restore(
+        cluster,
+        &record.deployment,
+        &restore_patch(record),
+        &record.secret,
+    )
+    .await
 }
 
 /// The label on a watched version's pod template (value: the watch session).
@@ -215,9 +252,12 @@ pub fn watch_secret_name(deployment: &str) -> String {
 /// template back, which `deploy`, `up` and `intercept` start from.
 pub fn watch_template(original: &Value, index: usize, s: &DevSpec, replicas: &Value) -> Value {
     let c = &original["spec"]["containers"][index];
-    let own = json!({"index": index, "command": c["command"], "args": c["args"], "replicas": replicas});
+    let own =
+        json!({"index": index, "command": c["command"], "args": c["args"], "replicas": replicas});
     let mut t = dev_template(original, index, s);
-    let labels = t["metadata"]["labels"].as_object_mut().expect("dev_template makes labels");
+    let labels = t["metadata"]["labels"]
+        .as_object_mut()
+        .expect("dev_template makes labels");
     labels.remove(SESSION_LABEL);
     labels.insert(WATCH_LABEL.into(), json!(s.session));
     if !t["metadata"]["annotations"].is_object() {
@@ -271,7 +311,10 @@ pub fn unwatched(t: &Value) -> Option<Value> {
     let spec = u["spec"].as_object_mut()?;
     drop_named(spec, "initContainers", &["devloop-install", "devloop-seed"]);
     drop_named(spec, "volumes", &ours);
-    let c = spec.get_mut("containers")?.get_mut(index)?.as_object_mut()?;
+    let c = spec
+        .get_mut("containers")?
+        .get_mut(index)?
+        .as_object_mut()?;
     drop_named(c, "volumeMounts", &ours);
     for key in ["command", "args"] {
         match &own[key] {
@@ -289,8 +332,18 @@ pub async fn in_dev_mode(cluster: &Cluster) -> anyhow::Result<Vec<DevRecord>> {
 
 /// The command the container runs: its `command` (else the image's entry point) followed
 /// by its `args` (else, when `command` is unset, the image's cmd), as the kubelet builds it.
-pub fn effective_command(container: &Value, image_entrypoint: &[String], image_cmd: &[String]) -> Vec<String> {
-    let list = |v: &Value| -> Option<Vec<String>> { v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()) };
+pub fn effective_command(
+    container: &Value,
+    image_entrypoint: &[String],
+    image_cmd: &[String],
+) -> Vec<String> {
+    let list = |v: &Value| -> Option<Vec<String>> {
+        v.as_array().map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+    };
     match (list(&container["command"]), list(&container["args"])) {
         (Some(c), Some(a)) => c.into_iter().chain(a).collect(),
         (Some(c), None) => c,
@@ -335,26 +388,48 @@ mod tests {
     #[test]
     fn the_dev_template_runs_the_agent_around_the_original_command() {
         let d = deployment();
-        let cmd = effective_command(&d["spec"]["template"]["spec"]["containers"][0], &["python3".into()], &["app.py".into()]);
+        let cmd = effective_command(
+            &d["spec"]["template"]["spec"]["containers"][0],
+            &["python3".into()],
+            &["app.py".into()],
+        );
         assert_eq!(cmd, vec!["python3", "--fast"]);
-        let spec = DevSpec { agent_image: "reg/devloop-agent:v", sync_to: "/app", command: &cmd, workdir: Some("/app"), session: "s1", secret: "api-devloop-dev" };
+        let spec = DevSpec {
+            agent_image: "reg/devloop-agent:v",
+            sync_to: "/app",
+            command: &cmd,
+            workdir: Some("/app"),
+            session: "s1",
+            secret: "api-devloop-dev",
+        };
         let t = dev_template(&d["spec"]["template"], 0, &spec);
         let c = &t["spec"]["containers"][0];
-        let command: Vec<&str> = c["command"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+        let command: Vec<&str> = c["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
         assert_eq!(command[..2], ["/.devloop/bin/devloop-agent", "dev"]);
         assert_eq!(command[command.len() - 3..], ["--", "python3", "--fast"]);
         assert!(command.windows(2).any(|w| w == ["--workdir", "/app"]));
         assert!(c["args"].is_null());
         // Same image, ports and the original mount, plus the agent's three.
         assert_eq!(c["image"], "reg/shop-api:1");
-        assert_eq!(c["ports"], d["spec"]["template"]["spec"]["containers"][0]["ports"]);
+        assert_eq!(
+            c["ports"],
+            d["spec"]["template"]["spec"]["containers"][0]["ports"]
+        );
         assert_eq!(c["volumeMounts"].as_array().unwrap().len(), 4);
         let inits = t["spec"]["initContainers"].as_array().unwrap();
         assert_eq!(inits[0]["image"], "reg/devloop-agent:v");
         assert_eq!(inits[1]["image"], "reg/shop-api:1");
         assert_eq!(inits[1]["securityContext"]["runAsUser"], 1000);
         assert_eq!(t["spec"]["volumes"].as_array().unwrap().len(), 4);
-        assert_eq!(t["spec"]["containers"][1], d["spec"]["template"]["spec"]["containers"][1]);
+        assert_eq!(
+            t["spec"]["containers"][1],
+            d["spec"]["template"]["spec"]["containers"][1]
+        );
         assert_eq!(t["metadata"]["labels"][SESSION_LABEL], "s1");
     }
 
@@ -362,27 +437,54 @@ mod tests {
     fn swap_then_restore_gives_back_the_same_spec() {
         let d = deployment();
         let r = record(&d);
-        let t = dev_template(&d["spec"]["template"], 0, &DevSpec { agent_image: "a", sync_to: "/app", command: &["x".into()], workdir: None, session: "s1", secret: "s" });
+        let t = dev_template(
+            &d["spec"]["template"],
+            0,
+            &DevSpec {
+                agent_image: "a",
+                sync_to: "/app",
+                command: &["x".into()],
+                workdir: None,
+                session: "s1",
+                secret: "s",
+            },
+        );
         let swap = swap_patch(&d, &r, &t);
-        assert_eq!(swap[0], json!({"op": "test", "path": "/metadata/resourceVersion", "value": "7"}));
+        assert_eq!(
+            swap[0],
+            json!({"op": "test", "path": "/metadata/resourceVersion", "value": "7"})
+        );
         let mut after = d.clone();
         after["metadata"]["annotations"][RECORD] = json!(serde_json::to_string(&r).unwrap());
         after["spec"]["template"] = t;
         after["spec"]["replicas"] = json!(1);
         assert_eq!(record_of(&after), Some(r.clone()));
         let restore = restore_patch(&r);
-        assert_eq!(restore[0]["path"], "/spec/template/metadata/labels/devloop.dev~1dev-session");
+        assert_eq!(
+            restore[0]["path"],
+            "/spec/template/metadata/labels/devloop.dev~1dev-session"
+        );
         // Applying the restore ops by hand gives back the original.
         after["spec"]["template"] = restore[1]["value"].clone();
         after["spec"]["replicas"] = restore[2]["value"].clone();
-        after["metadata"]["annotations"].as_object_mut().unwrap().remove(RECORD);
+        after["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove(RECORD);
         assert_eq!(after, d);
     }
 
     #[test]
     fn a_watched_version_unwraps_to_the_plain_template() {
         let plain = deployment()["spec"]["template"].clone();
-        let spec = DevSpec { agent_image: "a", sync_to: "/app", command: &["python3".into(), "--fast".into()], workdir: Some("/app"), session: "w1", secret: "api-devloop-watch" };
+        let spec = DevSpec {
+            agent_image: "a",
+            sync_to: "/app",
+            command: &["python3".into(), "--fast".into()],
+            workdir: Some("/app"),
+            session: "w1",
+            secret: "api-devloop-watch",
+        };
         let w = watch_template(&plain, 0, &spec, &json!(2));
         assert_eq!(watched_replicas(&w), Some(json!(2)));
         assert_eq!(watched_replicas(&plain), None);
@@ -409,6 +511,9 @@ mod tests {
         assert_eq!(c(json!({})), vec!["/entry", "serve"]);
         assert_eq!(c(json!({"args": ["a"]})), vec!["/entry", "a"]);
         assert_eq!(c(json!({"command": ["/bin/x"]})), vec!["/bin/x"]);
-        assert_eq!(c(json!({"command": ["/bin/x"], "args": ["y"]})), vec!["/bin/x", "y"]);
+        assert_eq!(
+            c(json!({"command": ["/bin/x"], "args": ["y"]})),
+            vec!["/bin/x", "y"]
+        );
     }
 }

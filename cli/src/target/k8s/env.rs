@@ -61,14 +61,24 @@ pub fn references(container: &Value) -> Vec<(Kind, String)> {
 
 /// Reads what the container refers to. A permission the user lacks is named in the
 /// error, as everywhere else.
-pub async fn fetch(cluster: &Cluster, refs: &[(Kind, String)]) -> Result<Sources, super::KubeError> {
+pub async fn fetch(
+    cluster: &Cluster,
+    refs: &[(Kind, String)],
+) -> Result<Sources, super::KubeError> {
     let mut out = Sources::new();
     for (kind, name) in refs {
         let path = cluster.path("v1", kind.resource(), Some(name));
-        let v = cluster
-            .get_opt(&path)
-            .await
-            .map_err(|e| cluster.err(e, "get", kind.resource(), format!("reading {}/{name} for the laptop's environment", kind.resource())))?;
+        let v = cluster.get_opt(&path).await.map_err(|e| {
+            cluster.err(
+                e,
+                "get",
+                kind.resource(),
+                format!(
+                    "reading {}/{name} for the laptop's environment",
+                    kind.resource()
+                ),
+            )
+        })?;
         let data = v.map(|v| {
             let mut m = BTreeMap::new();
             for (k, val) in v["data"].as_object().into_iter().flatten() {
@@ -96,11 +106,12 @@ pub async fn fetch(cluster: &Cluster, refs: &[(Kind, String)]) -> Result<Sources
 pub fn resolve(container: &Value, namespace: &str, sources: &Sources) -> Resolved {
     let mut vars: Vec<(String, String)> = Vec::new();
     let mut skipped = Vec::new();
-    let set = |vars: &mut Vec<(String, String)>, k: String, v: String| {
-        match vars.iter_mut().find(|(n, _)| *n == k) {
-            Some(slot) => slot.1 = v,
-            None => vars.push((k, v)),
-        }
+    let set = |vars: &mut Vec<(String, String)>, k: String, v: String| match vars
+        .iter_mut()
+        .find(|(n, _)| *n == k)
+    {
+        Some(slot) => slot.1 = v,
+        None => vars.push((k, v)),
     };
     for e in container["envFrom"].as_array().into_iter().flatten() {
         let prefix = e["prefix"].as_str().unwrap_or_default();
@@ -109,7 +120,9 @@ pub fn resolve(container: &Value, namespace: &str, sources: &Sources) -> Resolve
         } else {
             (Kind::ConfigMap, &e["configMapRef"])
         };
-        let Some(name) = r["name"].as_str() else { continue };
+        let Some(name) = r["name"].as_str() else {
+            continue;
+        };
         match sources.get(&(kind, name.to_string())).cloned().flatten() {
             Some(data) => {
                 for (k, v) in data {
@@ -121,7 +134,9 @@ pub fn resolve(container: &Value, namespace: &str, sources: &Sources) -> Resolve
         }
     }
     for e in container["env"].as_array().into_iter().flatten() {
-        let Some(name) = e["name"].as_str() else { continue };
+        let Some(name) = e["name"].as_str() else {
+            continue;
+        };
         if let Some(v) = e["value"].as_str() {
             let expanded = expand(v, &vars);
             set(&mut vars, name.to_string(), expanded);
@@ -132,7 +147,12 @@ pub fn resolve(container: &Value, namespace: &str, sources: &Sources) -> Resolve
             let (Some(src), Some(key)) = (r["name"].as_str(), r["key"].as_str()) else {
                 return Err("a reference without name or key".into());
             };
-            match sources.get(&(kind, src.to_string())).cloned().flatten().and_then(|d| d.get(key).cloned()) {
+            match sources
+                .get(&(kind, src.to_string()))
+                .cloned()
+                .flatten()
+                .and_then(|d| d.get(key).cloned())
+            {
                 Some(v) => Ok(Some(v)),
                 None if r["optional"].as_bool() == Some(true) => Ok(None),
                 None => Err(format!("{}/{src} has no key `{key}`", kind.resource())),
@@ -205,8 +225,26 @@ mod tests {
 
     fn sources() -> Sources {
         let mut s = Sources::new();
-        s.insert((Kind::Secret, "db".into()), Some([("password".to_string(), "s3cret".to_string()), ("user".into(), "shop".into())].into()));
-        s.insert((Kind::ConfigMap, "settings".into()), Some([("LEVEL".to_string(), "debug".to_string()), ("PORT".into(), "1".into())].into()));
+        s.insert(
+            (Kind::Secret, "db".into()),
+            Some(
+                [
+                    ("password".to_string(), "s3cret".to_string()),
+                    ("user".into(), "shop".into()),
+                ]
+                .into(),
+            ),
+        );
+        s.insert(
+            (Kind::ConfigMap, "settings".into()),
+            Some(
+                [
+                    ("LEVEL".to_string(), "debug".to_string()),
+                    ("PORT".into(), "1".into()),
+                ]
+                .into(),
+            ),
+        );
         s.insert((Kind::ConfigMap, "gone".into()), None);
         s
     }
@@ -251,13 +289,19 @@ mod tests {
             "envFrom": [{"secretRef": {"name": "db"}}],
             "env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "db", "key": "x"}}}, {"name": "B", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "y"}}}],
         });
-        assert_eq!(references(&c), vec![(Kind::Secret, "db".into()), (Kind::ConfigMap, "c".into())]);
+        assert_eq!(
+            references(&c),
+            vec![(Kind::Secret, "db".into()), (Kind::ConfigMap, "c".into())]
+        );
     }
 
     #[test]
     fn a_missing_required_source_is_named() {
         let c = json!({"envFrom": [{"configMapRef": {"name": "gone"}}]});
         let r = resolve(&c, "ns", &sources());
-        assert_eq!(r.skipped, vec!["envFrom configmaps/gone: not found".to_string()]);
+        assert_eq!(
+            r.skipped,
+            vec!["envFrom configmaps/gone: not found".to_string()]
+        );
     }
 }

@@ -46,27 +46,51 @@ pub struct Record {
 /// The workload to intercept: a Deployment named so, else the one Deployment whose pods a
 /// Service of that name selects; with the Service of that name, if there is one (its ports
 /// may be named in `--port`).
-pub async fn find_deployment(cluster: &Cluster, name: &str) -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
+pub async fn find_deployment(
+    cluster: &Cluster,
+    name: &str,
+) -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
     let path = cluster.path("apps/v1", "deployments", Some(name));
     let svc_path = cluster.path("v1", "services", Some(name));
-    let deployment = cluster.get_opt(&path).await.map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {name}")))?;
+    let deployment = cluster.get_opt(&path).await.map_err(|e| {
+        cluster.err(
+            e,
+            "get",
+            "deployments",
+            format!("reading deployment {name}"),
+        )
+    })?;
     let svc = match cluster.get_opt(&svc_path).await {
         Ok(svc) => svc,
         // The Service only adds its port names and numbers to `--port`: a user who may not
         // read Services can still intercept a Deployment by its name, by container port.
         Err(e) if deployment.is_some() && status_of(&e) == Some(403) => {
-            tracing::debug!(service = name, "reading the Service is forbidden; going on with the Deployment's container ports");
+            tracing::debug!(
+                service = name,
+                "reading the Service is forbidden; going on with the Deployment's container ports"
+            );
             None
         }
-        Err(e) => return Err(cluster.err(e, "get", "services", format!("reading service {name}")).into()),
+        Err(e) => {
+            return Err(cluster
+                .err(e, "get", "services", format!("reading service {name}"))
+                .into())
+        }
     };
     if let Some(d) = deployment {
         return Ok((d, svc));
     }
     let Some(svc) = svc else {
-        anyhow::bail!("no Deployment or Service named `{name}` in namespace `{}` (context `{}`)", cluster.namespace, cluster.context);
+        anyhow::bail!(
+            "no Deployment or Service named `{name}` in namespace `{}` (context `{}`)",
+            cluster.namespace,
+            cluster.context
+        );
     };
-    let selector = svc["spec"]["selector"].as_object().cloned().unwrap_or_default();
+    let selector = svc["spec"]["selector"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     if selector.is_empty() {
         anyhow::bail!("Service `{name}` has no selector, so no workload behind it to intercept");
     }
@@ -101,7 +125,11 @@ pub fn record_of(deployment: &serde_json::Value) -> Option<Record> {
 
 /// The container port `--port REMOTE` means: a container port's number or name, else a
 /// port of the Service (by number or name) and the container port its `targetPort` names.
-pub fn resolve_port(template: &serde_json::Value, service: Option<&serde_json::Value>, remote: &crate::target::PortRef) -> anyhow::Result<u16> {
+pub fn resolve_port(
+    template: &serde_json::Value,
+    service: Option<&serde_json::Value>,
+    remote: &crate::target::PortRef,
+) -> anyhow::Result<u16> {
     use crate::target::PortRef;
     let container_ports: Vec<&serde_json::Value> = template["spec"]["containers"]
         .as_array()
@@ -116,9 +144,19 @@ pub fn resolve_port(template: &serde_json::Value, service: Option<&serde_json::V
             .and_then(|p| p["containerPort"].as_u64())
             .map(|n| n as u16)
     };
-    let declared = |n: u16| container_ports.iter().any(|p| p["containerPort"].as_u64() == Some(n as u64));
+    let declared = |n: u16| {
+        container_ports
+            .iter()
+            .any(|p| p["containerPort"].as_u64() == Some(n as u64))
+    };
     let service_ports: Vec<&serde_json::Value> = service
-        .map(|s| s["spec"]["ports"].as_array().into_iter().flatten().collect())
+        .map(|s| {
+            s["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .collect()
+        })
         .unwrap_or_default();
     let via_service = |sp: &serde_json::Value| -> Option<u16> {
         match &sp["targetPort"] {
@@ -130,8 +168,16 @@ pub fn resolve_port(template: &serde_json::Value, service: Option<&serde_json::V
     };
     match remote {
         PortRef::Number(n) if declared(*n) => Ok(*n),
-        PortRef::Number(n) => match service_ports.iter().find(|sp| sp["port"].as_u64() == Some(*n as u64)) {
-            Some(sp) => via_service(sp).ok_or_else(|| anyhow::anyhow!("Service port {n} targets {}, which no container port is named", sp["targetPort"])),
+        PortRef::Number(n) => match service_ports
+            .iter()
+            .find(|sp| sp["port"].as_u64() == Some(*n as u64))
+        {
+            Some(sp) => via_service(sp).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "Service port {n} targets {}, which no container port is named",
+                    sp["targetPort"]
+                )
+            }),
             // Undeclared ports are fine: containers need not list what they listen on.
             None => Ok(*n),
         },
@@ -139,8 +185,16 @@ pub fn resolve_port(template: &serde_json::Value, service: Option<&serde_json::V
             if let Some(n) = by_name(name) {
                 return Ok(n);
             }
-            match service_ports.iter().find(|sp| sp["name"].as_str() == Some(name.as_str())) {
-                Some(sp) => via_service(sp).ok_or_else(|| anyhow::anyhow!("Service port `{name}` targets {}, which no container port is named", sp["targetPort"])),
+            match service_ports
+                .iter()
+                .find(|sp| sp["name"].as_str() == Some(name.as_str()))
+            {
+                Some(sp) => via_service(sp).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "Service port `{name}` targets {}, which no container port is named",
+                        sp["targetPort"]
+                    )
+                }),
                 None => anyhow::bail!("no container port or Service port is named `{name}`"),
             }
         }
@@ -149,11 +203,21 @@ pub fn resolve_port(template: &serde_json::Value, service: Option<&serde_json::V
 
 /// The index of the container serving `port` (a containerPort of it), else the only container.
 pub fn container_for(template: &serde_json::Value, ports: &[u16]) -> anyhow::Result<usize> {
-    let containers = template["spec"]["containers"].as_array().cloned().unwrap_or_default();
+    let containers = template["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let has = |c: &serde_json::Value, p: u16| {
-        c["ports"].as_array().into_iter().flatten().any(|x| x["containerPort"].as_u64() == Some(p as u64))
+        c["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["containerPort"].as_u64() == Some(p as u64))
     };
-    if let Some(i) = containers.iter().position(|c| ports.iter().any(|p| has(c, *p))) {
+    if let Some(i) = containers
+        .iter()
+        .position(|c| ports.iter().any(|p| has(c, *p)))
+    {
         return Ok(i);
     }
     match containers.len() {
@@ -161,8 +225,16 @@ pub fn container_for(template: &serde_json::Value, ports: &[u16]) -> anyhow::Res
         0 => anyhow::bail!("the pod template has no containers"),
         _ => anyhow::bail!(
             "no container of the pod declares port {}; the containers are {}",
-            ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
-            containers.iter().map(|c| c["name"].as_str().unwrap_or("?")).collect::<Vec<_>>().join(", ")
+            ports
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            containers
+                .iter()
+                .map(|c| c["name"].as_str().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -183,7 +255,11 @@ pub struct AgentSpec<'a> {
     pub lease: Option<(u64, &'a str)>,
 }
 
-pub fn agent_template(original: &serde_json::Value, index: usize, a: &AgentSpec) -> serde_json::Value {
+pub fn agent_template(
+    original: &serde_json::Value,
+    index: usize,
+    a: &AgentSpec,
+) -> serde_json::Value {
     let (image, ports, expose, session, secret) = (a.image, a.ports, a.expose, a.session, a.secret);
     let mut t = original.clone();
     let labels = &mut t["metadata"]["labels"];
@@ -229,11 +305,17 @@ pub fn agent_template(original: &serde_json::Value, index: usize, a: &AgentSpec)
     obj.remove("startupProbe");
     obj.remove("lifecycle");
     obj.remove("workingDir");
-    let mounts = obj.entry("volumeMounts").or_insert_with(|| serde_json::json!([]));
+    let mounts = obj
+        .entry("volumeMounts")
+        .or_insert_with(|| serde_json::json!([]));
     if let Some(m) = mounts.as_array_mut() {
         m.push(serde_json::json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}));
     }
-    let volumes = t["spec"].as_object_mut().expect("a pod spec is an object").entry("volumes").or_insert_with(|| serde_json::json!([]));
+    let volumes = t["spec"]
+        .as_object_mut()
+        .expect("a pod spec is an object")
+        .entry("volumes")
+        .or_insert_with(|| serde_json::json!([]));
     if let Some(v) = volumes.as_array_mut() {
         // 0444: the agent may run as any user the original ran as.
         v.push(serde_json::json!({"name": TOKEN_VOLUME, "secret": {"secretName": secret, "defaultMode": 0o444}}));
@@ -260,36 +342,57 @@ pub fn lease_account(deployment: &str) -> String {
 pub async fn create_lease_account(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
     let name = lease_account(deployment);
     delete_lease_account(cluster, deployment).await?;
-    let labels = serde_json::json!({SECRET_LABEL: deployment, "app.kubernetes.io/managed-by": "devloop"});
+    let labels =
+        serde_json::json!({SECRET_LABEL: deployment, "app.kubernetes.io/managed-by": "devloop"});
     let rbac = "rbac.authorization.k8s.io/v1";
     let objects = [
-        ("v1", "serviceaccounts", serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "labels": labels}})),
-        (rbac, "roles", serde_json::json!({
-            "apiVersion": rbac, "kind": "Role", "metadata": {"name": name, "labels": labels},
-            "rules": [{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [deployment], "verbs": ["patch"]}],
-        })),
-        (rbac, "rolebindings", serde_json::json!({
-            "apiVersion": rbac, "kind": "RoleBinding", "metadata": {"name": name, "labels": labels},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": cluster.namespace}],
-        })),
+        (
+            "v1",
+            "serviceaccounts",
+            serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "labels": labels}}),
+        ),
+        (
+            rbac,
+            "roles",
+            serde_json::json!({
+                "apiVersion": rbac, "kind": "Role", "metadata": {"name": name, "labels": labels},
+                "rules": [{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [deployment], "verbs": ["patch"]}],
+            }),
+        ),
+        (
+            rbac,
+            "rolebindings",
+            serde_json::json!({
+                "apiVersion": rbac, "kind": "RoleBinding", "metadata": {"name": name, "labels": labels},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": cluster.namespace}],
+            }),
+        ),
     ];
     for (gv, resource, body) in objects {
         cluster
             .post_json(&cluster.path(gv, resource, None), &body)
             .await
-            .map_err(|e| cluster.err(e, "create", resource, format!("creating {resource} {name}")))?;
+            .map_err(|e| {
+                cluster.err(e, "create", resource, format!("creating {resource} {name}"))
+            })?;
     }
     Ok(())
 }
 
 pub async fn delete_lease_account(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
     let name = lease_account(deployment);
-    for (gv, resource) in [("rbac.authorization.k8s.io/v1", "rolebindings"), ("rbac.authorization.k8s.io/v1", "roles"), ("v1", "serviceaccounts")] {
+    for (gv, resource) in [
+        ("rbac.authorization.k8s.io/v1", "rolebindings"),
+        ("rbac.authorization.k8s.io/v1", "roles"),
+        ("v1", "serviceaccounts"),
+    ] {
         cluster
             .delete(&cluster.path(gv, resource, Some(&name)))
             .await
-            .map_err(|e| cluster.err(e, "delete", resource, format!("removing {resource} {name}")))?;
+            .map_err(|e| {
+                cluster.err(e, "delete", resource, format!("removing {resource} {name}"))
+            })?;
     }
     Ok(())
 }
@@ -307,20 +410,40 @@ pub const LEASE_SETUP_GRACE: Duration = Duration::from_secs(120);
 /// is reported and the rest goes on (nothing else depends on it). Returns the Deployments
 /// cleaned and what failed.
 pub async fn sweep_lease_leftovers(cluster: &Cluster) -> (Vec<String>, Vec<anyhow::Error>) {
-    let path = format!("{}?labelSelector={}", cluster.path("v1", "serviceaccounts", None), SECRET_LABEL.replace('/', "%2F"));
+    let path = format!(
+        "{}?labelSelector={}",
+        cluster.path("v1", "serviceaccounts", None),
+        SECRET_LABEL.replace('/', "%2F")
+    );
     let accounts = match cluster.get_json(&path).await {
         Ok(v) => v,
         // A user who may not list ServiceAccounts cannot clean up.
         Err(e) if status_of(&e) == Some(403) => return (Vec::new(), Vec::new()),
-        Err(e) => return (Vec::new(), vec![cluster.err(e, "list", "serviceaccounts", "listing devloop's lease accounts").into()]),
+        Err(e) => {
+            return (
+                Vec::new(),
+                vec![cluster
+                    .err(
+                        e,
+                        "list",
+                        "serviceaccounts",
+                        "listing devloop's lease accounts",
+                    )
+                    .into()],
+            )
+        }
     };
     let (mut cleaned, mut failed) = (Vec::new(), Vec::new());
     for a in accounts["items"].as_array().into_iter().flatten() {
-        let Some(deployment) = a["metadata"]["labels"][SECRET_LABEL].as_str() else { continue };
+        let Some(deployment) = a["metadata"]["labels"][SECRET_LABEL].as_str() else {
+            continue;
+        };
         match sweep_one(cluster, deployment, a).await {
             Ok(true) => cleaned.push(deployment.to_string()),
             Ok(false) => {}
-            Err(e) => failed.push(e.context(format!("removing the lease leftovers of deployment {deployment}"))),
+            Err(e) => failed.push(e.context(format!(
+                "removing the lease leftovers of deployment {deployment}"
+            ))),
         }
     }
     (cleaned, failed)
@@ -328,15 +451,28 @@ pub async fn sweep_lease_leftovers(cluster: &Cluster) -> (Vec<String>, Vec<anyho
 
 /// Removes the lease account `account` of `deployment` (and its Secret) if it is a
 /// leftover; whether it was.
-async fn sweep_one(cluster: &Cluster, deployment: &str, account: &serde_json::Value) -> anyhow::Result<bool> {
+async fn sweep_one(
+    cluster: &Cluster,
+    deployment: &str,
+    account: &serde_json::Value,
+) -> anyhow::Result<bool> {
     let d = cluster
         .get_opt(&cluster.path("apps/v1", "deployments", Some(deployment)))
         .await
-        .map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {deployment}")))?;
+        .map_err(|e| {
+            cluster.err(
+                e,
+                "get",
+                "deployments",
+                format!("reading deployment {deployment}"),
+            )
+        })?;
     if d.as_ref().and_then(record_of).is_some() {
         return Ok(false);
     }
-    let by_lease = d.as_ref().is_some_and(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].is_string());
+    let by_lease = d
+        .as_ref()
+        .is_some_and(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].is_string());
     // An intercept that is being set up has its account a few seconds before its record:
     // without the lease's mark, only an old account is a leftover (of a cli killed while
     // setting up).
@@ -354,7 +490,14 @@ async fn sweep_one(cluster: &Cluster, deployment: &str, account: &serde_json::Va
         let ops = serde_json::json!([{"op": "test", "path": mark, "value": d.as_ref().map(|d| d["metadata"]["annotations"][RESTORED_BY_LEASE].clone())}, {"op": "remove", "path": mark}]);
         if let Err(e) = cluster.json_patch(&path, &ops).await {
             if !matches!(status_of(&e), Some(404) | Some(409) | Some(422)) {
-                return Err(cluster.err(e, "patch", "deployments", format!("removing the lease's mark from deployment {deployment}")).into());
+                return Err(cluster
+                    .err(
+                        e,
+                        "patch",
+                        "deployments",
+                        format!("removing the lease's mark from deployment {deployment}"),
+                    )
+                    .into());
             }
         }
     }
@@ -369,7 +512,11 @@ async fn sweep_one(cluster: &Cluster, deployment: &str, account: &serde_json::Va
 
 /// The JSON patch that swaps the template in: it fails (and changes nothing) if the
 /// Deployment changed since it was read or is intercepted already.
-pub fn swap_patch(deployment: &serde_json::Value, record: &Record, template: &serde_json::Value) -> serde_json::Value {
+pub fn swap_patch(
+    deployment: &serde_json::Value,
+    record: &Record,
+    template: &serde_json::Value,
+) -> serde_json::Value {
     let record_json = serde_json::to_string(record).expect("a record serializes");
     template_swap_patch(deployment, RECORD, record_json, template)
 }
@@ -377,7 +524,13 @@ pub fn swap_patch(deployment: &serde_json::Value, record: &Record, template: &se
 /// The JSON patch that puts the original back; it fails if the record is not (or no longer)
 /// the one on the Deployment, so two `leave`s cannot both apply.
 pub fn restore_patch(record: &Record) -> serde_json::Value {
-    template_restore_patch(RECORD, SESSION_LABEL, &record.session, &record.template, &record.replicas)
+    template_restore_patch(
+        RECORD,
+        SESSION_LABEL,
+        &record.session,
+        &record.template,
+        &record.replicas,
+    )
 }
 
 /// The restore the agent sends when the lease runs out: [`restore_patch`] plus a mark on the
@@ -395,7 +548,12 @@ pub fn lease_restore_patch(record: &Record) -> serde_json::Value {
 /// pod), with the restore record in annotation `key`, in one patch: it tests the
 /// resourceVersion read, so a concurrent change (or a concurrent swap) fails it whole.
 /// The swapped Deployment runs one pod.
-pub fn template_swap_patch(deployment: &serde_json::Value, key: &str, record_json: String, template: &serde_json::Value) -> serde_json::Value {
+pub fn template_swap_patch(
+    deployment: &serde_json::Value,
+    key: &str,
+    record_json: String,
+    template: &serde_json::Value,
+) -> serde_json::Value {
     let rv = deployment["metadata"]["resourceVersion"].clone();
     let annotation = if deployment["metadata"]["annotations"].is_object() {
         serde_json::json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(key)), "value": record_json})
@@ -413,7 +571,13 @@ pub fn template_swap_patch(deployment: &serde_json::Value, key: &str, record_jso
 /// The patch that undoes [`template_swap_patch`]: the original template and replicas back,
 /// the record removed; it tests that the template still carries `label: session`, so it
 /// applies once.
-pub fn template_restore_patch(key: &str, label: &str, session: &str, template: &serde_json::Value, replicas: &serde_json::Value) -> serde_json::Value {
+pub fn template_restore_patch(
+    key: &str,
+    label: &str,
+    session: &str,
+    template: &serde_json::Value,
+    replicas: &serde_json::Value,
+) -> serde_json::Value {
     let pointer = format!("/metadata/annotations/{}", pointer_token(key));
     let mut ops = vec![
         serde_json::json!({"op": "test", "path": format!("/spec/template/metadata/labels/{}", pointer_token(label)), "value": session}),
@@ -429,7 +593,12 @@ pub fn template_restore_patch(key: &str, label: &str, session: &str, template: &
 }
 
 /// Creates the Secret holding the session token.
-pub async fn create_token_secret(cluster: &Cluster, name: &str, record: &Record, token: &str) -> anyhow::Result<()> {
+pub async fn create_token_secret(
+    cluster: &Cluster,
+    name: &str,
+    record: &Record,
+    token: &str,
+) -> anyhow::Result<()> {
     let deployment = record.deployment.as_str();
     let path = cluster.path("v1", "secrets", None);
     // A leftover of an earlier session goes first; failing that, say why here rather than
@@ -437,7 +606,14 @@ pub async fn create_token_secret(cluster: &Cluster, name: &str, record: &Record,
     cluster
         .delete(&cluster.path("v1", "secrets", Some(name)))
         .await
-        .map_err(|e| cluster.err(e, "delete", "secrets", format!("removing the leftover secret {name}")))?;
+        .map_err(|e| {
+            cluster.err(
+                e,
+                "delete",
+                "secrets",
+                format!("removing the leftover secret {name}"),
+            )
+        })?;
     let body = serde_json::json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "labels": {SECRET_LABEL: deployment, "app.kubernetes.io/managed-by": "devloop"}},
@@ -457,38 +633,81 @@ pub async fn create_token_secret(cluster: &Cluster, name: &str, record: &Record,
 }
 
 /// Swaps the agent in: one request that saves the record and replaces the template.
-pub async fn swap_in(cluster: &Cluster, deployment: &serde_json::Value, record: &Record, template: &serde_json::Value) -> anyhow::Result<()> {
+pub async fn swap_in(
+    cluster: &Cluster,
+    deployment: &serde_json::Value,
+    record: &Record,
+    template: &serde_json::Value,
+) -> anyhow::Result<()> {
     let name = &record.deployment;
-    apply_swap(cluster, name, &swap_patch(deployment, record, template), "swapping it", format!("swapping deployment {name}")).await
+    apply_swap(
+        cluster,
+        name,
+        &swap_patch(deployment, record, template),
+        "swapping it",
+        format!("swapping deployment {name}"),
+    )
+    .await
 }
 
 /// Sends a [`template_swap_patch`]; a failed test (the Deployment changed meanwhile) says
 /// so with `doing` ("deployment D changed while devloop was DOING; try again").
-pub async fn apply_swap(cluster: &Cluster, name: &str, patch: &serde_json::Value, doing: &str, what: String) -> anyhow::Result<()> {
+pub async fn apply_swap(
+    cluster: &Cluster,
+    name: &str,
+    patch: &serde_json::Value,
+    doing: &str,
+    what: String,
+) -> anyhow::Result<()> {
     let path = cluster.path("apps/v1", "deployments", Some(name));
-    cluster.json_patch(&path, patch).await.map_err(|e| match status_of(&e) {
-        Some(422) | Some(409) => anyhow::anyhow!("deployment {name} changed while devloop was {doing}; try again"),
-        _ => cluster.err(e, "patch", "deployments", what).into(),
-    })?;
+    cluster
+        .json_patch(&path, patch)
+        .await
+        .map_err(|e| match status_of(&e) {
+            Some(422) | Some(409) => {
+                anyhow::anyhow!("deployment {name} changed while devloop was {doing}; try again")
+            }
+            _ => cluster.err(e, "patch", "deployments", what).into(),
+        })?;
     Ok(())
 }
 
 /// Restores the Deployment from its record and removes the token Secret. Ok(false) when the
 /// Deployment carries no record of this session (already restored).
 pub async fn restore(cluster: &Cluster, record: &Record) -> anyhow::Result<bool> {
-    let restored = apply_restore(cluster, &record.deployment, &restore_patch(record), &record.secret).await?;
+    let restored = apply_restore(
+        cluster,
+        &record.deployment,
+        &restore_patch(record),
+        &record.secret,
+    )
+    .await?;
     delete_lease_account(cluster, &record.deployment).await?;
     Ok(restored)
 }
 
 /// Sends a [`template_restore_patch`] and removes the swap's token Secret. Ok(false) when
 /// the patch's test failed: no longer this session's swap (restored already).
-pub async fn apply_restore(cluster: &Cluster, name: &str, patch: &serde_json::Value, secret: &str) -> anyhow::Result<bool> {
+pub async fn apply_restore(
+    cluster: &Cluster,
+    name: &str,
+    patch: &serde_json::Value,
+    secret: &str,
+) -> anyhow::Result<bool> {
     let path = cluster.path("apps/v1", "deployments", Some(name));
     let restored = match cluster.json_patch(&path, patch).await {
         Ok(_) => true,
         Err(e) if matches!(status_of(&e), Some(422) | Some(409) | Some(404)) => false,
-        Err(e) => return Err(cluster.err(e, "patch", "deployments", format!("restoring deployment {name}")).into()),
+        Err(e) => {
+            return Err(cluster
+                .err(
+                    e,
+                    "patch",
+                    "deployments",
+                    format!("restoring deployment {name}"),
+                )
+                .into())
+        }
     };
     cluster
         .delete(&cluster.path("v1", "secrets", Some(secret)))
@@ -503,31 +722,57 @@ pub async fn intercepted(cluster: &Cluster) -> anyhow::Result<Vec<Record>> {
 }
 
 /// The records `read` finds on the namespace's Deployments (intercepts, dev pods).
-pub async fn records_on_deployments<T>(cluster: &Cluster, read: impl Fn(&serde_json::Value) -> Option<T>) -> anyhow::Result<Vec<T>> {
+pub async fn records_on_deployments<T>(
+    cluster: &Cluster,
+    read: impl Fn(&serde_json::Value) -> Option<T>,
+) -> anyhow::Result<Vec<T>> {
     let list = cluster
         .get_json(&cluster.path("apps/v1", "deployments", None))
         .await
         .map_err(|e| cluster.err(e, "list", "deployments", "listing deployments"))?;
-    Ok(list["items"].as_array().into_iter().flatten().filter_map(read).collect())
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(read)
+        .collect())
 }
 
 /// The running, ready agent pod of this session.
-pub async fn wait_agent_pod(cluster: &Cluster, session: &str, timeout: Duration) -> anyhow::Result<String> {
+pub async fn wait_agent_pod(
+    cluster: &Cluster,
+    session: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     wait_session_pod(cluster, SESSION_LABEL, session, timeout).await
 }
 
 /// The running, ready pod whose template carries `label: session`.
-pub async fn wait_session_pod(cluster: &Cluster, label: &str, session: &str, timeout: Duration) -> anyhow::Result<String> {
+pub async fn wait_session_pod(
+    cluster: &Cluster,
+    label: &str,
+    session: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let deadline = Instant::now() + timeout;
-    let path = format!("{}?labelSelector={label}%3D{session}", cluster.path("v1", "pods", None));
+    let path = format!(
+        "{}?labelSelector={label}%3D{session}",
+        cluster.path("v1", "pods", None)
+    );
     let mut last = String::from("no pod yet");
     loop {
-        let list = cluster.get_json(&path).await.map_err(|e| cluster.err(e, "list", "pods", "listing pods"))?;
+        let list = cluster
+            .get_json(&path)
+            .await
+            .map_err(|e| cluster.err(e, "list", "pods", "listing pods"))?;
         for p in list["items"].as_array().into_iter().flatten() {
             if !p["metadata"]["deletionTimestamp"].is_null() {
                 continue;
             }
-            let name = p["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let name = p["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let ready = p["status"]["conditions"]
                 .as_array()
                 .into_iter()
@@ -542,7 +787,10 @@ pub async fn wait_session_pod(cluster: &Cluster, label: &str, session: &str, tim
                 }
                 last = problem;
             } else {
-                last = format!("pod {name} is {}", p["status"]["phase"].as_str().unwrap_or("pending"));
+                last = format!(
+                    "pod {name} is {}",
+                    p["status"]["phase"].as_str().unwrap_or("pending")
+                );
             }
         }
         if Instant::now() > deadline {
@@ -553,7 +801,13 @@ pub async fn wait_session_pod(cluster: &Cluster, label: &str, session: &str, tim
 }
 
 /// Waiting reasons that do not go away by waiting.
-const FATAL_REASONS: &[&str] = &["ErrImagePull", "ImagePullBackOff", "CrashLoopBackOff", "CreateContainerConfigError", "InvalidImageName"];
+const FATAL_REASONS: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "InvalidImageName",
+];
 
 /// True for a [`pod_problem`] that waiting will not cure.
 pub fn is_fatal(problem: &str) -> bool {
@@ -564,14 +818,21 @@ pub fn is_fatal(problem: &str) -> bool {
 /// containers included.
 pub fn pod_problem(pod: &serde_json::Value) -> Option<String> {
     let status = &pod["status"];
-    ["initContainerStatuses", "containerStatuses"].iter().find_map(|key| {
-        status[*key].as_array()?.iter().find_map(|s| {
-            let w = &s["state"]["waiting"];
-            let reason = w["reason"].as_str()?;
-            (reason != "ContainerCreating" && reason != "PodInitializing")
-                .then(|| format!("container {}: {reason}: {}", s["name"].as_str().unwrap_or("?"), w["message"].as_str().unwrap_or("")))
+    ["initContainerStatuses", "containerStatuses"]
+        .iter()
+        .find_map(|key| {
+            status[*key].as_array()?.iter().find_map(|s| {
+                let w = &s["state"]["waiting"];
+                let reason = w["reason"].as_str()?;
+                (reason != "ContainerCreating" && reason != "PodInitializing").then(|| {
+                    format!(
+                        "container {}: {reason}: {}",
+                        s["name"].as_str().unwrap_or("?"),
+                        w["message"].as_str().unwrap_or("")
+                    )
+                })
+            })
         })
-    })
 }
 
 #[cfg(test)]
@@ -608,7 +869,12 @@ mod tests {
     }
 
     fn c_args(t: &serde_json::Value) -> Vec<String> {
-        t["spec"]["containers"][1]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+        t["spec"]["containers"][1]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
     }
 
     #[test]
@@ -622,14 +888,38 @@ mod tests {
             {"name": "side", "port": 9090, "targetPort": 9000},
             {"name": "same", "port": 7000},
         ]}});
-        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Number(8000)).unwrap(), 8000);
-        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Name("http".into())).unwrap(), 8000);
-        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Number(80)).unwrap(), 8000);
-        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Name("web".into())).unwrap(), 8000);
-        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Number(9090)).unwrap(), 9000);
-        assert_eq!(resolve_port(&t, Some(&svc), &PortRef::Name("same".into())).unwrap(), 7000);
-        assert_eq!(resolve_port(&t, None, &PortRef::Number(1234)).unwrap(), 1234);
-        assert!(resolve_port(&t, None, &PortRef::Name("nope".into())).unwrap_err().to_string().contains("`nope`"));
+        assert_eq!(
+            resolve_port(&t, Some(&svc), &PortRef::Number(8000)).unwrap(),
+            8000
+        );
+        assert_eq!(
+            resolve_port(&t, Some(&svc), &PortRef::Name("http".into())).unwrap(),
+            8000
+        );
+        assert_eq!(
+            resolve_port(&t, Some(&svc), &PortRef::Number(80)).unwrap(),
+            8000
+        );
+        assert_eq!(
+            resolve_port(&t, Some(&svc), &PortRef::Name("web".into())).unwrap(),
+            8000
+        );
+        assert_eq!(
+            resolve_port(&t, Some(&svc), &PortRef::Number(9090)).unwrap(),
+            9000
+        );
+        assert_eq!(
+            resolve_port(&t, Some(&svc), &PortRef::Name("same".into())).unwrap(),
+            7000
+        );
+        assert_eq!(
+            resolve_port(&t, None, &PortRef::Number(1234)).unwrap(),
+            1234
+        );
+        assert!(resolve_port(&t, None, &PortRef::Name("nope".into()))
+            .unwrap_err()
+            .to_string()
+            .contains("`nope`"));
     }
 
     #[test]
@@ -637,24 +927,46 @@ mod tests {
         let d = deployment();
         assert_eq!(container_for(&d["spec"]["template"], &[8000]).unwrap(), 1);
         assert_eq!(container_for(&d["spec"]["template"], &[9000]).unwrap(), 0);
-        assert!(container_for(&d["spec"]["template"], &[1]).unwrap_err().to_string().contains("side, api"));
+        assert!(container_for(&d["spec"]["template"], &[1])
+            .unwrap_err()
+            .to_string()
+            .contains("side, api"));
     }
 
     #[test]
     fn the_agent_template_keeps_the_rest_of_the_pod() {
         let d = deployment();
-        let spec = AgentSpec { image: "reg/devloop-agent:1", ports: &[8000], expose: &[], session: "s1", secret: "sec", lease: Some((900, "api-devloop-lease")) };
+        let spec = AgentSpec {
+            image: "reg/devloop-agent:1",
+            ports: &[8000],
+            expose: &[],
+            session: "s1",
+            secret: "sec",
+            lease: Some((900, "api-devloop-lease")),
+        };
         let t = agent_template(&d["spec"]["template"], 1, &spec);
         assert_eq!(t["spec"]["serviceAccountName"], "api-devloop-lease");
         assert!(c_args(&t).contains(&"--lease-secs".to_string()));
         let c = &t["spec"]["containers"][1];
         assert_eq!(c["image"], "reg/devloop-agent:1");
         assert_eq!(c["name"], "api");
-        assert_eq!(c["ports"], d["spec"]["template"]["spec"]["containers"][1]["ports"]);
-        assert_eq!(c["env"], d["spec"]["template"]["spec"]["containers"][1]["env"]);
-        assert!(c["readinessProbe"]["exec"]["command"][0].as_str().unwrap().ends_with("devloop-agent"));
+        assert_eq!(
+            c["ports"],
+            d["spec"]["template"]["spec"]["containers"][1]["ports"]
+        );
+        assert_eq!(
+            c["env"],
+            d["spec"]["template"]["spec"]["containers"][1]["env"]
+        );
+        assert!(c["readinessProbe"]["exec"]["command"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("devloop-agent"));
         assert!(c.get("startupProbe").is_none());
-        assert_eq!(t["spec"]["containers"][0], d["spec"]["template"]["spec"]["containers"][0]);
+        assert_eq!(
+            t["spec"]["containers"][0],
+            d["spec"]["template"]["spec"]["containers"][0]
+        );
         assert_eq!(t["metadata"]["labels"]["app"], "api");
         assert_eq!(t["metadata"]["labels"][SESSION_LABEL], "s1");
         assert_eq!(t["spec"]["volumes"][0]["secret"]["secretName"], "sec");
@@ -664,11 +976,21 @@ mod tests {
     fn swap_then_restore_gives_back_the_same_spec() {
         let d = deployment();
         let r = record(&d);
-        let spec = AgentSpec { image: "img", ports: &[8000], expose: &[], session: "s1", secret: "sec", lease: None };
+        let spec = AgentSpec {
+            image: "img",
+            ports: &[8000],
+            expose: &[],
+            session: "s1",
+            secret: "sec",
+            lease: None,
+        };
         let t = agent_template(&d["spec"]["template"], 1, &spec);
         let patch = swap_patch(&d, &r, &t);
         assert_eq!(patch[0]["op"], "test");
-        assert_eq!(patch[1]["path"], "/metadata/annotations/devloop.dev~1intercept");
+        assert_eq!(
+            patch[1]["path"],
+            "/metadata/annotations/devloop.dev~1intercept"
+        );
         // Apply both patches by hand (the ops these functions emit) and compare.
         let mut swapped = d.clone();
         swapped["metadata"]["annotations"][RECORD] = patch[1]["value"].clone();
@@ -680,7 +1002,10 @@ mod tests {
         let mut back = swapped.clone();
         back["spec"]["template"] = restore[1]["value"].clone();
         back["spec"]["replicas"] = restore[2]["value"].clone();
-        back["metadata"]["annotations"].as_object_mut().unwrap().remove(RECORD);
+        back["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove(RECORD);
         assert_eq!(back, d);
     }
 
@@ -689,7 +1014,10 @@ mod tests {
         let mut d = deployment();
         d["metadata"].as_object_mut().unwrap().remove("annotations");
         d["spec"].as_object_mut().unwrap().remove("replicas");
-        let r = Record { replicas: serde_json::Value::Null, ..record(&deployment()) };
+        let r = Record {
+            replicas: serde_json::Value::Null,
+            ..record(&deployment())
+        };
         let patch = swap_patch(&d, &r, &serde_json::json!({}));
         assert_eq!(patch[1]["path"], "/metadata/annotations");
         assert!(patch[1]["value"][RECORD].is_string());

@@ -37,8 +37,20 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn new(method: Method, uri: &str, content_type: Option<&'static str>, body: Option<Value>) -> Exchange {
-        Exchange { method, uri: uri.into(), content_type, body, status: StatusCode::OK, answer: "{}".into() }
+    fn new(
+        method: Method,
+        uri: &str,
+        content_type: Option<&'static str>,
+        body: Option<Value>,
+    ) -> Exchange {
+        Exchange {
+            method,
+            uri: uri.into(),
+            content_type,
+            body,
+            status: StatusCode::OK,
+            answer: "{}".into(),
+        }
     }
 
     /// Answers with this status and JSON body.
@@ -48,7 +60,11 @@ impl Exchange {
 
     /// Answers with this status and raw body (what a proxy in front of the API server sends).
     fn answer_text(self, status: u16, body: &str) -> Exchange {
-        Exchange { status: StatusCode::from_u16(status).expect("a status code"), answer: body.into(), ..self }
+        Exchange {
+            status: StatusCode::from_u16(status).expect("a status code"),
+            answer: body.into(),
+            ..self
+        }
     }
 }
 
@@ -85,12 +101,21 @@ where
     Fut: Future<Output = T>,
 {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let cluster = Cluster { client: kube::Client::new(service, NS), namespace: NS.into(), context: "mock".into() };
+    let cluster = Cluster {
+        client: kube::Client::new(service, NS),
+        namespace: NS.into(),
+        context: "mock".into(),
+    };
     let server = tokio::spawn(serve(handle, expected));
     // The cluster (the only client of the mock) is dropped when `code` is done, which ends
     // the server's wait for an unexpected extra request.
-    let out = tokio::time::timeout(Duration::from_secs(20), code(cluster)).await.expect("the code under test hung");
-    match tokio::time::timeout(Duration::from_secs(20), server).await.expect("the mock server hung") {
+    let out = tokio::time::timeout(Duration::from_secs(20), code(cluster))
+        .await
+        .expect("the code under test hung");
+    match tokio::time::timeout(Duration::from_secs(20), server)
+        .await
+        .expect("the mock server hung")
+    {
         Ok(()) => out,
         // The responder's assertion is the useful message, not what the code made of it.
         Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -106,14 +131,25 @@ async fn serve(mut handle: mock::Handle<Request<Body>, Response<Body>>, expected
         let (parts, body) = req.into_parts();
         let got = format!("{} {}", parts.method, parts.uri);
         assert_eq!(got, want, "request {}", i + 1);
-        let content_type = parts.headers.get(CONTENT_TYPE).map(|v| v.to_str().expect("an ASCII Content-Type"));
+        let content_type = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .map(|v| v.to_str().expect("an ASCII Content-Type"));
         assert_eq!(content_type, x.content_type, "Content-Type of {got}");
         let bytes = body.collect_bytes().await.expect("a request body");
         match &x.body {
-            None => assert!(bytes.is_empty(), "{got} has a body: {}", String::from_utf8_lossy(&bytes)),
+            None => assert!(
+                bytes.is_empty(),
+                "{got} has a body: {}",
+                String::from_utf8_lossy(&bytes)
+            ),
             Some(expected) => {
-                let sent: Value = serde_json::from_slice(&bytes)
-                    .unwrap_or_else(|e| panic!("{got}: the body is not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
+                let sent: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                    panic!(
+                        "{got}: the body is not JSON ({e}): {}",
+                        String::from_utf8_lossy(&bytes)
+                    )
+                });
                 assert_eq!(&sent, expected, "body of {got}");
             }
         }
@@ -125,7 +161,11 @@ async fn serve(mut handle: mock::Handle<Request<Body>, Response<Body>>, expected
         send.send_response(answer);
     }
     if let Some((req, _)) = handle.next_request().await {
-        panic!("unexpected request after the expected ones: {} {}", req.method(), req.uri());
+        panic!(
+            "unexpected request after the expected ones: {} {}",
+            req.method(),
+            req.uri()
+        );
     }
 }
 
@@ -157,30 +197,46 @@ fn record() -> Record {
 fn lease_account_deletions(deployment: &str, status: u16, answer: Value) -> Vec<Exchange> {
     let name = format!("{deployment}-devloop-lease");
     vec![
-        delete(&format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings/{name}")).answer(status, answer.clone()),
-        delete(&format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{name}")).answer(status, answer.clone()),
+        delete(&format!(
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings/{name}"
+        ))
+        .answer(status, answer.clone()),
+        delete(&format!(
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{name}"
+        ))
+        .answer(status, answer.clone()),
         delete(&format!("/api/v1/namespaces/{NS}/serviceaccounts/{name}")).answer(status, answer),
     ]
 }
 
 fn kube_error(e: &anyhow::Error) -> &KubeError {
-    e.downcast_ref::<KubeError>().unwrap_or_else(|| panic!("not a KubeError: {e:#}"))
+    e.downcast_ref::<KubeError>()
+        .unwrap_or_else(|| panic!("not a KubeError: {e:#}"))
 }
 
 // ---- The responder itself: strict about order, missing and extra requests ----
 
 #[tokio::test]
-#[should_panic(expected = "unexpected request after the expected ones: GET /api/v1/namespaces/team-a/pods")]
+#[should_panic(
+    expected = "unexpected request after the expected ones: GET /api/v1/namespaces/team-a/pods"
+)]
 async fn the_responder_fails_on_an_extra_request() {
     let path = format!("/api/v1/namespaces/{NS}/pods");
-    let _ = exchange(vec![get(&path)], |c| async move { (c.get_json(&path).await, c.get_json(&path).await) }).await;
+    let _ = exchange(vec![get(&path)], |c| async move {
+        (c.get_json(&path).await, c.get_json(&path).await)
+    })
+    .await;
 }
 
 #[tokio::test]
 #[should_panic(expected = "request 2 never came: DELETE /api/v1/namespaces/team-a/pods/p")]
 async fn the_responder_fails_on_a_missing_request() {
     let path = format!("/api/v1/namespaces/{NS}/pods");
-    let _ = exchange(vec![get(&path), delete(&format!("{path}/p"))], |c| async move { c.get_json(&path).await }).await;
+    let _ = exchange(
+        vec![get(&path), delete(&format!("{path}/p"))],
+        |c| async move { c.get_json(&path).await },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -199,10 +255,12 @@ async fn the_responder_checks_the_content_type() {
 #[tokio::test]
 async fn json_patch_sends_the_ops_as_a_json_patch_and_decodes_the_answer() {
     let ops = json!([{"op": "test", "path": "/metadata/resourceVersion", "value": "7"}, {"op": "add", "path": "/spec/replicas", "value": 1}]);
-    let patched = json!({"kind": "Deployment", "metadata": {"name": "api"}, "spec": {"replicas": 1}});
-    let out = exchange(vec![patch(&deployments("api"), ops.clone()).answer(200, patched.clone())], |c| async move {
-        c.json_patch(&deployments("api"), &ops).await
-    })
+    let patched =
+        json!({"kind": "Deployment", "metadata": {"name": "api"}, "spec": {"replicas": 1}});
+    let out = exchange(
+        vec![patch(&deployments("api"), ops.clone()).answer(200, patched.clone())],
+        |c| async move { c.json_patch(&deployments("api"), &ops).await },
+    )
     .await;
     assert_eq!(out.unwrap(), patched);
 }
@@ -212,7 +270,11 @@ async fn post_json_sends_json_and_decodes_the_answer() {
     let path = format!("/api/v1/namespaces/{NS}/secrets");
     let body = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}});
     let created = json!({"kind": "Secret", "metadata": {"name": "s", "uid": "u-1"}});
-    let out = exchange(vec![post(&path, body.clone()).answer(201, created.clone())], |c| async move { c.post_json(&path, &body).await }).await;
+    let out = exchange(
+        vec![post(&path, body.clone()).answer(201, created.clone())],
+        |c| async move { c.post_json(&path, &body).await },
+    )
+    .await;
     assert_eq!(out.unwrap(), created);
 }
 
@@ -220,16 +282,32 @@ async fn post_json_sends_json_and_decodes_the_answer() {
 async fn delete_treats_a_404_as_done_and_surfaces_a_500() {
     let path = format!("/api/v1/namespaces/{NS}/secrets/gone");
     let expected = vec![
-        delete(&path).answer(200, json!({"kind": "Status", "status": "Success", "code": 200})),
+        delete(&path).answer(
+            200,
+            json!({"kind": "Status", "status": "Success", "code": 200}),
+        ),
         delete(&path).answer(404, not_found("secrets \"gone\"")),
-        delete(&path).answer(500, status(500, "InternalError", "etcdserver: request timed out")),
+        delete(&path).answer(
+            500,
+            status(500, "InternalError", "etcdserver: request timed out"),
+        ),
     ];
-    let (ok, gone, failed) = exchange(expected, |c| async move { (c.delete(&path).await, c.delete(&path).await, c.delete(&path).await) }).await;
+    let (ok, gone, failed) = exchange(expected, |c| async move {
+        (
+            c.delete(&path).await,
+            c.delete(&path).await,
+            c.delete(&path).await,
+        )
+    })
+    .await;
     ok.unwrap();
     gone.expect("a 404 is already deleted");
     let e = failed.expect_err("a 500 is an error");
     assert_eq!(super::status_of(&e), Some(500));
-    assert!(e.to_string().contains("etcdserver: request timed out"), "{e}");
+    assert!(
+        e.to_string().contains("etcdserver: request timed out"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -241,7 +319,10 @@ async fn get_opt_maps_a_404_to_none_and_keeps_other_errors() {
         get(&path).answer(404, not_found("services \"api\"")),
         // Not a Status (a proxy's page): kube takes the code from the HTTP status.
         get(&path).answer_text(404, "404 page not found"),
-        get(&path).answer(403, status(403, "Forbidden", "services \"api\" is forbidden")),
+        get(&path).answer(
+            403,
+            status(403, "Forbidden", "services \"api\" is forbidden"),
+        ),
     ];
     let out = exchange(expected, |c| async move {
         let mut out = Vec::new();
@@ -255,27 +336,52 @@ async fn get_opt_maps_a_404_to_none_and_keeps_other_errors() {
     assert_eq!(out.next().unwrap().unwrap(), Some(svc));
     assert_eq!(out.next().unwrap().unwrap(), None);
     assert_eq!(out.next().unwrap().unwrap(), None);
-    assert_eq!(super::status_of(&out.next().unwrap().unwrap_err()), Some(403));
+    assert_eq!(
+        super::status_of(&out.next().unwrap().unwrap_err()),
+        Some(403)
+    );
 }
 
 #[tokio::test]
 async fn err_names_the_verb_and_resource_of_a_403() {
     let ops = json!([]);
     let expected = vec![
-        patch(&deployments("api"), ops.clone()).answer(403, status(403, "Forbidden", "deployments.apps \"api\" is forbidden: User \"dev\" cannot patch resource")),
+        patch(&deployments("api"), ops.clone()).answer(
+            403,
+            status(
+                403,
+                "Forbidden",
+                "deployments.apps \"api\" is forbidden: User \"dev\" cannot patch resource",
+            ),
+        ),
         patch(&deployments("api"), ops.clone()).answer(500, status(500, "InternalError", "boom")),
     ];
     let (forbidden, failed) = exchange(expected, |c| async move {
-        let a = c.json_patch(&deployments("api"), &ops).await.map_err(|e| c.err(e, "patch", "deployments", "swapping deployment api"));
-        let b = c.json_patch(&deployments("api"), &ops).await.map_err(|e| c.err(e, "patch", "deployments", "swapping deployment api"));
+        let a = c
+            .json_patch(&deployments("api"), &ops)
+            .await
+            .map_err(|e| c.err(e, "patch", "deployments", "swapping deployment api"));
+        let b = c
+            .json_patch(&deployments("api"), &ops)
+            .await
+            .map_err(|e| c.err(e, "patch", "deployments", "swapping deployment api"));
         (a, b)
     })
     .await;
     let forbidden = forbidden.unwrap_err();
-    assert!(matches!(&forbidden, KubeError::Forbidden { verb, resource, namespace, .. } if verb == "patch" && resource == "deployments" && namespace == NS), "{forbidden:?}");
+    assert!(
+        matches!(&forbidden, KubeError::Forbidden { verb, resource, namespace, .. } if verb == "patch" && resource == "deployments" && namespace == NS),
+        "{forbidden:?}"
+    );
     let text = forbidden.to_string();
-    assert!(text.contains("`patch` on `deployments` in namespace `team-a`"), "{text}");
-    assert!(text.contains("User \"dev\" cannot patch resource"), "{text}");
+    assert!(
+        text.contains("`patch` on `deployments` in namespace `team-a`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("User \"dev\" cannot patch resource"),
+        "{text}"
+    );
     let failed = failed.unwrap_err();
     assert!(matches!(&failed, KubeError::Api { .. }), "{failed:?}");
     assert_eq!(failed.to_string(), "swapping deployment api: boom");
@@ -288,19 +394,33 @@ async fn check_namespace_names_only_a_missing_namespace() {
         get(&path).answer(200, json!({"kind": "Namespace", "metadata": {"name": NS}})),
         get(&path).answer(404, not_found("namespaces \"team-a\"")),
         // A namespaced Role cannot read namespaces: not stopped here.
-        get(&path).answer(403, status(403, "Forbidden", "namespaces \"team-a\" is forbidden")),
+        get(&path).answer(
+            403,
+            status(403, "Forbidden", "namespaces \"team-a\" is forbidden"),
+        ),
         // Refused credentials are said at once, not at the first real request.
         get(&path).answer(401, status(401, "Unauthorized", "Unauthorized")),
     ];
     let (exists, missing, forbidden, unauthorized) = exchange(expected, |c| async move {
-        (c.check_namespace().await, c.check_namespace().await, c.check_namespace().await, c.check_namespace().await)
+        (
+            c.check_namespace().await,
+            c.check_namespace().await,
+            c.check_namespace().await,
+            c.check_namespace().await,
+        )
     })
     .await;
     let unauthorized = unauthorized.unwrap_err().to_string();
-    assert!(unauthorized.contains("refused the context's credentials"), "{unauthorized}");
+    assert!(
+        unauthorized.contains("refused the context's credentials"),
+        "{unauthorized}"
+    );
     exists.unwrap();
     let missing = missing.unwrap_err();
-    assert!(matches!(&missing, KubeError::UnknownNamespace { namespace, context } if namespace == NS && context == "mock"), "{missing:?}");
+    assert!(
+        matches!(&missing, KubeError::UnknownNamespace { namespace, context } if namespace == NS && context == "mock"),
+        "{missing:?}"
+    );
     forbidden.expect("a 403 on the namespace is not an error");
 }
 
@@ -345,16 +465,30 @@ async fn can_posts_a_self_subject_access_review_and_reads_allowed() {
 
 #[tokio::test]
 async fn missing_permissions_reviews_every_permission_in_order() {
-    let denied = [("apps", "deployments", "", "patch"), ("", "pods", "portforward", "get")];
+    let denied = [
+        ("apps", "deployments", "", "patch"),
+        ("", "pods", "portforward", "get"),
+    ];
     let expected = PERMISSIONS
         .iter()
         .map(|&(group, resource, sub, verb)| {
             let r = review(group, resource, sub, verb);
-            post(SSAR, r.clone()).answer(201, reviewed(&r, !denied.contains(&(group, resource, sub, verb))))
+            post(SSAR, r.clone()).answer(
+                201,
+                reviewed(&r, !denied.contains(&(group, resource, sub, verb))),
+            )
         })
         .collect();
-    let missing = exchange(expected, |c| async move { c.missing_permissions().await }).await.unwrap();
-    assert_eq!(missing, vec!["patch deployments".to_string(), "get pods/portforward".to_string()]);
+    let missing = exchange(expected, |c| async move { c.missing_permissions().await })
+        .await
+        .unwrap();
+    assert_eq!(
+        missing,
+        vec![
+            "patch deployments".to_string(),
+            "get pods/portforward".to_string()
+        ]
+    );
 }
 
 // ---- registry::discover: the KEP-1755 ConfigMap ----
@@ -377,10 +511,18 @@ async fn discover_reads_the_registry_the_cluster_advertises() {
     }
     let cm = json!({"kind": "ConfigMap", "metadata": {"name": "local-registry-hosting", "namespace": "kube-public"},
                     "data": {"localRegistryHosting.v1": "host: \"localhost:5001\"\nhostFromContainerRuntime: \"kind-registry:5000\"\nhelp: \"https://kind.sigs.k8s.io/docs/user/local-registry/\"\n"}});
-    let found = exchange(vec![get(HOSTING).answer(200, cm)], |c| async move { registry::discover(&c, None).await }).await.unwrap();
+    let found = exchange(vec![get(HOSTING).answer(200, cm)], |c| async move {
+        registry::discover(&c, None).await
+    })
+    .await
+    .unwrap();
     assert_eq!(
         found,
-        Some(Registry { push: "localhost:5001".into(), pull: "kind-registry:5000".into(), source: "ConfigMap kube-public/local-registry-hosting".into() })
+        Some(Registry {
+            push: "localhost:5001".into(),
+            pull: "kind-registry:5000".into(),
+            source: "ConfigMap kube-public/local-registry-hosting".into()
+        })
     );
 }
 
@@ -390,16 +532,30 @@ async fn route_loads_with_the_local_tool_only_for_kind_k3d_and_minikube() {
         return;
     }
     let cm = "/api/v1/namespaces/kube-public/configmaps/local-registry-hosting";
-    for (context, want) in [("kind-dev", Some("kind-dev")), ("k3d-x", Some("k3d-x")), ("minikube", Some("minikube")), ("prod", None)] {
-        let expected = vec![get(cm).answer(404, not_found("configmaps \"local-registry-hosting\""))];
+    for (context, want) in [
+        ("kind-dev", Some("kind-dev")),
+        ("k3d-x", Some("k3d-x")),
+        ("minikube", Some("minikube")),
+        ("prod", None),
+    ] {
+        let expected =
+            vec![get(cm).answer(404, not_found("configmaps \"local-registry-hosting\""))];
         let got = exchange(expected, |mut c| async move {
             c.context = context.into();
             registry::route(&c, None).await
         })
         .await;
         match want {
-            Some(ctx) => assert_eq!(got.unwrap(), registry::ImageRoute::Load { context: ctx.into() }),
-            None => assert!(got.unwrap_err().to_string().contains("set `registry = \"HOST:PORT\"` under [target]")),
+            Some(ctx) => assert_eq!(
+                got.unwrap(),
+                registry::ImageRoute::Load {
+                    context: ctx.into()
+                }
+            ),
+            None => assert!(got
+                .unwrap_err()
+                .to_string()
+                .contains("set `registry = \"HOST:PORT\"` under [target]")),
         }
     }
 }
@@ -409,10 +565,18 @@ async fn discover_prefers_the_configured_registry_without_a_request() {
     if registry_env_is_set() {
         return;
     }
-    let found = exchange(vec![], |c| async move { registry::discover(&c, Some("reg.example.com:5000")).await }).await.unwrap();
+    let found = exchange(vec![], |c| async move {
+        registry::discover(&c, Some("reg.example.com:5000")).await
+    })
+    .await
+    .unwrap();
     assert_eq!(
         found,
-        Some(Registry { push: "reg.example.com:5000".into(), pull: "reg.example.com:5000".into(), source: "[target] registry in devloop.toml".into() })
+        Some(Registry {
+            push: "reg.example.com:5000".into(),
+            pull: "reg.example.com:5000".into(),
+            source: "[target] registry in devloop.toml".into()
+        })
     );
 }
 
@@ -437,7 +601,13 @@ async fn discover_finds_nothing_on_404_403_or_an_empty_configmap_and_names_other
     .await;
     let mut out = out.into_iter();
     for case in ["404", "403", "no document"] {
-        assert_eq!(out.next().unwrap().unwrap_or_else(|e| panic!("{case}: {e}")), None, "{case}");
+        assert_eq!(
+            out.next()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{case}: {e}")),
+            None,
+            "{case}"
+        );
     }
     let e = out.next().unwrap().unwrap_err();
     assert_eq!(e.to_string(), "reading the advertised registry: boom");
@@ -450,9 +620,14 @@ async fn find_deployment_by_the_deployment_name() {
     let d = deployment("api", json!({"app": "api"}));
     let expected = vec![
         get(&deployments("api")).answer(200, d.clone()),
-        get(&format!("/api/v1/namespaces/{NS}/services/api")).answer(404, not_found("services \"api\"")),
+        get(&format!("/api/v1/namespaces/{NS}/services/api"))
+            .answer(404, not_found("services \"api\"")),
     ];
-    let (found, svc) = exchange(expected, |c| async move { intercept::find_deployment(&c, "api").await }).await.unwrap();
+    let (found, svc) = exchange(expected, |c| async move {
+        intercept::find_deployment(&c, "api").await
+    })
+    .await
+    .unwrap();
     assert_eq!(found, d);
     assert_eq!(svc, None);
 }
@@ -462,9 +637,16 @@ async fn find_deployment_by_its_name_needs_no_permission_on_services() {
     let d = deployment("api", json!({"app": "api"}));
     let expected = vec![
         get(&deployments("api")).answer(200, d.clone()),
-        get(&format!("/api/v1/namespaces/{NS}/services/api")).answer(403, status(403, "Forbidden", "services \"api\" is forbidden")),
+        get(&format!("/api/v1/namespaces/{NS}/services/api")).answer(
+            403,
+            status(403, "Forbidden", "services \"api\" is forbidden"),
+        ),
     ];
-    let (found, svc) = exchange(expected, |c| async move { intercept::find_deployment(&c, "api").await }).await.unwrap();
+    let (found, svc) = exchange(expected, |c| async move {
+        intercept::find_deployment(&c, "api").await
+    })
+    .await
+    .unwrap();
     assert_eq!((found, svc), (d, None));
 }
 
@@ -477,9 +659,16 @@ async fn find_deployment_by_a_service_selecting_its_pods() {
     let expected = vec![
         get(&deployments("web")).answer(404, not_found("deployments.apps \"web\"")),
         get(&format!("/api/v1/namespaces/{NS}/services/web")).answer(200, svc.clone()),
-        get(&format!("/apis/apps/v1/namespaces/{NS}/deployments")).answer(200, json!({"kind": "DeploymentList", "items": [other, partial, api.clone()]})),
+        get(&format!("/apis/apps/v1/namespaces/{NS}/deployments")).answer(
+            200,
+            json!({"kind": "DeploymentList", "items": [other, partial, api.clone()]}),
+        ),
     ];
-    let (found, found_svc) = exchange(expected, |c| async move { intercept::find_deployment(&c, "web").await }).await.unwrap();
+    let (found, found_svc) = exchange(expected, |c| async move {
+        intercept::find_deployment(&c, "web").await
+    })
+    .await
+    .unwrap();
     assert_eq!(found, api);
     assert_eq!(found_svc, Some(svc));
 }
@@ -488,7 +677,8 @@ async fn find_deployment_by_a_service_selecting_its_pods() {
 async fn find_deployment_explains_ambiguous_selectorless_and_unknown_names() {
     let svc_path = format!("/api/v1/namespaces/{NS}/services/web");
     let with_selector = json!({"kind": "Service", "metadata": {"name": "web"}, "spec": {"selector": {"app": "web"}}});
-    let headless = json!({"kind": "Service", "metadata": {"name": "web"}, "spec": {"clusterIP": "None"}});
+    let headless =
+        json!({"kind": "Service", "metadata": {"name": "web"}, "spec": {"clusterIP": "None"}});
     let expected = vec![
         // Two Deployments behind the Service.
         get(&deployments("web")).answer(404, not_found("deployments.apps \"web\"")),
@@ -510,16 +700,32 @@ async fn find_deployment_explains_ambiguous_selectorless_and_unknown_names() {
     let out = exchange(expected, |c| async move {
         let mut out = Vec::new();
         for _ in 0..4 {
-            out.push(intercept::find_deployment(&c, "web").await.map(|_| ()).unwrap_err());
+            out.push(
+                intercept::find_deployment(&c, "web")
+                    .await
+                    .map(|_| ())
+                    .unwrap_err(),
+            );
         }
         out
     })
     .await;
     let text: Vec<String> = out.iter().map(|e| e.to_string()).collect();
-    assert!(text[0].contains("several Deployments (web-blue, web-green)"), "{}", text[0]);
+    assert!(
+        text[0].contains("several Deployments (web-blue, web-green)"),
+        "{}",
+        text[0]
+    );
     assert!(text[1].contains("has no selector"), "{}", text[1]);
-    assert_eq!(text[2], "no Deployment or Service named `web` in namespace `team-a` (context `mock`)");
-    assert!(matches!(kube_error(&out[3]), KubeError::Forbidden { verb, resource, .. } if verb == "get" && resource == "services"), "{}", text[3]);
+    assert_eq!(
+        text[2],
+        "no Deployment or Service named `web` in namespace `team-a` (context `mock`)"
+    );
+    assert!(
+        matches!(kube_error(&out[3]), KubeError::Forbidden { verb, resource, .. } if verb == "get" && resource == "services"),
+        "{}",
+        text[3]
+    );
 }
 
 // ---- intercept: swap, restore and what they leave ----
@@ -531,10 +737,20 @@ async fn swap_in_sends_the_swap_patch_and_names_a_concurrent_change() {
     let template = json!({"metadata": {"labels": {"app": "api", SESSION_LABEL: "s1"}}, "spec": {"containers": []}});
     let ops = intercept::swap_patch(&d, &r, &template);
     // The patch guards on the resourceVersion read, so a concurrent change fails it.
-    assert_eq!(ops[0], json!({"op": "test", "path": "/metadata/resourceVersion", "value": "7"}));
+    assert_eq!(
+        ops[0],
+        json!({"op": "test", "path": "/metadata/resourceVersion", "value": "7"})
+    );
     let expected = vec![
         patch(&deployments("api"), ops.clone()).answer(200, d.clone()),
-        patch(&deployments("api"), ops.clone()).answer(422, status(422, "Invalid", "the server rejected our request: test operation failed")),
+        patch(&deployments("api"), ops.clone()).answer(
+            422,
+            status(
+                422,
+                "Invalid",
+                "the server rejected our request: test operation failed",
+            ),
+        ),
         patch(&deployments("api"), ops).answer(403, status(403, "Forbidden", "cannot patch")),
     ];
     let out = exchange(expected, |c| async move {
@@ -548,9 +764,15 @@ async fn swap_in_sends_the_swap_patch_and_names_a_concurrent_change() {
     let mut out = out.into_iter();
     out.next().unwrap().unwrap();
     let changed = out.next().unwrap().unwrap_err();
-    assert_eq!(changed.to_string(), "deployment api changed while devloop was swapping it; try again");
+    assert_eq!(
+        changed.to_string(),
+        "deployment api changed while devloop was swapping it; try again"
+    );
     let forbidden = out.next().unwrap().unwrap_err();
-    assert!(forbidden.to_string().contains("`patch` on `deployments`"), "{forbidden}");
+    assert!(
+        forbidden.to_string().contains("`patch` on `deployments`"),
+        "{forbidden}"
+    );
 }
 
 #[tokio::test]
@@ -558,18 +780,34 @@ async fn restore_patches_the_original_back_then_removes_the_secret_and_lease_acc
     let r = record();
     let ops = intercept::restore_patch(&r);
     // The patch is guarded by this session's label, then puts the template and replicas back.
-    assert_eq!(ops[0], json!({"op": "test", "path": "/spec/template/metadata/labels/devloop.dev~1intercept-session", "value": "s1"}));
+    assert_eq!(
+        ops[0],
+        json!({"op": "test", "path": "/spec/template/metadata/labels/devloop.dev~1intercept-session", "value": "s1"})
+    );
     assert_eq!(ops[1]["value"], r.template);
     let secret = format!("/api/v1/namespaces/{NS}/secrets/api-devloop-intercept");
-    let mut expected = vec![patch(&deployments("api"), ops.clone()).answer(200, json!({"kind": "Deployment"})), delete(&secret)];
-    expected.extend(lease_account_deletions("api", 200, json!({"kind": "Status", "status": "Success"})));
+    let mut expected = vec![
+        patch(&deployments("api"), ops.clone()).answer(200, json!({"kind": "Deployment"})),
+        delete(&secret),
+    ];
+    expected.extend(lease_account_deletions(
+        "api",
+        200,
+        json!({"kind": "Status", "status": "Success"}),
+    ));
     // Restored already (the test op fails): still cleaned up, and said so.
-    expected.push(patch(&deployments("api"), ops).answer(422, status(422, "Invalid", "test operation failed")));
+    expected.push(
+        patch(&deployments("api"), ops)
+            .answer(422, status(422, "Invalid", "test operation failed")),
+    );
     expected.push(delete(&secret).answer(404, not_found("secrets \"api-devloop-intercept\"")));
     expected.extend(lease_account_deletions("api", 404, not_found("it")));
     let (first, second) = exchange(expected, |c| async move {
         let r = record();
-        (intercept::restore(&c, &r).await.unwrap(), intercept::restore(&c, &r).await.unwrap())
+        (
+            intercept::restore(&c, &r).await.unwrap(),
+            intercept::restore(&c, &r).await.unwrap(),
+        )
     })
     .await;
     assert!(first, "the first restore applied");
@@ -579,9 +817,17 @@ async fn restore_patches_the_original_back_then_removes_the_secret_and_lease_acc
 #[tokio::test]
 async fn restore_stops_on_a_forbidden_patch() {
     let r = record();
-    let expected = vec![patch(&deployments("api"), intercept::restore_patch(&r)).answer(403, status(403, "Forbidden", "cannot patch"))];
-    let e = exchange(expected, |c| async move { intercept::restore(&c, &record()).await }).await.unwrap_err();
-    assert!(matches!(kube_error(&e), KubeError::Forbidden { verb, .. } if verb == "patch"), "{e}");
+    let expected = vec![patch(&deployments("api"), intercept::restore_patch(&r))
+        .answer(403, status(403, "Forbidden", "cannot patch"))];
+    let e = exchange(expected, |c| async move {
+        intercept::restore(&c, &record()).await
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(kube_error(&e), KubeError::Forbidden { verb, .. } if verb == "patch"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -599,20 +845,39 @@ async fn create_token_secret_replaces_the_secret_with_the_token_and_the_restore(
         },
     });
     let expected = vec![
-        delete(&format!("{secrets}/api-devloop-intercept")).answer(404, not_found("secrets \"api-devloop-intercept\"")),
+        delete(&format!("{secrets}/api-devloop-intercept"))
+            .answer(404, not_found("secrets \"api-devloop-intercept\"")),
         post(&secrets, body).answer(201, json!({"kind": "Secret"})),
     ];
-    exchange(expected, |c| async move { intercept::create_token_secret(&c, "api-devloop-intercept", &record(), "tok").await }).await.unwrap();
+    exchange(expected, |c| async move {
+        intercept::create_token_secret(&c, "api-devloop-intercept", &record(), "tok").await
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
 async fn create_token_secret_names_a_leftover_it_may_not_delete() {
-    let expected = vec![delete(&format!("/api/v1/namespaces/{NS}/secrets/api-devloop-intercept"))
-        .answer(403, status(403, "Forbidden", "secrets \"api-devloop-intercept\" is forbidden"))];
-    let e = exchange(expected, |c| async move { intercept::create_token_secret(&c, "api-devloop-intercept", &record(), "tok").await })
-        .await
-        .unwrap_err();
-    assert!(matches!(kube_error(&e), KubeError::Forbidden { verb, resource, .. } if verb == "delete" && resource == "secrets"), "{e}");
+    let expected = vec![delete(&format!(
+        "/api/v1/namespaces/{NS}/secrets/api-devloop-intercept"
+    ))
+    .answer(
+        403,
+        status(
+            403,
+            "Forbidden",
+            "secrets \"api-devloop-intercept\" is forbidden",
+        ),
+    )];
+    let e = exchange(expected, |c| async move {
+        intercept::create_token_secret(&c, "api-devloop-intercept", &record(), "tok").await
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(kube_error(&e), KubeError::Forbidden { verb, resource, .. } if verb == "delete" && resource == "secrets"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -642,16 +907,22 @@ async fn create_lease_account_replaces_leftovers_then_creates_a_role_for_this_de
         )
         .answer(201, json!({})),
     );
-    exchange(expected, |c| async move { intercept::create_lease_account(&c, "api").await }).await.unwrap();
+    exchange(expected, |c| async move {
+        intercept::create_lease_account(&c, "api").await
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
 async fn sweep_removes_the_lease_leftovers_of_deployments_no_longer_intercepted() {
-    let list = format!("/api/v1/namespaces/{NS}/serviceaccounts?labelSelector=devloop.dev%2Fintercept-of");
+    let list =
+        format!("/api/v1/namespaces/{NS}/serviceaccounts?labelSelector=devloop.dev%2Fintercept-of");
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let account = |deployment: &str, created: &str| json!({"metadata": {"name": format!("{deployment}-devloop-lease"), "labels": {SECRET_LABEL: deployment}, "creationTimestamp": created}});
     let mut intercepted = deployment("busy", json!({"app": "busy"}));
-    intercepted["metadata"]["annotations"] = json!({RECORD: serde_json::to_string(&record()).unwrap()});
+    intercepted["metadata"]["annotations"] =
+        json!({RECORD: serde_json::to_string(&record()).unwrap()});
     let mut by_lease = deployment("done", json!({"app": "done"}));
     by_lease["metadata"]["annotations"] = json!({intercept::RESTORED_BY_LEASE: "s1"});
     let mark = "/metadata/annotations/devloop.dev~1restored-by-lease";
@@ -670,48 +941,77 @@ async fn sweep_removes_the_lease_leftovers_of_deployments_no_longer_intercepted(
         patch(&deployments("done"), json!([{"op": "test", "path": mark, "value": "s1"}, {"op": "remove", "path": mark}])).answer(200, json!({})),
     ];
     expected.extend(lease_account_deletions("done", 200, json!({})));
-    expected.push(delete(&format!("/api/v1/namespaces/{NS}/secrets/done-devloop-intercept")));
+    expected.push(delete(&format!(
+        "/api/v1/namespaces/{NS}/secrets/done-devloop-intercept"
+    )));
     // No record and no mark, but just created: an intercept being set up, left alone.
-    expected.push(get(&deployments("setting-up")).answer(200, deployment("setting-up", json!({"app": "s"}))));
+    expected.push(
+        get(&deployments("setting-up")).answer(200, deployment("setting-up", json!({"app": "s"}))),
+    );
     // No record, no mark, old: a cli killed while setting up; cleaned.
     expected.push(get(&deployments("stale")).answer(200, deployment("stale", json!({"app": "t"}))));
     expected.extend(lease_account_deletions("stale", 200, json!({})));
-    expected.push(delete(&format!("/api/v1/namespaces/{NS}/secrets/stale-devloop-intercept")));
-    let (cleaned, failed) = exchange(expected, |c| async move { intercept::sweep_lease_leftovers(&c).await }).await;
+    expected.push(delete(&format!(
+        "/api/v1/namespaces/{NS}/secrets/stale-devloop-intercept"
+    )));
+    let (cleaned, failed) = exchange(expected, |c| async move {
+        intercept::sweep_lease_leftovers(&c).await
+    })
+    .await;
     assert_eq!(cleaned, vec!["done".to_string(), "stale".to_string()]);
     assert!(failed.is_empty(), "{failed:?}");
 }
 
 #[tokio::test]
 async fn sweep_goes_on_past_a_leftover_it_cannot_remove() {
-    let list = format!("/api/v1/namespaces/{NS}/serviceaccounts?labelSelector=devloop.dev%2Fintercept-of");
+    let list =
+        format!("/api/v1/namespaces/{NS}/serviceaccounts?labelSelector=devloop.dev%2Fintercept-of");
     let account = |d: &str| json!({"metadata": {"name": format!("{d}-devloop-lease"), "labels": {SECRET_LABEL: d}, "creationTimestamp": "2020-01-01T00:00:00Z"}});
     let mut expected = vec![
-        get(&list).answer(200, json!({"kind": "ServiceAccountList", "items": [account("first"), account("second")]})),
+        get(&list).answer(
+            200,
+            json!({"kind": "ServiceAccountList", "items": [account("first"), account("second")]}),
+        ),
         // The first one's Deployment cannot be read: reported, and the sweep goes on.
         get(&deployments("first")).answer(500, status(500, "InternalError", "etcd timed out")),
         get(&deployments("second")).answer(200, deployment("second", json!({"app": "s"}))),
     ];
     expected.extend(lease_account_deletions("second", 200, json!({})));
-    expected.push(delete(&format!("/api/v1/namespaces/{NS}/secrets/second-devloop-intercept")));
-    let (cleaned, failed) = exchange(expected, |c| async move { intercept::sweep_lease_leftovers(&c).await }).await;
+    expected.push(delete(&format!(
+        "/api/v1/namespaces/{NS}/secrets/second-devloop-intercept"
+    )));
+    let (cleaned, failed) = exchange(expected, |c| async move {
+        intercept::sweep_lease_leftovers(&c).await
+    })
+    .await;
     assert_eq!(cleaned, vec!["second".to_string()]);
     assert_eq!(failed.len(), 1);
     let text = format!("{:#}", failed[0]);
-    assert!(text.contains("deployment first") && text.contains("etcd timed out"), "{text}");
+    assert!(
+        text.contains("deployment first") && text.contains("etcd timed out"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn sweep_does_nothing_when_listing_accounts_is_forbidden() {
-    let list = format!("/api/v1/namespaces/{NS}/serviceaccounts?labelSelector=devloop.dev%2Fintercept-of");
-    let expected = vec![get(&list).answer(403, status(403, "Forbidden", "serviceaccounts is forbidden"))];
-    let (cleaned, failed) = exchange(expected, |c| async move { intercept::sweep_lease_leftovers(&c).await }).await;
+    let list =
+        format!("/api/v1/namespaces/{NS}/serviceaccounts?labelSelector=devloop.dev%2Fintercept-of");
+    let expected = vec![get(&list).answer(
+        403,
+        status(403, "Forbidden", "serviceaccounts is forbidden"),
+    )];
+    let (cleaned, failed) = exchange(expected, |c| async move {
+        intercept::sweep_lease_leftovers(&c).await
+    })
+    .await;
     assert!(cleaned.is_empty() && failed.is_empty());
 }
 
 #[tokio::test]
 async fn wait_agent_pod_polls_until_ready_and_gives_up_on_a_pull_error() {
-    let pods = format!("/api/v1/namespaces/{NS}/pods?labelSelector=devloop.dev/intercept-session%3Ds1");
+    let pods =
+        format!("/api/v1/namespaces/{NS}/pods?labelSelector=devloop.dev/intercept-session%3Ds1");
     let pod = |name: &str, status: Value| json!({"metadata": {"name": name}, "status": status});
     let expected = vec![
         get(&pods).answer(200, json!({"items": []})),
@@ -730,26 +1030,35 @@ async fn wait_agent_pod_polls_until_ready_and_gives_up_on_a_pull_error() {
     ];
     let (ready, stuck) = exchange(expected, |c| async move {
         let timeout = Duration::from_secs(10);
-        (intercept::wait_agent_pod(&c, "s1", timeout).await, intercept::wait_agent_pod(&c, "s1", timeout).await)
+        (
+            intercept::wait_agent_pod(&c, "s1", timeout).await,
+            intercept::wait_agent_pod(&c, "s1", timeout).await,
+        )
     })
     .await;
     assert_eq!(ready.unwrap(), "new");
     let stuck = stuck.unwrap_err().to_string();
-    assert!(stuck.contains("pod bad cannot start: container app: ImagePullBackOff: no such image"), "{stuck}");
+    assert!(
+        stuck.contains("pod bad cannot start: container app: ImagePullBackOff: no such image"),
+        "{stuck}"
+    );
 }
 
 // ---- Whether a watch's or a dev session's agent can come back ----
 
 #[tokio::test]
 async fn a_watch_waits_out_an_intercept_and_stops_when_its_version_is_replaced() {
+    use super::devpod::WATCH_LABEL;
     use crate::commands::dev_k8s::KubeConnector;
     use crate::sync::engine::Gone;
-    use super::devpod::WATCH_LABEL;
     let watched = deployment("api", json!({"app": "api", WATCH_LABEL: "w1"}));
     let plain = deployment("api", json!({"app": "api"}));
     // Intercepted: the template is the agent's, and the record keeps the watched one.
     let mut intercepted = plain.clone();
-    let held = Record { template: watched["spec"]["template"].clone(), ..record() };
+    let held = Record {
+        template: watched["spec"]["template"].clone(),
+        ..record()
+    };
     intercepted["metadata"]["annotations"] = json!({RECORD: serde_json::to_string(&held).unwrap()});
     let answers = vec![
         get(&deployments("api")).answer(200, watched),
@@ -758,7 +1067,13 @@ async fn a_watch_waits_out_an_intercept_and_stops_when_its_version_is_replaced()
         get(&deployments("api")).answer(404, not_found("deployments.apps \"api\"")),
     ];
     let results = exchange(answers, |cluster| async move {
-        let c = KubeConnector { cluster, deployment: "api".into(), label: WATCH_LABEL, session: "w1".into(), token: "t".into() };
+        let c = KubeConnector {
+            cluster,
+            deployment: "api".into(),
+            label: WATCH_LABEL,
+            session: "w1".into(),
+            token: "t".into(),
+        };
         let mut out = Vec::new();
         for _ in 0..4 {
             out.push(c.still_there().await);
@@ -768,9 +1083,22 @@ async fn a_watch_waits_out_an_intercept_and_stops_when_its_version_is_replaced()
     .await;
     assert!(results[0].is_ok(), "{:?}", results[0]);
     let waiting = results[1].as_ref().unwrap_err();
-    assert!(waiting.downcast_ref::<Gone>().is_none() && waiting.to_string().contains("intercepted for now"), "{waiting:#}");
+    assert!(
+        waiting.downcast_ref::<Gone>().is_none()
+            && waiting.to_string().contains("intercepted for now"),
+        "{waiting:#}"
+    );
     let replaced = results[2].as_ref().unwrap_err();
-    assert!(replaced.downcast_ref::<Gone>().is_some() && replaced.to_string().contains("no longer runs under this `devloop watch`"), "{replaced:#}");
+    assert!(
+        replaced.downcast_ref::<Gone>().is_some()
+            && replaced
+                .to_string()
+                .contains("no longer runs under this `devloop watch`"),
+        "{replaced:#}"
+    );
     let deleted = results[3].as_ref().unwrap_err();
-    assert!(deleted.downcast_ref::<Gone>().is_some() && deleted.to_string().contains("was deleted"), "{deleted:#}");
+    assert!(
+        deleted.downcast_ref::<Gone>().is_some() && deleted.to_string().contains("was deleted"),
+        "{deleted:#}"
+    );
 }

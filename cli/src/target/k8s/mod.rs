@@ -6,11 +6,12 @@
 pub mod devpod;
 pub mod env;
 pub mod intercept;
+#[cfg(test)]
+mod mock_tests;
 pub mod portforward;
 pub mod registry;
 pub mod rollout;
 pub mod spdy;
-#[cfg(test)] mod mock_tests;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -40,7 +41,9 @@ pub enum KubeError {
     UnknownContext { name: String, known: String },
     #[error("context `{context}`: {message}")]
     Config { context: String, message: String },
-    #[error("no namespace `{namespace}` in context `{context}` (`kubectl get namespaces` lists them)")]
+    #[error(
+        "no namespace `{namespace}` in context `{context}` (`kubectl get namespaces` lists them)"
+    )]
     UnknownNamespace { namespace: String, context: String },
     #[error("cannot reach the cluster of context `{context}`: {message}")]
     Unreachable { context: String, message: String },
@@ -60,28 +63,54 @@ impl Cluster {
     pub async fn connect(settings: &KubeSettings) -> Result<Cluster, KubeError> {
         let kubeconfig = Kubeconfig::read().map_err(|e| KubeError::NoKubeconfig(e.to_string()))?;
         let known = || {
-            let names: Vec<&str> = kubeconfig.contexts.iter().map(|c| c.name.as_str()).collect();
+            let names: Vec<&str> = kubeconfig
+                .contexts
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect();
             if names.is_empty() {
                 "none".to_string()
             } else {
                 names.join(", ")
             }
         };
-        let context = match settings.context.clone().or_else(|| kubeconfig.current_context.clone()) {
+        let context = match settings
+            .context
+            .clone()
+            .or_else(|| kubeconfig.current_context.clone())
+        {
             Some(c) => c,
             None => return Err(KubeError::NoContext(known())),
         };
         if !kubeconfig.contexts.iter().any(|c| c.name == context) {
-            return Err(KubeError::UnknownContext { name: context, known: known() });
+            return Err(KubeError::UnknownContext {
+                name: context,
+                known: known(),
+            });
         }
-        let options = KubeConfigOptions { context: Some(context.clone()), ..Default::default() };
+        let options = KubeConfigOptions {
+            context: Some(context.clone()),
+            ..Default::default()
+        };
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
             .await
-            .map_err(|e| KubeError::Config { context: context.clone(), message: e.to_string() })?;
-        let namespace = settings.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
-        let client = client_with_nodelay(config)
-            .map_err(|e| KubeError::Config { context: context.clone(), message: e.to_string() })?;
-        let cluster = Cluster { client, namespace, context };
+            .map_err(|e| KubeError::Config {
+                context: context.clone(),
+                message: e.to_string(),
+            })?;
+        let namespace = settings
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client = client_with_nodelay(config).map_err(|e| KubeError::Config {
+            context: context.clone(),
+            message: e.to_string(),
+        })?;
+        let cluster = Cluster {
+            client,
+            namespace,
+            context,
+        };
         cluster.check_namespace().await?;
         Ok(cluster)
     }
@@ -105,7 +134,9 @@ impl Cluster {
     /// GET of any API path, as JSON (no typed round trip: fields this client's types do
     /// not know survive a read-modify-write).
     pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, kube::Error> {
-        let req = http::Request::get(path).body(Vec::new()).map_err(kube::Error::HttpError)?;
+        let req = http::Request::get(path)
+            .body(Vec::new())
+            .map_err(kube::Error::HttpError)?;
         self.client.request::<serde_json::Value>(req).await
     }
 
@@ -119,7 +150,11 @@ impl Cluster {
     }
 
     /// A JSON patch (RFC 6902) of any API path.
-    pub async fn json_patch(&self, path: &str, ops: &serde_json::Value) -> Result<serde_json::Value, kube::Error> {
+    pub async fn json_patch(
+        &self,
+        path: &str,
+        ops: &serde_json::Value,
+    ) -> Result<serde_json::Value, kube::Error> {
         let req = http::Request::patch(path)
             .header(http::header::CONTENT_TYPE, "application/json-patch+json")
             .body(serde_json::to_vec(ops).map_err(kube::Error::SerdeError)?)
@@ -127,7 +162,11 @@ impl Cluster {
         self.client.request::<serde_json::Value>(req).await
     }
 
-    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, kube::Error> {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, kube::Error> {
         let req = http::Request::post(path)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(serde_json::to_vec(body).map_err(kube::Error::SerdeError)?)
@@ -137,7 +176,9 @@ impl Cluster {
 
     /// DELETE that treats "already gone" as done.
     pub async fn delete(&self, path: &str) -> Result<(), kube::Error> {
-        let req = http::Request::delete(path).body(Vec::new()).map_err(kube::Error::HttpError)?;
+        let req = http::Request::delete(path)
+            .body(Vec::new())
+            .map_err(kube::Error::HttpError)?;
         match self.client.request::<serde_json::Value>(req).await {
             Ok(_) => Ok(()),
             Err(e) if status_of(&e) == Some(404) => Ok(()),
@@ -146,7 +187,11 @@ impl Cluster {
     }
 
     pub fn path(&self, group_version: &str, resource: &str, name: Option<&str>) -> String {
-        let base = if group_version == "v1" { "/api/v1".to_string() } else { format!("/apis/{group_version}") };
+        let base = if group_version == "v1" {
+            "/api/v1".to_string()
+        } else {
+            format!("/apis/{group_version}")
+        };
         match name {
             Some(n) => format!("{base}/namespaces/{}/{resource}/{n}", self.namespace),
             None => format!("{base}/namespaces/{}/{resource}", self.namespace),
@@ -155,7 +200,13 @@ impl Cluster {
 
     /// Turns an API error into one that says what devloop was doing; a 403 names the verb
     /// and the resource, so the user knows which permission to ask for.
-    pub fn err(&self, e: kube::Error, verb: &str, resource: &str, what: impl Into<String>) -> KubeError {
+    pub fn err(
+        &self,
+        e: kube::Error,
+        verb: &str,
+        resource: &str,
+        what: impl Into<String>,
+    ) -> KubeError {
         match &e {
             kube::Error::Api(s) if s.code == 403 => KubeError::Forbidden {
                 verb: verb.into(),
@@ -163,8 +214,14 @@ impl Cluster {
                 namespace: self.namespace.clone(),
                 message: s.message.clone(),
             },
-            kube::Error::Api(s) => KubeError::Api { what: what.into(), message: s.message.clone() },
-            _ => KubeError::Api { what: what.into(), message: e.to_string() },
+            kube::Error::Api(s) => KubeError::Api {
+                what: what.into(),
+                message: s.message.clone(),
+            },
+            _ => KubeError::Api {
+                what: what.into(),
+                message: e.to_string(),
+            },
         }
     }
 }
@@ -187,7 +244,10 @@ fn client_with_nodelay(config: kube::Config) -> Result<kube::Client, kube::Error
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
-        .service(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https));
+        .service(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https),
+        );
     Ok(kube::Client::new(service, config.default_namespace))
 }
 
@@ -227,7 +287,13 @@ pub const PERMISSIONS: &[(&str, &str, &str, &str)] = &[
 impl Cluster {
     /// Asks the API server whether this user may do `verb` on the resource in the namespace
     /// (a SelfSubjectAccessReview, which every authenticated user may create).
-    pub async fn can(&self, group: &str, resource: &str, subresource: &str, verb: &str) -> Result<bool, kube::Error> {
+    pub async fn can(
+        &self,
+        group: &str,
+        resource: &str,
+        subresource: &str,
+        verb: &str,
+    ) -> Result<bool, kube::Error> {
         let review = serde_json::json!({
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SelfSubjectAccessReview",
@@ -236,7 +302,12 @@ impl Cluster {
                 "resource": resource, "subresource": subresource,
             }},
         });
-        let answer = self.post_json("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", &review).await?;
+        let answer = self
+            .post_json(
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                &review,
+            )
+            .await?;
         Ok(answer["status"]["allowed"].as_bool().unwrap_or(false))
     }
 
@@ -245,7 +316,11 @@ impl Cluster {
         let mut missing = Vec::new();
         for (group, resource, sub, verb) in PERMISSIONS {
             if !self.can(group, resource, sub, verb).await? {
-                let what = if sub.is_empty() { resource.to_string() } else { format!("{resource}/{sub}") };
+                let what = if sub.is_empty() {
+                    resource.to_string()
+                } else {
+                    format!("{resource}/{sub}")
+                };
                 missing.push(format!("{verb} {what}"));
             }
         }
@@ -271,7 +346,10 @@ mod tests {
 
     #[test]
     fn pointer_tokens_escape_slash_and_tilde() {
-        assert_eq!(pointer_token("devloop.dev/intercept"), "devloop.dev~1intercept");
+        assert_eq!(
+            pointer_token("devloop.dev/intercept"),
+            "devloop.dev~1intercept"
+        );
         assert_eq!(pointer_token("a~b"), "a~0b");
     }
 }

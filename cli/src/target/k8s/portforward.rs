@@ -18,7 +18,11 @@ const CHUNK: usize = 256 * 1024;
 
 /// Opens the port-forward: over SPDY, or over the WebSocket when the server refuses SPDY
 /// (or `DEVLOOP_PORTFORWARD=websocket` says so; `spdy` forbids the fallback).
-pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<Box<dyn Transport>, super::KubeError> {
+pub async fn open(
+    cluster: &Cluster,
+    pod: &str,
+    port: u16,
+) -> Result<Box<dyn Transport>, super::KubeError> {
     let choice = std::env::var("DEVLOOP_PORTFORWARD").unwrap_or_default();
     if choice == "websocket" {
         return Ok(Box::new(open_websocket(cluster, pod, port).await?));
@@ -26,24 +30,41 @@ pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<Box<dyn Tra
     match super::spdy::open(cluster, pod, port).await {
         Ok(s) => Ok(Box::new(s)),
         Err(super::spdy::SpdyError::Refused(why)) if choice != "spdy" => {
-            tracing::info!(pod, why, "SPDY port-forward refused; using the WebSocket one");
+            tracing::info!(
+                pod,
+                why,
+                "SPDY port-forward refused; using the WebSocket one"
+            );
             Ok(Box::new(open_websocket(cluster, pod, port).await?))
         }
-        Err(super::spdy::SpdyError::Refused(why)) => Err(super::KubeError::Api { what: format!("port-forward to pod {pod}"), message: why }),
+        Err(super::spdy::SpdyError::Refused(why)) => Err(super::KubeError::Api {
+            what: format!("port-forward to pod {pod}"),
+            message: why,
+        }),
         Err(super::spdy::SpdyError::Failed(e)) => Err(e),
     }
 }
 
 /// The port-forward over the API server's WebSocket (`v4.channel.k8s.io`).
-pub async fn open_websocket(cluster: &Cluster, pod: &str, port: u16) -> Result<DuplexStream, super::KubeError> {
+pub async fn open_websocket(
+    cluster: &Cluster,
+    pod: &str,
+    port: u16,
+) -> Result<DuplexStream, super::KubeError> {
     let req = kube::core::Request::new(format!("/api/v1/namespaces/{}/pods", cluster.namespace))
         .portforward(pod, &[port])
-        .map_err(|e| super::KubeError::Api { what: format!("port-forward to pod {pod}"), message: e.to_string() })?;
-    let conn = cluster
-        .client
-        .connect(req)
-        .await
-        .map_err(|e| cluster.err(e, "get", "pods/portforward", format!("port-forward to pod {pod}")))?;
+        .map_err(|e| super::KubeError::Api {
+            what: format!("port-forward to pod {pod}"),
+            message: e.to_string(),
+        })?;
+    let conn = cluster.client.connect(req).await.map_err(|e| {
+        cluster.err(
+            e,
+            "get",
+            "pods/portforward",
+            format!("port-forward to pod {pod}"),
+        )
+    })?;
     let (mut sink, mut stream) = conn.into_stream().split();
     let (mine, theirs) = tokio::io::duplex(4 * CHUNK);
     let (mut from_laptop, mut to_laptop) = tokio::io::split(theirs);
@@ -55,7 +76,11 @@ pub async fn open_websocket(cluster: &Cluster, pod: &str, port: u16) -> Result<D
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if sink.send(Message::binary(buf[..=n].to_vec())).await.is_err() {
+            if sink
+                .send(Message::binary(buf[..=n].to_vec()))
+                .await
+                .is_err()
+            {
                 break;
             }
         }

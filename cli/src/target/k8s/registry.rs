@@ -51,26 +51,51 @@ pub fn parse_local_registry_hosting(doc: &str) -> Option<Registry> {
         .or(v.host_from_cluster_network)
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| push.clone());
-    Some(Registry { push, pull, source: "ConfigMap kube-public/local-registry-hosting".into() })
+    Some(Registry {
+        push,
+        pull,
+        source: "ConfigMap kube-public/local-registry-hosting".into(),
+    })
 }
 
 /// The registry to use: configured, else advertised by the cluster.
-pub async fn discover(cluster: &Cluster, configured: Option<&str>) -> Result<Option<Registry>, super::KubeError> {
+pub async fn discover(
+    cluster: &Cluster,
+    configured: Option<&str>,
+) -> Result<Option<Registry>, super::KubeError> {
     if let Ok(r) = std::env::var("DEVLOOP_REGISTRY") {
         if !r.is_empty() {
-            return Ok(Some(Registry { push: r.clone(), pull: r, source: "DEVLOOP_REGISTRY".into() }));
+            return Ok(Some(Registry {
+                push: r.clone(),
+                pull: r,
+                source: "DEVLOOP_REGISTRY".into(),
+            }));
         }
     }
     if let Some(r) = configured {
-        return Ok(Some(Registry { push: r.into(), pull: r.into(), source: "[target] registry in devloop.toml".into() }));
+        return Ok(Some(Registry {
+            push: r.into(),
+            pull: r.into(),
+            source: "[target] registry in devloop.toml".into(),
+        }));
     }
-    match cluster.get_opt("/api/v1/namespaces/kube-public/configmaps/local-registry-hosting").await {
-        Ok(Some(cm)) => Ok(cm["data"]["localRegistryHosting.v1"].as_str().and_then(parse_local_registry_hosting)),
+    match cluster
+        .get_opt("/api/v1/namespaces/kube-public/configmaps/local-registry-hosting")
+        .await
+    {
+        Ok(Some(cm)) => Ok(cm["data"]["localRegistryHosting.v1"]
+            .as_str()
+            .and_then(parse_local_registry_hosting)),
         Ok(None) => Ok(None),
         // Reading kube-public is allowed to every authenticated user by default; a cluster
         // that forbids it simply advertises nothing to this user.
         Err(e) if super::status_of(&e) == Some(403) => Ok(None),
-        Err(e) => Err(cluster.err(e, "get", "configmaps (kube-public)", "reading the advertised registry")),
+        Err(e) => Err(cluster.err(
+            e,
+            "get",
+            "configmaps (kube-public)",
+            "reading the advertised registry",
+        )),
     }
 }
 
@@ -80,7 +105,9 @@ pub async fn discover(cluster: &Cluster, configured: Option<&str>) -> Result<Opt
 pub enum ImageRoute {
     Registry(Registry),
     /// Images are loaded with [`load_command`] for this context.
-    Load { context: String },
+    Load {
+        context: String,
+    },
 }
 
 /// The registry if there is one, else the local cluster tool's load, else the error that
@@ -90,21 +117,32 @@ pub async fn route(cluster: &Cluster, configured: Option<&str>) -> anyhow::Resul
         return Ok(ImageRoute::Registry(r));
     }
     if load_command(&cluster.context, "x").is_some() {
-        return Ok(ImageRoute::Load { context: cluster.context.clone() });
+        return Ok(ImageRoute::Load {
+            context: cluster.context.clone(),
+        });
     }
-    Err(RegistryError::None { context: cluster.context.clone() }.into())
+    Err(RegistryError::None {
+        context: cluster.context.clone(),
+    }
+    .into())
 }
 
 /// Loads an image of the local engine into the context's cluster with its tool.
 pub async fn load_into_cluster(context: &str, image: &str) -> anyhow::Result<()> {
-    let cmd = load_command(context, image).ok_or_else(|| RegistryError::None { context: context.into() })?;
+    let cmd = load_command(context, image).ok_or_else(|| RegistryError::None {
+        context: context.into(),
+    })?;
     let out = tokio::process::Command::new(&cmd[0])
         .args(&cmd[1..])
         .output()
         .await
         .map_err(|e| anyhow::anyhow!("`{}` cannot run ({e}); context `{context}` has no registry, so devloop loads images with it: install it, or give the cluster a registry (`registry` under [target])", cmd[0]))?;
     if !out.status.success() {
-        anyhow::bail!("`{}` failed: {}", cmd.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        anyhow::bail!(
+            "`{}` failed: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -161,23 +199,38 @@ fn is_loopback_host(host: &str) -> bool {
 fn docker_basic_auth(registry: &str) -> Option<String> {
     let dir = std::env::var_os("DOCKER_CONFIG")
         .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".docker")))?;
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".docker"))
+        })?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
     let auths = v["auths"].as_object()?;
     auths
         .iter()
-        .find(|(k, _)| k.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/') == registry)
+        .find(|(k, _)| {
+            k.trim_start_matches("https://")
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                == registry
+        })
         .and_then(|(_, a)| a["auth"].as_str().map(String::from))
 }
 
 impl Pusher {
     pub fn new(registry: &str) -> Result<Pusher, RegistryError> {
         // Like Docker: plain HTTP only for a registry on this machine's loopback.
-        let scheme = if is_loopback_host(registry) { "http" } else { "https" };
+        let scheme = if is_loopback_host(registry) {
+            "http"
+        } else {
+            "https"
+        };
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(4)
             .build()
-            .map_err(|e| RegistryError::Push { registry: registry.into(), message: e.to_string() })?;
+            .map_err(|e| RegistryError::Push {
+                registry: registry.into(),
+                message: e.to_string(),
+            })?;
         Ok(Pusher {
             http,
             base: format!("{scheme}://{registry}"),
@@ -188,19 +241,29 @@ impl Pusher {
     }
 
     fn err(&self, message: impl Into<String>) -> RegistryError {
-        RegistryError::Push { registry: self.registry.clone(), message: message.into() }
+        RegistryError::Push {
+            registry: self.registry.clone(),
+            message: message.into(),
+        }
     }
 
     /// Sends a request, answering one authentication challenge (Basic, or a Bearer token
     /// fetched from the realm with the Docker credentials) if the registry asks.
-    async fn send(&self, make: impl Fn() -> reqwest::RequestBuilder) -> Result<reqwest::Response, RegistryError> {
-        let with_auth = |rb: reqwest::RequestBuilder, bearer: &Option<String>| match (bearer, &self.basic) {
-            (Some(t), _) => rb.bearer_auth(t),
-            (None, Some(b)) => rb.header(reqwest::header::AUTHORIZATION, format!("Basic {b}")),
-            (None, None) => rb,
-        };
+    async fn send(
+        &self,
+        make: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let with_auth =
+            |rb: reqwest::RequestBuilder, bearer: &Option<String>| match (bearer, &self.basic) {
+                (Some(t), _) => rb.bearer_auth(t),
+                (None, Some(b)) => rb.header(reqwest::header::AUTHORIZATION, format!("Basic {b}")),
+                (None, None) => rb,
+            };
         let bearer = self.bearer.lock().await.clone();
-        let resp = with_auth(make(), &bearer).send().await.map_err(|e| self.err(format!("{e}")))?;
+        let resp = with_auth(make(), &bearer)
+            .send()
+            .await
+            .map_err(|e| self.err(format!("{e}")))?;
         if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -238,15 +301,28 @@ impl Pusher {
             .bytes()
             .await
             .map_err(|e| self.err(format!("token from {realm}: {e}")))
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| self.err(format!("token from {realm}: {e}"))))?;
-        let token = tok["token"].as_str().or(tok["access_token"].as_str()).map(String::from);
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| self.err(format!("token from {realm}: {e}")))
+            })?;
+        let token = tok["token"]
+            .as_str()
+            .or(tok["access_token"].as_str())
+            .map(String::from);
         *self.bearer.lock().await = token.clone();
-        with_auth(make(), &token).send().await.map_err(|e| self.err(format!("{e}")))
+        with_auth(make(), &token)
+            .send()
+            .await
+            .map_err(|e| self.err(format!("{e}")))
     }
 
     /// The size of a blob the registry holds in `repo`, or None when it has none.
     pub async fn blob_size(&self, repo: &str, digest: &str) -> Result<Option<u64>, RegistryError> {
-        let head = self.send(|| self.http.head(format!("{}/v2/{repo}/blobs/{digest}", self.base))).await?;
+        let head = self
+            .send(|| {
+                self.http
+                    .head(format!("{}/v2/{repo}/blobs/{digest}", self.base))
+            })
+            .await?;
         if !head.status().is_success() {
             return Ok(None);
         }
@@ -255,7 +331,11 @@ impl Pusher {
             .get(reqwest::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| self.err(format!("{repo}@{digest}: a HEAD answer without Content-Length")))?;
+            .ok_or_else(|| {
+                self.err(format!(
+                    "{repo}@{digest}: a HEAD answer without Content-Length"
+                ))
+            })?;
         Ok(Some(size))
     }
 
@@ -272,8 +352,18 @@ impl Pusher {
     }
 
     /// Uploads a blob in one request (the registry checks `digest`).
-    pub async fn upload_blob(&self, repo: &str, digest: &str, body: bytes::Bytes) -> Result<(), RegistryError> {
-        let start = self.send(|| self.http.post(format!("{}/v2/{repo}/blobs/uploads/", self.base))).await?;
+    pub async fn upload_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        body: bytes::Bytes,
+    ) -> Result<(), RegistryError> {
+        let start = self
+            .send(|| {
+                self.http
+                    .post(format!("{}/v2/{repo}/blobs/uploads/", self.base))
+            })
+            .await?;
         if start.status() != reqwest::StatusCode::ACCEPTED {
             return Err(self.err(format!("starting an upload to {repo}: {}", start.status())));
         }
@@ -313,20 +403,28 @@ impl Pusher {
         if self.blob_size(repo, &digest).await?.is_some() {
             return Ok(false);
         }
-        self.upload_blob(repo, &digest, bytes::Bytes::copy_from_slice(bytes)).await?;
+        self.upload_blob(repo, &digest, bytes::Bytes::copy_from_slice(bytes))
+            .await?;
         Ok(true)
     }
 
     /// Tags an image whose blobs are all in `repo`: the OCI manifest of `config` and `layers`
     /// (bottom first) put as REPO:TAG.
-    pub async fn put_manifest(&self, repo: &str, tag: &str, config: &Descriptor, layers: &[Descriptor]) -> Result<(), RegistryError> {
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+        config: &Descriptor,
+        layers: &[Descriptor],
+    ) -> Result<(), RegistryError> {
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": config.digest, "size": config.size},
             "layers": layers.iter().map(|l| serde_json::json!({"mediaType": OCI_LAYER_TAR, "digest": l.digest, "size": l.size})).collect::<Vec<_>>(),
         });
-        let body = bytes::Bytes::from(serde_json::to_vec(&manifest).map_err(|e| self.err(e.to_string()))?);
+        let body =
+            bytes::Bytes::from(serde_json::to_vec(&manifest).map_err(|e| self.err(e.to_string()))?);
         let resp = self
             .send(|| {
                 self.http
@@ -338,23 +436,40 @@ impl Pusher {
         if resp.status() != reqwest::StatusCode::CREATED {
             let status = resp.status();
             let text = resp.text().await.unwrap_or_default();
-            return Err(self.err(format!("pushing the manifest of {repo}:{tag}: {status} {text}")));
+            return Err(self.err(format!(
+                "pushing the manifest of {repo}:{tag}: {status} {text}"
+            )));
         }
         Ok(())
     }
 
     /// Pushes an image made of `layers` (bottom first) and `config` (the OCI image config,
     /// whose rootfs.diff_ids must list the layers) as REPO:TAG. Returns what was sent.
-    pub async fn push_image(&self, repo: &str, tag: &str, layers: &[Layer], config: &serde_json::Value) -> Result<PushReport, RegistryError> {
+    pub async fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[Layer],
+        config: &serde_json::Value,
+    ) -> Result<PushReport, RegistryError> {
         let mut report = PushReport::default();
         let mut descriptors = Vec::new();
         for l in layers {
             report.count(self.put_blob(repo, &l.tar).await?, l.tar.len());
-            descriptors.push(Descriptor { digest: sha256_digest(&l.tar), size: l.tar.len() as u64 });
+            descriptors.push(Descriptor {
+                digest: sha256_digest(&l.tar),
+                size: l.tar.len() as u64,
+            });
         }
         let config_bytes = serde_json::to_vec(config).map_err(|e| self.err(e.to_string()))?;
-        report.count(self.put_blob(repo, &config_bytes).await?, config_bytes.len());
-        let config = Descriptor { digest: sha256_digest(&config_bytes), size: config_bytes.len() as u64 };
+        report.count(
+            self.put_blob(repo, &config_bytes).await?,
+            config_bytes.len(),
+        );
+        let config = Descriptor {
+            digest: sha256_digest(&config_bytes),
+            size: config_bytes.len() as u64,
+        };
         self.put_manifest(repo, tag, &config, &descriptors).await?;
         Ok(report)
     }
@@ -363,27 +478,44 @@ impl Pusher {
 impl Pusher {
     /// The image config (OCI/Docker JSON) of REPO:REFERENCE, following a multi-platform
     /// index to its linux/amd64 manifest.
-    pub async fn image_config(&self, repo: &str, reference: &str) -> Result<serde_json::Value, RegistryError> {
+    pub async fn image_config(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<serde_json::Value, RegistryError> {
         const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
         let get_json = |url: String, accept: &'static str| async move {
-            let resp = self.send(|| self.http.get(&url).header(reqwest::header::ACCEPT, accept)).await?;
+            let resp = self
+                .send(|| self.http.get(&url).header(reqwest::header::ACCEPT, accept))
+                .await?;
             if !resp.status().is_success() {
                 return Err(self.err(format!("GET {url}: {}", resp.status())));
             }
             let bytes = resp.bytes().await.map_err(|e| self.err(e.to_string()))?;
-            serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| self.err(format!("{url}: {e}")))
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .map_err(|e| self.err(format!("{url}: {e}")))
         };
-        let mut manifest = get_json(format!("{}/v2/{repo}/manifests/{reference}", self.base), ACCEPT).await?;
+        let mut manifest = get_json(
+            format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            ACCEPT,
+        )
+        .await?;
         if let Some(list) = manifest["manifests"].as_array() {
             let pick = list
                 .iter()
-                .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
+                .find(|m| {
+                    m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64"
+                })
                 .and_then(|m| m["digest"].as_str())
                 .ok_or_else(|| self.err(format!("{repo}:{reference} has no linux/amd64 image")))?
                 .to_string();
-            manifest = get_json(format!("{}/v2/{repo}/manifests/{pick}", self.base), ACCEPT).await?;
+            manifest =
+                get_json(format!("{}/v2/{repo}/manifests/{pick}", self.base), ACCEPT).await?;
         }
-        let digest = manifest["config"]["digest"].as_str().ok_or_else(|| self.err(format!("{repo}:{reference}: a manifest without a config")))?.to_string();
+        let digest = manifest["config"]["digest"]
+            .as_str()
+            .ok_or_else(|| self.err(format!("{repo}:{reference}: a manifest without a config")))?
+            .to_string();
         get_json(format!("{}/v2/{repo}/blobs/{digest}", self.base), "*/*").await
     }
 }
@@ -399,8 +531,17 @@ pub fn parse_reference(image: &str) -> (String, String, String) {
         },
     };
     let (host, repo) = match name.split_once('/') {
-        Some((h, r)) if h.contains('.') || h.contains(':') || h == "localhost" => (h.to_string(), r.to_string()),
-        _ => ("registry-1.docker.io".to_string(), if name.contains('/') { name.to_string() } else { format!("library/{name}") }),
+        Some((h, r)) if h.contains('.') || h.contains(':') || h == "localhost" => {
+            (h.to_string(), r.to_string())
+        }
+        _ => (
+            "registry-1.docker.io".to_string(),
+            if name.contains('/') {
+                name.to_string()
+            } else {
+                format!("library/{name}")
+            },
+        ),
     };
     (host, repo, reference)
 }
@@ -437,7 +578,9 @@ pub fn one_file_layer(name: &str, mode: u32, content: &[u8]) -> std::io::Result<
     h.set_gid(0);
     h.set_entry_type(tar::EntryType::Regular);
     b.append_data(&mut h, name, content)?;
-    Ok(Layer { tar: b.into_inner()? })
+    Ok(Layer {
+        tar: b.into_inner()?,
+    })
 }
 
 /// The OCI config of a linux/amd64 image with these layers and this entry point.
@@ -459,30 +602,69 @@ mod tests {
         let doc = "host: \"localhost:5001\"\nhostFromContainerRuntime: \"kind-registry:5000\"\nhelp: \"https://kind.sigs.k8s.io/docs/user/local-registry/\"\n";
         assert_eq!(
             parse_local_registry_hosting(doc),
-            Some(Registry { push: "localhost:5001".into(), pull: "kind-registry:5000".into(), source: "ConfigMap kube-public/local-registry-hosting".into() })
+            Some(Registry {
+                push: "localhost:5001".into(),
+                pull: "kind-registry:5000".into(),
+                source: "ConfigMap kube-public/local-registry-hosting".into()
+            })
         );
         let only_host = "host: \"127.0.0.1:5000\"\n";
-        assert_eq!(parse_local_registry_hosting(only_host).map(|r| r.pull), Some("127.0.0.1:5000".into()));
+        assert_eq!(
+            parse_local_registry_hosting(only_host).map(|r| r.pull),
+            Some("127.0.0.1:5000".into())
+        );
         assert_eq!(parse_local_registry_hosting("help: x\n"), None);
         assert_eq!(parse_local_registry_hosting(": not yaml ["), None);
     }
 
     #[test]
     fn load_commands_per_local_cluster_tool() {
-        assert_eq!(load_command("kind-dev", "img:1").unwrap().join(" "), "kind load docker-image img:1 --name dev");
-        assert_eq!(load_command("k3d-team", "img:1").unwrap().join(" "), "k3d image import img:1 --cluster team");
-        assert_eq!(load_command("minikube", "img:1").unwrap().join(" "), "minikube image load img:1");
+        assert_eq!(
+            load_command("kind-dev", "img:1").unwrap().join(" "),
+            "kind load docker-image img:1 --name dev"
+        );
+        assert_eq!(
+            load_command("k3d-team", "img:1").unwrap().join(" "),
+            "k3d image import img:1 --cluster team"
+        );
+        assert_eq!(
+            load_command("minikube", "img:1").unwrap().join(" "),
+            "minikube image load img:1"
+        );
         assert_eq!(load_command("prod-eu", "img:1"), None);
     }
 
     #[test]
     fn references_split_like_docker_does() {
         let p = |s: &str| parse_reference(s);
-        assert_eq!(p("127.0.0.1:5000/shop/api:1"), ("127.0.0.1:5000".into(), "shop/api".into(), "1".into()));
-        assert_eq!(p("localhost/api"), ("localhost".into(), "api".into(), "latest".into()));
-        assert_eq!(p("python:3.11"), ("registry-1.docker.io".into(), "library/python".into(), "3.11".into()));
-        assert_eq!(p("team/app"), ("registry-1.docker.io".into(), "team/app".into(), "latest".into()));
-        assert_eq!(p("reg.io/a@sha256:00"), ("reg.io".into(), "a".into(), "sha256:00".into()));
+        assert_eq!(
+            p("127.0.0.1:5000/shop/api:1"),
+            ("127.0.0.1:5000".into(), "shop/api".into(), "1".into())
+        );
+        assert_eq!(
+            p("localhost/api"),
+            ("localhost".into(), "api".into(), "latest".into())
+        );
+        assert_eq!(
+            p("python:3.11"),
+            (
+                "registry-1.docker.io".into(),
+                "library/python".into(),
+                "3.11".into()
+            )
+        );
+        assert_eq!(
+            p("team/app"),
+            (
+                "registry-1.docker.io".into(),
+                "team/app".into(),
+                "latest".into()
+            )
+        );
+        assert_eq!(
+            p("reg.io/a@sha256:00"),
+            ("reg.io".into(), "a".into(), "sha256:00".into())
+        );
     }
 
     #[test]

@@ -33,11 +33,14 @@ pub struct RolledOut {
 /// None when neither exists.
 pub async fn deployment_of(cluster: &Cluster, service: &str) -> anyhow::Result<Option<Value>> {
     let path = cluster.path("apps/v1", "deployments", Some(service));
-    if let Some(d) = cluster
-        .get_opt(&path)
-        .await
-        .map_err(|e| cluster.err(e, "get", "deployments", format!("reading deployment {service}")))?
-    {
+    if let Some(d) = cluster.get_opt(&path).await.map_err(|e| {
+        cluster.err(
+            e,
+            "get",
+            "deployments",
+            format!("reading deployment {service}"),
+        )
+    })? {
         return Ok(Some(d));
     }
     let svc_path = cluster.path("v1", "services", Some(service));
@@ -49,13 +52,21 @@ pub async fn deployment_of(cluster: &Cluster, service: &str) -> anyhow::Result<O
     {
         return Ok(None);
     }
-    Ok(Some(super::intercept::find_deployment(cluster, service).await?.0))
+    Ok(Some(
+        super::intercept::find_deployment(cluster, service).await?.0,
+    ))
 }
 
 /// The index of the service's container: the one named like the service, else the only one.
 pub fn service_container(template: &Value, service: &str) -> anyhow::Result<usize> {
-    let containers = template["spec"]["containers"].as_array().cloned().unwrap_or_default();
-    if let Some(i) = containers.iter().position(|c| c["name"].as_str() == Some(service)) {
+    let containers = template["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if let Some(i) = containers
+        .iter()
+        .position(|c| c["name"].as_str() == Some(service))
+    {
         return Ok(i);
     }
     match containers.len() {
@@ -130,8 +141,19 @@ pub async fn deploy_image(
             return Ok(Some(created));
         }
         // Created plain; the watched version follows as the next revision.
-        let wrapped = Box::pin(deploy_image(cluster, service, image, command, watch, None, timeout)).await?;
-        return Ok(Some(wrapped.map(|w| RolledOut { created: created.created.clone(), ready_ms: created.ready_ms + w.ready_ms, ..w }).unwrap_or(created)));
+        let wrapped = Box::pin(deploy_image(
+            cluster, service, image, command, watch, None, timeout,
+        ))
+        .await?;
+        return Ok(Some(
+            wrapped
+                .map(|w| RolledOut {
+                    created: created.created.clone(),
+                    ready_ms: created.ready_ms + w.ready_ms,
+                    ..w
+                })
+                .unwrap_or(created),
+        ));
     };
     refuse_intercepted(&d)?;
     let current = &d["spec"]["template"];
@@ -154,7 +176,13 @@ pub async fn deploy_image(
     if watch.is_none() && was_watched.is_some() {
         // No longer watched: its agent's token goes too (best effort: a leftover Secret holds
         // only a token no pod uses).
-        let _ = cluster.delete(&cluster.path("v1", "secrets", Some(&super::devpod::watch_secret_name(&name)))).await;
+        let _ = cluster
+            .delete(&cluster.path(
+                "v1",
+                "secrets",
+                Some(&super::devpod::watch_secret_name(&name)),
+            ))
+            .await;
     }
     Ok(Some(done))
 }
@@ -174,9 +202,12 @@ async fn watched(
     let deployment = name_of(d);
     let current = &d["spec"]["template"];
     // The replicas to give back later: from the version watched now, else the current.
-    let replicas = devpod::watched_replicas(current).unwrap_or_else(|| d["spec"]["replicas"].clone());
+    let replicas =
+        devpod::watched_replicas(current).unwrap_or_else(|| d["spec"]["replicas"].clone());
     let secret = devpod::watch_secret_name(deployment);
-    let running = current["metadata"]["labels"][devpod::WATCH_LABEL].as_str().map(String::from);
+    let running = current["metadata"]["labels"][devpod::WATCH_LABEL]
+        .as_str()
+        .map(String::from);
     let session = match (running, devpod::read_token_opt(cluster, &secret).await?) {
         (Some(session), Some(_)) => session,
         // A new token: new pods must mount it, so a new session label makes them.
@@ -191,7 +222,10 @@ async fn watched(
     if argv.is_empty() {
         anyhow::bail!("the container of deployment/{deployment} has no command and its image declares none: nothing for the agent to run under watch");
     }
-    let workdir = container["workingDir"].as_str().map(String::from).or(declared.workdir);
+    let workdir = container["workingDir"]
+        .as_str()
+        .map(String::from)
+        .or(declared.workdir);
     let spec = devpod::DevSpec {
         agent_image: &w.agent_image,
         sync_to: &w.sync_to,
@@ -216,14 +250,21 @@ pub struct Revision {
 }
 
 /// The Deployment's revisions, oldest first, and the one it runs now.
-pub async fn revisions(cluster: &Cluster, d: &Value) -> anyhow::Result<(Vec<Revision>, Option<u64>)> {
+pub async fn revisions(
+    cluster: &Cluster,
+    d: &Value,
+) -> anyhow::Result<(Vec<Revision>, Option<u64>)> {
     let uid = d["metadata"]["uid"].as_str().unwrap_or_default();
     let failed = failed_hashes(d);
     let path = selected_by(cluster, d, "apps/v1", "replicasets");
-    let list = cluster
-        .get_json(&path)
-        .await
-        .map_err(|e| cluster.err(e, "list", "replicasets", "listing the deployment's revisions"))?;
+    let list = cluster.get_json(&path).await.map_err(|e| {
+        cluster.err(
+            e,
+            "list",
+            "replicasets",
+            "listing the deployment's revisions",
+        )
+    })?;
     let mut out: Vec<Revision> = list["items"]
         .as_array()
         .into_iter()
@@ -236,34 +277,54 @@ pub async fn revisions(cluster: &Cluster, d: &Value) -> anyhow::Result<(Vec<Revi
                 .any(|o| o["uid"].as_str() == Some(uid))
         })
         .filter_map(|rs| {
-            let number = rs["metadata"]["annotations"][REVISION].as_str()?.parse().ok()?;
+            let number = rs["metadata"]["annotations"][REVISION]
+                .as_str()?
+                .parse()
+                .ok()?;
             let template = rs["spec"]["template"].clone();
             Some(Revision {
                 number,
-                failed: rs["metadata"]["labels"][TEMPLATE_HASH].as_str().is_some_and(|h| failed.iter().any(|f| f == h)),
+                failed: rs["metadata"]["labels"][TEMPLATE_HASH]
+                    .as_str()
+                    .is_some_and(|h| failed.iter().any(|f| f == h)),
                 images: template["spec"]["containers"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .filter_map(|c| c["image"].as_str().map(String::from))
                     .collect(),
-                cause: rs["metadata"]["annotations"][CHANGE_CAUSE].as_str().map(String::from),
-                created: rs["metadata"]["creationTimestamp"].as_str().unwrap_or_default().to_string(),
+                cause: rs["metadata"]["annotations"][CHANGE_CAUSE]
+                    .as_str()
+                    .map(String::from),
+                created: rs["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
                 template,
             })
         })
         .collect();
     out.sort_by_key(|r| r.number);
-    let current = d["metadata"]["annotations"][REVISION].as_str().and_then(|r| r.parse().ok());
+    let current = d["metadata"]["annotations"][REVISION]
+        .as_str()
+        .and_then(|r| r.parse().ok());
     Ok((out, current))
 }
 
 /// Rolls the Deployment back to `revision` (default: the one before the current), as
 /// `kubectl rollout undo` does: its ReplicaSet's template becomes the Deployment's again.
-pub async fn rollback(cluster: &Cluster, service: &str, revision: Option<u64>, timeout: Duration) -> anyhow::Result<(u64, u64, RolledOut)> {
-    let d = deployment_of(cluster, service)
-        .await?
-        .with_context(|| format!("no Deployment or Service named `{service}` in namespace `{}`", cluster.namespace))?;
+pub async fn rollback(
+    cluster: &Cluster,
+    service: &str,
+    revision: Option<u64>,
+    timeout: Duration,
+) -> anyhow::Result<(u64, u64, RolledOut)> {
+    let d = deployment_of(cluster, service).await?.with_context(|| {
+        format!(
+            "no Deployment or Service named `{service}` in namespace `{}`",
+            cluster.namespace
+        )
+    })?;
     refuse_intercepted(&d)?;
     let (revs, current) = revisions(cluster, &d).await?;
     let current = current.context("the Deployment has no revision yet")?;
@@ -292,7 +353,10 @@ pub async fn rollback(cluster: &Cluster, service: &str, revision: Option<u64>, t
     if let Some(labels) = template["metadata"]["labels"].as_object_mut() {
         labels.remove(TEMPLATE_HASH);
     }
-    let cause = target.cause.clone().unwrap_or_else(|| format!("rollback to revision {}", target.number));
+    let cause = target
+        .cause
+        .clone()
+        .unwrap_or_else(|| format!("rollback to revision {}", target.number));
     let done = switch_template(cluster, &d, template, &cause, timeout).await?;
     Ok((current, target.number, done))
 }
@@ -309,14 +373,20 @@ fn selected_by(cluster: &Cluster, d: &Value, group_version: &str, resource: &str
         .flatten()
         .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
         .collect();
-    format!("{}?labelSelector={}", cluster.path(group_version, resource, None), url_escape(&selector.join(",")))
+    format!(
+        "{}?labelSelector={}",
+        cluster.path(group_version, resource, None),
+        url_escape(&selector.join(","))
+    )
 }
 
 /// Percent-escapes a label selector for a query string.
 fn url_escape(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -332,15 +402,22 @@ pub fn template_patch(d: &Value, template: &Value, cause: &str) -> Value {
     ];
     // A watched version runs one pod (the one saves are synced into); the next plain
     // version gets the replicas back.
-    match (watched_replicas(template), watched_replicas(&d["spec"]["template"])) {
+    match (
+        watched_replicas(template),
+        watched_replicas(&d["spec"]["template"]),
+    ) {
         (Some(_), _) => ops.push(json!({"op": "replace", "path": "/spec/replicas", "value": 1})),
-        (None, Some(before)) if !before.is_null() => ops.push(json!({"op": "replace", "path": "/spec/replicas", "value": before})),
+        (None, Some(before)) if !before.is_null() => {
+            ops.push(json!({"op": "replace", "path": "/spec/replicas", "value": before}))
+        }
         _ => {}
     }
     if d["metadata"]["annotations"].is_object() {
         ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", pointer_token(CHANGE_CAUSE)), "value": cause}));
     } else {
-        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {CHANGE_CAUSE: cause}}));
+        ops.push(
+            json!({"op": "add", "path": "/metadata/annotations", "value": {CHANGE_CAUSE: cause}}),
+        );
     }
     json!(ops)
 }
@@ -350,9 +427,13 @@ pub fn template_patch(d: &Value, template: &Value, cause: &str) -> Value {
 /// template's hash to the Deployment's list of failed rollouts, which `history` marks and
 /// `rollback` skips.
 pub fn undo_patch(before: &Value, failed_hash: Option<&str>) -> Value {
-    let mut ops = vec![json!({"op": "replace", "path": "/spec/template", "value": before["spec"]["template"]})];
+    let mut ops = vec![
+        json!({"op": "replace", "path": "/spec/template", "value": before["spec"]["template"]}),
+    ];
     if !before["spec"]["replicas"].is_null() {
-        ops.push(json!({"op": "replace", "path": "/spec/replicas", "value": before["spec"]["replicas"]}));
+        ops.push(
+            json!({"op": "replace", "path": "/spec/replicas", "value": before["spec"]["replicas"]}),
+        );
     }
     let key = format!("/metadata/annotations/{}", pointer_token(CHANGE_CAUSE));
     match before["metadata"]["annotations"][CHANGE_CAUSE].as_str() {
@@ -373,23 +454,45 @@ pub fn undo_patch(before: &Value, failed_hash: Option<&str>) -> Value {
 
 /// The `pod-template-hash`es of rollouts devloop undid, from the Deployment's annotation.
 pub fn failed_hashes(d: &Value) -> Vec<String> {
-    d["metadata"]["annotations"][FAILED].as_str().and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default()
+    d["metadata"]["annotations"][FAILED]
+        .as_str()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default()
 }
 
 /// Puts `template` on the Deployment and waits for the rollout; undoes it when it cannot
 /// become ready, with the reason.
-async fn switch_template(cluster: &Cluster, d: &Value, template: Value, cause: &str, timeout: Duration) -> anyhow::Result<RolledOut> {
+async fn switch_template(
+    cluster: &Cluster,
+    d: &Value,
+    template: Value,
+    cause: &str,
+    timeout: Duration,
+) -> anyhow::Result<RolledOut> {
     let name = name_of(d).to_string();
     let path = cluster.path("apps/v1", "deployments", Some(&name));
     let started = Instant::now();
     let patched = cluster
         .json_patch(&path, &template_patch(d, &template, cause))
         .await
-        .map_err(|e| cluster.err(e, "patch", "deployments", format!("updating deployment/{name} (changed meanwhile? run deploy again)")))?;
+        .map_err(|e| {
+            cluster.err(
+                e,
+                "patch",
+                "deployments",
+                format!("updating deployment/{name} (changed meanwhile? run deploy again)"),
+            )
+        })?;
     match wait_rollout(cluster, &name, &patched, timeout).await {
-        Ok(revision) => Ok(RolledOut { ready_ms: started.elapsed().as_millis() as u64, revision, created: Vec::new() }),
+        Ok(revision) => Ok(RolledOut {
+            ready_ms: started.elapsed().as_millis() as u64,
+            revision,
+            created: Vec::new(),
+        }),
         Err(failure) => {
-            let undo = cluster.json_patch(&path, &undo_patch(d, failure.template_hash.as_deref())).await;
+            let undo = cluster
+                .json_patch(&path, &undo_patch(d, failure.template_hash.as_deref()))
+                .await;
             let undone = match undo {
                 Ok(_) => format!("undone: deployment/{name} is back on its previous template, whose pods kept serving"),
                 Err(e) => format!("and undoing it failed too ({}); `devloop rollback {name}` or `kubectl rollout undo deployment/{name}`", cluster.err(e, "patch", "deployments", "undo")),
@@ -439,7 +542,12 @@ pub fn progress(d: &Value) -> Progress {
         .flatten()
         .find(|c| c["type"] == "Progressing" && c["reason"] == "ProgressDeadlineExceeded")
     {
-        return Progress::Stalled(c["message"].as_str().unwrap_or("progress deadline exceeded").to_string());
+        return Progress::Stalled(
+            c["message"]
+                .as_str()
+                .unwrap_or("progress deadline exceeded")
+                .to_string(),
+        );
     }
     let want = d["spec"]["replicas"].as_u64().unwrap_or(1);
     let updated = status["updatedReplicas"].as_u64().unwrap_or(0);
@@ -458,26 +566,56 @@ pub fn progress(d: &Value) -> Progress {
 
 /// Waits until the rollout of `patched` (the Deployment as the patch left it) is done; fails
 /// early when a new pod cannot start (image pull, crash loop) or the progress deadline passes.
-async fn wait_rollout(cluster: &Cluster, name: &str, patched: &Value, timeout: Duration) -> Result<Option<u64>, Failure> {
+async fn wait_rollout(
+    cluster: &Cluster,
+    name: &str,
+    patched: &Value,
+    timeout: Duration,
+) -> Result<Option<u64>, Failure> {
     let path = cluster.path("apps/v1", "deployments", Some(name));
-    let image_of = |t: &Value| -> Vec<Value> { t["spec"]["containers"].as_array().cloned().unwrap_or_default() };
+    let image_of = |t: &Value| -> Vec<Value> {
+        t["spec"]["containers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
     let want_containers = image_of(&patched["spec"]["template"]);
     let deadline = Instant::now() + timeout;
     loop {
-        let d = cluster.get_json(&path).await.map_err(|e| Failure { reason: format!("reading deployment/{name}: {e}"), details: String::new(), template_hash: None })?;
+        let d = cluster.get_json(&path).await.map_err(|e| Failure {
+            reason: format!("reading deployment/{name}: {e}"),
+            details: String::new(),
+            template_hash: None,
+        })?;
         let last = match progress(&d) {
-            Progress::Done => return Ok(d["metadata"]["annotations"][REVISION].as_str().and_then(|r| r.parse().ok())),
+            Progress::Done => {
+                return Ok(d["metadata"]["annotations"][REVISION]
+                    .as_str()
+                    .and_then(|r| r.parse().ok()))
+            }
             Progress::Stalled(m) => return Err(diagnose(cluster, &d, &want_containers, m).await),
             Progress::Waiting(w) => w,
         };
         // A new pod that cannot start will not get better by waiting.
         for pod in new_pods(cluster, &d, &want_containers).await {
             if let Some(problem) = pod_problem(&pod).filter(|p| is_fatal(p)) {
-                return Err(diagnose(cluster, &d, &want_containers, format!("pod {}: {problem}", pod["metadata"]["name"].as_str().unwrap_or("?"))).await);
+                return Err(diagnose(
+                    cluster,
+                    &d,
+                    &want_containers,
+                    format!(
+                        "pod {}: {problem}",
+                        pod["metadata"]["name"].as_str().unwrap_or("?")
+                    ),
+                )
+                .await);
             }
         }
         if Instant::now() > deadline {
-            let reason = format!("not ready within {} ({last})", crate::ui::human_ms(timeout.as_millis() as u64));
+            let reason = format!(
+                "not ready within {} ({last})",
+                crate::ui::human_ms(timeout.as_millis() as u64)
+            );
             return Err(diagnose(cluster, &d, &want_containers, reason).await);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -490,13 +628,21 @@ async fn new_pods(cluster: &Cluster, d: &Value, containers: &[Value]) -> Vec<Val
     let Ok(list) = cluster.get_json(&path).await else {
         return Vec::new();
     };
-    let images: Vec<&str> = containers.iter().filter_map(|c| c["image"].as_str()).collect();
+    let images: Vec<&str> = containers
+        .iter()
+        .filter_map(|c| c["image"].as_str())
+        .collect();
     list["items"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|p| {
-            let have: Vec<&str> = p["spec"]["containers"].as_array().into_iter().flatten().filter_map(|c| c["image"].as_str()).collect();
+            let have: Vec<&str> = p["spec"]["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["image"].as_str())
+                .collect();
             have == images
         })
         .cloned()
@@ -507,7 +653,11 @@ async fn new_pods(cluster: &Cluster, d: &Value, containers: &[Value]) -> Vec<Val
 async fn diagnose(cluster: &Cluster, d: &Value, containers: &[Value], reason: String) -> Failure {
     let mut details = String::new();
     let pods = new_pods(cluster, d, containers).await;
-    let template_hash = pods.iter().find_map(|p| p["metadata"]["labels"][TEMPLATE_HASH].as_str().map(String::from));
+    let template_hash = pods.iter().find_map(|p| {
+        p["metadata"]["labels"][TEMPLATE_HASH]
+            .as_str()
+            .map(String::from)
+    });
     for pod in pods.iter().take(2) {
         let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
         let events_path = format!(
@@ -516,16 +666,29 @@ async fn diagnose(cluster: &Cluster, d: &Value, containers: &[Value], reason: St
             url_escape(&format!("involvedObject.name={pod_name}"))
         );
         if let Ok(ev) = cluster.get_json(&events_path).await {
-            let mut items: Vec<&Value> = ev["items"].as_array().into_iter().flatten().filter(|e| e["type"] == "Warning").collect();
+            let mut items: Vec<&Value> = ev["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["type"] == "Warning")
+                .collect();
             items.sort_by_key(|e| e["lastTimestamp"].as_str().unwrap_or_default().to_string());
             if !items.is_empty() {
                 details.push_str(&format!("events of pod {pod_name}:\n"));
                 for e in items.iter().rev().take(4).rev() {
-                    details.push_str(&format!("  {}: {}\n", e["reason"].as_str().unwrap_or("?"), e["message"].as_str().unwrap_or("").trim()));
+                    details.push_str(&format!(
+                        "  {}: {}\n",
+                        e["reason"].as_str().unwrap_or("?"),
+                        e["message"].as_str().unwrap_or("").trim()
+                    ));
                 }
             }
         }
-        for status in pod["status"]["containerStatuses"].as_array().into_iter().flatten() {
+        for status in pod["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let container = status["name"].as_str().unwrap_or_default();
             // A crashed container's own output is in its previous instance.
             let previous = status["lastState"]["terminated"].is_object();
@@ -540,7 +703,14 @@ async fn diagnose(cluster: &Cluster, d: &Value, containers: &[Value], reason: St
             };
             if let Ok(text) = cluster.client.request_text(req).await {
                 if !text.trim().is_empty() {
-                    details.push_str(&format!("last log lines of pod {pod_name}, container {container}{}:\n", if previous { " (before its last exit)" } else { "" }));
+                    details.push_str(&format!(
+                        "last log lines of pod {pod_name}, container {container}{}:\n",
+                        if previous {
+                            " (before its last exit)"
+                        } else {
+                            ""
+                        }
+                    ));
                     for line in text.lines() {
                         details.push_str(&format!("  {line}\n"));
                     }
@@ -548,7 +718,11 @@ async fn diagnose(cluster: &Cluster, d: &Value, containers: &[Value], reason: St
             }
         }
     }
-    Failure { reason, details, template_hash }
+    Failure {
+        reason,
+        details,
+        template_hash,
+    }
 }
 
 /// Reads every Kubernetes object in the YAML files of `dir` (sorted by file name).
@@ -562,9 +736,11 @@ pub fn read_manifests(dir: &Path) -> anyhow::Result<Vec<Value>> {
     files.sort();
     let mut out = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let v = Value::deserialize(doc).with_context(|| format!("{}: not valid YAML", f.display()))?;
+            let v = Value::deserialize(doc)
+                .with_context(|| format!("{}: not valid YAML", f.display()))?;
             if v.is_null() {
                 continue;
             }
@@ -602,19 +778,32 @@ pub fn template_refs(template: &Value) -> Vec<(&'static str, String)> {
     for v in spec["volumes"].as_array().into_iter().flatten() {
         add(&mut out, "ConfigMap", &v["configMap"]["name"]);
         add(&mut out, "Secret", &v["secret"]["secretName"]);
-        add(&mut out, "PersistentVolumeClaim", &v["persistentVolumeClaim"]["claimName"]);
+        add(
+            &mut out,
+            "PersistentVolumeClaim",
+            &v["persistentVolumeClaim"]["claimName"],
+        );
         for source in v["projected"]["sources"].as_array().into_iter().flatten() {
             add(&mut out, "ConfigMap", &source["configMap"]["name"]);
             add(&mut out, "Secret", &source["secret"]["name"]);
         }
     }
-    for c in spec["initContainers"].as_array().into_iter().chain(spec["containers"].as_array()).flatten() {
+    for c in spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .chain(spec["containers"].as_array())
+        .flatten()
+    {
         for e in c["envFrom"].as_array().into_iter().flatten() {
             add(&mut out, "ConfigMap", &e["configMapRef"]["name"]);
             add(&mut out, "Secret", &e["secretRef"]["name"]);
         }
         for e in c["env"].as_array().into_iter().flatten() {
-            add(&mut out, "ConfigMap", &e["valueFrom"]["configMapKeyRef"]["name"]);
+            add(
+                &mut out,
+                "ConfigMap",
+                &e["valueFrom"]["configMapKeyRef"]["name"],
+            );
             add(&mut out, "Secret", &e["valueFrom"]["secretKeyRef"]["name"]);
         }
     }
@@ -629,7 +818,12 @@ pub fn template_refs(template: &Value) -> Vec<(&'static str, String)> {
 /// after it), with the snapshot as the container's image and the cluster's namespace, and
 /// before them the ConfigMaps, Secrets, PersistentVolumeClaims and ServiceAccount its pod
 /// template refers to that the manifests hold.
-pub fn objects_for(manifests: &[Value], service: &str, image: &str, cause: &str) -> anyhow::Result<Vec<Value>> {
+pub fn objects_for(
+    manifests: &[Value],
+    service: &str,
+    image: &str,
+    cause: &str,
+) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
     let local = |m: &Value| {
         let mut m = m.clone();
@@ -663,7 +857,9 @@ pub fn objects_for(manifests: &[Value], service: &str, image: &str, cause: &str)
     };
     let refs = template_refs(&deployment["spec"]["template"]);
     for m in manifests {
-        let (Some(kind), Some(name)) = (m["kind"].as_str(), m["metadata"]["name"].as_str()) else { continue };
+        let (Some(kind), Some(name)) = (m["kind"].as_str(), m["metadata"]["name"].as_str()) else {
+            continue;
+        };
         if refs.iter().any(|(k, n)| *k == kind && n == name) {
             out.push(local(m));
         }
@@ -681,9 +877,20 @@ pub fn objects_for(manifests: &[Value], service: &str, image: &str, cause: &str)
 /// Creates the service's missing objects from the manifests and waits for its rollout.
 /// The Deployment and Service are looked up first; the objects they refer to are created
 /// unless they exist (a 409: someone else's, or an earlier deploy's, left as they are).
-async fn create_from_manifests(cluster: &Cluster, service: &str, image: &str, dir: &Path, timeout: Duration) -> anyhow::Result<RolledOut> {
+async fn create_from_manifests(
+    cluster: &Cluster,
+    service: &str,
+    image: &str,
+    dir: &Path,
+    timeout: Duration,
+) -> anyhow::Result<RolledOut> {
     let manifests = read_manifests(dir)?;
-    let objects = objects_for(&manifests, service, image, &format!("devloop deploy {image}"))?;
+    let objects = objects_for(
+        &manifests,
+        service,
+        image,
+        &format!("devloop deploy {image}"),
+    )?;
     let started = Instant::now();
     let mut created = Vec::new();
     let mut deployment = None;
@@ -692,17 +899,42 @@ async fn create_from_manifests(cluster: &Cluster, service: &str, image: &str, di
         let (gv, resource) = match kind {
             "Deployment" => ("apps/v1", "deployments"),
             "Service" => ("v1", "services"),
-            _ => DEPENDENCIES.iter().find(|(k, _, _)| *k == kind).map(|(_, gv, r)| (*gv, *r)).context("a kind objects_for does not give")?,
+            _ => DEPENDENCIES
+                .iter()
+                .find(|(k, _, _)| *k == kind)
+                .map(|(_, gv, r)| (*gv, *r))
+                .context("a kind objects_for does not give")?,
         };
-        let name = o["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = o["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let workload = matches!(kind, "Deployment" | "Service");
-        if workload && cluster.get_opt(&cluster.path(gv, resource, Some(&name))).await.map_err(|e| cluster.err(e, "get", resource, format!("reading {resource}/{name}")))?.is_some() {
+        if workload
+            && cluster
+                .get_opt(&cluster.path(gv, resource, Some(&name)))
+                .await
+                .map_err(|e| cluster.err(e, "get", resource, format!("reading {resource}/{name}")))?
+                .is_some()
+        {
             continue;
         }
-        let made = match cluster.post_json(&cluster.path(gv, resource, None), &o).await {
+        let made = match cluster
+            .post_json(&cluster.path(gv, resource, None), &o)
+            .await
+        {
             Ok(made) => made,
             Err(e) if !workload && super::status_of(&e) == Some(409) => continue,
-            Err(e) => return Err(cluster.err(e, "create", resource, format!("creating {resource}/{name} from {}", dir.display())).into()),
+            Err(e) => {
+                return Err(cluster
+                    .err(
+                        e,
+                        "create",
+                        resource,
+                        format!("creating {resource}/{name} from {}", dir.display()),
+                    )
+                    .into())
+            }
         };
         created.push(format!("{}/{name}", kind.to_lowercase()));
         if kind == "Deployment" {
@@ -711,9 +943,17 @@ async fn create_from_manifests(cluster: &Cluster, service: &str, image: &str, di
     }
     let d = deployment.context("the Deployment exists already")?;
     match wait_rollout(cluster, service, &d, timeout).await {
-        Ok(revision) => Ok(RolledOut { ready_ms: started.elapsed().as_millis() as u64, revision, created }),
+        Ok(revision) => Ok(RolledOut {
+            ready_ms: started.elapsed().as_millis() as u64,
+            revision,
+            created,
+        }),
         // Nothing ran before: there is nothing to undo to; the objects stay for inspection.
-        Err(f) => Err(anyhow::anyhow!("{f}\ncreated {} from {}; fix the cause and deploy again", created.join(", "), dir.display())),
+        Err(f) => Err(anyhow::anyhow!(
+            "{f}\ncreated {} from {}; fix the cause and deploy again",
+            created.join(", "),
+            dir.display()
+        )),
     }
 }
 
@@ -737,18 +977,38 @@ impl crate::deploy::RolloutTarget for KubeRollout {
     ) -> futures_util::future::BoxFuture<'a, anyhow::Result<crate::deploy::Rollout>> {
         Box::pin(async move {
             let watch = match (&self.watch_agent, &service.sync) {
-                (Some(agent), Some(sync)) => Some(WatchWrap { agent_image: agent.clone(), sync_to: sync.container_dir.clone() }),
+                (Some(agent), Some(sync)) => Some(WatchWrap {
+                    agent_image: agent.clone(),
+                    sync_to: sync.container_dir.clone(),
+                }),
                 _ => None,
             };
-            let done = deploy_image(&self.cluster, &service.name, &snapshot.image, snapshot.command.as_ref(), watch.as_ref(), self.manifests.as_deref(), self.timeout).await?;
+            let done = deploy_image(
+                &self.cluster,
+                &service.name,
+                &snapshot.image,
+                snapshot.command.as_ref(),
+                watch.as_ref(),
+                self.manifests.as_deref(),
+                self.timeout,
+            )
+            .await?;
             Ok(match done {
                 None => crate::deploy::Rollout::Unchanged,
-                Some(r) => crate::deploy::Rollout::Ready { ready_ms: r.ready_ms, revision: r.revision, created: r.created },
+                Some(r) => crate::deploy::Rollout::Ready {
+                    ready_ms: r.ready_ms,
+                    revision: r.revision,
+                    created: r.created,
+                },
             })
         })
     }
 
-    fn running_version<'a>(&'a self, project: &'a str, service: &'a str) -> futures_util::future::BoxFuture<'a, anyhow::Result<Option<String>>> {
+    fn running_version<'a>(
+        &'a self,
+        project: &'a str,
+        service: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Option<String>>> {
         Box::pin(async move {
             let Some(d) = deployment_of(&self.cluster, service).await? else {
                 return Ok(None);
@@ -756,7 +1016,9 @@ impl crate::deploy::RolloutTarget for KubeRollout {
             let template = &d["spec"]["template"];
             let index = service_container(template, service)?;
             let repo = crate::deploy::snapshot_repo(project, service);
-            Ok(template["spec"]["containers"][index]["image"].as_str().and_then(|i| snapshot_tag(i, &repo)))
+            Ok(template["spec"]["containers"][index]["image"]
+                .as_str()
+                .and_then(|i| snapshot_tag(i, &repo)))
         })
     }
 }
@@ -779,7 +1041,9 @@ mod tests {
     fn the_service_container_is_found_by_name_or_alone() {
         let d = deployment();
         assert_eq!(service_container(&d["spec"]["template"], "api").unwrap(), 1);
-        let err = service_container(&d["spec"]["template"], "web").unwrap_err().to_string();
+        let err = service_container(&d["spec"]["template"], "web")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sidecar, api"), "{err}");
         let one = json!({"spec": {"containers": [{"name": "main"}]}});
         assert_eq!(service_container(&one, "web").unwrap(), 0);
@@ -787,10 +1051,26 @@ mod tests {
 
     #[test]
     fn snapshot_tags_are_read_from_any_registry() {
-        assert_eq!(snapshot_tag("127.0.0.1:5000/devloop-shop-api:0123abcd", "devloop-shop-api").as_deref(), Some("0123abcd"));
-        assert_eq!(snapshot_tag("devloop-shop-api:0123", "devloop-shop-api").as_deref(), Some("0123"));
-        assert_eq!(snapshot_tag("127.0.0.1:5000/shop-api:1", "devloop-shop-api"), None);
-        assert_eq!(snapshot_tag("127.0.0.1:5000/devloop-shop-api", "devloop-shop-api"), None);
+        assert_eq!(
+            snapshot_tag(
+                "127.0.0.1:5000/devloop-shop-api:0123abcd",
+                "devloop-shop-api"
+            )
+            .as_deref(),
+            Some("0123abcd")
+        );
+        assert_eq!(
+            snapshot_tag("devloop-shop-api:0123", "devloop-shop-api").as_deref(),
+            Some("0123")
+        );
+        assert_eq!(
+            snapshot_tag("127.0.0.1:5000/shop-api:1", "devloop-shop-api"),
+            None
+        );
+        assert_eq!(
+            snapshot_tag("127.0.0.1:5000/devloop-shop-api", "devloop-shop-api"),
+            None
+        );
     }
 
     #[test]
@@ -802,9 +1082,15 @@ mod tests {
         d["status"] = json!({"observedGeneration": 4, "replicas": 3, "updatedReplicas": 1, "availableReplicas": 2});
         assert_eq!(progress(&d), Progress::Waiting("1 of 2 new pods".into()));
         d["status"] = json!({"observedGeneration": 4, "replicas": 3, "updatedReplicas": 2, "availableReplicas": 2});
-        assert_eq!(progress(&d), Progress::Waiting("1 old pods still terminating".into()));
+        assert_eq!(
+            progress(&d),
+            Progress::Waiting("1 old pods still terminating".into())
+        );
         d["status"] = json!({"observedGeneration": 4, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 1});
-        assert_eq!(progress(&d), Progress::Waiting("1 of 2 new pods ready".into()));
+        assert_eq!(
+            progress(&d),
+            Progress::Waiting("1 of 2 new pods ready".into())
+        );
         d["status"]["conditions"] = json!([{"type": "Progressing", "reason": "ProgressDeadlineExceeded", "message": "took too long"}]);
         assert_eq!(progress(&d), Progress::Stalled("took too long".into()));
     }
@@ -815,43 +1101,88 @@ mod tests {
         let mut t = d["spec"]["template"].clone();
         t["spec"]["containers"][1]["image"] = json!("new");
         let p = template_patch(&d, &t, "devloop deploy new");
-        assert_eq!(p[0], json!({"op": "test", "path": "/metadata/resourceVersion", "value": "42"}));
+        assert_eq!(
+            p[0],
+            json!({"op": "test", "path": "/metadata/resourceVersion", "value": "42"})
+        );
         assert_eq!(p[1]["value"], t);
-        assert_eq!(p[2]["path"], "/metadata/annotations/kubernetes.io~1change-cause");
-        assert_eq!(p.as_array().unwrap().len(), 3, "a plain version leaves the replicas alone");
+        assert_eq!(
+            p[2]["path"],
+            "/metadata/annotations/kubernetes.io~1change-cause"
+        );
+        assert_eq!(
+            p.as_array().unwrap().len(),
+            3,
+            "a plain version leaves the replicas alone"
+        );
         let u = undo_patch(&d, None);
         assert_eq!(u[0]["value"], d["spec"]["template"]);
-        assert_eq!(u[1], json!({"op": "replace", "path": "/spec/replicas", "value": 2}));
-        assert_eq!(u[2], json!({"op": "remove", "path": "/metadata/annotations/kubernetes.io~1change-cause"}));
+        assert_eq!(
+            u[1],
+            json!({"op": "replace", "path": "/spec/replicas", "value": 2})
+        );
+        assert_eq!(
+            u[2],
+            json!({"op": "remove", "path": "/metadata/annotations/kubernetes.io~1change-cause"})
+        );
         assert_eq!(u.as_array().unwrap().len(), 3);
         // A failure is added to the Deployment's list, once.
         let mut failed_before = d.clone();
         failed_before["metadata"]["annotations"][FAILED] = json!("[\"aaa\",\"bbb\"]");
         let u = undo_patch(&failed_before, Some("aaa"));
-        assert_eq!(u[3], json!({"op": "add", "path": "/metadata/annotations/devloop.dev~1failed-rollouts", "value": "[\"bbb\",\"aaa\"]"}));
+        assert_eq!(
+            u[3],
+            json!({"op": "add", "path": "/metadata/annotations/devloop.dev~1failed-rollouts", "value": "[\"bbb\",\"aaa\"]"})
+        );
         failed_before["metadata"]["annotations"][FAILED] = u[3]["value"].clone();
         assert_eq!(failed_hashes(&failed_before), vec!["bbb", "aaa"]);
         let mut bare = d.clone();
-        bare["metadata"].as_object_mut().unwrap().remove("annotations");
+        bare["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("annotations");
         let p = template_patch(&bare, &t, "c");
-        assert_eq!(p[2], json!({"op": "add", "path": "/metadata/annotations", "value": {CHANGE_CAUSE: "c"}}));
+        assert_eq!(
+            p[2],
+            json!({"op": "add", "path": "/metadata/annotations", "value": {CHANGE_CAUSE: "c"}})
+        );
     }
 
     #[test]
     fn a_watched_version_runs_one_pod_and_the_next_plain_one_gets_the_replicas_back() {
         use crate::target::k8s::devpod::{unwatched, watch_template, DevSpec};
         let d = deployment();
-        let spec = DevSpec { agent_image: "a", sync_to: "/app", command: &["x".into()], workdir: None, session: "w", secret: "s" };
+        let spec = DevSpec {
+            agent_image: "a",
+            sync_to: "/app",
+            command: &["x".into()],
+            workdir: None,
+            session: "w",
+            secret: "s",
+        };
         let w = watch_template(&d["spec"]["template"], 1, &spec, &json!(2));
         let p = template_patch(&d, &w, "devloop watch");
-        assert!(p.as_array().unwrap().contains(&json!({"op": "replace", "path": "/spec/replicas", "value": 1})), "{p}");
+        assert!(
+            p.as_array()
+                .unwrap()
+                .contains(&json!({"op": "replace", "path": "/spec/replicas", "value": 1})),
+            "{p}"
+        );
         let mut watched = d.clone();
         watched["spec"]["template"] = w.clone();
         watched["spec"]["replicas"] = json!(1);
         let p = template_patch(&watched, &unwatched(&w).unwrap(), "devloop deploy");
-        assert!(p.as_array().unwrap().contains(&json!({"op": "replace", "path": "/spec/replicas", "value": 2})), "{p}");
+        assert!(
+            p.as_array()
+                .unwrap()
+                .contains(&json!({"op": "replace", "path": "/spec/replicas", "value": 2})),
+            "{p}"
+        );
         // Undoing a failed watched version puts back one replica, as it ran.
-        assert_eq!(undo_patch(&watched, None)[1], json!({"op": "replace", "path": "/spec/replicas", "value": 1}));
+        assert_eq!(
+            undo_patch(&watched, None)[1],
+            json!({"op": "replace", "path": "/spec/replicas", "value": 1})
+        );
     }
 
     /// The manifests read back from a folder holding `files` (name, text).
@@ -872,12 +1203,26 @@ mod tests {
         ]);
         assert_eq!(all.len(), 3);
         let objs = objects_for(&all, "api", "reg/devloop-shop-api:t", "devloop deploy t").unwrap();
-        assert_eq!(objs.iter().map(|o| o["kind"].as_str().unwrap()).collect::<Vec<_>>(), vec!["Service", "Deployment"]);
+        assert_eq!(
+            objs.iter()
+                .map(|o| o["kind"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+            vec!["Service", "Deployment"]
+        );
         let d = &objs[1];
-        assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["image"], "reg/devloop-shop-api:t");
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["image"],
+            "reg/devloop-shop-api:t"
+        );
         assert!(d["metadata"]["namespace"].is_null());
-        assert_eq!(d["metadata"]["annotations"][CHANGE_CAUSE], "devloop deploy t");
-        assert!(objects_for(&all, "db", "i", "c").unwrap_err().to_string().contains("no Deployment named `db`"));
+        assert_eq!(
+            d["metadata"]["annotations"][CHANGE_CAUSE],
+            "devloop deploy t"
+        );
+        assert!(objects_for(&all, "db", "i", "c")
+            .unwrap_err()
+            .to_string()
+            .contains("no Deployment named `db`"));
     }
 
     #[test]
@@ -887,12 +1232,25 @@ mod tests {
             "kind: Deployment\nmetadata: {name: api}\nspec:\n  template:\n    spec:\n      serviceAccountName: api-sa\n      imagePullSecrets: [{name: pull}]\n      volumes:\n        - {name: cfg, configMap: {name: api-files}}\n        - {name: data, persistentVolumeClaim: {claimName: api-data}}\n        - {name: p, projected: {sources: [{secret: {name: api-tls}}]}}\n      containers:\n        - name: api\n          image: x\n          envFrom: [{configMapRef: {name: api-env}}]\n          env: [{name: K, valueFrom: {secretKeyRef: {name: api-key, key: k}}}, {name: L, valueFrom: {configMapKeyRef: {name: api-env, key: l}}}]\n---\nkind: ConfigMap\nmetadata: {name: api-env, namespace: prod}\n---\nkind: ConfigMap\nmetadata: {name: web-env}\n---\nkind: Secret\nmetadata: {name: api-key}\n---\nkind: ServiceAccount\nmetadata: {name: api-sa}\n---\nkind: PersistentVolumeClaim\nmetadata: {name: api-data}\n---\nkind: Service\nmetadata: {name: api}\n",
         )]);
         let refs = template_refs(&all[0]["spec"]["template"]);
-        assert_eq!(refs.len(), 7, "api-env is named twice and counted once: {refs:?}");
-        assert!(refs.contains(&("Secret", "api-tls".into())) && refs.contains(&("Secret", "pull".into())));
+        assert_eq!(
+            refs.len(),
+            7,
+            "api-env is named twice and counted once: {refs:?}"
+        );
+        assert!(
+            refs.contains(&("Secret", "api-tls".into()))
+                && refs.contains(&("Secret", "pull".into()))
+        );
         let objs = objects_for(&all, "api", "i", "c").unwrap();
-        let names: Vec<&str> = objs.iter().map(|o| o["metadata"]["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = objs
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap())
+            .collect();
         // web-env is not the api's; api-files and the rest are not in the manifests.
-        assert_eq!(names, vec!["api-env", "api-key", "api-sa", "api-data", "api", "api"]);
+        assert_eq!(
+            names,
+            vec!["api-env", "api-key", "api-sa", "api-data", "api", "api"]
+        );
         assert_eq!(objs[4]["kind"], "Service");
         assert_eq!(objs[5]["kind"], "Deployment");
         assert!(objs[0]["metadata"]["namespace"].is_null());
@@ -900,6 +1258,9 @@ mod tests {
 
     #[test]
     fn selectors_are_escaped_for_the_query() {
-        assert_eq!(url_escape("app.kubernetes.io/name=api,tier=x"), "app.kubernetes.io%2Fname%3Dapi%2Ctier%3Dx");
+        assert_eq!(
+            url_escape("app.kubernetes.io/name=api,tier=x"),
+            "app.kubernetes.io%2Fname%3Dapi%2Ctier%3Dx"
+        );
     }
 }

@@ -105,8 +105,16 @@ pub fn data_frame_header(id: u32, flags: u8, len: usize) -> [u8; 8] {
 #[cfg(test)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
-    Data { stream: u32, fin: bool, data: Vec<u8> },
-    Control { kind: u16, flags: u8, payload: Vec<u8> },
+    Data {
+        stream: u32,
+        fin: bool,
+        data: Vec<u8>,
+    },
+    Control {
+        kind: u16,
+        flags: u8,
+        payload: Vec<u8>,
+    },
 }
 
 #[cfg(test)]
@@ -118,25 +126,52 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Fram
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await?;
     if h[0] & 0x80 != 0 {
-        Ok(Frame::Control { kind: u16::from_be_bytes([h[2], h[3]]), flags: h[4], payload })
+        Ok(Frame::Control {
+            kind: u16::from_be_bytes([h[2], h[3]]),
+            flags: h[4],
+            payload,
+        })
     } else {
         let stream = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) & 0x7fff_ffff;
-        Ok(Frame::Data { stream, fin: h[4] & FLAG_FIN != 0, data: payload })
+        Ok(Frame::Data {
+            stream,
+            fin: h[4] & FLAG_FIN != 0,
+            data: payload,
+        })
     }
 }
 
 /// Opens the port-forward to `pod`:`port` over SPDY; the returned stream carries the port's
 /// bytes (EOF when the pod's side ends).
-pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<SpdyStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>, SpdyError> {
-    let failed = |message: String| SpdyError::Failed(KubeError::Api { what: format!("port-forward to pod {pod}"), message });
-    let path = format!("/api/v1/namespaces/{}/pods/{pod}/portforward", cluster.namespace);
+pub async fn open(
+    cluster: &Cluster,
+    pod: &str,
+    port: u16,
+) -> Result<SpdyStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>, SpdyError> {
+    let failed = |message: String| {
+        SpdyError::Failed(KubeError::Api {
+            what: format!("port-forward to pod {pod}"),
+            message,
+        })
+    };
+    let path = format!(
+        "/api/v1/namespaces/{}/pods/{pod}/portforward",
+        cluster.namespace
+    );
     let req = http::Request::post(&path)
         .header(http::header::CONNECTION, "Upgrade")
         .header(http::header::UPGRADE, "SPDY/3.1")
         .header("X-Stream-Protocol-Version", "portforward.k8s.io")
         .body(kube::client::Body::empty())
         .map_err(|e| failed(e.to_string()))?;
-    let res = cluster.client.send(req).await.map_err(|e| SpdyError::Failed(cluster.err(e, "create", "pods/portforward", format!("port-forward to pod {pod}"))))?;
+    let res = cluster.client.send(req).await.map_err(|e| {
+        SpdyError::Failed(cluster.err(
+            e,
+            "create",
+            "pods/portforward",
+            format!("port-forward to pod {pod}"),
+        ))
+    })?;
     let status = res.status();
     if status == http::StatusCode::FORBIDDEN {
         return Err(SpdyError::Failed(KubeError::Forbidden {
@@ -147,19 +182,33 @@ pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<SpdyStream<
         }));
     }
     if status != http::StatusCode::SWITCHING_PROTOCOLS {
-        return Err(SpdyError::Refused(format!("the API server answered {status} to the SPDY upgrade")));
+        return Err(SpdyError::Refused(format!(
+            "the API server answered {status} to the SPDY upgrade"
+        )));
     }
-    let upgraded = hyper::upgrade::on(res).await.map_err(|e| failed(format!("upgrading to SPDY: {e}")))?;
+    let upgraded = hyper::upgrade::on(res)
+        .await
+        .map_err(|e| failed(format!("upgrading to SPDY: {e}")))?;
     let mut io = hyper_util::rt::TokioIo::new(upgraded);
     // kubectl's order: the error stream (closed for writing at once), then the data stream.
     let mut headers = HeaderBlocks::default();
     let port_s = port.to_string();
-    let err_block = headers.block(&[("port", &port_s), ("requestid", "0"), ("streamtype", "error")]);
-    let data_block = headers.block(&[("port", &port_s), ("requestid", "0"), ("streamtype", "data")]);
+    let err_block = headers.block(&[
+        ("port", &port_s),
+        ("requestid", "0"),
+        ("streamtype", "error"),
+    ]);
+    let data_block = headers.block(&[
+        ("port", &port_s),
+        ("requestid", "0"),
+        ("streamtype", "data"),
+    ]);
     let mut opening = syn_stream(ERROR_STREAM, 0, &err_block);
     opening.extend_from_slice(&data_frame_header(ERROR_STREAM, FLAG_FIN, 0));
     opening.extend_from_slice(&syn_stream(DATA_STREAM, 0, &data_block));
-    io.write_all(&opening).await.map_err(|e| failed(e.to_string()))?;
+    io.write_all(&opening)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     io.flush().await.map_err(|e| failed(e.to_string()))?;
     Ok(SpdyStream::new(io, pod))
 }
@@ -197,7 +246,11 @@ enum Body {
     /// Payload of the data stream, this many bytes left: the caller's.
     Data { left: usize, fin: bool },
     /// A payload to collect (a control frame, the error stream's message).
-    Collect { left: usize, buf: Vec<u8>, kind: Collected },
+    Collect {
+        left: usize,
+        buf: Vec<u8>,
+        kind: Collected,
+    },
     /// A payload to drop (another stream's data).
     Skip { left: usize },
 }
@@ -210,7 +263,10 @@ enum Collected {
 
 /// The error of a connection that ended inside `what`.
 fn cut_short(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, format!("the port-forward ended inside {what}"))
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("the port-forward ended inside {what}"),
+    )
 }
 
 /// The largest DATA frame written: the size of the tunnel's WebSocket messages and more.
@@ -241,7 +297,8 @@ impl<T: AsyncWrite + Unpin> SpdyStream<T> {
     /// Writes what is owed to the connection.
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.pending_at < self.pending.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending[self.pending_at..]))?;
+            let n =
+                ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending[self.pending_at..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -254,7 +311,11 @@ impl<T: AsyncWrite + Unpin> SpdyStream<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             if this.ended || buf.remaining() == 0 {
@@ -294,7 +355,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
                     *left -= rb.filled().len();
                 }
                 Body::Skip { .. } => this.body = Body::None,
-                Body::Collect { left, buf: payload, .. } if *left > 0 => {
+                Body::Collect {
+                    left, buf: payload, ..
+                } if *left > 0 => {
                     let start = payload.len();
                     payload.resize(start + *left, 0);
                     let mut rb = ReadBuf::new(&mut payload[start..]);
@@ -307,7 +370,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
                     }
                     *left -= n;
                 }
-                Body::Collect { buf: payload, kind, .. } => {
+                Body::Collect {
+                    buf: payload, kind, ..
+                } => {
                     let (payload, kind) = (std::mem::take(payload), *kind);
                     this.body = Body::None;
                     match kind {
@@ -316,7 +381,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
                                 let message = String::from_utf8_lossy(&payload).into_owned();
                                 tracing::warn!(pod = this.pod, error = %message, "the port-forward reported an error");
                                 this.ended = true;
-                                return Poll::Ready(Err(io::Error::other(format!("the port-forward to pod {} failed: {message}", this.pod))));
+                                return Poll::Ready(Err(io::Error::other(format!(
+                                    "the port-forward to pod {} failed: {message}",
+                                    this.pod
+                                ))));
                             }
                         }
                         Collected::Control(PING) => {
@@ -346,11 +414,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
                     let h = this.hdr;
                     let left = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
                     this.body = if h[0] & 0x80 != 0 {
-                        Body::Collect { left, buf: Vec::with_capacity(left.min(4096)), kind: Collected::Control(u16::from_be_bytes([h[2], h[3]])) }
+                        Body::Collect {
+                            left,
+                            buf: Vec::with_capacity(left.min(4096)),
+                            kind: Collected::Control(u16::from_be_bytes([h[2], h[3]])),
+                        }
                     } else {
                         match u32::from_be_bytes([h[0], h[1], h[2], h[3]]) & 0x7fff_ffff {
-                            DATA_STREAM => Body::Data { left, fin: h[4] & FLAG_FIN != 0 },
-                            ERROR_STREAM => Body::Collect { left, buf: Vec::with_capacity(left.min(4096)), kind: Collected::Error },
+                            DATA_STREAM => Body::Data {
+                                left,
+                                fin: h[4] & FLAG_FIN != 0,
+                            },
+                            ERROR_STREAM => Body::Collect {
+                                left,
+                                buf: Vec::with_capacity(left.min(4096)),
+                                kind: Collected::Error,
+                            },
                             _ => Body::Skip { left },
                         }
                     };
@@ -361,18 +440,26 @@ impl<T: AsyncRead + Unpin> AsyncRead for SpdyStream<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for SpdyStream<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_pending(cx))?;
         if this.fin_sent {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "write on a port-forward after its shutdown")));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write on a port-forward after its shutdown",
+            )));
         }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
         // From here the frame is committed: what the connection does not take now is owed.
         let len = buf.len().min(MAX_WRITE_FRAME);
-        this.pending.extend_from_slice(&data_frame_header(DATA_STREAM, 0, len));
+        this.pending
+            .extend_from_slice(&data_frame_header(DATA_STREAM, 0, len));
         let data = &buf[..len];
         if len <= COALESCE_MAX {
             // Header and payload in one write: the TLS layer makes a record per write, and
@@ -408,7 +495,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SpdyStream<T> {
         let this = self.get_mut();
         if !this.fin_sent {
             ready!(this.poll_pending(cx))?;
-            this.pending.extend_from_slice(&data_frame_header(DATA_STREAM, FLAG_FIN, 0));
+            this.pending
+                .extend_from_slice(&data_frame_header(DATA_STREAM, FLAG_FIN, 0));
             this.fin_sent = true;
         }
         ready!(this.poll_pending(cx))?;
@@ -435,9 +523,31 @@ mod tests {
         assert_eq!(&first[11..15], &4u32.to_be_bytes());
         assert_eq!(&first[15..19], b"port");
         // Later blocks continue the stream: no second zlib header.
-        assert_eq!(&first[first.len() - 5..], &[0x00, 0x00, 0x00, 0xff, 0xff], "each block ends as a sync flush does");
+        assert_eq!(
+            &first[first.len() - 5..],
+            &[0x00, 0x00, 0x00, 0xff, 0xff],
+            "each block ends as a sync flush does"
+        );
         let second = h.block(&[]);
-        assert_eq!(second, vec![0x00, 4, 0, !4u16 as u8, (!4u16 >> 8) as u8, 0, 0, 0, 0, 0x00, 0x00, 0x00, 0xff, 0xff]);
+        assert_eq!(
+            second,
+            vec![
+                0x00,
+                4,
+                0,
+                !4u16 as u8,
+                (!4u16 >> 8) as u8,
+                0,
+                0,
+                0,
+                0,
+                0x00,
+                0x00,
+                0x00,
+                0xff,
+                0xff
+            ]
+        );
     }
 
     #[tokio::test]
@@ -447,7 +557,11 @@ mod tests {
         assert_eq!(syn[4], FLAG_FIN);
         let mut r = &syn[..];
         match read_frame(&mut r).await.unwrap() {
-            Frame::Control { kind, flags, payload } => {
+            Frame::Control {
+                kind,
+                flags,
+                payload,
+            } => {
                 assert_eq!((kind, flags), (SYN_STREAM, FLAG_FIN));
                 assert_eq!(&payload[..4], &3u32.to_be_bytes());
                 assert_eq!(&payload[10..], b"hb");
@@ -458,8 +572,22 @@ mod tests {
         bytes.extend_from_slice(b"hello");
         bytes.extend_from_slice(&data_frame_header(DATA_STREAM, FLAG_FIN, 0));
         let mut r = &bytes[..];
-        assert_eq!(read_frame(&mut r).await.unwrap(), Frame::Data { stream: 3, fin: false, data: b"hello".to_vec() });
-        assert_eq!(read_frame(&mut r).await.unwrap(), Frame::Data { stream: 3, fin: true, data: vec![] });
+        assert_eq!(
+            read_frame(&mut r).await.unwrap(),
+            Frame::Data {
+                stream: 3,
+                fin: false,
+                data: b"hello".to_vec()
+            }
+        );
+        assert_eq!(
+            read_frame(&mut r).await.unwrap(),
+            Frame::Data {
+                stream: 3,
+                fin: true,
+                data: vec![]
+            }
+        );
     }
 
     /// A frame as the server side writes it.
@@ -477,10 +605,38 @@ mod tests {
         s.write_all(b"hello").await.unwrap();
         s.write_all(&vec![7u8; MAX_WRITE_FRAME + 10]).await.unwrap();
         s.shutdown().await.unwrap();
-        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Data { stream: DATA_STREAM, fin: false, data: b"hello".to_vec() });
-        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Data { stream: DATA_STREAM, fin: false, data: vec![7; MAX_WRITE_FRAME] });
-        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Data { stream: DATA_STREAM, fin: false, data: vec![7; 10] });
-        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Data { stream: DATA_STREAM, fin: true, data: vec![] });
+        assert_eq!(
+            read_frame(&mut server).await.unwrap(),
+            Frame::Data {
+                stream: DATA_STREAM,
+                fin: false,
+                data: b"hello".to_vec()
+            }
+        );
+        assert_eq!(
+            read_frame(&mut server).await.unwrap(),
+            Frame::Data {
+                stream: DATA_STREAM,
+                fin: false,
+                data: vec![7; MAX_WRITE_FRAME]
+            }
+        );
+        assert_eq!(
+            read_frame(&mut server).await.unwrap(),
+            Frame::Data {
+                stream: DATA_STREAM,
+                fin: false,
+                data: vec![7; 10]
+            }
+        );
+        assert_eq!(
+            read_frame(&mut server).await.unwrap(),
+            Frame::Data {
+                stream: DATA_STREAM,
+                fin: true,
+                data: vec![]
+            }
+        );
         assert!(s.write_all(b"x").await.is_err(), "no writes after the FIN");
 
         // Reads: the data stream's payloads in order; other frames skipped or answered.
@@ -502,7 +658,14 @@ mod tests {
         assert!(got == want);
         // The PING is answered with the next flush.
         s.flush().await.unwrap();
-        assert_eq!(read_frame(&mut server).await.unwrap(), Frame::Control { kind: PING, flags: 0, payload: 42u32.to_be_bytes().to_vec() });
+        assert_eq!(
+            read_frame(&mut server).await.unwrap(),
+            Frame::Control {
+                kind: PING,
+                flags: 0,
+                payload: 42u32.to_be_bytes().to_vec()
+            }
+        );
     }
 
     /// A connection that records the size of every write it is given.
@@ -510,7 +673,11 @@ mod tests {
     struct Writes(Vec<usize>);
 
     impl AsyncWrite for Writes {
-        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
             self.get_mut().0.push(buf.len());
             Poll::Ready(Ok(buf.len()))
         }
@@ -527,10 +694,18 @@ mod tests {
         let mut s = SpdyStream::new(Writes::default(), "p");
         s.write_all(&[1; 300]).await.unwrap();
         s.write_all(&vec![2; COALESCE_MAX]).await.unwrap();
-        assert_eq!(s.io.0, vec![8 + 300, 8 + COALESCE_MAX], "one write per small frame, header included");
+        assert_eq!(
+            s.io.0,
+            vec![8 + 300, 8 + COALESCE_MAX],
+            "one write per small frame, header included"
+        );
         s.io.0.clear();
         s.write_all(&vec![3; COALESCE_MAX + 1]).await.unwrap();
-        assert_eq!(s.io.0, vec![8, COALESCE_MAX + 1], "a large frame is not copied");
+        assert_eq!(
+            s.io.0,
+            vec![8, COALESCE_MAX + 1],
+            "a large frame is not copied"
+        );
     }
 
     #[tokio::test]
@@ -538,12 +713,19 @@ mod tests {
         let (client, mut server) = tokio::io::duplex(4096);
         let mut s = SpdyStream::new(client, "web-1");
         let mut from_server = data(DATA_STREAM, 0, b"ok");
-        from_server.extend(data(ERROR_STREAM, 0, b"failed to connect to localhost:7700: connection refused"));
+        from_server.extend(data(
+            ERROR_STREAM,
+            0,
+            b"failed to connect to localhost:7700: connection refused",
+        ));
         server.write_all(&from_server).await.unwrap();
         let mut buf = [0u8; 16];
         assert_eq!(s.read(&mut buf).await.unwrap(), 2);
         let e = s.read(&mut buf).await.unwrap_err();
-        assert!(e.to_string().contains("pod web-1") && e.to_string().contains("connection refused"), "{e}");
+        assert!(
+            e.to_string().contains("pod web-1") && e.to_string().contains("connection refused"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
@@ -560,11 +742,13 @@ mod tests {
 
         let (client, mut server) = tokio::io::duplex(4096);
         let mut s = SpdyStream::new(client, "p");
-        server.write_all(&data(DATA_STREAM, 0, b"hello")).await.unwrap();
+        server
+            .write_all(&data(DATA_STREAM, 0, b"hello"))
+            .await
+            .unwrap();
         drop(server);
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"hello");
     }
 }
-
