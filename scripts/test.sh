@@ -36,10 +36,26 @@ if [ -z "${KUBECONFIG:-}" ]; then
   fi
 fi
 
-scripts/build-agent.sh
-cargo build -p devloop
+# Each tier says how long it took, and the run ends with all of them.
+timings=()
+tier() {
+  local name=$1; shift
+  local t0; t0=$(date +%s)
+  "$@"
+  timings+=("$(printf '%-34s %5d s' "$name" $(( $(date +%s) - t0 )))")
+  echo "test.sh: $name took $(( $(date +%s) - t0 )) s" >&2
+}
 
-# Unit and protocol tiers first (cheap), then the end-to-end tests against the engine with
-# at most two at a time, so they do not fight over this machine's two cores.
-cargo test --workspace --exclude devloop-tests
-cargo test -p devloop-tests -- --test-threads=2
+# The ecosystem's habits first: formatted by rustfmt, clean under clippy.
+tier "format (cargo fmt --check)" cargo fmt --all -- --check
+tier "build (agent, cli)" bash -c 'scripts/build-agent.sh && cargo build -p devloop'
+tier "lint (cargo clippy -D warnings)" cargo clippy --workspace --all-targets -- -D warnings
+
+# Unit and protocol tiers first (cheap, and they replay the fuzz corpora), then the
+# end-to-end tests against the engine with at most two at a time, so they do not fight
+# over this machine's two cores.
+tier "unit, protocol, in-process" cargo test --workspace --exclude devloop-tests
+tier "end to end (Docker, Kubernetes)" cargo test -p devloop-tests -- --test-threads=2
+
+echo "test.sh: time per tier" >&2
+printf '  %s\n' "${timings[@]}" >&2

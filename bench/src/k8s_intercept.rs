@@ -103,7 +103,7 @@ pub(crate) fn deployment(name: &str, image: &str, args: &[&str]) -> serde_json::
 /// The loadgen image, pushed to the cluster's registry the way devloop pushes its agent;
 /// returns the reference the nodes pull.
 pub(crate) fn push_loadgen(ctx: &Ctx, ns: &str, kubeconfig: &std::path::Path) -> Result<String> {
-    use devloop::target::k8s::{registry, Cluster, KubeSettings};
+    use devloop::backend::k8s::{registry, Cluster, KubeSettings};
     let lg = crate::intercept::loadgen_bin(ctx)?;
     let binary = std::fs::read(&lg).with_context(|| format!("reading {}", lg.display()))?;
     let settings = KubeSettings {
@@ -118,7 +118,7 @@ pub(crate) fn push_loadgen(ctx: &Ctx, ns: &str, kubeconfig: &std::path::Path) ->
             .context("the cluster advertises no registry")?;
         let layer = registry::one_file_layer("loadgen", 0o755, &binary)?;
         let config = registry::image_config(std::slice::from_ref(&layer), &["/loadgen"]);
-        let tag = devloop::target::agent_image_tag(&binary);
+        let tag = devloop::backend::agent_image_tag(&binary);
         registry::Pusher::new(&reg.push)?
             .push_image("devloop-loadgen", &tag, &[layer], &config)
             .await?;

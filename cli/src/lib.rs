@@ -2,12 +2,14 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_link;
+pub mod backend;
 pub mod commands;
 pub mod config;
 pub mod deploy;
 pub mod elf;
 pub mod image;
+pub mod ownership;
+pub mod signals;
 pub mod state;
 pub mod sync;
-pub mod target;
 pub mod ui;

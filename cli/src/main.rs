@@ -77,7 +77,7 @@ enum Command {
         /// REMOTE:LOCAL: the service's port in its container -> a port on the laptop (repeatable;
         /// Kubernetes: REMOTE may also be a container port's name or a Service port, by number or name).
         #[arg(long = "port", value_parser = commands::intercept::parse_port)]
-        ports: Vec<(devloop::target::PortRef, u16)>,
+        ports: Vec<(devloop::backend::PortRef, u16)>,
         /// Also write the service's environment to this file.
         #[arg(long)]
         env_file: Option<PathBuf>,

@@ -59,16 +59,7 @@ impl TokenStore {
 
     pub fn write(&self, container: &str, token: &str) -> std::io::Result<()> {
         ensure_private_dir(&self.dir)?;
-        let path = self.dir.join(container);
-        let tmp = self.dir.join(format!(".{container}.tmp"));
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(token.as_bytes())?;
-        std::fs::rename(tmp, path)
+        write_atomic(&self.dir.join(container), token.as_bytes(), 0o600)
     }
 
     pub fn remove(&self, container: &str) {
@@ -117,21 +108,93 @@ pub fn read_sync_status(project: &str, service: &str) -> Option<SyncStatus> {
 pub fn write_sync_status(project: &str, service: &str, status: &SyncStatus) -> std::io::Result<()> {
     let dir = sync_dir(project);
     std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!(".{service}.json.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(status).unwrap_or_default())?;
-    std::fs::rename(tmp, dir.join(format!("{service}.json")))
+    write_atomic(
+        &dir.join(format!("{service}.json")),
+        &serde_json::to_vec_pretty(status).unwrap_or_default(),
+        0o644,
+    )
 }
 
-pub fn remove_sync_status(project: &str, service: &str) {
+/// Forgets a service's sync status and lock, unless a sync still runs: its lock is never
+/// removed from under it (a second sync would then lock a new file and run beside it).
+/// Returns false when it left them because a sync holds the lock.
+pub fn remove_sync_status(project: &str, service: &str) -> bool {
+    if SyncLock::is_held(project, service) {
+        return false;
+    }
     let dir = sync_dir(project);
     let _ = std::fs::remove_file(dir.join(format!("{service}.json")));
-    let _ = std::fs::remove_file(dir.join(format!("{service}.lock")));
+    let _ = std::fs::remove_file(sync_lock_path(project, service));
+    true
+}
+
+/// A lock that lives as long as the process (the open file) that holds it: an open-file-
+/// description record lock on the whole file, which the kernel drops when the holder
+/// exits, crash or not. Unlike `flock`, it can be probed without being taken
+/// (`F_OFD_GETLK`), so a `status` looking at it never makes a starting holder fail.
+pub struct LiveLock {
+    _file: std::fs::File,
+}
+
+fn whole_file_lock(kind: i32) -> nix::libc::flock {
+    // Plain old data: every field is set below or is zero (whole file, pid 0 as OFD wants).
+    let mut l: nix::libc::flock = zeroed_flock();
+    l.l_type = kind as i16;
+    l.l_whence = nix::libc::SEEK_SET as i16;
+    l
+}
+
+/// `flock` has only integer fields; building it field by field keeps this crate free of
+/// `unsafe` (no `mem::zeroed`).
+fn zeroed_flock() -> nix::libc::flock {
+    nix::libc::flock {
+        l_type: 0,
+        l_whence: 0,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    }
+}
+
+impl LiveLock {
+    /// Takes the lock on `path` (created if missing). `Ok(None)` when another live process
+    /// holds it.
+    pub fn try_hold(path: &Path) -> std::io::Result<Option<LiveLock>> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(path)?;
+        let lock = whole_file_lock(nix::libc::F_WRLCK);
+        match nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)) {
+            Ok(_) => Ok(Some(LiveLock { _file: file })),
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether a live process holds the lock on `path`, without taking it.
+    pub fn is_held(path: &Path) -> bool {
+        let Ok(file) = std::fs::OpenOptions::new().read(true).open(path) else {
+            return false;
+        };
+        let mut probe = whole_file_lock(nix::libc::F_WRLCK);
+        match nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut probe)) {
+            Ok(_) => probe.l_type != nix::libc::F_UNLCK as i16,
+            Err(_) => false,
+        }
+    }
 }
 
 /// Held by the process that syncs a service; the kernel frees it when that process dies, so
 /// a free lock means "nobody is syncing", crash or not.
 pub struct SyncLock {
-    _lock: nix::fcntl::Flock<std::fs::File>,
+    _lock: LiveLock,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,29 +205,91 @@ pub enum LockError {
     Io(PathBuf, std::io::Error),
 }
 
+fn sync_lock_path(project: &str, service: &str) -> PathBuf {
+    sync_dir(project).join(format!("{service}.lock"))
+}
+
 impl SyncLock {
     pub fn acquire(project: &str, service: &str) -> Result<SyncLock, LockError> {
-        let dir = sync_dir(project);
-        let path = dir.join(format!("{service}.lock"));
-        std::fs::create_dir_all(&dir).map_err(|e| LockError::Io(path.clone(), e))?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| LockError::Io(path.clone(), e))?;
-        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(SyncLock { _lock: lock }),
-            Err(_) => Err(LockError::Busy(service.to_string())),
+        let path = sync_lock_path(project, service);
+        match LiveLock::try_hold(&path) {
+            Ok(Some(lock)) => Ok(SyncLock { _lock: lock }),
+            Ok(None) => Err(LockError::Busy(service.to_string())),
+            Err(e) => Err(LockError::Io(path, e)),
         }
     }
 
-    /// Whether some process holds the lock now.
+    /// Whether some process holds the lock now (a probe: the lock is never taken).
     pub fn is_held(project: &str, service: &str) -> bool {
-        let path = sync_dir(project).join(format!("{service}.lock"));
-        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
-            return false;
-        };
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+        LiveLock::is_held(&sync_lock_path(project, service))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file of a name no other writer uses (pid and
+/// a counter), renamed into place: a reader sees the old content or the new, never a mix,
+/// and two writers never share a temporary file.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_lock_is_probed_without_being_taken_and_freed_with_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        assert!(!LiveLock::is_held(&path), "no file: not held");
+        let held = LiveLock::try_hold(&path)
+            .unwrap()
+            .expect("free lock is taken");
+        assert!(LiveLock::is_held(&path));
+        // Probing many times never takes it: the holder keeps it, a second taker is refused.
+        for _ in 0..100 {
+            assert!(LiveLock::is_held(&path));
+        }
+        assert!(LiveLock::try_hold(&path).unwrap().is_none());
+        drop(held);
+        assert!(!LiveLock::is_held(&path));
+        assert!(LiveLock::try_hold(&path).unwrap().is_some());
+    }
+
+    #[test]
+    fn atomic_writes_leave_no_temporary_file_and_keep_the_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        write_atomic(&path, b"one", 0o600).unwrap();
+        write_atomic(&path, b"two", 0o600).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "only the file itself remains");
     }
 }

@@ -40,6 +40,10 @@ pub const TAR_CHUNK_BYTES: usize = 256 * 1024;
 /// The path of the WebSocket endpoint the agent serves.
 pub const WS_PATH: &str = "/devloop";
 
+/// The port an agent takes control connections on, in its container or pod (the one
+/// declaration: the cli's back ends and the agent's defaults use it).
+pub const AGENT_PORT: u16 = 7717;
+
 /// Capability names a peer may announce in its handshake.
 pub mod caps {
     /// File operations (`Batch`) and index requests.

@@ -357,3 +357,40 @@ fn a_missing_public_base_is_built_offline() {
     );
     shop.interrupt_all();
 }
+
+/// An image whose `USER` is not root: the agent runs as that user, reads its token, writes
+/// the synced tree into the volume, and the service serves and follows edits.
+#[test]
+fn an_image_running_as_a_non_root_user_serves_and_syncs() {
+    let mut shop = Shop::new("nonroot", false);
+    let dockerfile = shop.path().join("api/Dockerfile");
+    let text = std::fs::read_to_string(&dockerfile).unwrap();
+    std::fs::write(&dockerfile, format!("{text}USER 1000:1000\n")).unwrap();
+    let log = shop.spawn(&["up", "--no-logs"]);
+    wait_for_log(&log, "in sync", Duration::from_secs(240));
+    let page = wait_for(Duration::from_secs(20), || {
+        shop.http_get("web", "http://localhost:8080/api-version")
+    });
+    assert_eq!(
+        page.as_deref(),
+        Some("1"),
+        "log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let uid = shop.exec("api", &["python3", "-c", "import os; print(os.getuid())"]);
+    assert_eq!(String::from_utf8_lossy(&uid.stdout).trim(), "1000");
+
+    let app = shop.path().join("api/app.py");
+    let text = std::fs::read_to_string(&app).unwrap();
+    std::fs::write(&app, text.replace("VERSION = \"1\"", "VERSION = \"2\"")).unwrap();
+    let served = wait_for(Duration::from_secs(20), || {
+        shop.http_get("web", "http://localhost:8080/api-version")
+            .filter(|v| v == "2")
+    });
+    assert!(
+        served.is_some(),
+        "the edit is not served; log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    shop.interrupt_all();
+}

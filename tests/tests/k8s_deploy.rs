@@ -188,7 +188,41 @@ fn deploy_creates_rolls_out_undoes_a_crash_and_rolls_back() {
         "the change cause is not on the revisions:\n{reported}"
     );
 
-    // rollback goes to the newest earlier revision that ran (not the failed one): version 1.
+    // An intercept and its leave add two revisions of devloop's own (the agent's template,
+    // then the original's again): history does not list them, rollback skips them.
+    let spec = format!("8000:{}", free_port());
+    let log = shop.state.path().join("intercept.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let mut c = shop.cmd(&["-n", &ns.name, "intercept", "api", "--port", &spec]);
+    if let Some(k) = kubeconfig() {
+        c.env("KUBECONFIG", k);
+    }
+    let mut intercept = c
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_log(&log, "intercepted in", Duration::from_secs(120));
+    let out = run_ok(&shop, &ns, &["leave", "api"]);
+    assert!(out.contains("restored"), "{out}");
+    let _ = intercept.wait();
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "rollout",
+        "status",
+        "deployment/api",
+        "--timeout=120s",
+    ]);
+    let out = run_ok(&shop, &ns, &["history", "api"]);
+    assert!(
+        !out.contains("devloop-agent"),
+        "history lists the intercept's agent as a version:\n{out}"
+    );
+
+    // rollback goes to the newest earlier revision that ran (not the failed one, not the
+    // intercept's): version 1.
     let out = run_ok(&shop, &ns, &["rollback", "api"]);
     assert!(out.contains("rolled back"), "{out}");
     assert_eq!(api_image(&ns), first);

@@ -5,13 +5,13 @@ use anyhow::Context;
 use std::time::{Duration, Instant};
 
 use super::{choose_target, connect_engine, load_project, read_agent_binary, Global, TargetChoice};
+use crate::backend::docker_deploy::RolloutContext;
+use crate::backend::k8s::registry::{self, Pusher};
+use crate::backend::k8s::rollout::{self as kube_rollout, KubeRollout};
+use crate::backend::k8s::Cluster;
 use crate::config::{Project, Service};
 use crate::deploy::{self, history, Destination, Snapshot};
 use crate::deploy::{Rollout, RolloutTarget};
-use crate::target::docker_deploy::RolloutContext;
-use crate::target::k8s::registry::{self, Pusher};
-use crate::target::k8s::rollout::{self as kube_rollout, KubeRollout};
-use crate::target::k8s::Cluster;
 use crate::ui::{ago, human_ms, Ui};
 
 #[derive(Debug, Clone, Default)]
@@ -22,7 +22,7 @@ pub struct DeployOptions {
 
 pub(crate) struct Env {
     pub(crate) docker: bollard::Docker,
-    pub(crate) engine: crate::target::engine::EngineChoice,
+    pub(crate) engine: crate::backend::engine::EngineChoice,
     agent: Vec<u8>,
     tokens: crate::state::TokenStore,
     health_timeout: Duration,

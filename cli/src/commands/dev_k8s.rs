@@ -1,4 +1,4 @@
-//! `up`, `sync` and `down` on Kubernetes: dev pods (see `target::k8s::devpod`). The sync,
+//! `up`, `sync` and `down` on Kubernetes: dev pods (see `backend::k8s::devpod`). The sync,
 //! logs and restarts are the Docker ones (`sync::engine`), reaching the agent through a
 //! [`KubeConnector`] (a port-forward) instead of the container network.
 
@@ -9,16 +9,15 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::intercept_k8s::{agent_image, holder};
-use super::up::wait_for_signal;
 use crate::agent_link::{AgentLink, Connected};
+use crate::backend::k8s::devpod::{self, DevRecord, DevSpec};
+use crate::backend::k8s::intercept as ki;
+use crate::backend::k8s::registry::{self, Pusher, Registry};
+use crate::backend::k8s::rollout::{deployment_of, service_container};
+use crate::backend::k8s::{portforward, Cluster, KubeSettings};
 use crate::config::{Project, Service};
 use crate::state::now_ms;
 use crate::sync::engine::{self, Connector, Gone, SyncSettings};
-use crate::target::k8s::devpod::{self, DevRecord, DevSpec};
-use crate::target::k8s::intercept as ki;
-use crate::target::k8s::registry::{self, Pusher, Registry};
-use crate::target::k8s::rollout::{deployment_of, service_container};
-use crate::target::k8s::{portforward, Cluster, KubeSettings};
 use crate::ui::{human_ms, Ui};
 
 /// Reaches the agent of a dev pod (or of a watched version): the ready pod labelled with the
@@ -43,7 +42,7 @@ impl Connector for KubeConnector {
                 Duration::from_secs(60),
             )
             .await?;
-            let stream = portforward::open(&self.cluster, &pod, devpod::AGENT_PORT).await?;
+            let stream = portforward::open(&self.cluster, &pod, devloop_proxy::AGENT_PORT).await?;
             let connected = AgentLink::connect(stream, &self.token)
                 .await
                 .with_context(|| format!("connecting to the agent in pod {pod}"))?;
@@ -192,6 +191,7 @@ async fn ensure_dev_pod(
     cluster: &Cluster,
     reg: Option<&Registry>,
     agent: &str,
+    project_name: &str,
     service: &Service,
 ) -> anyhow::Result<(KubeConnector, String)> {
     let sync = service.sync.as_ref().context("no `sync` in devloop.toml")?;
@@ -255,6 +255,7 @@ async fn ensure_dev_pod(
         secret: devpod::secret_name(&name),
         started_ms: now_ms(),
         holder: holder(),
+        project: project_name.to_string(),
     };
     devpod::create_token_secret(cluster, &record.secret, &token).await?;
     let spec = DevSpec {
@@ -290,6 +291,7 @@ pub async fn up(
     configured_registry: Option<&str>,
     services: &[String],
     no_logs: bool,
+    on_exit: crate::config::file::OnExit,
 ) -> anyhow::Result<()> {
     let selected: Vec<&Service> = project
         .select(services)?
@@ -310,7 +312,7 @@ pub async fn up(
     let mut connectors = Vec::new();
     for service in &selected {
         let t = Instant::now();
-        let (conn, what) = ensure_dev_pod(&cluster, reg.as_ref(), &agent, service)
+        let (conn, what) = ensure_dev_pod(&cluster, reg.as_ref(), &agent, &project.name, service)
             .await
             .with_context(|| format!("dev mode for `{}`", service.name))?;
         let pod = ki::wait_session_pod(
@@ -343,13 +345,22 @@ pub async fn up(
         });
     }
     eprintln!(
-        "devloop: syncing {} into their dev pods in namespace {}; Ctrl-C stops syncing (the pods stay in dev mode; `devloop down` switches them back)",
-        selected.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
-        cluster.namespace
+        "devloop: syncing {} into their dev pods in namespace {}; Ctrl-C stops syncing ({})",
+        selected
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cluster.namespace,
+        match on_exit {
+            crate::config::file::OnExit::Stop => "and switches the Deployments back",
+            crate::config::file::OnExit::Keep =>
+                "the pods stay in dev mode; `devloop down` or --stop-on-exit switches them back",
+        }
     );
     let mut failed = None;
     tokio::select! {
-        _ = wait_for_signal() => {}
+        _ = crate::signals::cancelled() => {}
         Some(res) = tasks.join_next() => {
             if let Ok((name, Err(e))) = res {
                 failed = Some(e.context(format!("sync of `{name}` stopped")));
@@ -362,26 +373,52 @@ pub async fn up(
             ui.warn(&name, format!("sync ended with an error: {e:#}"));
         }
     }
-    eprintln!("devloop: sync stopped; the dev pods keep running, but their files no longer follow your edits until `devloop up` runs again");
+    if on_exit == crate::config::file::OnExit::Stop {
+        // A dev pod stopped is a Deployment back to its original: what `down` does, for the
+        // services this `up` switched.
+        let names: Vec<&str> = selected.iter().map(|s| s.name.as_str()).collect();
+        restore_dev_modes(&cluster, &project.name, &names).await?;
+    } else {
+        eprintln!("devloop: sync stopped; the dev pods keep running, but their files no longer follow your edits until `devloop up` runs again");
+    }
     match failed {
         Some(e) => Err(e),
         None => Ok(()),
     }
 }
 
-/// `down` on Kubernetes: every Deployment of the namespace in dev mode back to its original.
-pub async fn down(settings: &KubeSettings) -> anyhow::Result<()> {
+/// `down` on Kubernetes: the project's Deployments in dev mode back to their originals
+/// (another project's, in the same namespace, are left alone), and their sync status and
+/// locks cleared as on Docker.
+pub async fn down(project: &Project, settings: &KubeSettings) -> anyhow::Result<()> {
     let cluster = Cluster::connect(settings).await?;
-    let records = devpod::in_dev_mode(&cluster).await?;
-    if records.is_empty() {
-        eprintln!(
-            "devloop: no Deployment in namespace {} is in dev mode",
-            cluster.namespace
-        );
-        return Ok(());
+    let services: Vec<&str> = project.services.iter().map(|s| s.name.as_str()).collect();
+    let restored = restore_dev_modes(&cluster, &project.name, &services).await?;
+    for s in &services {
+        let _ = crate::state::remove_sync_status(&project.name, s);
     }
-    for r in records {
-        if devpod::restore(&cluster, &r).await? {
+    if restored == 0 {
+        eprintln!(
+            "devloop: no Deployment of project {} in namespace {} is in dev mode",
+            project.name, cluster.namespace
+        );
+    }
+    Ok(())
+}
+
+/// Restores the dev modes of `services` of `project`; how many it restored.
+async fn restore_dev_modes(
+    cluster: &Cluster,
+    project: &str,
+    services: &[&str],
+) -> anyhow::Result<usize> {
+    let mut restored = 0;
+    for r in devpod::in_dev_mode(cluster).await? {
+        if !r.belongs_to(project, services) {
+            continue;
+        }
+        if devpod::restore(cluster, &r).await? {
+            restored += 1;
             eprintln!(
                 "devloop: deployment/{} restored (dev mode since {})",
                 r.deployment,
@@ -389,7 +426,7 @@ pub async fn down(settings: &KubeSettings) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(restored)
 }
 
 /// `sync SERVICE` on Kubernetes: only the sync (and logs) of a pod already in dev mode.
@@ -421,7 +458,7 @@ pub async fn sync(
     ));
     tokio::pin!(task);
     tokio::select! {
-        _ = wait_for_signal() => { shutdown.cancel(); (&mut task).await??; }
+        _ = crate::signals::cancelled() => { shutdown.cancel(); (&mut task).await??; }
         r = &mut task => { r??; }
     }
     eprintln!(

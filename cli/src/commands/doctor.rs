@@ -1,8 +1,8 @@
 //! `devloop doctor`: checks what devloop needs and says how to fix what is wrong.
 
 use super::{load_project, Global};
+use crate::backend::{docker, engine, labels};
 use crate::config::ImageSource;
-use crate::target::{docker, engine, labels};
 
 struct Report {
     failures: usize,
@@ -204,10 +204,10 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
 /// The Kubernetes target: the context and namespace, the registry, the permissions.
 async fn kubernetes(
     r: &mut Report,
-    settings: &crate::target::k8s::KubeSettings,
+    settings: &crate::backend::k8s::KubeSettings,
     registry: Option<&str>,
 ) {
-    use crate::target::k8s::{registry as reg, Cluster};
+    use crate::backend::k8s::{registry as reg, Cluster};
     let cluster = match Cluster::connect(settings).await {
         Ok(c) => {
             r.ok(

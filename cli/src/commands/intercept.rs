@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
 use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
 use super::connect_engine;
 use crate::agent_link::{AgentLink, Connected};
+use crate::backend::docker;
+use crate::backend::docker_intercept::{self as di, Record};
+use crate::backend::engine::EngineChoice;
+use crate::backend::PortRef;
+use crate::ownership;
 use crate::state::{now_ms, TokenStore};
-use crate::target::docker;
-use crate::target::docker_intercept::{self as di, Record};
-use crate::target::engine::EngineChoice;
-use crate::target::PortRef;
 use crate::ui::{ago, human_ms};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,11 +119,15 @@ pub trait Swap: Send + Sync {
     fn original(&self) -> String;
     /// The name `leave` takes.
     fn service(&self) -> String;
+    /// The resource's key in the ownership records ([`crate::ownership`]).
+    fn owner_key(&self) -> String;
     /// (port in the container, laptop port), names resolved.
     fn ports(&self) -> Vec<(u16, u16)>;
     /// The original's environment, for the laptop command.
     fn env(&self) -> Vec<(String, String)>;
-    /// Persists the restore record, then puts the agent in the original's place.
+    /// Persists the restore record, then puts the agent in the original's place. Runs to its
+    /// end once started (no request is cut off halfway); waits inside it return early on
+    /// shutdown, and [`hold`] restores whatever it changed.
     fn swap_in<'a>(
         &'a self,
         token: &'a str,
@@ -131,7 +137,8 @@ pub trait Swap: Send + Sync {
     fn connect<'a>(&'a self, token: &'a str) -> BoxFuture<'a, anyhow::Result<Connected>>;
     /// True when `leave` (from any shell) ended this intercept.
     fn ended_elsewhere(&self) -> BoxFuture<'_, bool>;
-    /// Puts the original back and removes what the swap added.
+    /// Puts the original back and removes what the swap added; also when the swap stopped
+    /// halfway or never started (then it changes nothing that was not this session's).
     fn restore(&self) -> BoxFuture<'_, anyhow::Result<()>>;
     /// Where the swap's time went, for the "intercepted in" line.
     fn detail(&self) -> Option<String> {
@@ -148,12 +155,12 @@ pub async fn intercept(global: &super::Global, opts: InterceptOptions) -> anyhow
     match super::choose_target(global, project.as_ref()) {
         super::TargetChoice::Docker => {
             let swap = DockerSwap::new(&opts, project.map(|p| p.name)).await?;
-            hold(&swap, &opts).await
+            hold(&swap, &opts, crate::signals::shutdown()).await
         }
         super::TargetChoice::Kubernetes { settings, registry } => {
             let swap =
                 super::intercept_k8s::KubeSwap::new(&settings, registry.as_deref(), &opts).await?;
-            hold(&swap, &opts).await
+            hold(&swap, &opts, crate::signals::shutdown()).await
         }
     }
 }
@@ -165,10 +172,11 @@ pub struct DockerSwap {
     original: bollard::models::ContainerInspectResponse,
     record: Record,
     agent: Vec<u8>,
-    /// A local engine: the listener that hands the agent connections to the laptop, until
-    /// the swap starts serving it.
+    /// A local engine: the listener that hands the agent connections to the laptop, from the
+    /// swap on (made only once the claim is held: its socket path is the service's).
     handoff: Mutex<Option<tokio::net::UnixListener>>,
-    handing_off: bool,
+    /// Whether connections are handed over (false once the handoff socket cannot be made).
+    handing_off: std::sync::atomic::AtomicBool,
 }
 
 impl DockerSwap {
@@ -179,13 +187,7 @@ impl DockerSwap {
             (r.service == opts.target && here.as_deref().is_none_or(|h| h == r.project))
                 || r.original_name == opts.target
         }) {
-            anyhow::bail!(
-                "{} is already intercepted (by pid {}, {}); end that with `devloop leave {}`",
-                r.original_name,
-                r.cli_pid,
-                ago(r.started_ms),
-                r.service
-            );
+            return Err(already_intercepted(&r));
         }
         let original = di::find_target(&docker, &opts.target, here.as_deref()).await?;
         let orig_name = di::container_name(&original);
@@ -194,12 +196,7 @@ impl DockerSwap {
             .into_iter()
             .find(|r| r.original_id == orig_id || r.original_name == orig_name)
         {
-            anyhow::bail!(
-                "{orig_name} is already intercepted (by pid {}, {}); end that with `devloop leave {}`",
-                r.cli_pid,
-                ago(r.started_ms),
-                r.service
-            );
+            return Err(already_intercepted(&r));
         }
         let (service, project) = di::service_of(&original);
         let mut ports = Vec::new();
@@ -220,27 +217,40 @@ impl DockerSwap {
             cli_pid: std::process::id(),
         };
         let (_, agent) = super::read_agent_binary()?;
-        let handoff = if opts.tunnel || !engine.is_local() || !same_machine(&docker).await {
-            None
-        } else {
-            match listen_for_handoffs(&record.agent_container) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot make the handoff socket; tunnelling every connection");
-                    None
-                }
-            }
-        };
-        let handing_off = handoff.is_some();
+        let handing_off = !opts.tunnel && engine.is_local() && same_machine(&docker).await;
         Ok(DockerSwap {
             docker,
             engine,
             original,
             record,
             agent,
-            handoff: Mutex::new(handoff),
-            handing_off,
+            handoff: Mutex::new(None),
+            handing_off: std::sync::atomic::AtomicBool::new(handing_off),
         })
+    }
+}
+
+/// The refusal for a service that a restore record says is intercepted: by a live cli, or
+/// left by one that is gone (then `leave` restores it).
+fn already_intercepted(r: &Record) -> anyhow::Error {
+    let live = ownership::holders(&di::owner_key(&r.original_name))
+        .into_iter()
+        .find(|(_, alive)| *alive);
+    match live {
+        Some((h, _)) => anyhow::anyhow!(
+            "{} is already intercepted (by {}, {}); end that with `devloop leave {}`",
+            r.original_name,
+            h.who,
+            ago(h.started_ms),
+            r.service
+        ),
+        None => anyhow::anyhow!(
+            "{} is already intercepted, by a devloop that is gone (pid {}, {}); `devloop leave {}` restores it",
+            r.original_name,
+            r.cli_pid,
+            ago(r.started_ms),
+            r.service
+        ),
     }
 }
 
@@ -348,6 +358,10 @@ impl Swap for DockerSwap {
         self.record.service.clone()
     }
 
+    fn owner_key(&self) -> String {
+        di::owner_key(&self.record.original_name)
+    }
+
     fn ports(&self) -> Vec<(u16, u16)> {
         self.record.ports.clone()
     }
@@ -371,6 +385,16 @@ impl Swap for DockerSwap {
                 .iter()
                 .map(|e| format!("{}:{}", e.name, e.port))
                 .collect();
+            use std::sync::atomic::Ordering;
+            if self.handing_off.load(Ordering::Relaxed) {
+                match listen_for_handoffs(&self.record.agent_container) {
+                    Ok(l) => *self.handoff.lock().unwrap_or_else(|e| e.into_inner()) = Some(l),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot make the handoff socket; tunnelling every connection");
+                        self.handing_off.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
             let listener = self
                 .handoff
                 .lock()
@@ -421,51 +445,180 @@ impl Swap for DockerSwap {
 
     fn detail(&self) -> Option<String> {
         self.handing_off
+            .load(std::sync::atomic::Ordering::Relaxed)
             .then(|| "connections handed to the laptop directly".to_string())
     }
 }
 
-/// The intercept's lifetime, on any target: swap, tunnel, run the laptop command, and
-/// restore when the command exits, on Ctrl-C, or stop when `leave` ended it elsewhere.
-pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()> {
+/// How an intercept's hold ended without an error.
+enum End {
+    /// `leave` from another shell restored it already.
+    Elsewhere,
+    /// Restore now; the reason is said with it.
+    Restore(&'static str),
+}
+
+/// The intercept's lifetime, on any target: a guard from its first change. The ownership
+/// claim comes first (a cli that loses it changes nothing); then swap, tunnel, the laptop
+/// command; and whatever ends it (the command's exit, a signal at any step, any error) ends
+/// with the original restored and the claim released, or `leave` from another shell having
+/// done that already. `shutdown` ends it as Ctrl-C does (the cli passes the one its signal
+/// handler cancels, [`crate::signals::shutdown`]).
+pub async fn hold(
+    swap: &dyn Swap,
+    opts: &InterceptOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (orig_name, service) = (swap.original(), swap.service());
     let token = crate::state::new_token();
-    let started = Instant::now();
-    if let Err(e) = swap.swap_in(&token, &opts.expose).await {
-        eprintln!("devloop: the swap failed ({e:#}); restoring {orig_name}");
-        swap.restore()
-            .await
-            .context("restoring after a failed swap")?;
-        return Err(e);
+    let holder = ownership::Holder::new(&token[..16], ownership::Kind::Replace);
+    let claim = ownership::Claim::acquire(&swap.owner_key(), &orig_name, holder).map_err(|e| match e {
+        ownership::ClaimError::Held { holder, .. } => anyhow::anyhow!(
+            "{orig_name} is already intercepted (by {}, {}); end that with `devloop leave {service}`",
+            holder.who,
+            ago(holder.started_ms)
+        ),
+        e => e.into(),
+    })?;
+    // What can fail before anything changes fails here, with nothing to undo.
+    let env = rewrite_env(&swap.env(), &opts.expose);
+    if let Some(path) = &opts.env_file {
+        write_env_file(path, &env)?;
+        eprintln!(
+            "devloop: wrote the environment of {orig_name} to {}",
+            path.display()
+        );
     }
+    if let Some(program) = opts.command.first() {
+        find_program(program)?;
+    }
+    if shutdown.is_cancelled() {
+        let _ = claim.release();
+        return Ok(());
+    }
+
+    let outcome = hold_swapped(swap, opts, &token, &env, &shutdown).await;
+    let t = Instant::now();
+    let said = match &outcome {
+        Ok(End::Elsewhere) => {
+            let _ = claim.release();
+            return Ok(());
+        }
+        Ok(End::Restore(reason)) => reason.to_string(),
+        Err(e) if e.is::<crate::signals::Interrupted>() => "interrupted".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    if outcome.is_err() {
+        eprintln!("devloop: {said}; restoring {orig_name}");
+    }
+    if let Err(restore_err) = swap.restore().await {
+        // The claim is kept: the changes are still in place, `leave` finishes the restore.
+        let restore_err = restore_err.context(format!(
+            "restoring {orig_name} failed too; `devloop leave {service}` tries again"
+        ));
+        return Err(match outcome {
+            Err(e) if !e.is::<crate::signals::Interrupted>() => {
+                anyhow::anyhow!("{e:#}; and {restore_err:#}")
+            }
+            _ => restore_err,
+        });
+    }
+    if let Err(e) = claim.release() {
+        tracing::warn!(error = %e, "cannot update the ownership record");
+    }
+    match outcome {
+        Ok(_) => {
+            eprintln!(
+                "devloop: {said}; {orig_name} restored in {}",
+                human_ms(t.elapsed().as_millis() as u64)
+            );
+            Ok(())
+        }
+        Err(e) if e.is::<crate::signals::Interrupted>() => {
+            eprintln!(
+                "devloop: interrupted; {orig_name} restored in {}",
+                human_ms(t.elapsed().as_millis() as u64)
+            );
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("devloop: {orig_name} restored");
+            Err(e)
+        }
+    }
+}
+
+/// `--env-file`: the laptop command's environment (Secret values among it), readable by
+/// the user only, written whole or not at all.
+fn write_env_file(path: &std::path::Path, env: &[(String, String)]) -> anyhow::Result<()> {
+    let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    crate::state::write_atomic(path, text.as_bytes(), 0o600)
+        .with_context(|| format!("writing --env-file {}", path.display()))
+}
+
+/// The laptop command's program, found as the spawn will find it: a path with a `/` as
+/// it is, else through `PATH`. A typo is refused before the service is touched.
+fn find_program(program: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        runnable(std::path::Path::new(program))
+    } else {
+        std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|d| runnable(&d.join(program))))
+            .unwrap_or(false)
+    };
+    if found {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "cannot run `{program}`: no such executable{}; nothing was changed",
+            if program.contains('/') {
+                ""
+            } else {
+                " on PATH"
+            }
+        )
+    }
+}
+
+/// The part of [`hold`] during which the service may be changed: every error and every
+/// interruption returns to `hold`, which restores.
+async fn hold_swapped(
+    swap: &dyn Swap,
+    opts: &InterceptOptions,
+    token: &str,
+    env: &[(String, String)],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<End> {
+    use crate::signals::{check, unless_cancelled};
+    let (orig_name, service) = (swap.original(), swap.service());
+    let started = Instant::now();
+    swap.swap_in(token, &opts.expose)
+        .await
+        .context("the swap failed")?;
+    check(shutdown)?;
 
     // Listeners for exposed services on the laptop.
     let mux_slot: Arc<Mutex<Option<devloop_proxy::tunnel::Mux>>> = Arc::default();
     for (i, e) in opts.expose.iter().enumerate() {
-        let listener = match TcpListener::bind(("127.0.0.1", e.local)).await {
-            Ok(l) => l,
-            Err(err) => {
-                swap.restore().await?;
-                return Err(err).with_context(|| {
-                    format!(
-                        "listening on 127.0.0.1:{} for --expose {}:{}",
-                        e.local, e.name, e.port
-                    )
-                });
-            }
-        };
+        let listener = TcpListener::bind(("127.0.0.1", e.local))
+            .await
+            .with_context(|| {
+                format!(
+                    "listening on 127.0.0.1:{} for --expose {}:{}",
+                    e.local, e.name, e.port
+                )
+            })?;
         tokio::spawn(expose_loop(listener, i as u16, mux_slot.clone()));
     }
     let resolved = swap.ports();
     let locals: HashMap<u16, u16> = resolved.iter().copied().collect();
-    let link = match swap.connect(&token).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("devloop: cannot reach the agent ({e:#}); restoring {orig_name}");
-            swap.restore().await?;
-            return Err(e);
-        }
-    };
+    let link = unless_cancelled(shutdown, swap.connect(token))
+        .await?
+        .context("cannot reach the agent")?;
     start_tunnel(&link, &locals, &mux_slot, &service);
     let mut ports: Vec<String> = resolved
         .iter()
@@ -478,20 +631,11 @@ pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()
         ports.join(", ")
     );
 
-    let env = rewrite_env(&swap.env(), &opts.expose);
-    if let Some(path) = &opts.env_file {
-        let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!(
-            "devloop: wrote the environment of {orig_name} to {}",
-            path.display()
-        );
-    }
     let mut child = if opts.command.is_empty() {
         None
     } else {
         let mut c = tokio::process::Command::new(&opts.command[0]);
-        c.args(&opts.command[1..]);
+        c.args(&opts.command[1..]).kill_on_drop(true);
         for (k, v) in env
             .iter()
             .filter(|(k, _)| !LAPTOP_KEEPS.contains(&k.as_str()))
@@ -505,22 +649,21 @@ pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()
     };
 
     let mut link = link;
-    let outcome = loop {
+    let end = loop {
         tokio::select! {
-            _ = super::up::wait_for_signal() => break "interrupted",
+            _ = shutdown.cancelled() => break End::Restore("interrupted"),
             status = async { match child.as_mut() { Some(c) => c.wait().await.ok(), None => std::future::pending().await } } => {
                 eprintln!("devloop: `{}` exited ({})", opts.command.join(" "), status.map(|s| s.to_string()).unwrap_or_default());
-                break "the command exited";
+                break End::Restore("the command exited");
             }
             _ = link.link.closed() => {
                 if swap.ended_elsewhere().await {
                     eprintln!("devloop: the intercept was ended elsewhere (`devloop leave`); exiting");
-                    if let Some(c) = child.as_mut() { let _ = c.kill().await; }
-                    return Ok(());
+                    break End::Elsewhere;
                 }
                 eprintln!("devloop: the tunnel to the agent is down; reconnecting (callers of {service} get closed connections meanwhile)");
                 loop {
-                    match swap.connect(&token).await {
+                    match unless_cancelled(shutdown, swap.connect(token)).await? {
                         Ok(l) => {
                             link = l;
                             start_tunnel(&link, &locals, &mux_slot, &service);
@@ -537,14 +680,8 @@ pub async fn hold(swap: &dyn Swap, opts: &InterceptOptions) -> anyhow::Result<()
     if let Some(c) = child.as_mut() {
         let _ = c.kill().await;
     }
-    let t = Instant::now();
     link.link.close();
-    swap.restore().await?;
-    eprintln!(
-        "devloop: {outcome}; {orig_name} restored in {}",
-        human_ms(t.elapsed().as_millis() as u64)
-    );
-    Ok(())
+    Ok(end)
 }
 
 /// `leave` from another shell removes the record, then the agent container.
@@ -646,7 +783,7 @@ async fn connect_agent(
                 .filter(|ip| !ip.is_empty());
             if engine.is_local() {
                 if let Some(ip) = ip {
-                    let addr: SocketAddr = format!("{ip}:{}", docker::AGENT_PORT).parse()?;
+                    let addr: SocketAddr = format!("{ip}:{}", devloop_proxy::AGENT_PORT).parse()?;
                     match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr))
                         .await
                     {
@@ -731,9 +868,9 @@ pub async fn list(global: &super::Global) -> anyhow::Result<()> {
     }) {
         println!(
             "{}  ({})  ORPHANED: no restore record on this machine; `devloop leave {}` restores it from the agent's labels",
-            docker::label(a, crate::target::labels::SERVICE).unwrap_or("?"),
+            docker::label(a, crate::backend::labels::SERVICE).unwrap_or("?"),
             docker::label(a, di::INTERCEPT_OF_NAME).unwrap_or("?"),
-            docker::label(a, crate::target::labels::SERVICE).unwrap_or("?")
+            docker::label(a, crate::backend::labels::SERVICE).unwrap_or("?")
         );
     }
     Ok(())
@@ -765,10 +902,10 @@ pub async fn leave(
             records.push(Record {
                 original_id: id.to_string(),
                 original_name: name.to_string(),
-                service: docker::label(&a, crate::target::labels::SERVICE)
+                service: docker::label(&a, crate::backend::labels::SERVICE)
                     .unwrap_or(name)
                     .to_string(),
-                project: docker::label(&a, crate::target::labels::PROJECT)
+                project: docker::label(&a, crate::backend::labels::PROJECT)
                     .unwrap_or_default()
                     .to_string(),
                 agent_container: a
@@ -825,6 +962,7 @@ pub async fn leave(
     for r in chosen {
         let t = Instant::now();
         di::restore(&docker, &r).await?;
+        ownership::clear(&di::owner_key(&r.original_name));
         println!(
             "{} restored ({}) in {}",
             r.service,

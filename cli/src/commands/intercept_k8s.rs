@@ -1,5 +1,5 @@
 //! `intercept`, `intercept list` and `leave` on Kubernetes: the [`Swap`] of a Deployment's
-//! pod template (see `target::k8s::intercept`), with the agent image pushed to the
+//! pod template (see `backend::k8s::intercept`), with the agent image pushed to the
 //! cluster's registry and the tunnel carried over a port-forward.
 
 use anyhow::Context;
@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use super::intercept::{Expose, InterceptOptions, Swap};
 use crate::agent_link::{AgentLink, Connected};
+use crate::backend::k8s::env as k8s_env;
+use crate::backend::k8s::intercept::{self as ki, Record};
+use crate::backend::k8s::registry::{self, Pusher};
+use crate::backend::k8s::{Cluster, KubeSettings};
 use crate::state::now_ms;
-use crate::target::k8s::env as k8s_env;
-use crate::target::k8s::intercept::{self as ki, Record};
-use crate::target::k8s::registry::{self, Pusher};
-use crate::target::k8s::{Cluster, KubeSettings};
 use crate::ui::{ago, human_ms};
 
 pub struct KubeSwap {
@@ -54,12 +54,12 @@ async fn sweep(cluster: &Cluster) {
 /// push other images too look up once.
 pub async fn agent_image(route: &registry::ImageRoute) -> anyhow::Result<String> {
     let (_, binary) = super::read_agent_binary()?;
-    let tag = crate::target::agent_image_tag(&binary);
+    let tag = crate::backend::agent_image_tag(&binary);
     let reg = match route {
         registry::ImageRoute::Registry(r) => r,
         registry::ImageRoute::Load { context } => {
             let (docker, _) = super::connect_engine().await?;
-            let image = crate::target::docker_deploy::ensure_agent_image(&docker, &binary).await?;
+            let image = crate::backend::docker_deploy::ensure_agent_image(&docker, &binary).await?;
             registry::load_into_cluster(context, &image).await?;
             return Ok(image);
         }
@@ -141,8 +141,9 @@ impl KubeSwap {
             template,
             replicas: deployment["spec"]["replicas"].clone(),
             ports,
-            session,
-            secret: format!("{name}-devloop-intercept"),
+            session: session.clone(),
+            secret: ki::secret_name(&name, &session),
+            account: ki::lease_account(&name, &session),
             started_ms: now_ms(),
             holder: holder(),
         };
@@ -192,6 +193,13 @@ impl Swap for KubeSwap {
         self.record.service.clone()
     }
 
+    fn owner_key(&self) -> String {
+        format!(
+            "k8s/{}/{}/{}",
+            self.cluster.context, self.cluster.namespace, self.record.deployment
+        )
+    }
+
     fn ports(&self) -> Vec<(u16, u16)> {
         self.record.ports.clone()
     }
@@ -235,8 +243,8 @@ impl Swap for KubeSwap {
             }
             ki::create_token_secret(&self.cluster, &self.record.secret, &self.record, token)
                 .await?;
-            let account = ki::lease_account(&self.record.deployment);
-            ki::create_lease_account(&self.cluster, &self.record.deployment).await?;
+            let account = self.record.account();
+            ki::create_lease_account(&self.cluster, &self.record).await?;
             let remote: Vec<u16> = self.record.ports.iter().map(|(r, _)| *r).collect();
             let spec = ki::AgentSpec {
                 image: &self.image,
@@ -248,7 +256,7 @@ impl Swap for KubeSwap {
             };
             // A version `devloop watch` runs under the agent: the intercept replaces its plain
             // form (leave restores the template as it was).
-            let plain = crate::target::k8s::devpod::unwatched(&self.record.template);
+            let plain = crate::backend::k8s::devpod::unwatched(&self.record.template);
             let template = ki::agent_template(
                 plain.as_ref().unwrap_or(&self.record.template),
                 self.index,
@@ -266,10 +274,10 @@ impl Swap for KubeSwap {
             loop {
                 let attempt = async {
                     let pod = self.pod().await?;
-                    let stream = crate::target::k8s::portforward::open(
+                    let stream = crate::backend::k8s::portforward::open(
                         &self.cluster,
                         &pod,
-                        ki::AGENT_CONTROL_PORT,
+                        devloop_proxy::AGENT_PORT,
                     )
                     .await?;
                     anyhow::Ok(AgentLink::connect(stream, token).await?)

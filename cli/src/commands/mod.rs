@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::agent_link::{AgentLink, Connected};
+use crate::backend::docker;
+use crate::backend::engine::{self, EngineChoice};
 use crate::config::Project;
 use crate::state::TokenStore;
 use crate::sync::engine::Connector;
-use crate::target::docker;
-use crate::target::engine::{self, EngineChoice};
 
 /// Options every command shares.
 #[derive(Debug, Clone, Default)]
@@ -40,7 +40,7 @@ pub struct Global {
 pub enum TargetChoice {
     Docker,
     Kubernetes {
-        settings: crate::target::k8s::KubeSettings,
+        settings: crate::backend::k8s::KubeSettings,
         /// `[target] registry`.
         registry: Option<String>,
     },
@@ -58,7 +58,7 @@ pub fn choose_target(global: &Global, project: Option<&Project>) -> TargetChoice
         return TargetChoice::Docker;
     }
     TargetChoice::Kubernetes {
-        settings: crate::target::k8s::KubeSettings {
+        settings: crate::backend::k8s::KubeSettings {
             context: global.context.clone().or(section.context),
             namespace: global.namespace.clone().or(section.namespace),
         },
@@ -87,9 +87,18 @@ pub struct DockerConnector {
 
 impl DockerConnector {
     pub async fn open(&self) -> anyhow::Result<(Connected, String)> {
-        let (io, route) =
+        let opened =
             docker::open_transport(&self.docker, &self.engine, &self.container, &self.project)
-                .await?;
+                .await;
+        let (io, route) = match opened {
+            Ok(o) => o,
+            // A container that exited says why (its agent's last words), not just that
+            // nothing answers.
+            Err(e) => match docker::not_running_reason(&self.docker, &self.container).await {
+                Some(reason) => anyhow::bail!("{reason}"),
+                None => return Err(e.into()),
+            },
+        };
         let tokens = TokenStore::new();
         let token = match tokens.read(&self.container) {
             Some(t) => t,

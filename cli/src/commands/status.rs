@@ -5,9 +5,9 @@ use serde::Serialize;
 use std::time::Duration;
 
 use super::{connect_engine, connector, load_project, Global};
+use crate::backend::docker;
+use crate::backend::labels;
 use crate::state::{read_sync_status, SyncLock};
-use crate::target::docker;
-use crate::target::labels;
 use crate::ui::{ago, human_bytes};
 use devloop_proxy::msg::{ProcessState, ProcessStatus};
 
@@ -107,9 +107,9 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
 /// snapshot, or its own image), the dev pod's agent and process, and the sync.
 async fn kube_reports(
     project: &crate::config::Project,
-    settings: &crate::target::k8s::KubeSettings,
+    settings: &crate::backend::k8s::KubeSettings,
 ) -> anyhow::Result<Vec<ServiceReport>> {
-    use crate::target::k8s::{devpod, intercept as ki, rollout, Cluster};
+    use crate::backend::k8s::{devpod, intercept as ki, rollout, Cluster};
     let cluster = Cluster::connect(settings).await?;
     let mut reports = Vec::new();
     for svc in &project.services {

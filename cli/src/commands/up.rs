@@ -7,10 +7,10 @@ use tokio_util::sync::CancellationToken;
 use super::{
     choose_target, connect_engine, connector, load_project, read_agent_binary, Global, TargetChoice,
 };
+use crate::backend::docker::{self, Ensured};
+use crate::backend::labels;
 use crate::config::file::OnExit;
 use crate::sync::engine::{self, SyncSettings};
-use crate::target::docker::{self, Ensured};
-use crate::target::labels;
 use crate::ui::Ui;
 
 #[derive(Debug, Clone, Default)]
@@ -27,12 +27,17 @@ pub struct UpOptions {
 pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
     let project = load_project(global)?;
     if let TargetChoice::Kubernetes { settings, registry } = choose_target(global, Some(&project)) {
+        if opts.build {
+            anyhow::bail!("`up --build` builds images in the local engine; on Kubernetes a dev pod runs its Deployment's own image with your files synced into it, so there is nothing to build: drop --build (`devloop deploy` builds and rolls out a new image)");
+        }
+        let on_exit = opts.on_exit.unwrap_or(project.on_exit);
         return super::dev_k8s::up(
             &project,
             &settings,
             registry.as_deref(),
             &opts.services,
             opts.no_logs,
+            on_exit,
         )
         .await;
     }
@@ -118,7 +123,7 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
 
     let mut failed = None;
     tokio::select! {
-        _ = wait_for_signal() => {}
+        _ = crate::signals::cancelled() => {}
         Some(res) = tasks.join_next() => {
             if let Ok((name, Err(e))) = res {
                 failed = Some(e.context(format!("sync of `{name}` stopped")));
@@ -179,26 +184,11 @@ pub async fn sync(global: &Global, service: &str, no_logs: bool) -> anyhow::Resu
     let task = tokio::spawn(engine::run(settings, conn, ui, shutdown.clone()));
     tokio::pin!(task);
     tokio::select! {
-        _ = wait_for_signal() => { shutdown.cancel(); (&mut task).await??; }
+        _ = crate::signals::cancelled() => { shutdown.cancel(); (&mut task).await??; }
         r = &mut task => { r??; }
     }
     eprintln!(
         "devloop: sync of `{service}` stopped; the container's files no longer follow your edits"
     );
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-pub async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -11,11 +11,11 @@ use tokio_util::sync::CancellationToken;
 use super::deploy::{snapshot_and_roll_out, Env};
 use super::dev_k8s::watched_connector;
 use super::{connector, load_project, Global};
+use crate::backend::k8s::rollout::deployment_of;
+use crate::backend::k8s::{devpod, intercept as ki, Cluster};
+use crate::backend::{docker, labels};
 use crate::config::{Project, Service};
 use crate::sync::engine::{self, Connector, Redeploy, SyncSettings};
-use crate::target::k8s::rollout::deployment_of;
-use crate::target::k8s::{devpod, intercept as ki, Cluster};
-use crate::target::{docker, labels};
 use crate::ui::Ui;
 
 pub async fn watch(
@@ -92,7 +92,7 @@ pub async fn watch(
     }
     let mut failed = None;
     tokio::select! {
-        _ = super::up::wait_for_signal() => {}
+        _ = crate::signals::cancelled() => {}
         Some(res) = tasks.join_next() => {
             if let Ok((name, Err(e))) = res {
                 failed = Some(e.context(format!("watch of `{name}` stopped")));

@@ -1,7 +1,7 @@
 //! Snapshot and deploy: a service's synced tree becomes an immutable image (its base plus one
 //! layer, no `docker build` when only files changed) and replaces the running version.
 //! [`base`] derives the base, [`snapshot`] makes the layer and the load archive; the rollout
-//! is the target's, behind [`RolloutTarget`] (`target::docker_deploy` for Docker).
+//! is the target's, behind [`RolloutTarget`] (`backend::docker_deploy` for Docker).
 
 pub mod base;
 pub mod history;
@@ -39,7 +39,7 @@ pub enum Rollout {
 
 /// The target's side of a deploy: make a snapshot run in place of the service's current
 /// version, safely (the old one serves until the new one is healthy), and tell which
-/// version runs. Docker implements it in `target::docker_deploy`; the snapshot, the history
+/// version runs. Docker implements it in `backend::docker_deploy`; the snapshot, the history
 /// and the commands are the same for every target.
 pub trait RolloutTarget: Send + Sync {
     fn roll_out<'a>(
@@ -70,7 +70,7 @@ pub struct Snapshot {
     /// Digest of the tree, for the history's "what changed".
     pub digest: std::collections::BTreeMap<String, String>,
     /// What went to the registry, when the snapshot was pushed.
-    pub pushed: Option<crate::target::k8s::registry::PushReport>,
+    pub pushed: Option<crate::backend::k8s::registry::PushReport>,
     /// What the image runs (its base's), when known.
     pub command: Option<ImageCommand>,
 }
@@ -90,7 +90,7 @@ pub enum Destination<'a> {
     /// Pushed to a registry the cluster pulls from (`pull` is the registry's name for the
     /// nodes): the Kubernetes target.
     Registry {
-        pusher: &'a crate::target::k8s::registry::Pusher,
+        pusher: &'a crate::backend::k8s::registry::Pusher,
         pull: &'a str,
     },
 }
@@ -208,11 +208,11 @@ pub async fn snapshot(
     }
     let labels = vec![
         (
-            crate::target::labels::PROJECT.to_string(),
+            crate::backend::labels::PROJECT.to_string(),
             project.name.clone(),
         ),
         (
-            crate::target::labels::SERVICE.to_string(),
+            crate::backend::labels::SERVICE.to_string(),
             service.name.clone(),
         ),
         (LABEL_SNAPSHOT_OF.to_string(), base.to_string()),
@@ -287,7 +287,7 @@ async fn make(
     repo: &str,
     tag: &str,
     image: &str,
-) -> anyhow::Result<Option<crate::target::k8s::registry::PushReport>> {
+) -> anyhow::Result<Option<crate::backend::k8s::registry::PushReport>> {
     if let Destination::Registry { pusher, .. } = dest {
         let base_layers = snapshot::base_layers(&parts.base);
         let (layer, config) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {

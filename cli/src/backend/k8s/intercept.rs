@@ -21,7 +21,6 @@ pub const SESSION_LABEL: &str = "devloop.dev/intercept-session";
 pub const SECRET_LABEL: &str = "devloop.dev/intercept-of";
 const TOKEN_DIR: &str = "/var/run/devloop";
 const TOKEN_VOLUME: &str = "devloop-intercept-token";
-pub const AGENT_CONTROL_PORT: u16 = 7717;
 
 /// What `leave` needs, stored on the Deployment before (atomically with) the swap.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,9 +37,30 @@ pub struct Record {
     pub ports: Vec<(u16, u16)>,
     pub session: String,
     pub secret: String,
+    /// The lease's ServiceAccount (also its Role and RoleBinding), named per session so a
+    /// cli that loses a race for the Deployment never touches the winner's. Empty in
+    /// records of older versions, whose account was named per Deployment.
+    #[serde(default)]
+    pub account: String,
     pub started_ms: u64,
     /// Who holds it: user, host and pid of the cli.
     pub holder: String,
+}
+
+impl Record {
+    /// The lease account's name.
+    pub fn account(&self) -> String {
+        if self.account.is_empty() {
+            format!("{}-devloop-lease", self.deployment)
+        } else {
+            self.account.clone()
+        }
+    }
+}
+
+/// The token Secret of one intercept session.
+pub fn secret_name(deployment: &str, session: &str) -> String {
+    format!("{deployment}-devloop-intercept-{session}")
 }
 
 /// The workload to intercept: a Deployment named so, else the one Deployment whose pods a
@@ -128,9 +148,9 @@ pub fn record_of(deployment: &serde_json::Value) -> Option<Record> {
 pub fn resolve_port(
     template: &serde_json::Value,
     service: Option<&serde_json::Value>,
-    remote: &crate::target::PortRef,
+    remote: &crate::backend::PortRef,
 ) -> anyhow::Result<u16> {
-    use crate::target::PortRef;
+    use crate::backend::PortRef;
     let container_ports: Vec<&serde_json::Value> = template["spec"]["containers"]
         .as_array()
         .into_iter()
@@ -273,7 +293,7 @@ pub fn agent_template(
         "--token-file".into(),
         format!("{TOKEN_DIR}/token"),
         "--control".into(),
-        format!("127.0.0.1:{AGENT_CONTROL_PORT}"),
+        format!("127.0.0.1:{}", devloop_proxy::AGENT_PORT),
     ];
     for p in ports {
         args.push("--port".into());
@@ -294,7 +314,7 @@ pub fn agent_template(
     c["command"] = serde_json::json!(["/devloop-agent"]);
     c["args"] = serde_json::json!(args);
     let probe = serde_json::json!({
-        "exec": {"command": ["/devloop-agent", "probe", format!("127.0.0.1:{AGENT_CONTROL_PORT}"), "--timeout-ms", "1000"]},
+        "exec": {"command": ["/devloop-agent", "probe", format!("127.0.0.1:{}", devloop_proxy::AGENT_PORT), "--timeout-ms", "1000"]},
         "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 3, "successThreshold": 1,
     });
     let obj = c.as_object_mut().expect("a container is an object");
@@ -332,24 +352,26 @@ pub fn agent_template(
     t
 }
 
-/// The ServiceAccount (and its Role and RoleBinding) the agent restores the workload as.
-pub fn lease_account(deployment: &str) -> String {
-    format!("{deployment}-devloop-lease")
+/// The ServiceAccount (and its Role and RoleBinding) the agent of one session restores the
+/// workload as.
+pub fn lease_account(deployment: &str, session: &str) -> String {
+    format!("{deployment}-devloop-lease-{session}")
 }
 
-/// Creates the lease's ServiceAccount, a Role that may patch only this Deployment, and the
-/// binding between them (replacing leftovers of an earlier intercept).
-pub async fn create_lease_account(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
-    let name = lease_account(deployment);
-    delete_lease_account(cluster, deployment).await?;
-    let labels =
-        serde_json::json!({SECRET_LABEL: deployment, "app.kubernetes.io/managed-by": "devloop"});
+/// On a lease account: the token Secret of the same session, which the sweep removes with it.
+pub const ACCOUNT_SECRET: &str = "devloop.dev/secret";
+
+/// Creates the session's lease ServiceAccount, a Role that may patch only this Deployment,
+/// and the binding between them.
+pub async fn create_lease_account(cluster: &Cluster, record: &Record) -> anyhow::Result<()> {
+    let (deployment, name) = (record.deployment.as_str(), record.account());
+    let labels = serde_json::json!({SECRET_LABEL: deployment, SESSION_LABEL: record.session, "app.kubernetes.io/managed-by": "devloop"});
     let rbac = "rbac.authorization.k8s.io/v1";
     let objects = [
         (
             "v1",
             "serviceaccounts",
-            serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "labels": labels}}),
+            serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "labels": labels, "annotations": {ACCOUNT_SECRET: record.secret}}}),
         ),
         (
             rbac,
@@ -380,15 +402,14 @@ pub async fn create_lease_account(cluster: &Cluster, deployment: &str) -> anyhow
     Ok(())
 }
 
-pub async fn delete_lease_account(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
-    let name = lease_account(deployment);
+pub async fn delete_lease_account(cluster: &Cluster, name: &str) -> anyhow::Result<()> {
     for (gv, resource) in [
         ("rbac.authorization.k8s.io/v1", "rolebindings"),
         ("rbac.authorization.k8s.io/v1", "roles"),
         ("v1", "serviceaccounts"),
     ] {
         cluster
-            .delete(&cluster.path(gv, resource, Some(&name)))
+            .delete(&cluster.path(gv, resource, Some(name)))
             .await
             .map_err(|e| {
                 cluster.err(e, "delete", resource, format!("removing {resource} {name}"))
@@ -467,8 +488,13 @@ async fn sweep_one(
                 format!("reading deployment {deployment}"),
             )
         })?;
-    if d.as_ref().and_then(record_of).is_some() {
-        return Ok(false);
+    // In use while the Deployment's record is this account's session (an account of an
+    // older version, without a session, while the Deployment is intercepted at all).
+    let session = account["metadata"]["labels"][SESSION_LABEL].as_str();
+    if let Some(r) = d.as_ref().and_then(record_of) {
+        if session.is_none_or(|s| s == r.session) {
+            return Ok(false);
+        }
     }
     let by_lease = d
         .as_ref()
@@ -501,8 +527,12 @@ async fn sweep_one(
             }
         }
     }
-    delete_lease_account(cluster, deployment).await?;
-    let secret = format!("{deployment}-devloop-intercept");
+    let name = account["metadata"]["name"].as_str().unwrap_or_default();
+    delete_lease_account(cluster, name).await?;
+    let secret = account["metadata"]["annotations"][ACCOUNT_SECRET]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{deployment}-devloop-intercept"));
     cluster
         .delete(&cluster.path("v1", "secrets", Some(&secret)))
         .await
@@ -592,7 +622,7 @@ pub fn template_restore_patch(
     serde_json::Value::Array(ops)
 }
 
-/// Creates the Secret holding the session token.
+/// Creates the Secret holding the session token (named per session: nothing to replace).
 pub async fn create_token_secret(
     cluster: &Cluster,
     name: &str,
@@ -601,19 +631,6 @@ pub async fn create_token_secret(
 ) -> anyhow::Result<()> {
     let deployment = record.deployment.as_str();
     let path = cluster.path("v1", "secrets", None);
-    // A leftover of an earlier session goes first; failing that, say why here rather than
-    // with the "already exists" the create would then answer.
-    cluster
-        .delete(&cluster.path("v1", "secrets", Some(name)))
-        .await
-        .map_err(|e| {
-            cluster.err(
-                e,
-                "delete",
-                "secrets",
-                format!("removing the leftover secret {name}"),
-            )
-        })?;
     let body = serde_json::json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "labels": {SECRET_LABEL: deployment, "app.kubernetes.io/managed-by": "devloop"}},
@@ -682,7 +699,7 @@ pub async fn restore(cluster: &Cluster, record: &Record) -> anyhow::Result<bool>
         &record.secret,
     )
     .await?;
-    delete_lease_account(cluster, &record.deployment).await?;
+    delete_lease_account(cluster, &record.account()).await?;
     Ok(restored)
 }
 
@@ -879,7 +896,7 @@ mod tests {
 
     #[test]
     fn ports_by_number_name_or_service_port() {
-        use crate::target::PortRef;
+        use crate::backend::PortRef;
         let d = deployment();
         let mut t = d["spec"]["template"].clone();
         t["spec"]["containers"][1]["ports"][0]["name"] = serde_json::json!("http");

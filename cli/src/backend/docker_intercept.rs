@@ -51,19 +51,23 @@ pub fn handoff_dir(agent_container: &str) -> std::path::PathBuf {
         .join(&hash.as_str()[..16])
 }
 
+/// The key of a container's ownership record ([`crate::ownership`]).
+pub fn owner_key(original_name: &str) -> String {
+    format!("docker/{original_name}")
+}
+
 fn records_dir() -> std::path::PathBuf {
     crate::state::state_dir().join("intercepts")
 }
 
 pub fn save_record(r: &Record) -> std::io::Result<()> {
     let dir = records_dir();
-    std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!(".{}.{}", r.original_name, std::process::id()));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(tmp, dir.join(format!("{}.json", r.original_name)))
+    crate::state::ensure_private_dir(&dir)?;
+    crate::state::write_atomic(
+        &dir.join(format!("{}.json", r.original_name)),
+        &serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?,
+        0o600,
+    )
 }
 
 pub fn load_records() -> Vec<Record> {
@@ -371,7 +375,7 @@ pub async fn swap_in(
             .await
             .map_err(api(format!("connecting the agent to {net}")))?;
     }
-    docker::upload_token(docker, &created.id, &record.agent_container, token).await?;
+    docker::upload_token(docker, &created.id, &record.agent_container, token, (0, 0)).await?;
     docker
         .start_container(&created.id, None)
         .await

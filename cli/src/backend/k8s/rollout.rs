@@ -249,7 +249,22 @@ pub struct Revision {
     pub template: Value,
 }
 
-/// The Deployment's revisions, oldest first, and the one it runs now.
+/// Whether a pod template is one devloop put in place for a while (an intercept's agent, a
+/// dev pod, a watched version) rather than a version of the service: such revisions are
+/// not listed by `history` and never chosen by `rollback`.
+pub fn is_devloop_own(template: &Value) -> bool {
+    let labels = &template["metadata"]["labels"];
+    [
+        super::intercept::SESSION_LABEL,
+        super::devpod::SESSION_LABEL,
+        super::devpod::WATCH_LABEL,
+    ]
+    .iter()
+    .any(|l| labels[*l].is_string())
+}
+
+/// The Deployment's revisions that are versions of the service (not devloop's own
+/// intercepts, dev pods or watched versions), oldest first, and the one it runs now.
 pub async fn revisions(
     cluster: &Cluster,
     d: &Value,
@@ -276,6 +291,7 @@ pub async fn revisions(
                 .flatten()
                 .any(|o| o["uid"].as_str() == Some(uid))
         })
+        .filter(|rs| !is_devloop_own(&rs["spec"]["template"]))
         .filter_map(|rs| {
             let number = rs["metadata"]["annotations"][REVISION]
                 .as_str()?
@@ -1150,7 +1166,7 @@ mod tests {
 
     #[test]
     fn a_watched_version_runs_one_pod_and_the_next_plain_one_gets_the_replicas_back() {
-        use crate::target::k8s::devpod::{unwatched, watch_template, DevSpec};
+        use crate::backend::k8s::devpod::{unwatched, watch_template, DevSpec};
         let d = deployment();
         let spec = DevSpec {
             agent_image: "a",
@@ -1254,6 +1270,23 @@ mod tests {
         assert_eq!(objs[4]["kind"], "Service");
         assert_eq!(objs[5]["kind"], "Deployment");
         assert!(objs[0]["metadata"]["namespace"].is_null());
+    }
+
+    #[test]
+    fn devloops_own_templates_are_told_from_versions() {
+        let mut t = deployment()["spec"]["template"].clone();
+        assert!(!is_devloop_own(&t));
+        for label in [
+            super::super::intercept::SESSION_LABEL,
+            super::super::devpod::SESSION_LABEL,
+            super::super::devpod::WATCH_LABEL,
+        ] {
+            let mut own = t.clone();
+            own["metadata"]["labels"][label] = json!("s1");
+            assert!(is_devloop_own(&own), "{label}");
+        }
+        t["metadata"]["labels"]["app"] = json!("other");
+        assert!(!is_devloop_own(&t));
     }
 
     #[test]

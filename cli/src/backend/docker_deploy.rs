@@ -7,8 +7,7 @@
 
 use bollard::models::{ContainerCreateBody, EndpointSettings, HostConfig, NetworkingConfig};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, LogsOptionsBuilder,
-    RenameContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, RenameContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -130,7 +129,7 @@ pub async fn roll_out(
         None => Health::Port(port),
     };
     if let Err(reason) = wait_healthy(ctx, &id, &project.name, &check).await {
-        let logs = last_logs(docker, &id, 20).await;
+        let logs = super::docker::last_logs(docker, &id, 20).await;
         let _ = docker::remove_container(docker, &id).await;
         ctx.tokens.remove(&staging);
         return Err(RolloutError::Unhealthy {
@@ -291,24 +290,6 @@ async fn run_exec(docker: &Docker, id: &str, cmd: Vec<String>) -> Option<i64> {
     docker.inspect_exec(&exec.id).await.ok()?.exit_code
 }
 
-async fn last_logs(docker: &Docker, id: &str, lines: usize) -> String {
-    let mut stream = docker.logs(
-        id,
-        Some(
-            LogsOptionsBuilder::new()
-                .stdout(true)
-                .stderr(true)
-                .tail(&lines.to_string())
-                .build(),
-        ),
-    );
-    let mut out = String::new();
-    while let Some(Ok(chunk)) = stream.next().await {
-        out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
-    }
-    out
-}
-
 /// The agent as an image of its own (FROM scratch: just the static binary), for relays.
 pub async fn ensure_agent_image(
     docker: &Docker,
@@ -457,7 +438,7 @@ pub async fn ensure_relay(
         .await
         .map_err(api(format!("inspecting {name}")))?;
     if info.state.and_then(|s| s.running) != Some(true) {
-        let logs = last_logs(ctx.docker, &created.id, 10).await;
+        let logs = super::docker::last_logs(ctx.docker, &created.id, 10).await;
         return Err(DockerError::Other(format!(
             "the port relay {name} stopped at once:\n{logs}"
         )));

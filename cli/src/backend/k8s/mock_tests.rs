@@ -187,15 +187,15 @@ fn record() -> Record {
         replicas: json!(2),
         ports: vec![(8000, 3000)],
         session: "s1".into(),
-        secret: "api-devloop-intercept".into(),
+        secret: "api-devloop-intercept-s1".into(),
+        account: "api-devloop-lease-s1".into(),
         started_ms: 1,
         holder: "me@laptop pid 1".into(),
     }
 }
 
-/// The three deletions of a Deployment's lease account, in the order devloop makes them.
-fn lease_account_deletions(deployment: &str, status: u16, answer: Value) -> Vec<Exchange> {
-    let name = format!("{deployment}-devloop-lease");
+/// The three deletions of a lease account, in the order devloop makes them.
+fn lease_account_deletions(name: &str, status: u16, answer: Value) -> Vec<Exchange> {
     vec![
         delete(&format!(
             "/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings/{name}"
@@ -785,13 +785,13 @@ async fn restore_patches_the_original_back_then_removes_the_secret_and_lease_acc
         json!({"op": "test", "path": "/spec/template/metadata/labels/devloop.dev~1intercept-session", "value": "s1"})
     );
     assert_eq!(ops[1]["value"], r.template);
-    let secret = format!("/api/v1/namespaces/{NS}/secrets/api-devloop-intercept");
+    let secret = format!("/api/v1/namespaces/{NS}/secrets/api-devloop-intercept-s1");
     let mut expected = vec![
         patch(&deployments("api"), ops.clone()).answer(200, json!({"kind": "Deployment"})),
         delete(&secret),
     ];
     expected.extend(lease_account_deletions(
-        "api",
+        "api-devloop-lease-s1",
         200,
         json!({"kind": "Status", "status": "Success"}),
     ));
@@ -800,8 +800,12 @@ async fn restore_patches_the_original_back_then_removes_the_secret_and_lease_acc
         patch(&deployments("api"), ops)
             .answer(422, status(422, "Invalid", "test operation failed")),
     );
-    expected.push(delete(&secret).answer(404, not_found("secrets \"api-devloop-intercept\"")));
-    expected.extend(lease_account_deletions("api", 404, not_found("it")));
+    expected.push(delete(&secret).answer(404, not_found("secrets \"api-devloop-intercept-s1\"")));
+    expected.extend(lease_account_deletions(
+        "api-devloop-lease-s1",
+        404,
+        not_found("it"),
+    ));
     let (first, second) = exchange(expected, |c| async move {
         let r = record();
         (
@@ -830,64 +834,60 @@ async fn restore_stops_on_a_forbidden_patch() {
     );
 }
 
-#[tokio::test]
-async fn create_token_secret_replaces_the_secret_with_the_token_and_the_restore() {
+fn token_secret_body() -> Value {
     let r = record();
-    let secrets = format!("/api/v1/namespaces/{NS}/secrets");
-    let body = json!({
+    json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "api-devloop-intercept", "labels": {SECRET_LABEL: "api", "app.kubernetes.io/managed-by": "devloop"}},
+        "metadata": {"name": "api-devloop-intercept-s1", "labels": {SECRET_LABEL: "api", "app.kubernetes.io/managed-by": "devloop"}},
         "type": "Opaque",
         "stringData": {
             "token": "tok",
             "restore.json": serde_json::to_string(&intercept::lease_restore_patch(&r)).unwrap(),
             "restore-path": deployments("api"),
         },
-    });
-    let expected = vec![
-        delete(&format!("{secrets}/api-devloop-intercept"))
-            .answer(404, not_found("secrets \"api-devloop-intercept\"")),
-        post(&secrets, body).answer(201, json!({"kind": "Secret"})),
-    ];
+    })
+}
+
+#[tokio::test]
+async fn create_token_secret_holds_the_token_and_the_restore_under_the_sessions_name() {
+    let secrets = format!("/api/v1/namespaces/{NS}/secrets");
+    let body = token_secret_body();
+    // Nothing is deleted first: the name is this session's alone, so another session's
+    // Secret (a concurrent intercept's) is never touched.
+    let expected = vec![post(&secrets, body).answer(201, json!({"kind": "Secret"}))];
     exchange(expected, |c| async move {
-        intercept::create_token_secret(&c, "api-devloop-intercept", &record(), "tok").await
+        intercept::create_token_secret(&c, "api-devloop-intercept-s1", &record(), "tok").await
     })
     .await
     .unwrap();
 }
 
 #[tokio::test]
-async fn create_token_secret_names_a_leftover_it_may_not_delete() {
-    let expected = vec![delete(&format!(
-        "/api/v1/namespaces/{NS}/secrets/api-devloop-intercept"
-    ))
-    .answer(
-        403,
-        status(
-            403,
-            "Forbidden",
-            "secrets \"api-devloop-intercept\" is forbidden",
-        ),
-    )];
+async fn create_token_secret_names_the_permission_it_lacks() {
+    let expected = vec![post(
+        &format!("/api/v1/namespaces/{NS}/secrets"),
+        token_secret_body(),
+    )
+    .answer(403, status(403, "Forbidden", "secrets is forbidden"))];
     let e = exchange(expected, |c| async move {
-        intercept::create_token_secret(&c, "api-devloop-intercept", &record(), "tok").await
+        intercept::create_token_secret(&c, "api-devloop-intercept-s1", &record(), "tok").await
     })
     .await
     .unwrap_err();
     assert!(
-        matches!(kube_error(&e), KubeError::Forbidden { verb, resource, .. } if verb == "delete" && resource == "secrets"),
+        matches!(kube_error(&e), KubeError::Forbidden { verb, resource, .. } if verb == "create" && resource == "secrets"),
         "{e}"
     );
 }
 
 #[tokio::test]
-async fn create_lease_account_replaces_leftovers_then_creates_a_role_for_this_deployment_only() {
-    let name = "api-devloop-lease";
-    let labels = json!({SECRET_LABEL: "api", "app.kubernetes.io/managed-by": "devloop"});
+async fn create_lease_account_creates_the_sessions_account_and_a_role_for_this_deployment_only() {
+    let name = "api-devloop-lease-s1";
+    let labels = json!({SECRET_LABEL: "api", intercept::SESSION_LABEL: "s1", "app.kubernetes.io/managed-by": "devloop"});
     let rbac = format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}");
-    let mut expected = lease_account_deletions("api", 404, not_found("it"));
+    let mut expected = Vec::new();
     expected.push(
-        post(&format!("/api/v1/namespaces/{NS}/serviceaccounts"), json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "labels": labels}}))
+        post(&format!("/api/v1/namespaces/{NS}/serviceaccounts"), json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "labels": labels, "annotations": {intercept::ACCOUNT_SECRET: "api-devloop-intercept-s1"}}}))
             .answer(201, json!({})),
     );
     expected.push(
@@ -908,7 +908,7 @@ async fn create_lease_account_replaces_leftovers_then_creates_a_role_for_this_de
         .answer(201, json!({})),
     );
     exchange(expected, |c| async move {
-        intercept::create_lease_account(&c, "api").await
+        intercept::create_lease_account(&c, &record()).await
     })
     .await
     .unwrap();
@@ -940,7 +940,11 @@ async fn sweep_removes_the_lease_leftovers_of_deployments_no_longer_intercepted(
         get(&deployments("done")).answer(200, by_lease),
         patch(&deployments("done"), json!([{"op": "test", "path": mark, "value": "s1"}, {"op": "remove", "path": mark}])).answer(200, json!({})),
     ];
-    expected.extend(lease_account_deletions("done", 200, json!({})));
+    expected.extend(lease_account_deletions(
+        "done-devloop-lease",
+        200,
+        json!({}),
+    ));
     expected.push(delete(&format!(
         "/api/v1/namespaces/{NS}/secrets/done-devloop-intercept"
     )));
@@ -950,7 +954,11 @@ async fn sweep_removes_the_lease_leftovers_of_deployments_no_longer_intercepted(
     );
     // No record, no mark, old: a cli killed while setting up; cleaned.
     expected.push(get(&deployments("stale")).answer(200, deployment("stale", json!({"app": "t"}))));
-    expected.extend(lease_account_deletions("stale", 200, json!({})));
+    expected.extend(lease_account_deletions(
+        "stale-devloop-lease",
+        200,
+        json!({}),
+    ));
     expected.push(delete(&format!(
         "/api/v1/namespaces/{NS}/secrets/stale-devloop-intercept"
     )));
@@ -976,7 +984,11 @@ async fn sweep_goes_on_past_a_leftover_it_cannot_remove() {
         get(&deployments("first")).answer(500, status(500, "InternalError", "etcd timed out")),
         get(&deployments("second")).answer(200, deployment("second", json!({"app": "s"}))),
     ];
-    expected.extend(lease_account_deletions("second", 200, json!({})));
+    expected.extend(lease_account_deletions(
+        "second-devloop-lease",
+        200,
+        json!({}),
+    ));
     expected.push(delete(&format!(
         "/api/v1/namespaces/{NS}/secrets/second-devloop-intercept"
     )));

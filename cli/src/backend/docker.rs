@@ -23,8 +23,6 @@ use super::labels;
 use crate::agent_link::Transport;
 use crate::config::{Project, Service};
 
-/// Where the agent listens inside the container.
-pub const AGENT_PORT: u16 = 7717;
 /// Where the agent binary and the session token go in every container.
 pub const AGENT_DIR: &str = "/.devloop";
 /// The agent binary comes from a shared read-only volume mounted here (one per agent
@@ -193,7 +191,7 @@ impl DevSpec {
             "--root".into(),
             self.root.clone(),
             "--listen".into(),
-            format!("0.0.0.0:{AGENT_PORT}"),
+            format!("0.0.0.0:{}", devloop_proxy::AGENT_PORT),
             "--token-file".into(),
             TOKEN_PATH.into(),
             "--workdir".into(),
@@ -445,7 +443,11 @@ pub async fn create_agent_container(
     token_store
         .write(name, &token)
         .map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
-    upload_token(docker, &created.id, name, &token).await?;
+    let owner = container_user(docker, &created.id).await?;
+    upload_token(docker, &created.id, name, &token, owner).await?;
+    if placement.volume && owner != (0, 0) {
+        give_dir_to(docker, &created.id, &spec.root, owner).await?;
+    }
     if let Err(e) = docker.start_container(&created.id, None).await {
         // An agent volume left empty by an interrupted first fill: fill it and try once more.
         if e.to_string().contains(AGENT_PATH) {
@@ -571,6 +573,7 @@ pub async fn upload_token(
     id: &str,
     name: &str,
     token: &str,
+    owner: (u32, u32),
 ) -> Result<(), DockerError> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dir = tar::Header::new_gnu();
@@ -580,6 +583,10 @@ pub async fn upload_token(
     let mut file = tar::Header::new_gnu();
     file.set_mode(0o600);
     file.set_size(token.len() as u64);
+    // The agent runs as the container's user: the token is that user's, readable by no one
+    // else (a root-owned 0600 file would stop an agent of an image with a non-root USER).
+    file.set_uid(owner.0 as u64);
+    file.set_gid(owner.1 as u64);
     let archive = b
         .append_data(&mut dir, ".devloop/", std::io::empty())
         .and_then(|()| b.append_data(&mut file, ".devloop/token", token.as_bytes()))
@@ -593,6 +600,184 @@ pub async fn upload_token(
         )
         .await
         .map_err(api(format!("copying the token into {name}")))
+}
+
+/// Makes `dir` (a volume's mount point in a created container) belong to `owner`, so an
+/// agent running as the image's non-root user can write the synced tree into it. Docker
+/// creates a new volume owned by root unless the image has that folder.
+pub async fn give_dir_to(
+    docker: &Docker,
+    id: &str,
+    dir: &str,
+    owner: (u32, u32),
+) -> Result<(), DockerError> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_mode(0o755);
+    header.set_size(0);
+    header.set_uid(owner.0 as u64);
+    header.set_gid(owner.1 as u64);
+    let archive = b
+        .append_data(&mut header, "./", std::io::empty())
+        .and_then(|()| b.into_inner())
+        .map_err(|e| DockerError::Other(format!("packing {dir}: {e}")))?;
+    docker
+        .upload_to_container(
+            id,
+            Some(UploadToContainerOptionsBuilder::new().path(dir).build()),
+            bollard::body_full(archive.into()),
+        )
+        .await
+        .map_err(api(format!("giving {dir} to uid {}", owner.0)))
+}
+
+/// The uid and gid a created container's process runs as: its `User` (the image's, or
+/// one compose set), numbers as they are, names looked up in the container's own
+/// `/etc/passwd` and `/etc/group`.
+pub async fn container_user(docker: &Docker, id: &str) -> Result<(u32, u32), DockerError> {
+    let info = docker
+        .inspect_container(id, None)
+        .await
+        .map_err(api(format!("inspecting {id}")))?;
+    let spec = info.config.and_then(|c| c.user).unwrap_or_default();
+    if spec.is_empty() || spec == "root" || spec == "0" || spec == "0:0" {
+        return Ok((0, 0));
+    }
+    let needs_names = spec.split(':').any(|p| p.parse::<u32>().is_err());
+    let (passwd, group) = if needs_names {
+        (
+            read_container_file(docker, id, "/etc/passwd").await.ok(),
+            read_container_file(docker, id, "/etc/group").await.ok(),
+        )
+    } else {
+        (None, None)
+    };
+    resolve_user(&spec, passwd.as_deref(), group.as_deref()).map_err(DockerError::Other)
+}
+
+/// `USER` as Docker reads it: `user[:group]`, each a number or a name. A user given alone
+/// takes its primary group from passwd (gid = uid when passwd does not list a number).
+pub fn resolve_user(
+    spec: &str,
+    passwd: Option<&str>,
+    group: Option<&str>,
+) -> Result<(u32, u32), String> {
+    let (user, grp) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let passwd_line = |name: &str| {
+        passwd.and_then(|p| {
+            p.lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() >= 4 && f[0] == name)
+                .and_then(|f| Some((f[2].parse::<u32>().ok()?, f[3].parse::<u32>().ok()?)))
+        })
+    };
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(n) => (
+            n,
+            passwd.and_then(|p| {
+                p.lines()
+                    .map(|l| l.split(':').collect::<Vec<_>>())
+                    .find(|f| f.len() >= 4 && f[2] == user)
+                    .and_then(|f| f[3].parse::<u32>().ok())
+            }),
+        ),
+        Err(_) => {
+            let (u, g) = passwd_line(user)
+                .ok_or_else(|| format!("the image's USER `{user}` is not in its /etc/passwd"))?;
+            (u, Some(g))
+        }
+    };
+    let gid = match grp {
+        None | Some("") => primary.unwrap_or(uid),
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => group
+                .and_then(|gr| {
+                    gr.lines()
+                        .map(|l| l.split(':').collect::<Vec<_>>())
+                        .find(|f| f.len() >= 3 && f[0] == g)
+                        .and_then(|f| f[2].parse::<u32>().ok())
+                })
+                .ok_or_else(|| format!("the image's USER group `{g}` is not in its /etc/group"))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// The last `lines` lines a container printed (stdout and stderr).
+pub async fn last_logs(docker: &Docker, id: &str, lines: usize) -> String {
+    let mut stream = docker.logs(
+        id,
+        Some(
+            bollard::query_parameters::LogsOptionsBuilder::new()
+                .stdout(true)
+                .stderr(true)
+                .tail(&lines.to_string())
+                .build(),
+        ),
+    );
+    let mut out = String::new();
+    while let Some(Ok(chunk)) = stream.next().await {
+        out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+    }
+    out
+}
+
+/// Why a container's agent cannot be reached, when the container is not running: its exit
+/// code and what it printed last. None while it runs (or cannot be inspected).
+pub async fn not_running_reason(docker: &Docker, container: &str) -> Option<String> {
+    let info = docker.inspect_container(container, None).await.ok()?;
+    let state = info.state?;
+    if state.running == Some(true) {
+        return None;
+    }
+    let logs = last_logs(docker, container, 5).await;
+    let logs = logs.trim();
+    Some(format!(
+        "{container} is not running (exit code {}){}",
+        state.exit_code.unwrap_or_default(),
+        if logs.is_empty() {
+            String::new()
+        } else {
+            format!("; its last output:\n{logs}")
+        }
+    ))
+}
+
+/// One file of a (created or running) container, read through the engine.
+async fn read_container_file(
+    docker: &Docker,
+    container: &str,
+    path: &str,
+) -> Result<String, DockerError> {
+    let mut stream = docker.download_from_container(
+        container,
+        Some(
+            bollard::query_parameters::DownloadFromContainerOptionsBuilder::new()
+                .path(path)
+                .build(),
+        ),
+    );
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk.map_err(api(format!("reading {path} of {container}")))?);
+    }
+    let mut archive = tar::Archive::new(&bytes[..]);
+    let mut entries = archive
+        .entries()
+        .map_err(|e| DockerError::Other(e.to_string()))?;
+    let Some(entry) = entries.next() else {
+        return Err(DockerError::Other(format!("{container} holds no {path}")));
+    };
+    let mut entry = entry.map_err(|e| DockerError::Other(e.to_string()))?;
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut entry, &mut s)
+        .map_err(|e| DockerError::Other(e.to_string()))?;
+    Ok(s)
 }
 
 pub async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerError> {
@@ -740,7 +925,7 @@ pub async fn agent_address(
         .filter(|ip| !ip.is_empty());
     Ok(ip
         .and_then(|ip| ip.parse().ok())
-        .map(|ip| SocketAddr::new(ip, AGENT_PORT)))
+        .map(|ip| SocketAddr::new(ip, devloop_proxy::AGENT_PORT)))
 }
 
 /// Opens a byte stream to the agent: directly when the engine is local and the address
@@ -810,7 +995,7 @@ pub async fn exec_transport_with(
                     agent_path.to_string(),
                     "bridge".into(),
                     "--to".into(),
-                    format!("127.0.0.1:{AGENT_PORT}"),
+                    format!("127.0.0.1:{}", devloop_proxy::AGENT_PORT),
                 ]),
                 ..Default::default()
             },
@@ -846,30 +1031,16 @@ pub async fn exec_transport_with(
 /// its copy, e.g. another shell user or a wiped state folder). Only someone who can already
 /// run commands in the container can do this.
 pub async fn fetch_token(docker: &Docker, container: &str) -> Result<String, DockerError> {
-    let mut stream = docker.download_from_container(
-        container,
-        Some(
-            bollard::query_parameters::DownloadFromContainerOptionsBuilder::new()
-                .path(TOKEN_PATH)
-                .build(),
-        ),
-    );
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk.map_err(api(format!("reading the token of {container}")))?);
-    }
-    let mut archive = tar::Archive::new(&bytes[..]);
-    let mut entries = archive
-        .entries()
-        .map_err(|e| DockerError::Other(e.to_string()))?;
-    let Some(entry) = entries.next() else {
-        return Err(DockerError::Other(format!("{container} holds no token")));
-    };
-    let mut entry = entry.map_err(|e| DockerError::Other(e.to_string()))?;
-    let mut s = String::new();
-    std::io::Read::read_to_string(&mut entry, &mut s)
-        .map_err(|e| DockerError::Other(e.to_string()))?;
-    Ok(s.trim().to_string())
+    Ok(read_container_file(docker, container, TOKEN_PATH)
+        .await
+        .map_err(|e| match e {
+            DockerError::Other(m) if m.contains("holds no") => {
+                DockerError::Other(format!("{container} holds no token"))
+            }
+            e => e,
+        })?
+        .trim()
+        .to_string())
 }
 
 /// The static agent binary to copy into containers.
@@ -908,6 +1079,25 @@ pub fn find_agent_binary() -> Result<std::path::PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_is_read_as_docker_reads_it() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n";
+        let group = "root:x:0:\nstaff:x:50:\napp:x:1001:\n";
+        let r = |s: &str| resolve_user(s, Some(passwd), Some(group));
+        assert_eq!(r("1000:1000"), Ok((1000, 1000)));
+        assert_eq!(
+            r("1000"),
+            Ok((1000, 1001)),
+            "a uid alone takes its passwd group"
+        );
+        assert_eq!(resolve_user("4242", None, None), Ok((4242, 4242)));
+        assert_eq!(r("app"), Ok((1000, 1001)));
+        assert_eq!(r("app:staff"), Ok((1000, 50)));
+        assert_eq!(r("app:7"), Ok((1000, 7)));
+        assert!(r("nobody").unwrap_err().contains("`nobody`"));
+        assert!(r("app:wheel").unwrap_err().contains("`wheel`"));
+    }
 
     #[test]
     fn an_engine_error_is_said_once() {

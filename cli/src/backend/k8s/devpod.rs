@@ -19,8 +19,6 @@ use super::Cluster;
 pub const RECORD: &str = "devloop.dev/dev";
 /// The label on the dev pod's template (value: the session id).
 pub const SESSION_LABEL: &str = "devloop.dev/dev-session";
-/// The agent's port in the dev pod (reached by port-forward only).
-pub const AGENT_PORT: u16 = 7717;
 const AGENT_DIR: &str = "/.devloop/bin";
 const TOKEN_DIR: &str = "/.devloop/token";
 /// Where the seeding init container mounts the sync root's emptyDir.
@@ -42,6 +40,22 @@ pub struct DevRecord {
     pub secret: String,
     pub started_ms: u64,
     pub holder: String,
+    /// The devloop project that switched it (empty in records of older versions, which
+    /// `down` matches by service name instead).
+    #[serde(default)]
+    pub project: String,
+}
+
+impl DevRecord {
+    /// Whether this dev mode is the project's: switched by it, or (an older record without
+    /// a project) one of its services.
+    pub fn belongs_to(&self, project: &str, services: &[&str]) -> bool {
+        if self.project.is_empty() {
+            services.contains(&self.service.as_str())
+        } else {
+            self.project == project
+        }
+    }
 }
 
 pub fn record_of(deployment: &Value) -> Option<DevRecord> {
@@ -87,7 +101,7 @@ pub fn dev_template(original: &Value, index: usize, s: &DevSpec) -> Value {
         "--token-file".into(),
         format!("{TOKEN_DIR}/token"),
         "--listen".into(),
-        format!("0.0.0.0:{AGENT_PORT}"),
+        format!("0.0.0.0:{}", devloop_proxy::AGENT_PORT),
     ];
     if let Some(w) = s.workdir.filter(|w| !w.is_empty()) {
         command.push("--workdir".into());
