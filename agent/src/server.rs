@@ -10,6 +10,7 @@ use devloop_proxy::codec::{decode, encode};
 use devloop_proxy::msg::{AgentMsg, Hello, LaptopMsg, Outcome, Welcome};
 use devloop_proxy::{caps, MAGIC, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WS_PATH};
 use futures_util::{SinkExt, StreamExt};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{timeout, timeout_at, Instant};
@@ -165,14 +166,10 @@ pub fn check_hello(hello: &Hello, token: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Compares in time that depends only on the length, not on where the first difference is.
+/// Compares in time that depends only on the lengths, not on where the first difference is
+/// (`subtle`'s `ConstantTimeEq`).
 fn tokens_match(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    given.ct_eq(expected).into()
 }
 
 fn close_frame(reason: &str) -> Message {
