@@ -70,6 +70,8 @@ impl DevAgent {
             .with_context(|| format!("cannot resolve the sync root {}", config.root.display()))?;
         let workdir = config.workdir.clone().unwrap_or_else(|| root_dir.clone());
         let listener = TcpListener::bind(config.listen)
+        let root = Root::open(root_dir)
+            .with_context(|| format!("cannot open the sync root {}", config.root.display()))?;
             .await
             .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
         let hub = Arc::new(Hub::new());
@@ -83,7 +85,7 @@ impl DevAgent {
             hub.clone(),
         );
         let shared = Arc::new(Shared {
-            root: Root::new(root_dir),
+            root,
             workdir,
             token: config.token,
             hub,
