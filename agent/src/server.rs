@@ -12,7 +12,7 @@ use devloop_proxy::{caps, MAGIC, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WS_PATH};
 use futures_util::{SinkExt, StreamExt};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -22,13 +22,17 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::apply::{apply_ops, Root};
+use crate::guard::{Budgeted, MAX_HELLO_BYTES, PRE_HELLO_BYTES};
 use crate::index;
 use crate::logs::{Event, Hub};
 use crate::supervisor::{run_once, Supervisor};
 use crate::tarstream::TarSession;
 
-/// The upgrade and the hello must both arrive within this time.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The upgrade and the hello must both arrive within this time. The cli sends them right
+/// after connecting: two round trips, well under a second even through a Kubernetes
+/// port-forward. A socket that sends nothing holds one of the
+/// [`PRE_HELLO_CONNECTIONS`](crate::guard::PRE_HELLO_CONNECTIONS) places no longer than this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Room above the largest encoded message for the WebSocket's own limits.
 const MESSAGE_SLACK: usize = 64 * 1024;
 /// Index parts: at most this many entries and about this many bytes each.
@@ -52,7 +56,9 @@ pub struct Shared {
     pub mirror_output: bool,
 }
 
-pub(crate) type Ws = WebSocketStream<TcpStream>;
+/// A connection's WebSocket; its reads are limited to [`PRE_HELLO_BYTES`] until the hello is
+/// accepted.
+pub(crate) type Ws = WebSocketStream<Budgeted<TcpStream>>;
 
 enum Outgoing {
     Msg(AgentMsg),
@@ -66,15 +72,12 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE_BYTES + MESSAGE_SLACK))
 }
 
-/// Serves one accepted TCP connection until it ends. Never panics on peer input.
-pub async fn serve_connection(
-    shared: Arc<Shared>,
+/// The WebSocket upgrade on [`WS_PATH`] (another path gets a 404), reading no more than
+/// [`PRE_HELLO_BYTES`] until the caller lifts the budget.
+pub(crate) async fn upgrade(
     stream: TcpStream,
-    peer: SocketAddr,
-    conn_id: u64,
-) {
-    let _ = stream.set_nodelay(true);
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    config: WebSocketConfig,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     // The signature is tungstenite's callback type; the large error is its HTTP response.
     #[allow(clippy::result_large_err)]
     let check_path = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
@@ -87,9 +90,23 @@ pub async fn serve_connection(
             Err(refusal)
         }
     };
-    let upgrade =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config()));
-    let mut ws = match timeout_at(deadline, upgrade).await {
+    let stream = Budgeted::new(stream, PRE_HELLO_BYTES);
+    tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config)).await
+}
+
+/// Serves one accepted TCP connection until it ends. Never panics on peer input. `place` is
+/// the connection's place among those not authenticated yet, given back once the hello is
+/// accepted.
+pub async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    place: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut ws = match timeout_at(deadline, upgrade(stream, ws_config())).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::warn!(conn_id, %peer, error = %e, "connection refused: websocket upgrade failed");
@@ -116,6 +133,8 @@ pub async fn serve_connection(
     if let Err(reason) = check_hello(&hello, &shared.token) {
         return refuse(ws, peer, conn_id, reason).await;
     }
+    ws.get_mut().lift();
+    drop(place);
     tracing::info!(conn_id, %peer, cli_version = %hello.cli_version, "cli connected");
     serve_session(shared, ws, peer, conn_id).await;
     tracing::info!(conn_id, %peer, "cli disconnected");
@@ -130,6 +149,12 @@ pub(crate) async fn read_hello(ws: &mut Ws) -> Result<Hello, String> {
             Some(Ok(message)) => message,
         };
         match message {
+            Message::Binary(bytes) if bytes.len() > MAX_HELLO_BYTES => {
+                return Err(format!(
+                    "a hello of {} bytes: the limit is {MAX_HELLO_BYTES}",
+                    bytes.len()
+                ))
+            }
             Message::Binary(bytes) => {
                 return match decode::<LaptopMsg>(&bytes) {
                     Ok(LaptopMsg::Hello(hello)) => Ok(hello),
