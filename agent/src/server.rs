@@ -24,7 +24,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::apply::{apply_ops, Root};
 use crate::guard::{Budgeted, MAX_HELLO_BYTES, PRE_HELLO_BYTES};
 use crate::index;
-use crate::logs::{Event, Hub};
+use crate::logs::{Event, Hub, Position};
 use crate::supervisor::{run_once, Supervisor};
 use crate::tarstream::TarSession;
 
@@ -59,6 +59,15 @@ pub struct Shared {
 /// A connection's WebSocket; its reads are limited to [`PRE_HELLO_BYTES`] until the hello is
 /// accepted.
 pub(crate) type Ws = WebSocketStream<Budgeted<TcpStream>>;
+
+/// A `Run` that ended: its acknowledgement goes out once the connection's forwarder has
+/// passed `after`, the hub's position when the run's output was complete, so the cli gets
+/// every output line (or its skip) before the acknowledgement.
+struct RunDone {
+    req: u64,
+    outcome: Outcome,
+    after: Position,
+}
 
 enum Outgoing {
     Msg(AgentMsg),
@@ -257,8 +266,11 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
         }
     });
     let _ = out_tx.send(Outgoing::Msg(AgentMsg::Welcome(welcome))).await;
+    let (run_done_tx, run_done_rx) = mpsc::channel::<RunDone>(OUTGOING_QUEUE);
     let forwarder = tokio::spawn(forward_events(
         subscription.event_rx,
+        subscription.position,
+        run_done_rx,
         out_tx.clone(),
         conn_id,
     ));
@@ -266,6 +278,7 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
     let mut session = Session {
         shared,
         out_tx: out_tx.clone(),
+        run_done_tx,
         tar: None,
         conn_id,
     };
@@ -327,31 +340,60 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
     }
 }
 
+/// Forwards the hub's events to one connection, and the acknowledgements of its runs after
+/// their output. Events may be skipped when the cli reads too slowly (the broadcast keeps a
+/// bounded backlog); acknowledgements never are: they come on the connection's own channel
+/// (`run_done_rx`) and wait only until the events before them are sent or skipped.
 async fn forward_events(
     mut event_rx: broadcast::Receiver<Event>,
+    mut position: Position,
+    mut run_done_rx: mpsc::Receiver<RunDone>,
     out_tx: mpsc::Sender<Outgoing>,
     conn_id: u64,
 ) {
+    let mut waiting: Vec<RunDone> = Vec::new();
+    let mut runs_open = true;
     loop {
-        let msg = match event_rx.recv().await {
-            Ok(Event::Log(line)) => AgentMsg::Log(line),
-            Ok(Event::Process(status)) => AgentMsg::Process(status),
-            Ok(Event::RunDone {
-                conn_id: c,
-                req,
-                outcome,
-            }) if c == conn_id => AgentMsg::Ack { req, outcome },
-            Ok(Event::RunDone { .. }) => continue,
-            Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                tracing::warn!(
-                    conn_id,
-                    skipped,
-                    "cli reads too slowly, skipped log lines and status events"
-                );
+        // Runs whose output has all been forwarded (or skipped) are acknowledged now.
+        let mut i = 0;
+        while i < waiting.len() {
+            if waiting[i].after <= position {
+                let done = waiting.swap_remove(i);
+                let ack = AgentMsg::Ack {
+                    req: done.req,
+                    outcome: done.outcome,
+                };
+                if out_tx.send(Outgoing::Msg(ack)).await.is_err() {
+                    return;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let msg = tokio::select! {
+            done = run_done_rx.recv(), if runs_open => {
+                match done {
+                    Some(done) => waiting.push(done),
+                    None => runs_open = false,
+                }
                 continue;
             }
-            Err(broadcast::error::RecvError::Closed) => break,
+            event = event_rx.recv() => match event {
+                Ok(Event::Log(line)) => AgentMsg::Log(line),
+                Ok(Event::Process(status)) => AgentMsg::Process(status),
+                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    position += skipped;
+                    tracing::warn!(
+                        conn_id,
+                        skipped,
+                        "cli reads too slowly, skipped log lines and status events"
+                    );
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
         };
+        position += 1;
         if out_tx.send(Outgoing::Msg(msg)).await.is_err() {
             break;
         }
@@ -361,6 +403,8 @@ async fn forward_events(
 struct Session {
     shared: Arc<Shared>,
     out_tx: mpsc::Sender<Outgoing>,
+    /// Ends of runs, to the forwarder, which acknowledges them after their output.
+    run_done_tx: mpsc::Sender<RunDone>,
     tar: Option<TarSession>,
     conn_id: u64,
 }
@@ -441,7 +485,7 @@ impl Session {
                 let hub = self.shared.hub.clone();
                 let workdir = self.shared.workdir.clone();
                 let mirror = self.shared.mirror_output;
-                let conn_id = self.conn_id;
+                let run_done_tx = self.run_done_tx.clone();
                 tokio::spawn(async move {
                     let outcome = if argv.is_empty() {
                         Outcome::Failed {
@@ -450,8 +494,15 @@ impl Session {
                     } else {
                         run_once(&argv, &workdir, &hub, mirror).await
                     };
-                    // After the output, on the same channel: see `Event::RunDone`.
-                    hub.run_done(conn_id, req, outcome);
+                    // The output is all published: the acknowledgement follows it.
+                    let after = hub.position();
+                    let _ = run_done_tx
+                        .send(RunDone {
+                            req,
+                            outcome,
+                            after,
+                        })
+                        .await;
                 });
             }
         }

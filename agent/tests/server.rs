@@ -561,3 +561,46 @@ async fn idle_sockets_are_capped_and_closed_at_the_deadline_and_a_cli_still_gets
     );
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_acknowledged_through_a_flood_of_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    // The supervised process floods the log broadcast for the whole test.
+    let agent = start(dir.path(), &["yes", "flood"]).await;
+    let (mut ws, _) = connect_and_welcome(agent.addr).await;
+    let marker = dir.path().join("ran");
+    send(
+        &mut ws,
+        &LaptopMsg::Run {
+            req: 1,
+            argv: vec!["touch".into(), marker.display().to_string()],
+        },
+    )
+    .await;
+    // Not reading: the flood overruns this connection's backlog while the run ends and
+    // long after it.
+    let waited = tokio::time::Instant::now();
+    while !marker.exists() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the run did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut lines = 0u64;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match next_msg(&mut ws).await.expect("connection closed") {
+                AgentMsg::Ack { req: 1, outcome } => return outcome,
+                AgentMsg::Log(_) => lines += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the run's acknowledgement was lost in the flood");
+    assert_eq!(outcome, Outcome::Exited { code: Some(0) });
+    assert!(lines > 0);
+    agent.shutdown().await;
+}
