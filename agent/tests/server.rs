@@ -565,9 +565,25 @@ async fn idle_sockets_are_capped_and_closed_at_the_deadline_and_a_cli_still_gets
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_is_acknowledged_through_a_flood_of_log_lines() {
     let dir = tempfile::tempdir().unwrap();
-    // The supervised process floods the log broadcast for the whole test.
-    let agent = start(dir.path(), &["yes", "flood"]).await;
-    let (mut ws, _) = connect_and_welcome(agent.addr).await;
+    // The supervised process floods the log broadcast for the whole test, with lines long
+    // enough that the socket's buffers hold only a few hundred of them.
+    let agent = start(
+        dir.path(),
+        &["sh", "-c", "yes \"$(head -c 4000 /dev/zero | tr '\\0' f)\""],
+    )
+    .await;
+    // A small receive buffer, so that the agent's queue for this connection fills soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(agent.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/devloop", agent.addr), tcp)
+        .await
+        .unwrap();
+    send(&mut ws, &hello(TOKEN)).await;
+    assert!(matches!(
+        next_msg(&mut ws).await,
+        Some(AgentMsg::Welcome(_))
+    ));
     let marker = dir.path().join("ran");
     send(
         &mut ws,
@@ -587,7 +603,7 @@ async fn a_run_is_acknowledged_through_a_flood_of_log_lines() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let mut lines = 0u64;
     let outcome = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -601,6 +617,7 @@ async fn a_run_is_acknowledged_through_a_flood_of_log_lines() {
     .await
     .expect("the run's acknowledgement was lost in the flood");
     assert_eq!(outcome, Outcome::Exited { code: Some(0) });
+    println!("{lines} log lines before the acknowledgement");
     assert!(lines > 0);
     agent.shutdown().await;
 }
