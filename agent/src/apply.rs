@@ -2,45 +2,92 @@
 //!
 //! Confinement has two halves. [`RelPath`] already guarantees that a path cannot name anything
 //! outside the root by its spelling (no `..`, not absolute, no empty components). This module
-//! adds the other half: it never writes, creates, deletes or chmods *through* a symlink. For an
-//! operation on `a/b/c`, every parent (`a`, `a/b`) must be a real directory (checked with
-//! `symlink_metadata`, which does not follow links) or be absent, in which case it is created as
-//! a real directory. A symlink parent is refused even when it points inside the root. The last
-//! component may be a symlink for put, symlink and delete: those replace or remove the link
-//! itself, never its target. Chmod opens its target with `O_NOFOLLOW` and refuses links.
+//! adds the other half: it never writes, creates, deletes or chmods *through* a symlink, and it
+//! holds that against a process in the container that changes the tree while the agent works.
 //!
-//! The checks are path based, so a process inside the container that swaps a checked directory
-//! for a symlink between the check and the write could still redirect one write. The agent's
-//! threat is the network peer, which can only reach the tree through these operations.
+//! Nothing is done by path name. [`Root`] holds a descriptor of the root directory; for an
+//! operation on `a/b/c` the parent `a/b` is opened relative to it with `openat2`
+//! (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), or, where the kernel lacks `openat2` (before 5.6)
+//! or a parent is missing, one component at a time with `openat(O_NOFOLLOW | O_DIRECTORY)`.
+//! Every parent must be a real directory or be absent, in which case it is created as a real
+//! directory (`mkdirat`); a symlink parent is refused even when it points inside the root. The
+//! operation itself is then done relative to the parent's descriptor (`openat` with
+//! `O_NOFOLLOW`, `renameat`, `unlinkat`, `mkdirat`, `symlinkat`, `fchmod` on an opened file),
+//! so swapping a checked directory for a symlink afterwards changes nothing: the descriptor
+//! still names the directory that was checked. The last component may be a symlink for put,
+//! symlink, mkdir and delete: those replace or remove the link itself, never its target. Chmod
+//! opens its target with `O_NOFOLLOW` and refuses links. Tree removal descends by descriptor too.
 
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::ffi::{CStr, OsStr, OsString};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use devloop_proxy::msg::{FileOp, Outcome};
 use devloop_proxy::tree::MODE_MASK;
 use devloop_proxy::RelPath;
-use nix::fcntl::OFlag;
+use nix::errno::Errno;
+use nix::fcntl::{openat, openat2, renameat, AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fchmod, fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::unistd::{symlinkat, unlinkat, UnlinkatFlags};
 
 use crate::error::AgentError;
 
 /// Names of the agent's own temporary files start with this; the index skips them.
 pub const TEMP_PREFIX: &str = ".devloop-tmp-";
 
+/// Attempts at a free temporary name before giving up (a leftover of an earlier agent with the
+/// same pid takes a name; a hundred of them in one folder means something else is wrong).
+const TEMP_ATTEMPTS: u32 = 100;
+
+/// Times a tree removal starts over on a folder that something refilled meanwhile.
+const RMDIR_ATTEMPTS: u32 = 10;
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Set once `openat2` answered ENOSYS (a kernel before 5.6): every later parent is then
+/// opened one component at a time.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// How parents are resolved; `Walk` only for tests of the fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolve {
+    /// `openat2` on the whole parent path, the component walk when it fails.
+    Openat2,
+    /// The component walk only (what a kernel without `openat2` gets).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Walk,
+}
 
 /// The sync root, with the confined operations on it.
 #[derive(Debug, Clone)]
 pub struct Root {
     dir: PathBuf,
+    /// The root directory, opened once: every operation resolves beneath it.
+    fd: Arc<OwnedFd>,
+    resolve: Resolve,
 }
 
 impl Root {
-    /// `dir` should be absolute and canonical (the agent canonicalises it at start).
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Root { dir: dir.into() }
+    /// Opens the root directory. `dir` should be absolute and canonical (the agent
+    /// canonicalises it at start); it must be a directory, not a symlink to one.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, AgentError> {
+        let dir = dir.into();
+        let fd = nix::fcntl::open(
+            &dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| AgentError::io("open root", dir.display(), e.into()))?;
+        Ok(Root {
+            dir,
+            fd: Arc::new(fd),
+            resolve: Resolve::Openat2,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -71,40 +118,33 @@ impl Root {
         let (dir, name) = self
             .parent_dir(OP, path, true)?
             .ok_or_else(|| not_found(OP, path))?;
-        let target = dir.join(name);
+        let io_err = |e| AgentError::io(OP, path, e);
         // A path nothing holds yet (the bulk of a first sync) is written in place: no reader
         // can be looking for an old version of it, and create + rename would cost twice.
-        // O_EXCL refuses a path that appeared meanwhile (a symlink included), which then
-        // takes the careful way below.
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&target)
-        {
+        // O_EXCL refuses a path that appeared meanwhile (a symlink included, never followed),
+        // which then takes the careful way below.
+        match create_file(&dir, name) {
             Ok(mut file) => {
-                let written = fill(&mut file)
-                    .and_then(|()| file.set_permissions(Permissions::from_mode(mode & MODE_MASK)));
+                let written = fill(&mut file).and_then(|()| set_mode(&file, mode));
                 if let Err(e) = written {
                     drop(file);
-                    let _ = fs::remove_file(&target);
-                    return Err(AgentError::io(OP, path, e));
+                    let _ = unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir);
+                    return Err(io_err(e));
                 }
                 return Ok(());
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(AgentError::io(OP, path, e)),
+            Err(e) => return Err(io_err(e)),
         }
-        let (tmp, mut file) = create_temp_file(&dir).map_err(|e| AgentError::io(OP, path, e))?;
-        let written = fill(&mut file)
-            .and_then(|()| file.set_permissions(Permissions::from_mode(mode & MODE_MASK)));
+        let (tmp, mut file) = create_temp_file(&dir).map_err(io_err)?;
+        let written = fill(&mut file).and_then(|()| set_mode(&file, mode));
         drop(file);
         let renamed = written
-            .and_then(|()| remove_if_dir(&target))
-            .and_then(|()| fs::rename(&tmp, &target));
+            .and_then(|()| remove_if_dir(&dir, name))
+            .and_then(|()| renameat(&dir, tmp.as_os_str(), &dir, name).map_err(io::Error::from));
         if let Err(e) = renamed {
-            let _ = fs::remove_file(&tmp);
-            return Err(AgentError::io(OP, path, e));
+            let _ = unlinkat(&dir, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(io_err(e));
         }
         Ok(())
     }
@@ -116,20 +156,18 @@ impl Root {
         let (dir, name) = self
             .parent_dir(OP, path, true)?
             .ok_or_else(|| not_found(OP, path))?;
-        let target = dir.join(name);
         let io_err = |e| AgentError::io(OP, path, e);
-        match fs::symlink_metadata(&target) {
-            Ok(m) if m.file_type().is_dir() => {}
-            Ok(_) => {
-                fs::remove_file(&target).map_err(io_err)?;
-                create_real_dir(&target).map_err(io_err)?;
+        match lstat_at(&dir, name) {
+            Ok(Some(st)) if is_dir(&st) => {}
+            Ok(Some(_)) => {
+                unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir).map_err(|e| io_err(e.into()))?;
+                create_dir_at(&dir, name).map_err(io_err)?;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                create_real_dir(&target).map_err(io_err)?
-            }
+            Ok(None) => create_dir_at(&dir, name).map_err(io_err)?,
             Err(e) => return Err(io_err(e)),
         }
-        set_mode_nofollow(&target, mode).map_err(io_err)
+        let opened = open_nofollow(&dir, name).map_err(io_err)?;
+        set_mode(&opened, mode).map_err(io_err)
     }
 
     /// Creates or replaces a symlink (made aside, then renamed over the target). The target
@@ -139,19 +177,19 @@ impl Root {
         let (dir, name) = self
             .parent_dir(OP, path, true)?
             .ok_or_else(|| not_found(OP, path))?;
-        let target = dir.join(name);
         let mut attempt = 0;
         let tmp = loop {
-            let tmp = dir.join(temp_name());
-            match std::os::unix::fs::symlink(link_target, &tmp) {
+            let tmp = temp_name();
+            match symlinkat(link_target, &dir, tmp.as_os_str()) {
                 Ok(()) => break tmp,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
-                Err(e) => return Err(AgentError::io(OP, path, e)),
+                Err(Errno::EEXIST) if attempt < TEMP_ATTEMPTS => attempt += 1,
+                Err(e) => return Err(AgentError::io(OP, path, e.into())),
             }
         };
-        let renamed = remove_if_dir(&target).and_then(|()| fs::rename(&tmp, &target));
+        let renamed = remove_if_dir(&dir, name)
+            .and_then(|()| renameat(&dir, tmp.as_os_str(), &dir, name).map_err(io::Error::from));
         if let Err(e) = renamed {
-            let _ = fs::remove_file(&tmp);
+            let _ = unlinkat(&dir, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
             return Err(AgentError::io(OP, path, e));
         }
         Ok(())
@@ -163,11 +201,12 @@ impl Root {
         let Some((dir, name)) = self.parent_dir(OP, path, false)? else {
             return Ok(());
         };
-        let target = dir.join(name);
-        let removed = match fs::symlink_metadata(&target) {
-            // std's remove_dir_all does not follow symlinks inside the tree.
-            Ok(m) if m.file_type().is_dir() => fs::remove_dir_all(&target),
-            Ok(_) => fs::remove_file(&target),
+        let removed = match lstat_at(&dir, name) {
+            Ok(Some(st)) if is_dir(&st) => remove_tree_at(&dir, name),
+            Ok(Some(_)) => {
+                unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir).map_err(io::Error::from)
+            }
+            Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
         match removed {
@@ -182,67 +221,104 @@ impl Root {
         let (dir, name) = self
             .parent_dir(OP, path, false)?
             .ok_or_else(|| not_found(OP, path))?;
-        let target = dir.join(name);
-        match fs::symlink_metadata(&target) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(AgentError::ChmodSymlink {
-                    path: path.to_string(),
-                })
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found(OP, path)),
-            Err(e) => return Err(AgentError::io(OP, path, e)),
-        }
-        set_mode_nofollow(&target, mode).map_err(|e| {
-            if e.raw_os_error() == Some(nix::libc::ELOOP) {
-                AgentError::ChmodSymlink {
-                    path: path.to_string(),
-                }
-            } else {
-                AgentError::io(OP, path, e)
-            }
-        })
+        let opened = open_nofollow(&dir, name).map_err(|e| match e.raw_os_error() {
+            Some(nix::libc::ELOOP) => AgentError::ChmodSymlink {
+                path: path.to_string(),
+            },
+            Some(nix::libc::ENOENT) => not_found(OP, path),
+            _ => AgentError::io(OP, path, e),
+        })?;
+        set_mode(&opened, mode).map_err(|e| AgentError::io(OP, path, e))
     }
 
-    /// Checks every parent of `path` and returns the parent directory and the last component.
-    /// Parents must be real directories; absent ones are created when `create` is set, and
-    /// otherwise the answer is `None` (nothing to act on).
+    /// Opens the parent directory of `path` beneath the root and returns it with the last
+    /// component. Parents must be real directories; absent ones are created when `create` is
+    /// set, and otherwise the answer is `None` (nothing to act on).
     fn parent_dir<'p>(
         &self,
         op: &'static str,
         path: &'p RelPath,
         create: bool,
-    ) -> Result<Option<(PathBuf, &'p str)>, AgentError> {
+    ) -> Result<Option<(OwnedFd, &'p OsStr)>, AgentError> {
         let components: Vec<&str> = path.components().collect();
         let Some((name, parents)) = components.split_last() else {
             // RelPath is never empty, so there is always a last component.
             return Err(not_found(op, path));
         };
-        let mut dir = self.dir.clone();
-        for (i, component) in parents.iter().enumerate() {
-            dir.push(component);
-            let parent = || components[..=i].join("/");
-            match fs::symlink_metadata(&dir) {
-                Ok(m) => check_parent_type(op, path, &m, parent)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if !create {
-                        return Ok(None);
-                    }
-                    match create_real_dir(&dir) {
-                        Ok(()) => {}
-                        // Created by someone else meanwhile: check what it is.
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                            let m = fs::symlink_metadata(&dir)
-                                .map_err(|e| AgentError::io(op, path, e))?;
-                            check_parent_type(op, path, &m, parent)?;
-                        }
-                        Err(e) => return Err(AgentError::io(op, path, e)),
-                    }
+        let name = OsStr::new(*name);
+        let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        if parents.is_empty() {
+            let fd = openat(&*self.fd, ".", dir_flags, Mode::empty())
+                .map_err(|e| AgentError::io(op, path, e.into()))?;
+            return Ok(Some((fd, name)));
+        }
+        if self.resolve == Resolve::Openat2 && !NO_OPENAT2.load(Ordering::Relaxed) {
+            let how = OpenHow::new().flags(dir_flags).resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            );
+            match openat2(&*self.fd, parents.join("/").as_str(), how) {
+                Ok(fd) => return Ok(Some((fd, name))),
+                Err(Errno::ENOSYS) => {
+                    NO_OPENAT2.store(true, Ordering::Relaxed);
+                    tracing::info!("the kernel has no openat2 (before 5.6); resolving paths one component at a time");
                 }
-                Err(e) => return Err(AgentError::io(op, path, e)),
+                // A missing, symlinked or non-directory parent: the walk creates the missing
+                // ones and names the one at fault.
+                Err(_) => {}
             }
         }
+        let mut dir = openat(&*self.fd, ".", dir_flags, Mode::empty())
+            .map_err(|e| AgentError::io(op, path, e.into()))?;
+        for (i, component) in parents.iter().enumerate() {
+            let parent = || components[..=i].join("/");
+            let mut created = false;
+            dir = loop {
+                match openat(&dir, *component, dir_flags, Mode::empty()) {
+                    Ok(fd) => break fd,
+                    Err(Errno::ENOENT) if create && !created => {
+                        match mkdirat(&dir, *component, Mode::from_bits_truncate(0o777)) {
+                            // Created by someone else meanwhile: the next open checks it.
+                            Ok(()) | Err(Errno::EEXIST) => created = true,
+                            Err(e) => return Err(AgentError::io(op, path, e.into())),
+                        }
+                    }
+                    Err(Errno::ENOENT) if !create => return Ok(None),
+                    // O_NOFOLLOW | O_DIRECTORY refuses a symlink (ENOTDIR, or ELOOP) as well
+                    // as a file: tell them apart for the message.
+                    Err(Errno::ENOTDIR | Errno::ELOOP) => {
+                        let symlink = lstat_at(&dir, OsStr::new(*component))
+                            .ok()
+                            .flatten()
+                            .is_some_and(|st| file_kind(&st) == SFlag::S_IFLNK);
+                        return Err(if symlink {
+                            AgentError::ParentIsSymlink {
+                                op,
+                                path: path.to_string(),
+                                parent: parent(),
+                            }
+                        } else {
+                            AgentError::ParentNotDir {
+                                op,
+                                path: path.to_string(),
+                                parent: parent(),
+                            }
+                        });
+                    }
+                    Err(e) => return Err(AgentError::io(op, path, e.into())),
+                }
+            };
+        }
         Ok(Some((dir, name)))
+    }
+
+    /// The same root resolving parents one component at a time, as on a kernel without
+    /// `openat2`.
+    #[cfg(test)]
+    fn walk_only(mut self) -> Self {
+        self.resolve = Resolve::Walk;
+        self
     }
 }
 
@@ -265,30 +341,6 @@ pub fn apply_ops(root: &Root, ops: &[FileOp]) -> Outcome {
     }
 }
 
-fn check_parent_type(
-    op: &'static str,
-    path: &RelPath,
-    meta: &fs::Metadata,
-    parent: impl Fn() -> String,
-) -> Result<(), AgentError> {
-    let ft = meta.file_type();
-    if ft.is_symlink() {
-        Err(AgentError::ParentIsSymlink {
-            op,
-            path: path.to_string(),
-            parent: parent(),
-        })
-    } else if !ft.is_dir() {
-        Err(AgentError::ParentNotDir {
-            op,
-            path: path.to_string(),
-            parent: parent(),
-        })
-    } else {
-        Ok(())
-    }
-}
-
 fn not_found(op: &'static str, path: &RelPath) -> AgentError {
     AgentError::NotFound {
         op,
@@ -296,56 +348,130 @@ fn not_found(op: &'static str, path: &RelPath) -> AgentError {
     }
 }
 
-fn temp_name() -> String {
+fn temp_name() -> OsString {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{TEMP_PREFIX}{}-{n}", std::process::id())
+    format!("{TEMP_PREFIX}{}-{n}", std::process::id()).into()
 }
 
-fn create_temp_file(dir: &Path) -> io::Result<(PathBuf, File)> {
+fn file_kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
+}
+
+fn is_dir(st: &FileStat) -> bool {
+    file_kind(st) == SFlag::S_IFDIR
+}
+
+/// What `name` in `dir` is, without following a symlink; `None` when absent.
+fn lstat_at(dir: &OwnedFd, name: &OsStr) -> io::Result<Option<FileStat>> {
+    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A new regular file `name` in `dir` (mode 0600 until filled); fails if anything is there.
+fn create_file(dir: &OwnedFd, name: &OsStr) -> io::Result<File> {
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = openat(dir, name, flags, Mode::from_bits_truncate(0o600))?;
+    Ok(File::from(fd))
+}
+
+fn create_temp_file(dir: &OwnedFd) -> io::Result<(OsString, File)> {
     let mut attempt = 0;
     loop {
-        let tmp = dir.join(temp_name());
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-        {
+        let tmp = temp_name();
+        match create_file(dir, &tmp) {
             Ok(f) => return Ok((tmp, f)),
             // A leftover of an earlier agent with the same pid: take the next name.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < TEMP_ATTEMPTS => {
+                attempt += 1
+            }
             Err(e) => return Err(e),
         }
     }
 }
 
-fn create_real_dir(path: &Path) -> io::Result<()> {
-    fs::create_dir(path)
+fn create_dir_at(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    mkdirat(dir, name, Mode::from_bits_truncate(0o777)).map_err(io::Error::from)
 }
 
-/// Removes `path` if it is a real directory (so a file or link can be renamed over it).
-fn remove_if_dir(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_dir() => fs::remove_dir_all(path),
+/// Opens `name` in `dir` for fchmod without following a symlink (ELOOP for one); O_NONBLOCK
+/// so that a FIFO cannot hang the open.
+fn open_nofollow(dir: &OwnedFd, name: &OsStr) -> io::Result<File> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    Ok(File::from(openat(dir, name, flags, Mode::empty())?))
+}
+
+fn set_mode(file: &File, mode: u32) -> io::Result<()> {
+    fchmod(file.as_fd(), Mode::from_bits_truncate(mode & MODE_MASK)).map_err(io::Error::from)
+}
+
+/// Removes `name` in `dir` if it is a real directory (so a file or link can be renamed over it).
+fn remove_if_dir(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    match lstat_at(dir, name)? {
+        Some(st) if is_dir(&st) => remove_tree_at(dir, name),
         _ => Ok(()),
     }
 }
 
-/// chmod without following a symlink: open with O_NOFOLLOW (O_NONBLOCK so a FIFO cannot hang
-/// the open), then fchmod.
-fn set_mode_nofollow(path: &Path, mode: u32) -> io::Result<()> {
-    let flags = OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(flags.bits())
-        .open(path)?;
-    file.set_permissions(Permissions::from_mode(mode & MODE_MASK))
+/// Removes the directory `name` in `dir` and everything in it, descending by descriptor and
+/// never following a symlink: an entry swapped for a link meanwhile is removed as a link.
+fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let sub = match openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        // Not a directory (any more): remove whatever the name is now.
+        Err(Errno::ENOTDIR | Errno::ELOOP) => {
+            return unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).map_err(io::Error::from)
+        }
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut attempt = 0;
+    loop {
+        for entry in list_dir(&sub)? {
+            let entry = entry.as_os_str();
+            match unlinkat(&sub, entry, UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                // A directory: unlink(2) says EISDIR on Linux (EPERM by POSIX).
+                Err(Errno::EISDIR | Errno::EPERM) => remove_tree_at(&sub, entry)?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+            // Refilled meanwhile: empty it again.
+            Err(Errno::ENOTEMPTY | Errno::EEXIST) if attempt < RMDIR_ATTEMPTS => attempt += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The names in the directory `dir` (without `.` and `..`).
+fn list_dir(dir: &OwnedFd) -> io::Result<Vec<OsString>> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    // A fresh descriptor: its own read position, from the start.
+    let fd = openat(dir, ".", flags, Mode::empty())?;
+    let mut listing = nix::dir::Dir::from_fd(fd)?;
+    let mut names = Vec::new();
+    for entry in listing.iter() {
+        let entry = entry?;
+        let name: &CStr = entry.file_name();
+        let bytes = name.to_bytes();
+        if bytes != b"." && bytes != b".." {
+            names.push(OsStr::from_bytes(bytes).to_os_string());
+        }
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::fs::{self, Permissions};
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
@@ -354,7 +480,7 @@ mod tests {
     fn setup() -> (tempfile::TempDir, tempfile::TempDir, Root) {
         let root_dir = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
-        let root = Root::new(root_dir.path().canonicalize().unwrap());
+        let root = Root::open(root_dir.path().canonicalize().unwrap()).unwrap();
         (root_dir, outside, root)
     }
 
@@ -607,5 +733,138 @@ mod tests {
             apply_ops(&root, &[put("four", b"4")]),
             Outcome::Ok { applied: 1 }
         );
+    }
+    /// Everything under `dir`: path, kind, mode and content (or link text), for comparing.
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, String, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let path = e.unwrap().path();
+                let m = fs::symlink_metadata(&path).unwrap();
+                let rel = path.strip_prefix(dir).unwrap().to_path_buf();
+                let mode = m.permissions().mode() & 0o7777;
+                if m.file_type().is_symlink() {
+                    let text = fs::read_link(&path).unwrap();
+                    out.push((
+                        rel,
+                        "link".into(),
+                        0,
+                        text.into_os_string().into_encoded_bytes(),
+                    ));
+                } else if m.is_dir() {
+                    out.push((rel, "dir".into(), mode, Vec::new()));
+                    pending.push(path);
+                } else {
+                    out.push((rel, "file".into(), mode, fs::read(&path).unwrap()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A process in the container swaps `d` between a real directory and a symlink to a
+    /// directory outside the root (atomically, `RENAME_EXCHANGE`) as fast as it can, while
+    /// operations into `d` run thousands of times. Nothing outside may change. Against the
+    /// earlier path-based checks this failed within a few hundred rounds.
+    fn race_swapped_parent(root: Root) {
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        use std::sync::atomic::AtomicBool;
+
+        let outside = tempfile::tempdir().unwrap();
+        let o = outside.path();
+        fs::write(o.join("victim"), b"outside").unwrap();
+        fs::set_permissions(o.join("victim"), Permissions::from_mode(0o640)).unwrap();
+        fs::create_dir(o.join("sub")).unwrap();
+        fs::write(o.join("sub/keep"), b"keep").unwrap();
+        fs::create_dir(o.join("m0")).unwrap();
+        let before = snapshot(o);
+
+        let r = root.path().to_path_buf();
+        fs::create_dir(r.join("d")).unwrap();
+        symlink(o, r.join("spare")).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (stop, r) = (stop.clone(), r.clone());
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    renameat2(
+                        AT_FDCWD,
+                        &r.join("d"),
+                        AT_FDCWD,
+                        &r.join("spare"),
+                        RenameFlags::RENAME_EXCHANGE,
+                    )
+                    .unwrap();
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let mut failures = 0u32;
+        for i in 0..3000u32 {
+            let n = i % 7;
+            for op in [
+                put(&format!("d/f{n}"), b"new"),
+                put("d/victim", b"replaced"),
+                FileOp::Mkdir {
+                    path: p(&format!("d/m{n}")),
+                    mode: 0o700,
+                },
+                FileOp::Chmod {
+                    path: p("d/victim"),
+                    mode: 0o777,
+                },
+                FileOp::Chmod {
+                    path: p("d/m0"),
+                    mode: 0o777,
+                },
+                FileOp::Symlink {
+                    path: p(&format!("d/l{n}")),
+                    target: "/etc/passwd".into(),
+                },
+                put("d/sub/x", b"x"),
+                FileOp::Mkdir {
+                    path: p("d/sub/y"),
+                    mode: 0o755,
+                },
+                FileOp::Delete {
+                    path: p("d/sub/keep"),
+                },
+                FileOp::Delete { path: p("d/sub") },
+                FileOp::Delete {
+                    path: p("d/victim"),
+                },
+                FileOp::Delete {
+                    path: p(&format!("d/f{n}")),
+                },
+            ] {
+                if root.apply(&op).is_err() {
+                    failures += 1;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = swapper.join().unwrap();
+        assert!(swaps > 1000, "the swapper hardly ran: {swaps} swaps");
+        assert!(
+            failures > 0,
+            "the race never showed: no operation was refused"
+        );
+        assert_eq!(snapshot(o), before, "something outside the root changed");
+    }
+
+    #[test]
+    fn a_parent_swapped_for_a_symlink_mid_operation_never_leads_outside() {
+        let (_r, _o, root) = setup();
+        race_swapped_parent(root);
+    }
+
+    #[test]
+    fn without_openat2_a_swapped_parent_never_leads_outside_either() {
+        let (_r, _o, root) = setup();
+        race_swapped_parent(root.walk_only());
     }
 }

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::apply::Root;
 use crate::error::AgentError;
+use crate::guard::{accept_loop, Gate};
 use crate::logs::Hub;
 use crate::server::{serve_connection, Shared};
 use crate::supervisor::{Supervisor, SupervisorConfig};
@@ -69,6 +70,8 @@ impl DevAgent {
             .canonicalize()
             .with_context(|| format!("cannot resolve the sync root {}", config.root.display()))?;
         let workdir = config.workdir.clone().unwrap_or_else(|| root_dir.clone());
+        let root = Root::open(root_dir)
+            .with_context(|| format!("cannot open the sync root {}", config.root.display()))?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
@@ -83,7 +86,7 @@ impl DevAgent {
             hub.clone(),
         );
         let shared = Arc::new(Shared {
-            root: Root::new(root_dir),
+            root,
             workdir,
             token: config.token,
             hub,
@@ -109,23 +112,19 @@ impl DevAgent {
             root = %self.shared.root.path().display(),
             "agent ready"
         );
-        tokio::pin!(shutdown);
         let mut conn_id = 0u64;
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        conn_id += 1;
-                        tokio::spawn(serve_connection(self.shared.clone(), stream, peer, conn_id));
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait a little instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-            }
+        let mut gate = Gate::new("dev");
+        let listener = &self.listener;
+        let shared = &self.shared;
+        tokio::select! {
+            () = shutdown => {}
+            _ = accept_loop("dev", move || listener.accept(), |stream, peer| {
+                conn_id += 1;
+                // Beyond the places for unauthenticated sockets: closed at once (dropped).
+                if let Some(place) = gate.admit() {
+                    tokio::spawn(serve_connection(shared.clone(), stream, peer, conn_id, place));
+                }
+            }) => {}
         }
         tracing::info!("shutting down");
         self.shared.supervisor.shutdown().await;

@@ -1,18 +1,34 @@
 //! The agent's view of its root: every file, directory and symlink below it, with content
 //! hashes, in the shape the laptop compares against ([`devloop_proxy::tree::Entry`]).
+//!
+//! The walk goes by descriptor, as `apply.rs` does: each directory is opened relative to its
+//! parent's descriptor with `O_NOFOLLOW`, each entry is looked at with `fstatat` without
+//! following links, and a file is hashed from a descriptor opened with `O_NOFOLLOW` whose own
+//! `fstat` says it is a regular file. A process in the container that swaps a directory or a
+//! file for a symlink meanwhile cannot make the agent list or hash anything outside the root.
 
-use std::fs;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use devloop_proxy::tree::{Entry, Hash, MODE_MASK};
 use devloop_proxy::RelPath;
-use std::os::unix::fs::PermissionsExt;
+use nix::errno::Errno;
+use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
+use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 
 use crate::apply::TEMP_PREFIX;
 
 /// Files up to this size are read whole; larger ones are hashed as a stream.
 const READ_WHOLE_BYTES: u64 = 1024 * 1024;
+
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
 
 /// Walks `root` without following symlinks and returns its entries sorted by path. The root
 /// itself is not an entry. Entries that vanish during the walk, names that are not UTF-8, and
@@ -27,6 +43,14 @@ pub fn walk(root: &Path) -> io::Result<Vec<(RelPath, Entry)>> {
     Ok(entries)
 }
 
+/// A directory still to read: opened from its parent's descriptor when its turn comes, so
+/// the walk holds about one descriptor per level, not one per pending directory.
+struct Pending {
+    parent: Arc<OwnedFd>,
+    name: OsString,
+    rel: RelPath,
+}
+
 /// [`walk`] without collecting: each entry goes to `emit` as it is found (in no particular
 /// order), so a large tree never sits in memory whole. `emit` returning false stops the walk.
 pub fn walk_with(root: &Path, mut emit: impl FnMut((RelPath, Entry)) -> bool) -> io::Result<()> {
@@ -34,86 +58,127 @@ pub fn walk_with(root: &Path, mut emit: impl FnMut((RelPath, Entry)) -> bool) ->
         emit: &mut emit,
         stopped: false,
     };
-    let mut pending: Vec<(std::path::PathBuf, Option<RelPath>)> = vec![(root.to_path_buf(), None)];
-    while let Some((dir, rel)) = pending.pop() {
+    // The root itself must be readable; anything below may vanish meanwhile.
+    let root_fd = Arc::new(nix::fcntl::open(root, dir_flags(), Mode::empty())?);
+    let mut pending: Vec<Pending> = Vec::new();
+    list_into(&root_fd, None, &mut entries, &mut pending)?;
+    while let Some(next) = pending.pop() {
         if entries.stopped {
             break;
         }
-        let read = match fs::read_dir(&dir) {
-            Ok(read) => read,
-            // The root itself must be readable; anything below may vanish meanwhile.
-            Err(e) if rel.is_some() => {
-                tracing::warn!(dir = %dir.display(), error = %e, "index: cannot read directory, skipped");
+        let dir = match openat(
+            &*next.parent,
+            next.name.as_os_str(),
+            dir_flags(),
+            Mode::empty(),
+        ) {
+            Ok(fd) => Arc::new(fd),
+            Err(Errno::ENOENT) => continue,
+            Err(e) => {
+                tracing::warn!(dir = %next.rel, error = %e, "index: cannot read directory, skipped");
                 continue;
             }
-            Err(e) => return Err(e),
         };
-        for item in read {
-            let item = match item {
-                Ok(item) => item,
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "index: cannot list directory entry, skipped");
-                    continue;
-                }
-            };
-            let name = item.file_name();
-            let Some(name) = name.to_str() else {
-                tracing::warn!(dir = %dir.display(), name = ?name, "index: name is not UTF-8, skipped");
-                continue;
-            };
-            if name.starts_with(TEMP_PREFIX) {
-                continue;
-            }
-            let path = match &rel {
-                None => RelPath::new(name),
-                Some(parent) => parent.join(name),
-            };
-            let path = match path {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "index: path skipped");
-                    continue;
-                }
-            };
-            let full = item.path();
-            let meta = match fs::symlink_metadata(&full) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    tracing::warn!(path = %path, error = %e, "index: cannot stat, skipped");
-                    continue;
-                }
-            };
-            let ft = meta.file_type();
-            let mode = meta.permissions().mode() & MODE_MASK;
-            if ft.is_symlink() {
-                match fs::read_link(&full) {
-                    Ok(target) => match target.into_os_string().into_string() {
-                        Ok(target) => entries.push((path, Entry::Symlink { target })),
-                        Err(_) => {
-                            tracing::warn!(path = %path, "index: symlink target is not UTF-8, skipped")
-                        }
-                    },
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(path = %path, error = %e, "index: cannot read symlink, skipped")
-                    }
-                }
-            } else if ft.is_dir() {
-                entries.push((path.clone(), Entry::Dir { mode }));
-                pending.push((full, Some(path)));
-            } else if ft.is_file() {
-                match hash_file(&full, meta.len()) {
-                    Ok((size, hash)) => entries.push((path, Entry::File { mode, size, hash })),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(path = %path, error = %e, "index: cannot read file, skipped")
-                    }
-                }
-            }
+        if let Err(e) = list_into(&dir, Some(&next.rel), &mut entries, &mut pending) {
+            tracing::warn!(dir = %next.rel, error = %e, "index: cannot read directory, skipped");
         }
     }
     Ok(())
+}
+
+/// Emits the entries of the open directory `dir` (at `rel`, the root when `None`) and queues
+/// its subdirectories.
+fn list_into<F: FnMut((RelPath, Entry)) -> bool>(
+    dir: &Arc<OwnedFd>,
+    rel: Option<&RelPath>,
+    entries: &mut Emitter<'_, F>,
+    pending: &mut Vec<Pending>,
+) -> io::Result<()> {
+    let shown = || rel.map_or_else(|| ".".to_string(), |r| r.to_string());
+    // A fresh descriptor for the listing: its own read position, from the start.
+    let listing_fd = openat(&**dir, ".", dir_flags(), Mode::empty())?;
+    let mut listing = nix::dir::Dir::from_fd(listing_fd)?;
+    for item in listing.iter() {
+        if entries.stopped {
+            break;
+        }
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                tracing::warn!(dir = %shown(), error = %e, "index: cannot list directory entry, skipped");
+                continue;
+            }
+        };
+        let raw = OsStr::from_bytes(item.file_name().to_bytes());
+        if raw == "." || raw == ".." {
+            continue;
+        }
+        let Some(name) = raw.to_str() else {
+            tracing::warn!(dir = %shown(), name = ?raw, "index: name is not UTF-8, skipped");
+            continue;
+        };
+        if name.starts_with(TEMP_PREFIX) {
+            continue;
+        }
+        let path = match rel {
+            None => RelPath::new(name),
+            Some(parent) => parent.join(name),
+        };
+        let path = match path {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "index: path skipped");
+                continue;
+            }
+        };
+        let st = match fstatat(&**dir, raw, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::ENOENT) => continue,
+            Err(e) => {
+                tracing::warn!(path = %path, error = %e, "index: cannot stat, skipped");
+                continue;
+            }
+        };
+        let mode = st.st_mode & MODE_MASK;
+        match kind(&st) {
+            SFlag::S_IFLNK => match readlinkat(&**dir, raw) {
+                Ok(target) => match target.into_string() {
+                    Ok(target) => entries.push((path, Entry::Symlink { target })),
+                    Err(_) => {
+                        tracing::warn!(path = %path, "index: symlink target is not UTF-8, skipped")
+                    }
+                },
+                Err(Errno::ENOENT) => {}
+                Err(e) => {
+                    tracing::warn!(path = %path, error = %e, "index: cannot read symlink, skipped")
+                }
+            },
+            SFlag::S_IFDIR => {
+                entries.push((path.clone(), Entry::Dir { mode }));
+                pending.push(Pending {
+                    parent: dir.clone(),
+                    name: raw.to_os_string(),
+                    rel: path,
+                });
+            }
+            SFlag::S_IFREG => match hash_file_at(dir, raw) {
+                Ok(Some((mode, size, hash))) => {
+                    entries.push((path, Entry::File { mode, size, hash }))
+                }
+                // Vanished, or no longer a regular file: the next reconcile sees what it is.
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(path = %path, error = %e, "index: cannot read file, skipped")
+                }
+            },
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
 /// Adapts `emit` to the `push` the walk calls.
@@ -130,18 +195,37 @@ impl<F: FnMut((RelPath, Entry)) -> bool> Emitter<'_, F> {
     }
 }
 
-/// Size and BLAKE3 hash of what was actually read (the file may change under us; the hash
-/// then describes one consistent read, and the next reconcile catches up).
-fn hash_file(path: &Path, len_hint: u64) -> io::Result<(u64, Hash)> {
-    let mut file = fs::File::open(path)?;
+/// Mode, size and BLAKE3 hash of the regular file `name` in `dir`, read from a descriptor
+/// opened without following a symlink (O_NONBLOCK: a FIFO swapped in cannot hang the open);
+/// `None` when it vanished or is not a regular file any more. The size is what was actually
+/// read (the file may change under us; the hash then describes one consistent read, and the
+/// next reconcile catches up).
+fn hash_file_at(dir: &OwnedFd, name: &OsStr) -> io::Result<Option<(u32, u64, Hash)>> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = match openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ELOOP) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let st = fstat(&fd)?;
+    if kind(&st) != SFlag::S_IFREG {
+        return Ok(None);
+    }
+    let mode = st.st_mode & MODE_MASK;
+    let mut file = File::from(fd);
+    let len_hint = u64::try_from(st.st_size).unwrap_or(0);
     if len_hint <= READ_WHOLE_BYTES {
         let mut data = Vec::with_capacity(len_hint as usize);
         file.read_to_end(&mut data)?;
-        Ok((data.len() as u64, *blake3::hash(&data).as_bytes()))
+        Ok(Some((
+            mode,
+            data.len() as u64,
+            *blake3::hash(&data).as_bytes(),
+        )))
     } else {
         let mut hasher = blake3::Hasher::new();
         hasher.update_reader(&mut file)?;
-        Ok((hasher.count(), *hasher.finalize().as_bytes()))
+        Ok(Some((mode, hasher.count(), *hasher.finalize().as_bytes())))
     }
 }
 
@@ -207,7 +291,23 @@ impl PartBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::fs;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    #[test]
+    fn a_file_swapped_for_a_symlink_is_not_hashed_through_it() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), b"do not hash me").unwrap();
+        symlink(outside.path().join("secret"), root.path().join("f")).unwrap();
+        // What the walk does after fstatat said "regular file" and the file was swapped.
+        let dir = nix::fcntl::open(root.path(), dir_flags(), Mode::empty()).unwrap();
+        assert_eq!(hash_file_at(&dir, OsStr::new("f")).unwrap(), None);
+        fs::remove_file(root.path().join("f")).unwrap();
+        fs::write(root.path().join("f"), b"mine").unwrap();
+        let (_, size, hash) = hash_file_at(&dir, OsStr::new("f")).unwrap().unwrap();
+        assert_eq!((size, hash), (4, *blake3::hash(b"mine").as_bytes()));
+    }
 
     #[test]
     fn lists_files_dirs_and_symlinks_without_following() {

@@ -22,13 +22,14 @@ use devloop_proxy::codec::{decode, encode};
 use devloop_proxy::handoff;
 use devloop_proxy::msg::{AgentMsg, LaptopMsg, ProcessState, ProcessStatus, Welcome};
 use devloop_proxy::tunnel::{Mux, Side, TunnelFrame};
-use devloop_proxy::{caps, PROTOCOL_VERSION, WS_PATH};
+use devloop_proxy::{caps, PROTOCOL_VERSION};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::server::{check_hello, read_hello, refuse, ws_config, HANDSHAKE_TIMEOUT};
+use crate::guard::{accept_loop, Gate};
+use crate::server::{check_hello, read_hello, refuse, upgrade, ws_config, HANDSHAKE_TIMEOUT};
 
 /// An IPv4 network, `a.b.c.d/len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +134,8 @@ async fn accept_service(
     config: Arc<InterceptConfig>,
 ) -> anyhow::Result<()> {
     let handoff_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    loop {
-        let (tcp, peer) = listener.accept().await?;
+    let listener = &listener;
+    let ended = accept_loop("service", move || listener.accept(), |tcp, peer| {
         let _ = tcp.set_nodelay(true);
         let (tunnel, config, handoff_failed) =
             (tunnel.clone(), config.clone(), handoff_failed.clone());
@@ -162,7 +163,9 @@ async fn accept_service(
             }
             tunnel_stream(tcp, peer, port, &tunnel).await
         });
-    }
+    })
+    .await;
+    match ended {}
 }
 
 /// The largest read of a handed-over connection: reads grow to it only during a bulk
@@ -217,8 +220,9 @@ async fn accept_control(
     tunnel: Current,
 ) -> anyhow::Result<()> {
     let mut conn_id = 0u64;
-    loop {
-        let (tcp, peer) = listener.accept().await?;
+    let mut gate = Gate::new("control");
+    let listener = &listener;
+    let ended = accept_loop("control", move || listener.accept(), |tcp, peer| {
         conn_id += 1;
         let local = tcp
             .local_addr()
@@ -228,48 +232,42 @@ async fn accept_control(
             local.is_loopback() || config.control_subnet.is_none_or(|s| s.contains(local));
         if !allowed {
             tracing::warn!(conn_id, %peer, %local, "control connection on a service network refused");
-            continue;
+            return;
         }
+        // Beyond the places for unauthenticated sockets: closed at once (dropped).
+        let Some(place) = gate.admit() else {
+            return;
+        };
         let (config, tunnel) = (config.clone(), tunnel.clone());
-        tokio::spawn(async move { serve_control(tcp, peer, conn_id, config, tunnel).await });
-    }
+        tokio::spawn(async move { serve_control(tcp, peer, conn_id, place, config, tunnel).await });
+    })
+    .await;
+    match ended {}
 }
 
+/// One control connection. `place` is its place among those not authenticated yet, given
+/// back once the hello is accepted.
 async fn serve_control(
     tcp: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
+    place: tokio::sync::OwnedSemaphorePermit,
     config: Arc<InterceptConfig>,
     tunnel: Current,
 ) {
     let _ = tcp.set_nodelay(true);
-    #[allow(clippy::result_large_err)]
-    let check_path =
-        |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
-         resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
-            if req.uri().path() == WS_PATH {
-                Ok(resp)
-            } else {
-                let mut refusal =
-                    tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(None);
-                *refusal.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
-                Err(refusal)
-            }
-        };
-    let Ok(Ok(mut ws)) = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_hdr_async_with_config(
-            tcp,
-            check_path,
-            Some(ws_config().read_buffer_size(TUNNEL_READ_BUFFER)),
-        ),
+    // One deadline for the upgrade and the hello together, as in dev mode.
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let Ok(Ok(mut ws)) = tokio::time::timeout_at(
+        deadline,
+        upgrade(tcp, ws_config().read_buffer_size(TUNNEL_READ_BUFFER)),
     )
     .await
     else {
         tracing::warn!(conn_id, %peer, "control connection refused: no websocket upgrade");
         return;
     };
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_hello(&mut ws)).await {
+    let hello = match tokio::time::timeout_at(deadline, read_hello(&mut ws)).await {
         Ok(Ok(h)) => h,
         Ok(Err(reason)) => return refuse(ws, peer, conn_id, reason).await,
         Err(_) => return refuse(ws, peer, conn_id, "no hello in time".into()).await,
@@ -286,6 +284,8 @@ async fn serve_control(
         )
         .await;
     }
+    ws.get_mut().lift();
+    drop(place);
     let welcome = AgentMsg::Welcome(Welcome {
         protocol_version: PROTOCOL_VERSION,
         agent_version: devloop_proxy::CRATE_VERSION.to_string(),

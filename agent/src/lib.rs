@@ -8,6 +8,7 @@ pub mod apply;
 pub mod bridge;
 pub mod dev;
 pub mod error;
+pub mod guard;
 pub mod index;
 pub mod intercept;
 pub mod lease;

@@ -20,19 +20,18 @@ const BROADCAST_CAPACITY: usize = 4096;
 pub enum Event {
     Log(LogLine),
     Process(ProcessStatus),
-    /// A `Run` of connection `conn_id` ended. It travels the same channel as the run's
-    /// output, so that connection receives every output line before the acknowledgement.
-    RunDone {
-        conn_id: u64,
-        req: u64,
-        outcome: devloop_proxy::msg::Outcome,
-    },
 }
+
+/// The number of events published so far: a subscriber that has received or skipped up to
+/// position `p` has seen every event published before [`Hub::position`] answered `p`.
+pub type Position = u64;
 
 struct State {
     ring: VecDeque<LogLine>,
     ring_bytes: usize,
     status: ProcessStatus,
+    /// Events published so far (changed under the lock, with the send).
+    published: Position,
 }
 
 pub struct Hub {
@@ -45,6 +44,8 @@ pub struct Subscription {
     pub recent_logs: Vec<LogLine>,
     pub status: ProcessStatus,
     pub event_rx: broadcast::Receiver<Event>,
+    /// The position `event_rx` starts after.
+    pub position: Position,
 }
 
 pub fn now_ms() -> u64 {
@@ -73,6 +74,7 @@ impl Hub {
                     quick_exits: 0,
                     last_exit: None,
                 },
+                published: 0,
             }),
             event_tx,
         }
@@ -101,6 +103,7 @@ impl Hub {
             }
         }
         // Sent under the lock so that a subscriber never sees a line twice or misses one.
+        state.published += 1;
         let _ = self.event_tx.send(Event::Log(line));
     }
 
@@ -111,18 +114,15 @@ impl Hub {
         self.log(LogStream::Agent, text.into_bytes());
     }
 
-    pub fn run_done(&self, conn_id: u64, req: u64, outcome: devloop_proxy::msg::Outcome) {
-        let _lock = self.lock();
-        let _ = self.event_tx.send(Event::RunDone {
-            conn_id,
-            req,
-            outcome,
-        });
+    /// How many events have been published so far; see [`Position`].
+    pub fn position(&self) -> Position {
+        self.lock().published
     }
 
     pub fn set_status(&self, status: ProcessStatus) {
         let mut state = self.lock();
         state.status = status.clone();
+        state.published += 1;
         let _ = self.event_tx.send(Event::Process(status));
     }
 
@@ -136,6 +136,7 @@ impl Hub {
             recent_logs: state.ring.iter().cloned().collect(),
             status: state.status.clone(),
             event_rx: self.event_tx.subscribe(),
+            position: state.published,
         }
     }
 }

@@ -29,7 +29,7 @@ enum Mode {
     /// Copy stdin to a TCP connection and the connection to stdout (used through `docker exec`).
     Bridge {
         /// The agent's address inside the container.
-        #[arg(long, default_value = "127.0.0.1:7717")]
+        #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], devloop_proxy::AGENT_PORT)))]
         to: SocketAddr,
     },
     /// Hold published ports: forward each LISTEN=HOST:PORT mapping, resolving HOST per connection.
@@ -44,7 +44,7 @@ enum Mode {
         #[arg(long)]
         token_file: PathBuf,
         /// Address of the control WebSocket (path /devloop).
-        #[arg(long, default_value = "0.0.0.0:7717")]
+        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], devloop_proxy::AGENT_PORT)))]
         control: SocketAddr,
         /// Accept control connections only on this network (A.B.C.D/LEN) or loopback.
         #[arg(long)]
@@ -86,7 +86,7 @@ struct DevArgs {
     #[arg(long)]
     root: PathBuf,
     /// Address of the WebSocket endpoint (path /devloop).
-    #[arg(long, default_value = "0.0.0.0:7717")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], devloop_proxy::AGENT_PORT)))]
     listen: SocketAddr,
     /// File holding the session token the cli created.
     #[arg(long)]

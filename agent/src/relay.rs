@@ -49,8 +49,8 @@ pub async fn run(
 }
 
 async fn accept_loop(listener: TcpListener, target: String) -> anyhow::Result<()> {
-    loop {
-        let (mut inbound, peer) = listener.accept().await.context("accept")?;
+    let listener = &listener;
+    let ended = crate::guard::accept_loop("relay", move || listener.accept(), |mut inbound, peer| {
         let target = target.clone();
         tokio::spawn(async move {
             let _ = inbound.set_nodelay(true);
@@ -69,7 +69,9 @@ async fn accept_loop(listener: TcpListener, target: String) -> anyhow::Result<()
                 Err(e) => tracing::warn!(%peer, %target, error = %e, "cannot reach the service"),
             }
         });
-    }
+    })
+    .await;
+    match ended {}
 }
 
 /// Connects to the first address of `target` that answers. During a rollout the name

@@ -10,8 +10,9 @@ use devloop_proxy::codec::{decode, encode};
 use devloop_proxy::msg::{AgentMsg, Hello, LaptopMsg, Outcome, Welcome};
 use devloop_proxy::{caps, MAGIC, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WS_PATH};
 use futures_util::{SinkExt, StreamExt};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -21,13 +22,17 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::apply::{apply_ops, Root};
+use crate::guard::{Budgeted, MAX_HELLO_BYTES, PRE_HELLO_BYTES};
 use crate::index;
-use crate::logs::{Event, Hub};
+use crate::logs::{Event, Hub, Position};
 use crate::supervisor::{run_once, Supervisor};
 use crate::tarstream::TarSession;
 
-/// The upgrade and the hello must both arrive within this time.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The upgrade and the hello must both arrive within this time. The cli sends them right
+/// after connecting: two round trips, well under a second even through a Kubernetes
+/// port-forward. A socket that sends nothing holds one of the
+/// [`PRE_HELLO_CONNECTIONS`](crate::guard::PRE_HELLO_CONNECTIONS) places no longer than this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Room above the largest encoded message for the WebSocket's own limits.
 const MESSAGE_SLACK: usize = 64 * 1024;
 /// Index parts: at most this many entries and about this many bytes each.
@@ -51,7 +56,18 @@ pub struct Shared {
     pub mirror_output: bool,
 }
 
-pub(crate) type Ws = WebSocketStream<TcpStream>;
+/// A connection's WebSocket; its reads are limited to [`PRE_HELLO_BYTES`] until the hello is
+/// accepted.
+pub(crate) type Ws = WebSocketStream<Budgeted<TcpStream>>;
+
+/// A `Run` that ended: its acknowledgement goes out once the connection's forwarder has
+/// passed `after`, the hub's position when the run's output was complete, so the cli gets
+/// every output line (or its skip) before the acknowledgement.
+struct RunDone {
+    req: u64,
+    outcome: Outcome,
+    after: Position,
+}
 
 enum Outgoing {
     Msg(AgentMsg),
@@ -65,15 +81,12 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE_BYTES + MESSAGE_SLACK))
 }
 
-/// Serves one accepted TCP connection until it ends. Never panics on peer input.
-pub async fn serve_connection(
-    shared: Arc<Shared>,
+/// The WebSocket upgrade on [`WS_PATH`] (another path gets a 404), reading no more than
+/// [`PRE_HELLO_BYTES`] until the caller lifts the budget.
+pub(crate) async fn upgrade(
     stream: TcpStream,
-    peer: SocketAddr,
-    conn_id: u64,
-) {
-    let _ = stream.set_nodelay(true);
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    config: WebSocketConfig,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     // The signature is tungstenite's callback type; the large error is its HTTP response.
     #[allow(clippy::result_large_err)]
     let check_path = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
@@ -86,9 +99,23 @@ pub async fn serve_connection(
             Err(refusal)
         }
     };
-    let upgrade =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config()));
-    let mut ws = match timeout_at(deadline, upgrade).await {
+    let stream = Budgeted::new(stream, PRE_HELLO_BYTES);
+    tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config)).await
+}
+
+/// Serves one accepted TCP connection until it ends. Never panics on peer input. `place` is
+/// the connection's place among those not authenticated yet, given back once the hello is
+/// accepted.
+pub async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    place: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut ws = match timeout_at(deadline, upgrade(stream, ws_config())).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::warn!(conn_id, %peer, error = %e, "connection refused: websocket upgrade failed");
@@ -115,6 +142,8 @@ pub async fn serve_connection(
     if let Err(reason) = check_hello(&hello, &shared.token) {
         return refuse(ws, peer, conn_id, reason).await;
     }
+    ws.get_mut().lift();
+    drop(place);
     tracing::info!(conn_id, %peer, cli_version = %hello.cli_version, "cli connected");
     serve_session(shared, ws, peer, conn_id).await;
     tracing::info!(conn_id, %peer, "cli disconnected");
@@ -129,6 +158,12 @@ pub(crate) async fn read_hello(ws: &mut Ws) -> Result<Hello, String> {
             Some(Ok(message)) => message,
         };
         match message {
+            Message::Binary(bytes) if bytes.len() > MAX_HELLO_BYTES => {
+                return Err(format!(
+                    "a hello of {} bytes: the limit is {MAX_HELLO_BYTES}",
+                    bytes.len()
+                ))
+            }
             Message::Binary(bytes) => {
                 return match decode::<LaptopMsg>(&bytes) {
                     Ok(LaptopMsg::Hello(hello)) => Ok(hello),
@@ -165,14 +200,10 @@ pub fn check_hello(hello: &Hello, token: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Compares in time that depends only on the length, not on where the first difference is.
+/// Compares in time that depends only on the lengths, not on where the first difference is
+/// (`subtle`'s `ConstantTimeEq`).
 fn tokens_match(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    given.ct_eq(expected).into()
 }
 
 fn close_frame(reason: &str) -> Message {
@@ -235,8 +266,11 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
         }
     });
     let _ = out_tx.send(Outgoing::Msg(AgentMsg::Welcome(welcome))).await;
+    let (run_done_tx, run_done_rx) = mpsc::channel::<RunDone>(OUTGOING_QUEUE);
     let forwarder = tokio::spawn(forward_events(
         subscription.event_rx,
+        subscription.position,
+        run_done_rx,
         out_tx.clone(),
         conn_id,
     ));
@@ -244,6 +278,7 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
     let mut session = Session {
         shared,
         out_tx: out_tx.clone(),
+        run_done_tx,
         tar: None,
         conn_id,
     };
@@ -305,31 +340,60 @@ async fn serve_session(shared: Arc<Shared>, ws: Ws, peer: SocketAddr, conn_id: u
     }
 }
 
+/// Forwards the hub's events to one connection, and the acknowledgements of its runs after
+/// their output. Events may be skipped when the cli reads too slowly (the broadcast keeps a
+/// bounded backlog); acknowledgements never are: they come on the connection's own channel
+/// (`run_done_rx`) and wait only until the events before them are sent or skipped.
 async fn forward_events(
     mut event_rx: broadcast::Receiver<Event>,
+    mut position: Position,
+    mut run_done_rx: mpsc::Receiver<RunDone>,
     out_tx: mpsc::Sender<Outgoing>,
     conn_id: u64,
 ) {
+    let mut waiting: Vec<RunDone> = Vec::new();
+    let mut runs_open = true;
     loop {
-        let msg = match event_rx.recv().await {
-            Ok(Event::Log(line)) => AgentMsg::Log(line),
-            Ok(Event::Process(status)) => AgentMsg::Process(status),
-            Ok(Event::RunDone {
-                conn_id: c,
-                req,
-                outcome,
-            }) if c == conn_id => AgentMsg::Ack { req, outcome },
-            Ok(Event::RunDone { .. }) => continue,
-            Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                tracing::warn!(
-                    conn_id,
-                    skipped,
-                    "cli reads too slowly, skipped log lines and status events"
-                );
+        // Runs whose output has all been forwarded (or skipped) are acknowledged now.
+        let mut i = 0;
+        while i < waiting.len() {
+            if waiting[i].after <= position {
+                let done = waiting.swap_remove(i);
+                let ack = AgentMsg::Ack {
+                    req: done.req,
+                    outcome: done.outcome,
+                };
+                if out_tx.send(Outgoing::Msg(ack)).await.is_err() {
+                    return;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let msg = tokio::select! {
+            done = run_done_rx.recv(), if runs_open => {
+                match done {
+                    Some(done) => waiting.push(done),
+                    None => runs_open = false,
+                }
                 continue;
             }
-            Err(broadcast::error::RecvError::Closed) => break,
+            event = event_rx.recv() => match event {
+                Ok(Event::Log(line)) => AgentMsg::Log(line),
+                Ok(Event::Process(status)) => AgentMsg::Process(status),
+                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    position += skipped;
+                    tracing::warn!(
+                        conn_id,
+                        skipped,
+                        "cli reads too slowly, skipped log lines and status events"
+                    );
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
         };
+        position += 1;
         if out_tx.send(Outgoing::Msg(msg)).await.is_err() {
             break;
         }
@@ -339,6 +403,8 @@ async fn forward_events(
 struct Session {
     shared: Arc<Shared>,
     out_tx: mpsc::Sender<Outgoing>,
+    /// Ends of runs, to the forwarder, which acknowledges them after their output.
+    run_done_tx: mpsc::Sender<RunDone>,
     tar: Option<TarSession>,
     conn_id: u64,
 }
@@ -419,7 +485,7 @@ impl Session {
                 let hub = self.shared.hub.clone();
                 let workdir = self.shared.workdir.clone();
                 let mirror = self.shared.mirror_output;
-                let conn_id = self.conn_id;
+                let run_done_tx = self.run_done_tx.clone();
                 tokio::spawn(async move {
                     let outcome = if argv.is_empty() {
                         Outcome::Failed {
@@ -428,8 +494,15 @@ impl Session {
                     } else {
                         run_once(&argv, &workdir, &hub, mirror).await
                     };
-                    // After the output, on the same channel: see `Event::RunDone`.
-                    hub.run_done(conn_id, req, outcome);
+                    // The output is all published: the acknowledgement follows it.
+                    let after = hub.position();
+                    let _ = run_done_tx
+                        .send(RunDone {
+                            req,
+                            outcome,
+                            after,
+                        })
+                        .await;
                 });
             }
         }

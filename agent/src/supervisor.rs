@@ -568,7 +568,7 @@ mod tests {
             match event {
                 Event::Log(l) => lines.push(l),
                 Event::Process(s) if until(&s) => return s,
-                Event::Process(_) | Event::RunDone { .. } => {}
+                Event::Process(_) => {}
             }
         }
     }

@@ -249,8 +249,8 @@ mod tests {
 
     fn root() -> (tempfile::TempDir, Root) {
         let dir = tempfile::tempdir().unwrap();
-        let root = Root::new(dir.path().join("root"));
-        fs::create_dir(root.path()).unwrap();
+        fs::create_dir(dir.path().join("root")).unwrap();
+        let root = Root::open(dir.path().join("root")).unwrap();
         (dir, root)
     }
 

@@ -4,12 +4,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use devloop_agent::guard::PRE_HELLO_CONNECTIONS;
+use devloop_agent::server::HANDSHAKE_TIMEOUT;
 use devloop_agent::{DevAgent, DevConfig};
 use devloop_proxy::codec::{decode, encode};
 use devloop_proxy::msg::{AgentMsg, FileOp, Hello, LaptopMsg, LogStream, Outcome, ProcessState};
 use devloop_proxy::tree::{hash_bytes, Entry};
 use devloop_proxy::{caps, RelPath, MAGIC, PROTOCOL_VERSION};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -426,5 +429,195 @@ async fn process_logs_restart_and_run() {
         }
     }
     assert!(saw_output);
+    agent.shutdown().await;
+}
+
+/// Reads from a raw socket until the agent closes it (EOF or reset).
+async fn until_closed(tcp: &mut TcpStream) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_first_message_is_refused_before_the_agent_has_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start(dir.path(), &[]).await;
+    let mut ws = connect(agent.addr).await;
+    // A binary frame that announces 1 MiB, of which 64 KiB is sent: the agent must give up
+    // after its pre-hello budget, not wait for the rest (or for the handshake deadline).
+    let mut frame = vec![0x82u8, 0x80 | 127];
+    frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.resize(frame.len() + 64 * 1024, b'x');
+    let tcp = ws.get_mut();
+    tcp.write_all(&frame).await.unwrap();
+    let began = tokio::time::Instant::now();
+    tokio::time::timeout(HANDSHAKE_TIMEOUT / 2, until_closed(tcp))
+        .await
+        .expect("the agent waited for the rest of an unauthenticated 1 MiB message");
+    assert!(began.elapsed() < HANDSHAKE_TIMEOUT / 2);
+    // A hello bigger than the hello limit is refused with the reason.
+    let mut ws = connect(agent.addr).await;
+    let LaptopMsg::Hello(mut big) = hello(TOKEN) else {
+        unreachable!()
+    };
+    big.capabilities = vec!["c".repeat(1000); 5];
+    send(&mut ws, &LaptopMsg::Hello(big)).await;
+    match next_msg(&mut ws).await {
+        Some(AgentMsg::Refused { reason }) => assert!(reason.contains("bytes"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The agent goes on serving, and an authenticated connection has the full limit.
+    let (mut ws, _) = connect_and_welcome(agent.addr).await;
+    let big = vec![7u8; 600_000];
+    send(
+        &mut ws,
+        &LaptopMsg::Batch {
+            req: 1,
+            ops: vec![put("big.bin", &big)],
+        },
+    )
+    .await;
+    assert_eq!(
+        reply(&mut ws).await,
+        AgentMsg::Ack {
+            req: 1,
+            outcome: Outcome::Ok { applied: 1 }
+        }
+    );
+    assert_eq!(std::fs::read(dir.path().join("big.bin")).unwrap(), big);
+    agent.shutdown().await;
+}
+
+/// Connects and says hello like the cli; `None` when the agent closed the socket first.
+async fn try_connect_and_welcome(addr: SocketAddr) -> Option<Ws> {
+    let tcp = TcpStream::connect(addr).await.ok()?;
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/devloop"), tcp)
+        .await
+        .ok()?;
+    ws.send(Message::Binary(encode(&hello(TOKEN)).into()))
+        .await
+        .ok()?;
+    match next_msg(&mut ws).await? {
+        AgentMsg::Welcome(_) => Some(ws),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_are_capped_and_closed_at_the_deadline_and_a_cli_still_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start(dir.path(), &[]).await;
+    let began = tokio::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..PRE_HELLO_CONNECTIONS + 24 {
+        idle.push(TcpStream::connect(agent.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Those beyond the places were closed at once; the others wait for their hello.
+    let mut held = Vec::new();
+    for mut tcp in idle {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(20), tcp.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => {}
+            Ok(Ok(_)) => panic!("the agent sent something to an idle socket"),
+            Err(_) => held.push(tcp),
+        }
+    }
+    assert_eq!(held.len(), PRE_HELLO_CONNECTIONS);
+    // A cli that retries as the real one does gets in (at the latest when the idle sockets'
+    // deadline frees their places) and is served.
+    let mut ws = tokio::time::timeout(HANDSHAKE_TIMEOUT + Duration::from_secs(3), async {
+        loop {
+            if let Some(ws) = try_connect_and_welcome(agent.addr).await {
+                return ws;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("idle sockets kept the cli out");
+    send(&mut ws, &LaptopMsg::Ping { nonce: 1 }).await;
+    assert_eq!(reply(&mut ws).await, AgentMsg::Pong { nonce: 1 });
+    // Sockets that send nothing are closed at the deadline, not before.
+    for mut tcp in held {
+        tokio::time::timeout(Duration::from_secs(2), until_closed(&mut tcp))
+            .await
+            .expect("an idle socket outlived the handshake deadline");
+    }
+    let closed_after = began.elapsed();
+    assert!(
+        closed_after >= HANDSHAKE_TIMEOUT,
+        "closed after {closed_after:?}"
+    );
+    assert!(
+        closed_after < HANDSHAKE_TIMEOUT + Duration::from_secs(2),
+        "closed after {closed_after:?}"
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_acknowledged_through_a_flood_of_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    // The supervised process floods the log broadcast for the whole test, with lines long
+    // enough that the socket's buffers hold only a few hundred of them.
+    let agent = start(
+        dir.path(),
+        &["sh", "-c", "yes \"$(head -c 4000 /dev/zero | tr '\\0' f)\""],
+    )
+    .await;
+    // A small receive buffer, so that the agent's queue for this connection fills soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(agent.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/devloop", agent.addr), tcp)
+        .await
+        .unwrap();
+    send(&mut ws, &hello(TOKEN)).await;
+    assert!(matches!(
+        next_msg(&mut ws).await,
+        Some(AgentMsg::Welcome(_))
+    ));
+    let marker = dir.path().join("ran");
+    send(
+        &mut ws,
+        &LaptopMsg::Run {
+            req: 1,
+            argv: vec!["touch".into(), marker.display().to_string()],
+        },
+    )
+    .await;
+    // Not reading: the flood overruns this connection's backlog while the run ends and
+    // long after it.
+    let waited = tokio::time::Instant::now();
+    while !marker.exists() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the run did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut lines = 0u64;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match next_msg(&mut ws).await.expect("connection closed") {
+                AgentMsg::Ack { req: 1, outcome } => return outcome,
+                AgentMsg::Log(_) => lines += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the run's acknowledgement was lost in the flood");
+    assert_eq!(outcome, Outcome::Exited { code: Some(0) });
+    println!("{lines} log lines before the acknowledgement");
+    assert!(lines > 0);
     agent.shutdown().await;
 }

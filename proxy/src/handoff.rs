@@ -22,6 +22,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 
@@ -156,14 +157,10 @@ pub async fn read_request(unix: &mut UnixStream) -> io::Result<Request> {
     })
 }
 
-/// True when `given` is the session token (in constant time for tokens of its length).
+/// True when `given` is the session token. The comparison takes time that depends on the
+/// lengths only, not on where the first difference is (`subtle`'s `ConstantTimeEq`).
 pub fn token_matches(given: &str, expected: &str) -> bool {
-    given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    given.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
 /// Answers with `conn`: the agent receives its own descriptor of the socket, and the caller

@@ -100,8 +100,10 @@ pub fn dev_template(original: &Value, index: usize, s: &DevSpec) -> Value {
         s.sync_to.into(),
         "--token-file".into(),
         format!("{TOKEN_DIR}/token"),
+        // The pod's loopback only: the cli's port-forward reaches it there, and nothing
+        // else in the cluster (another pod on the pod network) can reach the agent.
         "--listen".into(),
-        format!("0.0.0.0:{}", devloop_proxy::AGENT_PORT),
+        format!("127.0.0.1:{}", devloop_proxy::AGENT_PORT),
     ];
     if let Some(w) = s.workdir.filter(|w| !w.is_empty()) {
         command.push("--workdir".into());
@@ -427,6 +429,9 @@ mod tests {
         assert_eq!(command[..2], ["/.devloop/bin/devloop-agent", "dev"]);
         assert_eq!(command[command.len() - 3..], ["--", "python3", "--fast"]);
         assert!(command.windows(2).any(|w| w == ["--workdir", "/app"]));
+        assert!(command
+            .windows(2)
+            .any(|w| w == ["--listen", "127.0.0.1:7717"]));
         assert!(c["args"].is_null());
         // Same image, ports and the original mount, plus the agent's three.
         assert_eq!(c["image"], "reg/shop-api:1");
