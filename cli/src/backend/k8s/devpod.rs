@@ -398,6 +398,7 @@ mod tests {
             secret: secret_name("api"),
             started_ms: 1,
             holder: "me".into(),
+            project: "shop".into(),
         }
     }
 

@@ -882,6 +882,7 @@ mod tests {
             secret: "api-devloop-intercept".into(),
             started_ms: 1,
             holder: "me".into(),
+            account: String::new(),
         }
     }
 
