@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod deploy;
 pub mod elf;
+pub mod failpoint;
 pub mod image;
 pub mod ownership;
 pub mod signals;

@@ -352,3 +352,118 @@ fn a_changed_build_input_rebuilds_the_base() {
         "two\n"
     );
 }
+
+/// A deploy killed (SIGKILL) at each step of its switch is finished or undone by the next
+/// command: `status` names what was left, the next `deploy` never answers "unchanged" while
+/// the service does not serve under its own name, and `up` leaves no stale version beside
+/// the dev container.
+#[test]
+fn a_deploy_killed_at_any_step_is_finished_or_undone_by_the_next_command() {
+    let shop = Shop::new("deploykill", false);
+    let port = shop.publish_web_on_free_port();
+    shop.run_ok(&["deploy"]);
+    let app = shop.path().join("api/app.py");
+    let original = std::fs::read_to_string(&app).unwrap();
+    let canonical = shop.container("api");
+    for (i, point) in ["deploy:healthy", "deploy:old-removed", "deploy:renamed"]
+        .iter()
+        .enumerate()
+    {
+        let version = format!("{}", 10 + i);
+        std::fs::write(
+            &app,
+            original.replace("VERSION = \"1\"", &format!("VERSION = \"{version}\"")),
+        )
+        .unwrap();
+        let log = shop.state.path().join(format!("kill{i}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let mut cli = shop
+            .cmd(&["deploy", "api"])
+            .env("DEVLOOP_FAILPOINT", point)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        wait_for_log(
+            &log,
+            &format!("failpoint {point}"),
+            Duration::from_secs(120),
+        );
+        cli.kill().unwrap();
+        cli.wait().unwrap();
+        let leftovers: Vec<String> = docker_ok(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=dev.devloop.project={}", shop.project),
+            "--filter",
+            "label=dev.devloop.service=api",
+            "--format",
+            "{{.Names}}",
+        ])
+        .lines()
+        .map(String::from)
+        .filter(|n| n.starts_with(&canonical) && n != &canonical && !n.ends_with("-ports"))
+        .collect();
+        if *point != "deploy:renamed" {
+            assert_eq!(leftovers.len(), 1, "{point}: {leftovers:?}");
+            let status = shop.run_ok(&["status"]);
+            assert!(
+                status.contains("an interrupted deploy left"),
+                "{point}: status does not say what it found:\n{status}"
+            );
+        }
+        // The next deploy of the same tree finishes the job: the version serves under the
+        // service's own name, through the published port too, with nothing beside it.
+        let out = shop.run_ok(&["deploy", "api"]);
+        let names = docker_ok(&["ps", "--format", "{{.Names}}"]);
+        assert!(
+            names.lines().any(|n| n == canonical),
+            "{point}: {canonical} does not run:\n{out}\n{names}"
+        );
+        assert!(
+            !names
+                .lines()
+                .any(|n| n.starts_with(&format!("{canonical}-")) && !n.ends_with("-ports")),
+            "{point}: a staging container is left:\n{names}"
+        );
+        let url = format!("http://127.0.0.1:{port}/api-version");
+        assert_eq!(
+            wait_for(Duration::from_secs(20), || laptop_get(&url)
+                .filter(|v| v == &version))
+            .as_deref(),
+            Some(version.as_str()),
+            "{point}: the new version is not served after the next deploy:\n{out}"
+        );
+    }
+
+    // Killed beside the running version, then `up`: the dev container serves alone.
+    std::fs::write(
+        &app,
+        original.replace("VERSION = \"1\"", "VERSION = \"20\""),
+    )
+    .unwrap();
+    let log = shop.state.path().join("kill-up.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let mut cli = shop
+        .cmd(&["deploy", "api"])
+        .env("DEVLOOP_FAILPOINT", "deploy:healthy")
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    wait_for_log(&log, "failpoint deploy:healthy", Duration::from_secs(120));
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    let mut shop = shop;
+    let up = shop.spawn(&["up", "api", "--no-logs"]);
+    wait_for_log(&up, "in sync", Duration::from_secs(120));
+    let names = docker_ok(&["ps", "-a", "--format", "{{.Names}}"]);
+    assert!(
+        !names
+            .lines()
+            .any(|n| n.starts_with(&format!("{canonical}-")) && !n.ends_with("-ports")),
+        "up left the interrupted deploy's version beside the dev container:\n{names}"
+    );
+    shop.interrupt_all();
+}

@@ -269,6 +269,15 @@ pub fn label<'a>(c: &'a ContainerSummary, key: &str) -> Option<&'a str> {
         .map(|s| s.as_str())
 }
 
+/// A listed container's name, without the leading `/`.
+pub fn name_of(c: &ContainerSummary) -> String {
+    c.names
+        .as_ref()
+        .and_then(|n| n.first())
+        .map(|n| n.trim_start_matches('/').to_string())
+        .unwrap_or_default()
+}
+
 pub fn is_running(c: &ContainerSummary) -> bool {
     c.state
         .as_ref()
@@ -618,14 +627,24 @@ pub async fn give_dir_to(
     header.set_size(0);
     header.set_uid(owner.0 as u64);
     header.set_gid(owner.1 as u64);
+    // The engine leaves a `./` entry's owner alone, but applies a named entry's to the
+    // folder that exists already: the folder goes in under its own name, into its parent.
+    let path = Path::new(dir);
+    let (parent, name) = match (path.parent(), path.file_name()) {
+        (Some(p), Some(n)) => (
+            p.to_string_lossy().into_owned(),
+            n.to_string_lossy().into_owned(),
+        ),
+        _ => return Ok(()),
+    };
     let archive = b
-        .append_data(&mut header, "./", std::io::empty())
+        .append_data(&mut header, format!("{name}/"), std::io::empty())
         .and_then(|()| b.into_inner())
         .map_err(|e| DockerError::Other(format!("packing {dir}: {e}")))?;
     docker
         .upload_to_container(
             id,
-            Some(UploadToContainerOptionsBuilder::new().path(dir).build()),
+            Some(UploadToContainerOptionsBuilder::new().path(&parent).build()),
             bollard::body_full(archive.into()),
         )
         .await

@@ -83,8 +83,12 @@ pub async fn roll_out(
     snapshot: &Snapshot,
 ) -> Result<Rollout, RolloutError> {
     let docker = ctx.docker;
+    if let Some(found) = recover_interrupted(docker, &project.name, &service.name).await? {
+        eprintln!("devloop: {found}");
+    }
     let facts = docker::image_facts(docker, &snapshot.image).await?;
     let spec = DevSpec::new(project, service, &snapshot.image, &facts);
+    let canonical = docker::container_name(&project.name, &service.name);
     let current: Vec<_> = docker::list_project_containers(docker, &project.name, None)
         .await?
         .into_iter()
@@ -96,8 +100,10 @@ pub async fn roll_out(
             )
         })
         .collect();
+    // Unchanged only when that version serves under the service's own name.
     if current.iter().any(|c| {
-        docker::label(c, labels::KIND) == Some(labels::KIND_DEPLOY)
+        docker::name_of(c) == canonical
+            && docker::label(c, labels::KIND) == Some(labels::KIND_DEPLOY)
             && docker::label(c, labels::VERSION) == Some(snapshot.tag.as_str())
             && docker::is_running(c)
     }) && relay_ok(ctx, project, service).await?
@@ -105,7 +111,6 @@ pub async fn roll_out(
         return Ok(Rollout::Unchanged);
     }
 
-    let canonical = docker::container_name(&project.name, &service.name);
     let staging = format!("{canonical}-{}", &snapshot.tag[..8.min(snapshot.tag.len())]);
     let _ = docker::remove_container(docker, &staging).await;
     let placement = Placement {
@@ -139,6 +144,7 @@ pub async fn roll_out(
         });
     }
     let healthy_ms = started.elapsed().as_millis() as u64;
+    crate::failpoint::pause("deploy:healthy");
 
     // Switch: the old version goes, the new one takes its name.
     let switch = Instant::now();
@@ -148,6 +154,7 @@ pub async fn roll_out(
     for c in &current {
         docker::remove_container(docker, c.id.as_deref().unwrap_or_default()).await?;
     }
+    crate::failpoint::pause("deploy:old-removed");
     docker
         .rename_container(
             &id,
@@ -164,6 +171,7 @@ pub async fn roll_out(
         ctx.tokens.remove(&staging);
     }
     let switch_ms = switch.elapsed().as_millis() as u64;
+    crate::failpoint::pause("deploy:renamed");
     let gap = Instant::now();
     ensure_relay(ctx, project, service).await?;
     let port_gap_ms = (held_ports && service.ports.iter().any(|p| p.host_port.is_some()))
@@ -173,6 +181,80 @@ pub async fn roll_out(
         switch_ms,
         port_gap_ms,
     })
+}
+
+/// Finishes or undoes what a deploy killed halfway left of `service` (a version started
+/// beside the current one under a staging name `devloop-P-S-<tag8>`): while a container
+/// holds the service's own name, a staging leftover is removed (the rollout did not happen;
+/// it would otherwise share the service's network alias and answer some of its calls);
+/// with none, the newest running leftover was healthy and the old one already gone, so it
+/// takes the name (the rollout is finished). Says what it found, if anything.
+pub async fn recover_interrupted(
+    docker: &Docker,
+    project: &str,
+    service: &str,
+) -> Result<Option<String>, DockerError> {
+    let canonical = docker::container_name(project, service);
+    let mine: Vec<_> = docker::list_project_containers(docker, project, None)
+        .await?
+        .into_iter()
+        .filter(|c| docker::label(c, labels::SERVICE) == Some(service))
+        .collect();
+    let staged: Vec<_> = mine
+        .iter()
+        .filter(|c| {
+            docker::label(c, labels::KIND) == Some(labels::KIND_DEPLOY)
+                && docker::name_of(c) != canonical
+        })
+        .collect();
+    if staged.is_empty() {
+        return Ok(None);
+    }
+    let has_canonical = mine.iter().any(|c| docker::name_of(c) == canonical);
+    let mut keep = None;
+    if !has_canonical {
+        keep = staged
+            .iter()
+            .filter(|c| docker::is_running(c))
+            .max_by_key(|c| c.created.unwrap_or_default())
+            .copied();
+    }
+    let mut removed = Vec::new();
+    for c in &staged {
+        if keep.is_some_and(|k| k.id == c.id) {
+            continue;
+        }
+        docker::remove_container(docker, c.id.as_deref().unwrap_or_default()).await?;
+        removed.push(docker::name_of(c));
+    }
+    let mut said = Vec::new();
+    if !removed.is_empty() {
+        said.push(format!(
+            "removed what an interrupted deploy of `{service}` left beside it ({})",
+            removed.join(", ")
+        ));
+    }
+    if let Some(k) = keep {
+        let name = docker::name_of(k);
+        docker
+            .rename_container(
+                k.id.as_deref().unwrap_or_default(),
+                RenameContainerOptionsBuilder::new()
+                    .name(&canonical)
+                    .build(),
+            )
+            .await
+            .map_err(api(format!("renaming {name} to {canonical}")))?;
+        let tokens = TokenStore::new();
+        if let Some(token) = tokens.read(&name) {
+            let _ = tokens.write(&canonical, &token);
+            tokens.remove(&name);
+        }
+        said.push(format!(
+            "finished an interrupted deploy of `{service}`: {name} (healthy, the old version already gone) now serves as {canonical}"
+        ));
+    }
+    Ok(Some(said.join("; ")))
 }
 
 /// What tells that a new version is ready.

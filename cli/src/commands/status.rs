@@ -60,14 +60,27 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
     let containers = docker::list_project_containers(&docker, &project.name, None).await?;
     let mut reports = Vec::new();
     for svc in &project.services {
-        // The service's container: a dev container, or a deployed version.
+        // The service's container (under its own name): a dev container, or a deployed
+        // version.
+        let canonical = docker::container_name(&project.name, &svc.name);
         let dev = containers.iter().find(|c| {
             docker::label(c, labels::SERVICE) == Some(svc.name.as_str())
+                && docker::name_of(c) == canonical
                 && matches!(
                     docker::label(c, labels::KIND),
                     Some(labels::KIND_DEV) | Some(labels::KIND_DEPLOY)
                 )
         });
+        // A version a killed deploy started beside it under a staging name.
+        let leftovers: Vec<String> = containers
+            .iter()
+            .filter(|c| {
+                docker::label(c, labels::SERVICE) == Some(svc.name.as_str())
+                    && docker::label(c, labels::KIND) == Some(labels::KIND_DEPLOY)
+                    && docker::name_of(c) != canonical
+            })
+            .map(docker::name_of)
+            .collect();
         let intercepted = containers.iter().any(|c| {
             docker::label(c, labels::SERVICE) == Some(svc.name.as_str())
                 && docker::label(c, labels::KIND) == Some(labels::KIND_INTERCEPT)
@@ -98,6 +111,14 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
             }
         }
         sync_state(&project.name, svc, dev.is_some(), &mut r);
+        if !leftovers.is_empty() {
+            r.errors.push(format!(
+                "an interrupted deploy left {} beside it; the next `devloop deploy {}` or `devloop up {}` finishes or removes it",
+                leftovers.join(", "),
+                svc.name,
+                svc.name
+            ));
+        }
         reports.push(r);
     }
     print(&project, &reports, json)

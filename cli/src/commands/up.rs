@@ -56,6 +56,15 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
 
     let mut started = Vec::new();
     for service in &selected {
+        if let Some(found) = crate::backend::docker_deploy::recover_interrupted(
+            &docker,
+            &project.name,
+            &service.name,
+        )
+        .await?
+        {
+            ui.warn(&service.name, found);
+        }
         if intercepted.contains(&service.name) {
             ui.warn(
                 &service.name,
