@@ -14,6 +14,9 @@ use tokio_rustls::rustls;
 
 const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
+/// The most of the API server's answer the agent reads.
+const MAX_ANSWER_BYTES: u64 = 64 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct LeaseConfig {
     /// How long the agent waits without a cli before it restores.
@@ -104,8 +107,20 @@ pub async fn restore(dir: &Path, service_account: &Path) -> anyhow::Result<u16> 
     let mut response = Vec::new();
     // The server closes after the response (Connection: close); a TLS close without
     // close_notify is not an error here, the status line is what counts.
-    let _ = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut response)).await;
-    let text = String::from_utf8_lossy(&response);
+    // Only the status line and the start of the body are used: the rest is not held.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(20),
+        (&mut tls).take(MAX_ANSWER_BYTES).read_to_end(&mut response),
+    )
+    .await;
+    answer_status(&response)
+}
+
+/// The status of the API server's answer to the restore request: Ok for success and for the
+/// answers that mean there is nothing left to restore (422, 409, 404), an error that quotes
+/// the answer otherwise.
+pub fn answer_status(response: &[u8]) -> anyhow::Result<u16> {
+    let text = String::from_utf8_lossy(response);
     let status: u16 = text
         .lines()
         .next()
@@ -128,5 +143,23 @@ pub async fn restore(dir: &Path, service_account: &Path) -> anyhow::Result<u16> 
                 .take(500)
                 .collect::<String>()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_give_their_status() {
+        assert_eq!(answer_status(b"HTTP/1.1 200 OK\r\n\r\n{}").unwrap(), 200);
+        assert_eq!(
+            answer_status(b"HTTP/1.1 422 Unprocessable\r\n").unwrap(),
+            422
+        );
+        let err = answer_status(b"HTTP/1.1 403 Forbidden\r\n\r\nno").unwrap_err();
+        assert_eq!(err.to_string(), "the API server answered 403: no");
+        assert!(answer_status(b"").is_err());
+        assert!(answer_status(b"HTTP/1.1 99999 x").is_err());
     }
 }

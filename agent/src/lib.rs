@@ -8,6 +8,8 @@ pub mod apply;
 pub mod bridge;
 pub mod dev;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 pub mod index;
 pub mod intercept;

@@ -2,8 +2,10 @@
 //! archive and applies each entry through the same confined code as file operations
 //! ([`crate::apply::Root`]). tar's own `unpack` is never used.
 
+use std::cell::Cell;
 use std::io::{self, Read};
 use std::path::{Component, Path};
+use std::rc::Rc;
 
 use devloop_proxy::msg::Outcome;
 use devloop_proxy::tree::MODE_MASK;
@@ -16,6 +18,38 @@ use crate::error::AgentError;
 
 /// Chunks buffered between the connection and the blocking reader.
 const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// The most the tar reader may read between two entries: headers, GNU long names and pax
+/// extensions (which tar holds in memory whole), and the data of entries that are skipped.
+/// A peer cannot make the agent hold more than this for one entry's name; the cli sends
+/// names of at most 4 KiB and no data in the entries the agent skips.
+pub const MAX_BETWEEN_ENTRIES: u64 = 1024 * 1024;
+
+/// Counts the bytes read while `armed` (between two entries) and fails the read beyond
+/// [`MAX_BETWEEN_ENTRIES`].
+struct Metered<R> {
+    inner: R,
+    between: Rc<Cell<Option<u64>>>,
+}
+
+impl<R: Read> Read for Metered<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        if let Some(read) = self.between.get() {
+            let read = read + n as u64;
+            if read > MAX_BETWEEN_ENTRIES {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "more than {MAX_BETWEEN_ENTRIES} bytes of headers, long names or skipped data between two entries"
+                    ),
+                ));
+            }
+            self.between.set(Some(read));
+        }
+        Ok(n)
+    }
+}
 
 /// A blocking `Read` over chunks sent through a tokio channel; end of stream when the
 /// sending side is dropped. Before it waits for a chunk it publishes how many chunks it has
@@ -56,9 +90,20 @@ impl Read for ChunkReader {
 /// Returns the number of entries applied. After the end-of-archive marker the rest of the
 /// stream is read and dropped, so the sender never waits on a reader that stopped.
 pub fn apply_tar(root: &Root, reader: impl Read) -> Result<u64, AgentError> {
-    let mut archive = tar::Archive::new(reader);
+    let between = Rc::new(Cell::new(None));
+    let mut archive = tar::Archive::new(Metered {
+        inner: reader,
+        between: between.clone(),
+    });
     let mut applied = 0u64;
-    for entry in archive.entries().map_err(AgentError::Tar)? {
+    let mut entries = archive.entries().map_err(AgentError::Tar)?;
+    loop {
+        // Finding the next entry reads what is left of this one, then headers and names.
+        between.set(Some(0));
+        let Some(entry) = entries.next() else {
+            break;
+        };
+        between.set(None);
         let mut entry = entry.map_err(AgentError::Tar)?;
         let raw = entry.path().map_err(AgentError::Tar)?.into_owned();
         let Some(path) = entry_path(&raw)? else {
@@ -110,6 +155,7 @@ pub fn apply_tar(root: &Root, reader: impl Read) -> Result<u64, AgentError> {
         }
         applied += 1;
     }
+    between.set(None);
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(AgentError::Tar)?;
     Ok(applied)
@@ -321,6 +367,33 @@ mod tests {
             AgentError::ParentIsSymlink { .. }
         ));
         assert!(!outside.join("x").exists());
+    }
+
+    /// A GNU long name (which tar reads into memory whole) above the limit is refused
+    /// once the limit is read, not held.
+    #[test]
+    fn a_huge_long_name_is_refused() {
+        struct Counting<'a, R>(R, &'a std::cell::Cell<u64>);
+        impl<R: Read> Read for Counting<'_, R> {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                let n = self.0.read(out)?;
+                self.1.set(self.1.get() + n as u64);
+                Ok(n)
+            }
+        }
+        let (_d, root) = root();
+        let size = 64 * MAX_BETWEEN_ENTRIES;
+        let mut h = header(tar::EntryType::GNULongName, 0o644, size);
+        h.set_cksum();
+        let read = std::cell::Cell::new(0u64);
+        let stream = Counting(h.as_bytes().chain(io::repeat(b'a').take(size)), &read);
+        let err = apply_tar(&root, stream).unwrap_err();
+        assert!(err.to_string().contains("between two entries"), "{err}");
+        assert!(
+            read.get() <= MAX_BETWEEN_ENTRIES + 64 * 1024,
+            "{}",
+            read.get()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

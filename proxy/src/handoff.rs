@@ -49,6 +49,57 @@ pub enum Answer {
 /// serves the service's `port`.
 pub async fn request(socket: &Path, token: &str, port: u16) -> io::Result<Answer> {
     let mut unix = UnixStream::connect(socket).await?;
+    let req = encode_request(token, port)?;
+    unix.write_all(&req).await?;
+    let (status, fd) = unix
+        .async_io(Interest::READABLE, || recv_status(unix.as_raw_fd()))
+        .await?;
+    let Some(status) = status else {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the handoff socket closed without an answer",
+        ));
+    };
+    let mut answer = vec![status];
+    loop {
+        match parse_answer(&answer, fd.is_some())? {
+            Parsed::Need(total) => read_to(&mut unix, &mut answer, total).await?,
+            Parsed::Done(AnswerHead::Refused(why), _) => return Ok(Answer::Refused(why)),
+            Parsed::Done(AnswerHead::Connected, _) => {
+                let Some(fd) = fd else {
+                    // parse_answer only says Connected when a descriptor came with the status.
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unexpected handoff answer {status}"),
+                    ));
+                };
+                let std = std::net::TcpStream::from(fd);
+                std.set_nonblocking(true)?;
+                return Ok(Answer::Connected(TcpStream::from_std(std)?));
+            }
+        }
+    }
+}
+
+/// How far a parser of a handoff message got with the bytes it was given.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed<T> {
+    /// The message, and how many bytes it took.
+    Done(T, usize),
+    /// The message is longer: read until there are this many bytes (always more than given).
+    Need(usize),
+}
+
+/// Reads from `unix` until `buf` holds `total` bytes.
+async fn read_to(unix: &mut UnixStream, buf: &mut Vec<u8>, total: usize) -> io::Result<()> {
+    let have = buf.len();
+    buf.resize(total, 0);
+    unix.read_exact(&mut buf[have..]).await?;
+    Ok(())
+}
+
+/// The bytes of a request (see the module's description).
+pub fn encode_request(token: &str, port: u16) -> io::Result<Vec<u8>> {
     let token = token.as_bytes();
     let len = u8::try_from(token.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "session token too long"))?;
@@ -57,27 +108,38 @@ pub async fn request(socket: &Path, token: &str, port: u16) -> io::Result<Answer
     req.push(len);
     req.extend_from_slice(token);
     req.extend_from_slice(&port.to_be_bytes());
-    unix.write_all(&req).await?;
-    let (status, fd) = unix
-        .async_io(Interest::READABLE, || recv_status(unix.as_raw_fd()))
-        .await?;
-    match (status, fd) {
-        (Some(STATUS_CONNECTED), Some(fd)) => {
-            let std = std::net::TcpStream::from(fd);
-            std.set_nonblocking(true)?;
-            Ok(Answer::Connected(TcpStream::from_std(std)?))
+    Ok(req)
+}
+
+/// What an answer says, apart from the descriptor a `Connected` one carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AnswerHead {
+    Connected,
+    Refused(String),
+}
+
+/// Parses the cli's answer from its first bytes (the status byte first; `with_fd` says
+/// whether a descriptor came with it). Never asks for more than 3 + 65,535 bytes.
+pub fn parse_answer(bytes: &[u8], with_fd: bool) -> io::Result<Parsed<AnswerHead>> {
+    let Some(&status) = bytes.first() else {
+        return Ok(Parsed::Need(1));
+    };
+    match status {
+        STATUS_CONNECTED if with_fd => Ok(Parsed::Done(AnswerHead::Connected, 1)),
+        STATUS_REFUSED => {
+            let Some(len) = bytes.get(1..3) else {
+                return Ok(Parsed::Need(3));
+            };
+            let total = 3 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+            match bytes.get(3..total) {
+                Some(text) => Ok(Parsed::Done(
+                    AnswerHead::Refused(String::from_utf8_lossy(text).into_owned()),
+                    total,
+                )),
+                None => Ok(Parsed::Need(total)),
+            }
         }
-        (Some(STATUS_REFUSED), _) => {
-            let len = unix.read_u16().await?;
-            let mut text = vec![0; len as usize];
-            unix.read_exact(&mut text).await?;
-            Ok(Answer::Refused(String::from_utf8_lossy(&text).into_owned()))
-        }
-        (None, _) => Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the handoff socket closed without an answer",
-        )),
-        (Some(other), _) => Err(io::Error::new(
+        other => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("unexpected handoff answer {other}"),
         )),
@@ -137,24 +199,47 @@ pub struct Request {
     pub port: u16,
 }
 
-/// Reads one request.
+/// Reads one request (and not a byte more).
 pub async fn read_request(unix: &mut UnixStream) -> io::Result<Request> {
-    let mut magic = [0u8; 4];
-    unix.read_exact(&mut magic).await?;
+    let mut buf = Vec::new();
+    loop {
+        match parse_request(&buf)? {
+            Parsed::Done(request, _) => return Ok(request),
+            Parsed::Need(total) => read_to(unix, &mut buf, total).await?,
+        }
+    }
+}
+
+/// Parses a request from its first bytes. Asks for the magic first, so a peer that is not an
+/// agent is refused before anything else is read; never asks for more than 4 + 1 + 255 + 2
+/// bytes.
+pub fn parse_request(bytes: &[u8]) -> io::Result<Parsed<Request>> {
+    let Some(magic) = bytes.get(..REQUEST_MAGIC.len()) else {
+        return Ok(Parsed::Need(REQUEST_MAGIC.len()));
+    };
     if magic != REQUEST_MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "not a handoff request",
         ));
     }
-    let len = unix.read_u8().await?;
-    let mut token = vec![0; len as usize];
-    unix.read_exact(&mut token).await?;
-    let port = unix.read_u16().await?;
-    Ok(Request {
-        token: String::from_utf8_lossy(&token).into_owned(),
-        port,
-    })
+    let Some(&len) = bytes.get(REQUEST_MAGIC.len()) else {
+        return Ok(Parsed::Need(REQUEST_MAGIC.len() + 1));
+    };
+    let token_at = REQUEST_MAGIC.len() + 1;
+    let port_at = token_at + usize::from(len);
+    let total = port_at + 2;
+    let (Some(token), Some(port)) = (bytes.get(token_at..port_at), bytes.get(port_at..total))
+    else {
+        return Ok(Parsed::Need(total));
+    };
+    Ok(Parsed::Done(
+        Request {
+            token: String::from_utf8_lossy(token).into_owned(),
+            port: u16::from_be_bytes([port[0], port[1]]),
+        },
+        total,
+    ))
 }
 
 /// True when `given` is the session token. The comparison takes time that depends on the
@@ -184,12 +269,17 @@ pub async fn send_connection(unix: &UnixStream, conn: &TcpStream) -> io::Result<
 
 /// Answers with no connection, saying why.
 pub async fn send_refusal(unix: &mut UnixStream, why: &str) -> io::Result<()> {
+    unix.write_all(&encode_refusal(why)).await
+}
+
+/// The bytes of a refusal: the status, then `why` cut to 65,535 bytes with its length.
+pub fn encode_refusal(why: &str) -> Vec<u8> {
     let text = &why.as_bytes()[..why.len().min(u16::MAX as usize)];
     let mut answer = Vec::with_capacity(3 + text.len());
     answer.push(STATUS_REFUSED);
     answer.extend_from_slice(&(text.len() as u16).to_be_bytes());
     answer.extend_from_slice(text);
-    unix.write_all(&answer).await
+    answer
 }
 
 #[cfg(test)]
@@ -257,6 +347,53 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         // No socket: an error, not a hang.
         assert!(request(&socket, "secret", 80).await.is_err());
+    }
+
+    #[test]
+    fn requests_parse_back_and_every_cut_asks_for_more() {
+        let bytes = encode_request("secret", 8080).unwrap();
+        let want = Request {
+            token: "secret".into(),
+            port: 8080,
+        };
+        assert_eq!(
+            parse_request(&bytes).unwrap(),
+            Parsed::Done(want, bytes.len())
+        );
+        for cut in 0..bytes.len() {
+            match parse_request(&bytes[..cut]).unwrap() {
+                Parsed::Need(n) => assert!(n > cut && n <= bytes.len(), "cut {cut}: {n}"),
+                done => panic!("cut {cut}: {done:?}"),
+            }
+        }
+        assert!(parse_request(b"DLH2\x00\x00\x50").is_err());
+        assert!(encode_request(&"x".repeat(256), 80).is_err());
+    }
+
+    #[test]
+    fn answers_parse_back_and_every_cut_asks_for_more() {
+        let bytes = encode_refusal("port not intercepted");
+        let want = AnswerHead::Refused("port not intercepted".into());
+        assert_eq!(
+            parse_answer(&bytes, false).unwrap(),
+            Parsed::Done(want, bytes.len())
+        );
+        for cut in 0..bytes.len() {
+            match parse_answer(&bytes[..cut], false).unwrap() {
+                Parsed::Need(n) => assert!(n > cut && n <= bytes.len(), "cut {cut}: {n}"),
+                done => panic!("cut {cut}: {done:?}"),
+            }
+        }
+        assert_eq!(
+            parse_answer(&[STATUS_CONNECTED], true).unwrap(),
+            Parsed::Done(AnswerHead::Connected, 1)
+        );
+        // Connected without a descriptor, or an unknown status, is not an answer.
+        assert!(parse_answer(&[STATUS_CONNECTED], false).is_err());
+        assert!(parse_answer(&[7], true).is_err());
+        // A refusal longer than its length field can say is cut.
+        let long = encode_refusal(&"y".repeat(70_000));
+        assert_eq!(long.len(), 3 + usize::from(u16::MAX));
     }
 
     #[test]

@@ -10,6 +10,9 @@
 pub mod codec;
 pub mod error;
 #[cfg(unix)]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(unix)]
 pub mod handoff;
 pub mod msg;
 pub mod path;

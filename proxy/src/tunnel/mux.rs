@@ -570,7 +570,9 @@ impl Mux {
                         "the {peer} opened stream {stream}, an id of the wrong parity (the {peer} opens {} ids)",
                         if peer == Side::Agent { "odd" } else { "even" }
                     ),
-                    None,
+                    // The id may be a live stream of this side's: reset it, as the peer
+                    // will on receiving the Reset, so that the two ends agree.
+                    inner.streams.get(&stream).cloned(),
                 )
             } else if stream <= inner.highest_peer_id {
                 Verdict::Refuse(
