@@ -116,7 +116,11 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
 /// beside the root may change.
 pub fn tar_stream(scratch: &TarScratch, data: &[u8]) {
     scratch.reset();
-    let root = Root::new(scratch.root());
+    // The root was just made by `reset`: opening it fails only if the disk is gone, and a
+    // fuzz run has nothing to check then.
+    let Ok(root) = Root::open(scratch.root()) else {
+        return;
+    };
     let _ = apply_tar(&root, data);
     scratch.check(data);
 }

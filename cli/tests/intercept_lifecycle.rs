@@ -42,9 +42,11 @@ struct Faults {
     hang_connect: bool,
 }
 
+/// The agent runs on a runtime of its own thread, as in its own container: stopping it ends
+/// the runtime, and with it every connection the agent held.
 type Running = (
     tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
+    std::thread::JoinHandle<()>,
 );
 
 /// A swap that starts the real intercept agent in this process instead of changing a
@@ -97,11 +99,14 @@ impl FakeSwap {
             handoff: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = devloop_agent::intercept::run(config, async move {
+        let task = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _ = runtime.block_on(devloop_agent::intercept::run(config, async move {
                 let _ = stopped.await;
-            })
-            .await;
+            }));
         });
         // Serving once the control port answers.
         for _ in 0..200 {
@@ -117,7 +122,7 @@ impl FakeSwap {
         let running = self.agent.lock().unwrap().take();
         if let Some((stop, task)) = running {
             let _ = stop.send(());
-            let _ = task.await;
+            let _ = tokio::task::spawn_blocking(move || task.join()).await;
         }
     }
 

@@ -3,7 +3,7 @@
 //! under `DIR/<target>/seed-*` (DIR defaults to `fuzz/corpus`). Run from the repository root:
 //!
 //! ```text
-//! cargo run -p devloop-agent --example fuzz_seeds -- fuzz/corpus
+//! cargo run -p devloop-agent --example agent_fuzz_seeds -- fuzz/corpus
 //! ```
 
 use std::io;

@@ -3,7 +3,7 @@
 //! `DIR/<target>/seed-*` (DIR defaults to `fuzz/corpus`). Run from the repository root:
 //!
 //! ```text
-//! cargo run -p devloop-proxy --example fuzz_seeds -- fuzz/corpus
+//! cargo run -p devloop-proxy --example proxy_fuzz_seeds -- fuzz/corpus
 //! ```
 
 use std::path::{Path, PathBuf};
