@@ -73,6 +73,16 @@ pub struct Connected {
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a request waits for its answer before the connection is given up (closed, so
+/// the sync reconnects and reconciles in full): long enough for the slowest honest answer
+/// on a loaded machine, short enough that a connection that died without a close (a
+/// network cut) does not hold a sync forever.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// An index walks and hashes the whole tree (100,000 files, 200 MB: seconds here).
+pub const INDEX_TIMEOUT: Duration = Duration::from_secs(600);
+/// A `Run` is a command of the user's (`pip install ...`), which may take minutes.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(1800);
+
 impl AgentLink {
     /// Runs the WebSocket and devloop handshakes over `io`.
     pub async fn connect(io: impl Transport, token: &str) -> Result<Connected, LinkError> {
@@ -288,11 +298,40 @@ impl AgentLink {
             .map_err(|_| LinkError::Closed)
     }
 
-    async fn request_ack(&self, req: u64, msg: &LaptopMsg) -> Result<Outcome, LinkError> {
+    async fn request_ack(
+        &self,
+        req: u64,
+        msg: &LaptopMsg,
+        limit: Duration,
+    ) -> Result<Outcome, LinkError> {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(req, Pending::Ack(tx));
         self.send(msg).await?;
-        rx.await.map_err(|_| LinkError::Closed)
+        self.answer(req, rx, limit).await
+    }
+
+    /// The answer to `req`, or `Timeout` after `limit`: the request is forgotten and the
+    /// connection closed, since what the agent did with it is unknown.
+    async fn answer<T>(
+        &self,
+        req: u64,
+        rx: oneshot::Receiver<T>,
+        limit: Duration,
+    ) -> Result<T, LinkError> {
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(LinkError::Closed),
+            Err(_) => {
+                lock(&self.pending).remove(&req);
+                tracing::warn!(
+                    req,
+                    ?limit,
+                    "no answer from the agent; closing the connection"
+                );
+                self.close();
+                Err(LinkError::Timeout(limit))
+            }
+        }
     }
 
     pub async fn index(&self) -> Result<Tree, LinkError> {
@@ -300,8 +339,8 @@ impl AgentLink {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(req, Pending::Index(Tree::new(), tx));
         self.send(&LaptopMsg::Index { req }).await?;
-        rx.await
-            .map_err(|_| LinkError::Closed)?
+        self.answer(req, rx, INDEX_TIMEOUT)
+            .await?
             .map_err(LinkError::Failed)
     }
 
@@ -309,7 +348,7 @@ impl AgentLink {
     pub async fn batch(&self, ops: Vec<FileOp>) -> Result<u64, LinkError> {
         let req = self.req_id();
         expect_ok(
-            self.request_ack(req, &LaptopMsg::Batch { req, ops })
+            self.request_ack(req, &LaptopMsg::Batch { req, ops }, ANSWER_TIMEOUT)
                 .await?,
         )
     }
@@ -365,18 +404,25 @@ impl AgentLink {
         })
         .await?;
         on_chunk(n);
-        expect_ok(rx.await.map_err(|_| LinkError::Closed)?)
+        expect_ok(self.answer(req, rx, INDEX_TIMEOUT).await?)
     }
 
     pub async fn restart(&self) -> Result<(), LinkError> {
         let req = self.req_id();
-        expect_ok(self.request_ack(req, &LaptopMsg::Restart { req }).await?).map(|_| ())
+        expect_ok(
+            self.request_ack(req, &LaptopMsg::Restart { req }, ANSWER_TIMEOUT)
+                .await?,
+        )
+        .map(|_| ())
     }
 
     /// Runs a command in the container; Ok(exit code).
     pub async fn run(&self, argv: Vec<String>) -> Result<Option<i32>, LinkError> {
         let req = self.req_id();
-        match self.request_ack(req, &LaptopMsg::Run { req, argv }).await? {
+        match self
+            .request_ack(req, &LaptopMsg::Run { req, argv }, RUN_TIMEOUT)
+            .await?
+        {
             Outcome::Exited { code } => Ok(code),
             Outcome::Failed { error } => Err(LinkError::Failed(error)),
             other => Err(LinkError::Protocol(format!("{other:?}"))),

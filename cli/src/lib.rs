@@ -9,6 +9,7 @@ pub mod deploy;
 pub mod elf;
 pub mod failpoint;
 pub mod image;
+pub mod intercept;
 pub mod ownership;
 pub mod signals;
 pub mod state;

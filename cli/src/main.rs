@@ -76,14 +76,14 @@ enum Command {
         target: String,
         /// REMOTE:LOCAL: the service's port in its container -> a port on the laptop (repeatable;
         /// Kubernetes: REMOTE may also be a container port's name or a Service port, by number or name).
-        #[arg(long = "port", value_parser = commands::intercept::parse_port)]
-        ports: Vec<(devloop::backend::PortRef, u16)>,
+        #[arg(long = "port", value_parser = devloop::intercept::parse_port)]
+        ports: Vec<(devloop::intercept::PortRef, u16)>,
         /// Also write the service's environment to this file.
         #[arg(long)]
         env_file: Option<PathBuf>,
         /// NAME:PORT[:LOCAL]: make a service of the system reachable at 127.0.0.1:LOCAL.
         #[arg(long)]
-        expose: Vec<commands::intercept::Expose>,
+        expose: Vec<devloop::intercept::Expose>,
         /// Kubernetes: if this cli vanishes (killed, laptop gone), the agent restores the
         /// workload itself after this long without it [default: 15m].
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -232,7 +232,7 @@ fn main() -> std::process::ExitCode {
                 } else {
                     commands::intercept::intercept(
                         &global,
-                        commands::intercept::InterceptOptions {
+                        devloop::intercept::InterceptOptions {
                             target,
                             lease,
                             ports,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use devloop::agent_link::{AgentLink, Connected};
-use devloop::commands::intercept::{hold, Expose, InterceptOptions, Swap};
+use devloop::intercept::{hold, Expose, InterceptOptions, Swap};
 use futures_util::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -358,7 +358,10 @@ impl Drop for Shop {
             .lines()
             .filter(|l| !l.is_empty())
         {
-            let _ = docker(&["rmi", "-f", image]);
+            // --no-prune: the untagged parents are the classic builder's cache, which a
+            // test building at the same moment may be using (removing them failed its
+            // build with "failed to get digest").
+            let _ = docker(&["rmi", "-f", "--no-prune", image]);
         }
     }
 }

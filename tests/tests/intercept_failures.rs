@@ -210,7 +210,15 @@ fn a_signal_at_any_moment_of_the_swap_restores_and_the_next_intercept_works() {
         }
         let status = wait_exit(&mut cli, Duration::from_secs(60));
         let text = std::fs::read_to_string(&log).unwrap();
-        assert!(status.success(), "signal {moment}: exit {status}:\n{text}");
+        // A signal that comes before the cli has installed its handler (in the first few
+        // milliseconds, before anything changed) ends it the default way; from then on it
+        // restores and exits 0.
+        use std::os::unix::process::ExitStatusExt;
+        let early = status.signal() == Some(2) && !text.contains("devloop:");
+        assert!(
+            status.success() || (early && i < 2),
+            "signal {moment}: exit {status}:\n{text}"
+        );
         assert_untouched(&shop, &format!("signal {moment}:\n{text}"));
     }
     let after = docker_ok(&["inspect", "-f", "{{.Id}}", &shop.container("api")]);

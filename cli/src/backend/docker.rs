@@ -509,7 +509,7 @@ pub async fn ensure_agent_volume(
         })
         .await
         .map_err(api(format!("creating volume {name}")))?;
-    let image = super::docker_deploy::ensure_agent_image(docker, agent_binary).await?;
+    let image = ensure_agent_image(docker, agent_binary).await?;
     let filler = format!("{name}-fill-{}", std::process::id());
     let body = ContainerCreateBody {
         image: Some(image),
@@ -725,6 +725,39 @@ pub fn resolve_user(
         },
     };
     Ok((uid, gid))
+}
+
+/// The agent as an image of its own (FROM scratch: just the static binary), for relays,
+/// intercepts and the Kubernetes routes that load images from the engine.
+pub async fn ensure_agent_image(
+    docker: &Docker,
+    agent_binary: &[u8],
+) -> Result<String, DockerError> {
+    let tag = super::agent_image_tag(agent_binary);
+    let image = format!("devloop-agent:{tag}");
+    if docker.inspect_image(&image).await.is_ok() {
+        return Ok(image);
+    }
+    let archive = one_file_tar("devloop-agent", 0o755, agent_binary)?;
+    let mut stream = docker.create_image(
+        Some(
+            bollard::query_parameters::CreateImageOptionsBuilder::new()
+                .from_src("-")
+                .repo("devloop-agent")
+                .tag(&tag)
+                .changes(vec![
+                    "ENTRYPOINT [\"/devloop-agent\"]".into(),
+                    format!("LABEL {}=true", labels::MANAGED),
+                ])
+                .build(),
+        ),
+        Some(bollard::body_full(archive.into())),
+        None,
+    );
+    while let Some(item) = stream.next().await {
+        item.map_err(api("importing the agent image"))?;
+    }
+    Ok(image)
 }
 
 /// The last `lines` lines a container printed (stdout and stderr).

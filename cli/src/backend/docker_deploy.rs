@@ -6,9 +6,7 @@
 //! takes them over.
 
 use bollard::models::{ContainerCreateBody, EndpointSettings, HostConfig, NetworkingConfig};
-use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, RenameContainerOptionsBuilder,
-};
+use bollard::query_parameters::{CreateContainerOptionsBuilder, RenameContainerOptionsBuilder};
 use bollard::Docker;
 use futures_util::StreamExt;
 use std::collections::HashMap;
@@ -372,38 +370,6 @@ async fn run_exec(docker: &Docker, id: &str, cmd: Vec<String>) -> Option<i64> {
     docker.inspect_exec(&exec.id).await.ok()?.exit_code
 }
 
-/// The agent as an image of its own (FROM scratch: just the static binary), for relays.
-pub async fn ensure_agent_image(
-    docker: &Docker,
-    agent_binary: &[u8],
-) -> Result<String, DockerError> {
-    let tag = super::agent_image_tag(agent_binary);
-    let image = format!("devloop-agent:{tag}");
-    if docker.inspect_image(&image).await.is_ok() {
-        return Ok(image);
-    }
-    let archive = docker::one_file_tar("devloop-agent", 0o755, agent_binary)?;
-    let mut stream = docker.create_image(
-        Some(
-            CreateImageOptionsBuilder::new()
-                .from_src("-")
-                .repo("devloop-agent")
-                .tag(&tag)
-                .changes(vec![
-                    "ENTRYPOINT [\"/devloop-agent\"]".into(),
-                    format!("LABEL {}=true", labels::MANAGED),
-                ])
-                .build(),
-        ),
-        Some(bollard::body_full(archive.into())),
-        None,
-    );
-    while let Some(item) = stream.next().await {
-        item.map_err(api("importing the agent image"))?;
-    }
-    Ok(image)
-}
-
 fn relay_maps(service: &Service) -> Vec<String> {
     service
         .ports
@@ -466,7 +432,7 @@ pub async fn ensure_relay(
         }
         docker::remove_container(ctx.docker, &name).await?;
     }
-    let image = ensure_agent_image(ctx.docker, ctx.agent_binary).await?;
+    let image = docker::ensure_agent_image(ctx.docker, ctx.agent_binary).await?;
     let network = docker::ensure_network(ctx.docker, &project.name).await?;
     let mut l = labels::base(&project.name);
     l.insert(labels::SERVICE.into(), service.name.clone());

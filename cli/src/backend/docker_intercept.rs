@@ -252,7 +252,7 @@ pub async fn swap_in(
 ) -> Result<(), DockerError> {
     let orig_name = container_name(original);
     let (control, subnet) = ensure_control_network(docker).await?;
-    let image = super::docker_deploy::ensure_agent_image(docker, agent_binary).await?;
+    let image = super::docker::ensure_agent_image(docker, agent_binary).await?;
     let networks: Vec<(String, EndpointSettings)> = original
         .network_settings
         .as_ref()

@@ -1,11 +1,13 @@
 //! Where services run: a Docker engine ([`docker`] and its siblings) or a Kubernetes
 //! cluster ([`k8s`]). The sync engine reaches agents only through
 //! [`crate::sync::engine::Connector`], deploys through [`crate::deploy::RolloutTarget`], and
-//! intercepts through [`crate::commands::intercept::Swap`], so each target adds its own.
+//! intercepts through [`crate::intercept::Swap`], so each target adds its own.
 
 pub mod docker;
+pub mod docker_connector;
 pub mod docker_deploy;
 pub mod docker_intercept;
+pub mod docker_swap;
 pub mod engine;
 pub mod k8s;
 pub mod labels;
@@ -15,20 +17,4 @@ pub mod labels;
 pub fn agent_image_tag(agent_binary: &[u8]) -> String {
     let hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(agent_binary));
     format!("{}-{}", devloop_proxy::CRATE_VERSION, &hash[..12])
-}
-
-/// The REMOTE of `--port REMOTE:LOCAL`: a port number, or (Kubernetes) a port's name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PortRef {
-    Number(u16),
-    Name(String),
-}
-
-impl std::fmt::Display for PortRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PortRef::Number(n) => write!(f, "{n}"),
-            PortRef::Name(n) => f.write_str(n),
-        }
-    }
 }

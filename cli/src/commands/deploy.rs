@@ -55,7 +55,13 @@ impl Env {
                 let cluster = Cluster::connect(&settings).await?;
                 let route = registry::route(&cluster, registry.as_deref()).await?;
                 let watch_agent = if watch {
-                    Some(super::intercept_k8s::agent_image(&route).await?)
+                    Some(
+                        crate::backend::k8s::swap::agent_image(
+                            &route,
+                            &super::read_agent_binary()?.1,
+                        )
+                        .await?,
+                    )
                 } else {
                     None
                 };

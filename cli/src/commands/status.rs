@@ -179,10 +179,14 @@ async fn kube_reports(
                 }
             };
             let conn = match &dev {
-                Some(rec) => Some(crate::commands::dev_k8s::connector_for(&cluster, rec).await),
-                None if !r.intercepted => crate::commands::dev_k8s::watched_connector(&cluster, d)
-                    .await
-                    .transpose(),
+                Some(rec) => {
+                    Some(crate::backend::k8s::connector::connector_for(&cluster, rec).await)
+                }
+                None if !r.intercepted => {
+                    crate::backend::k8s::connector::watched_connector(&cluster, d)
+                        .await
+                        .transpose()
+                }
                 None => None,
             };
             if let Some(conn) = conn {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::deploy::{snapshot_and_roll_out, Env};
-use super::dev_k8s::watched_connector;
 use super::{connector, load_project, Global};
+use crate::backend::k8s::connector::watched_connector;
 use crate::backend::k8s::rollout::deployment_of;
 use crate::backend::k8s::{devpod, intercept as ki, Cluster};
 use crate::backend::{docker, labels};

@@ -42,12 +42,11 @@ pub fn save(project: &str, service: &str, history: &History) -> std::io::Result<
     if let Some(dir) = p.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = p.with_extension(format!("json.{}", std::process::id()));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(history).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(tmp, p)
+    crate::state::write_atomic(
+        &p,
+        &serde_json::to_vec(history).map_err(std::io::Error::other)?,
+        0o644,
+    )
 }
 
 /// A digest per path, enough to compare two trees.

@@ -148,9 +148,9 @@ pub fn record_of(deployment: &serde_json::Value) -> Option<Record> {
 pub fn resolve_port(
     template: &serde_json::Value,
     service: Option<&serde_json::Value>,
-    remote: &crate::backend::PortRef,
+    remote: &crate::intercept::PortRef,
 ) -> anyhow::Result<u16> {
-    use crate::backend::PortRef;
+    use crate::intercept::PortRef;
     let container_ports: Vec<&serde_json::Value> = template["spec"]["containers"]
         .as_array()
         .into_iter()
@@ -897,7 +897,7 @@ mod tests {
 
     #[test]
     fn ports_by_number_name_or_service_port() {
-        use crate::backend::PortRef;
+        use crate::intercept::PortRef;
         let d = deployment();
         let mut t = d["spec"]["template"].clone();
         t["spec"]["containers"][1]["ports"][0]["name"] = serde_json::json!("http");

@@ -1060,8 +1060,8 @@ async fn wait_agent_pod_polls_until_ready_and_gives_up_on_a_pull_error() {
 
 #[tokio::test]
 async fn a_watch_waits_out_an_intercept_and_stops_when_its_version_is_replaced() {
+    use super::connector::KubeConnector;
     use super::devpod::WATCH_LABEL;
-    use crate::commands::dev_k8s::KubeConnector;
     use crate::sync::engine::Gone;
     let watched = deployment("api", json!({"app": "api", WATCH_LABEL: "w1"}));
     let plain = deployment("api", json!({"app": "api"}));

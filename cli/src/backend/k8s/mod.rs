@@ -3,6 +3,7 @@
 //! the submodules: [`registry`] gets images to the cluster, [`rollout`] deploys snapshots,
 //! [`intercept`] swaps a workload's container for the agent.
 
+pub mod connector;
 pub mod devpod;
 pub mod env;
 pub mod intercept;
@@ -12,6 +13,7 @@ pub mod portforward;
 pub mod registry;
 pub mod rollout;
 pub mod spdy;
+pub mod swap;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
