@@ -540,3 +540,33 @@ impl MuxHarness {
         }
     }
 }
+
+/// Replays every input saved under `corpus/<target>/` through `run` (the tests of the
+/// proxy and the agent crates call this with their fuzz targets' functions), and fails on
+/// a missing or empty corpus folder, so it cannot pass by finding nothing. Returns how many
+/// inputs it replayed; panics naming every input whose run panicked.
+pub fn replay_corpus(corpus: &std::path::Path, target: &str, run: impl Fn(&[u8])) -> usize {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let dir = corpus.join(target);
+    let files: Vec<std::path::PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect(),
+        Err(e) => panic!("the corpus {}: {e}", dir.display()),
+    };
+    assert!(!files.is_empty(), "the corpus {} is empty", dir.display());
+    let mut failed = Vec::new();
+    for file in &files {
+        let data = std::fs::read(file).unwrap_or_default();
+        if catch_unwind(AssertUnwindSafe(|| run(&data))).is_err() {
+            failed.push(file.display().to_string());
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{target}: these inputs fail: {failed:#?}"
+    );
+    files.len()
+}

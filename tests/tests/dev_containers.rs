@@ -394,3 +394,67 @@ fn an_image_running_as_a_non_root_user_serves_and_syncs() {
     );
     shop.interrupt_all();
 }
+
+/// A sync volume that fills up: the edit that does not fit is reported as failed, nothing
+/// half-written is left in the container, and the sync goes on once space is freed.
+#[test]
+fn a_full_sync_volume_fails_the_edit_cleanly_and_the_sync_goes_on() {
+    let mut shop = Shop::new("fullvol", false);
+    // The tree's volume, made beforehand as a 2 MiB tmpfs under the name devloop uses.
+    let volume = format!("devloop-{}-api-tree", shop.project);
+    docker_ok(&[
+        "volume",
+        "create",
+        "--label",
+        "dev.devloop.managed=true",
+        "--label",
+        &format!("dev.devloop.project={}", shop.project),
+        "--label",
+        &format!("dev.devloop.test-run={}", shop.project),
+        "--opt",
+        "type=tmpfs",
+        "--opt",
+        "device=tmpfs",
+        "--opt",
+        "o=size=2m",
+        &volume,
+    ]);
+    let log = shop.spawn(&["up", "api", "--no-logs"]);
+    wait_for_log(&log, "in sync", Duration::from_secs(240));
+
+    // 3 MiB cannot fit.
+    let big = shop.path().join("api/big.bin");
+    std::fs::write(&big, vec![7u8; 3 * 1024 * 1024]).unwrap();
+    wait_for_log(&log, "refused part of the sync", Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("big.bin") && text.to_lowercase().contains("space"),
+        "the failure does not name the file and the cause:\n{text}"
+    );
+    // Nothing half-written: no part of big.bin and no temporary file in the container.
+    let listing = shop.exec("api", &["ls", "-a", "/app"]);
+    let listing = String::from_utf8_lossy(&listing.stdout).to_string();
+    assert!(
+        !listing.contains("big.bin") && !listing.contains(".devloop-tmp"),
+        "a partial file is left: {listing}"
+    );
+    let status = shop.run_ok(&["status"]);
+    assert!(
+        status.contains("big.bin"),
+        "status does not say what failed:\n{status}"
+    );
+
+    // Space freed on the laptop side: the next edit arrives.
+    std::fs::remove_file(&big).unwrap();
+    std::fs::write(shop.path().join("api/after.txt"), "fits").unwrap();
+    let arrived = wait_for(Duration::from_secs(20), || {
+        let o = shop.exec("api", &["cat", "/app/after.txt"]);
+        (String::from_utf8_lossy(&o.stdout).trim() == "fits").then_some(())
+    });
+    assert!(
+        arrived.is_some(),
+        "the sync did not go on after space was freed:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    shop.interrupt_all();
+}

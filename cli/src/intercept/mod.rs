@@ -445,7 +445,17 @@ pub async fn expose_loop(
     index: u16,
     slot: Arc<Mutex<Option<devloop_proxy::tunnel::Mux>>>,
 ) {
-    while let Ok((mut tcp, _)) = listener.accept().await {
+    loop {
+        let mut tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            // Out of descriptors under a burst, say: the listener stays; accepting resumes
+            // once some are closed.
+            Err(e) => {
+                tracing::warn!(index, error = %e, "cannot accept an --expose connection; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let mux = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(mux) = mux else { continue };
         tokio::spawn(async move {
