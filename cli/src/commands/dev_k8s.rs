@@ -5,7 +5,6 @@
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 use crate::backend::k8s::connector::{connector_for, KubeConnector};
 use crate::backend::k8s::devpod::{self, DevRecord, DevSpec};
@@ -210,18 +209,13 @@ pub async fn up(
         );
         connectors.push((service.name.clone(), Arc::new(conn)));
     }
-    let shutdown = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut syncs: Vec<(SyncSettings, Arc<dyn engine::Connector>)> = Vec::new();
     for (name, conn) in connectors {
         let service = project.service(&name)?;
-        let settings = SyncSettings::for_service(&project.name, service, !no_logs, None);
-        let (ui, shutdown) = (ui.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            (
-                name.clone(),
-                engine::run(settings, conn, ui, shutdown).await,
-            )
-        });
+        syncs.push((
+            SyncSettings::for_service(&project.name, service, !no_logs, None),
+            conn,
+        ));
     }
     eprintln!(
         "devloop: syncing {} into their dev pods in namespace {}; Ctrl-C stops syncing ({})",
@@ -237,21 +231,7 @@ pub async fn up(
                 "the pods stay in dev mode; `devloop down` or --stop-on-exit switches them back",
         }
     );
-    let mut failed = None;
-    tokio::select! {
-        _ = crate::signals::cancelled() => {}
-        Some(res) = tasks.join_next() => {
-            if let Ok((name, Err(e))) = res {
-                failed = Some(e.context(format!("sync of `{name}` stopped")));
-            }
-        }
-    }
-    shutdown.cancel();
-    while let Some(res) = tasks.join_next().await {
-        if let Ok((name, Err(e))) = res {
-            ui.warn(&name, format!("sync ended with an error: {e:#}"));
-        }
-    }
+    let ended = engine::run_all(syncs, ui.clone(), "sync", crate::signals::shutdown()).await;
     if on_exit == crate::config::file::OnExit::Stop {
         // A dev pod stopped is a Deployment back to its original: what `down` does, for the
         // services this `up` switched.
@@ -260,10 +240,7 @@ pub async fn up(
     } else {
         eprintln!("devloop: sync stopped; the dev pods keep running, but their files no longer follow your edits until `devloop up` runs again");
     }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    ended
 }
 
 /// `down` on Kubernetes: the project's Deployments in dev mode back to their originals
@@ -328,18 +305,14 @@ pub async fn sync(
     })?;
     let conn = Arc::new(connector_for(&cluster, &r).await?);
     let ui = Ui::new([service]);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(engine::run(
-        SyncSettings::for_service(&project.name, svc, !no_logs, None),
-        conn,
+    let settings = SyncSettings::for_service(&project.name, svc, !no_logs, None);
+    engine::run_all(
+        vec![(settings, conn)],
         ui,
-        shutdown.clone(),
-    ));
-    tokio::pin!(task);
-    tokio::select! {
-        _ = crate::signals::cancelled() => { shutdown.cancel(); (&mut task).await??; }
-        r = &mut task => { r??; }
-    }
+        "sync",
+        crate::signals::shutdown(),
+    )
+    .await?;
     eprintln!(
         "devloop: sync of `{service}` stopped; the dev pod's files no longer follow your edits"
     );

@@ -2,7 +2,6 @@
 
 use anyhow::Context;
 use std::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::{
     choose_target, connect_engine, connector, load_project, read_agent_binary, Global, TargetChoice,
@@ -109,14 +108,14 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
     }
 
     let on_exit = opts.on_exit.unwrap_or(project.on_exit);
-    let shutdown = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut syncs: Vec<(SyncSettings, std::sync::Arc<dyn engine::Connector>)> = Vec::new();
     for name in &started {
         let service = project.service(name)?;
         let settings = SyncSettings::for_service(&project.name, service, !opts.no_logs, None);
-        let conn = connector(&docker, &engine_choice, &project.name, &service.name);
-        let (ui, shutdown, name) = (ui.clone(), shutdown.clone(), name.clone());
-        tasks.spawn(async move { (name, engine::run(settings, conn, ui, shutdown).await) });
+        syncs.push((
+            settings,
+            connector(&docker, &engine_choice, &project.name, &service.name),
+        ));
     }
     if started.is_empty() {
         return Ok(());
@@ -129,22 +128,7 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
             OnExit::Stop => "stops the containers",
         }
     );
-
-    let mut failed = None;
-    tokio::select! {
-        _ = crate::signals::cancelled() => {}
-        Some(res) = tasks.join_next() => {
-            if let Ok((name, Err(e))) = res {
-                failed = Some(e.context(format!("sync of `{name}` stopped")));
-            }
-        }
-    }
-    shutdown.cancel();
-    while let Some(res) = tasks.join_next().await {
-        if let Ok((name, Err(e))) = res {
-            ui.warn(&name, format!("sync ended with an error: {e:#}"));
-        }
-    }
+    let ended = engine::run_all(syncs, ui.clone(), "sync", crate::signals::shutdown()).await;
     match on_exit {
         OnExit::Stop => {
             for name in &started {
@@ -157,10 +141,7 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
             "devloop: sync stopped; containers keep running, but their files no longer follow your edits until `devloop up` or `devloop sync` runs again"
         ),
     }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    ended
 }
 
 /// `devloop sync SERVICE`: only the sync (and logs) of one existing dev container.
@@ -188,14 +169,14 @@ pub async fn sync(global: &Global, service: &str, no_logs: bool) -> anyhow::Resu
     }
     let ui = Ui::new([service]);
     let settings = SyncSettings::for_service(&project.name, svc, !no_logs, None);
-    let shutdown = CancellationToken::new();
     let conn = connector(&docker, &engine_choice, &project.name, service);
-    let task = tokio::spawn(engine::run(settings, conn, ui, shutdown.clone()));
-    tokio::pin!(task);
-    tokio::select! {
-        _ = crate::signals::cancelled() => { shutdown.cancel(); (&mut task).await??; }
-        r = &mut task => { r??; }
-    }
+    engine::run_all(
+        vec![(settings, conn)],
+        ui,
+        "sync",
+        crate::signals::shutdown(),
+    )
+    .await?;
     eprintln!(
         "devloop: sync of `{service}` stopped; the container's files no longer follow your edits"
     );

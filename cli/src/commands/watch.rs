@@ -6,7 +6,6 @@
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 use super::deploy::{snapshot_and_roll_out, Env};
 use super::{connector, load_project, Global};
@@ -71,8 +70,7 @@ pub async fn watch(
         names.join(", ")
     );
 
-    let shutdown = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut syncs: Vec<(SyncSettings, Arc<dyn engine::Connector>)> = Vec::new();
     for (name, conn) in watched {
         let service = project.service(&name)?;
         let redeploy: Redeploy = {
@@ -87,29 +85,11 @@ pub async fn watch(
             })
         };
         let settings = SyncSettings::for_service(&project.name, service, !no_logs, Some(redeploy));
-        let (ui, shutdown) = (ui.clone(), shutdown.clone());
-        tasks.spawn(async move { (name, engine::run(settings, conn, ui, shutdown).await) });
+        syncs.push((settings, conn));
     }
-    let mut failed = None;
-    tokio::select! {
-        _ = crate::signals::cancelled() => {}
-        Some(res) = tasks.join_next() => {
-            if let Ok((name, Err(e))) = res {
-                failed = Some(e.context(format!("watch of `{name}` stopped")));
-            }
-        }
-    }
-    shutdown.cancel();
-    while let Some(res) = tasks.join_next().await {
-        if let Ok((name, Err(e))) = res {
-            ui.warn(&name, format!("watch ended with an error: {e:#}"));
-        }
-    }
+    let ended = engine::run_all(syncs, ui.clone(), "watch", crate::signals::shutdown()).await;
     eprintln!("devloop: watch stopped; what runs stays as it is");
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    ended
 }
 
 /// Docker: the service's dev or deployed container (deployed first when none runs); None

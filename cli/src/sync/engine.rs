@@ -101,6 +101,47 @@ enum WatchMsg {
 
 /// Runs until `shutdown`. Errors only for what retrying cannot fix (the folder cannot be
 /// watched, another process syncs the service).
+/// Runs the sync of every service given, side by side, until `shutdown` (the cli passes its
+/// signal token) or until one of them stops with an error; then stops the others and waits
+/// for them. `what` names the work in messages ("sync", "watch"). The first error is
+/// returned; the others are shown as they end.
+pub async fn run_all(
+    syncs: Vec<(SyncSettings, Arc<dyn Connector>)>,
+    ui: Ui,
+    what: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let each = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (settings, conn) in syncs {
+        let (ui, each, name) = (ui.clone(), each.clone(), settings.service.clone());
+        tasks.spawn(async move { (name, run(settings, conn, ui, each).await) });
+    }
+    let mut failed = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(res) = tasks.join_next() => {
+            match res {
+                Ok((name, Err(e))) => failed = Some(e.context(format!("{what} of `{name}` stopped"))),
+                Ok((_, Ok(()))) => {}
+                Err(e) => failed = Some(anyhow::anyhow!("a {what} task failed: {e}")),
+            }
+        }
+    }
+    each.cancel();
+    while let Some(res) = tasks.join_next().await {
+        match res {
+            Ok((name, Err(e))) => ui.warn(&name, format!("{what} ended with an error: {e:#}")),
+            Ok((_, Ok(()))) => {}
+            Err(e) => tracing::warn!(error = %e, "a {what} task failed"),
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 pub async fn run(
     settings: SyncSettings,
     connector: Arc<dyn Connector>,
