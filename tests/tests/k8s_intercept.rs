@@ -131,22 +131,30 @@ fn web_reaches_the_laptop_through_the_cluster_and_leave_restores_the_spec() {
         back.is_some(),
         "the original api does not answer after leave"
     );
+    let left = intercept_objects(&ns);
     assert!(
-        kubectl(&["-n", &ns.name, "get", "secret", "api-devloop-intercept"])
-            .status
-            .code()
-            != Some(0),
-        "the token secret is left over"
+        left.is_empty(),
+        "the intercept's token secret or lease account is left over: {left:?}"
     );
-    for kind in ["serviceaccount", "role", "rolebinding"] {
-        assert_ne!(
-            kubectl(&["-n", &ns.name, "get", kind, "api-devloop-lease"])
-                .status
-                .code(),
-            Some(0),
-            "the lease's {kind} is left over"
-        );
-    }
+}
+
+/// The Secrets, ServiceAccounts, Roles and RoleBindings an intercept of `api` made (named
+/// per session, labelled with the Deployment).
+fn intercept_objects(ns: &Namespace) -> Vec<String> {
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "get",
+        "secrets,serviceaccounts,roles,rolebindings",
+        "-l",
+        "devloop.dev/intercept-of=api",
+        "-o",
+        "name",
+    ])
+    .lines()
+    .map(String::from)
+    .filter(|l| !l.is_empty())
+    .collect()
 }
 
 #[test]
@@ -442,8 +450,13 @@ fn the_lease_restores_a_workload_whose_cli_vanished() {
         &log,
     );
     wait_for_log(&log, "intercepted in", Duration::from_secs(180));
-    for kind in ["serviceaccount", "role", "rolebinding"] {
-        kubectl_ok(&["-n", &ns.name, "get", kind, "api-devloop-lease"]);
+    let made = intercept_objects(&ns);
+    for kind in ["secret/", "serviceaccount/", "role.", "rolebinding."] {
+        assert!(
+            made.iter()
+                .any(|o| o.starts_with(kind) && o.contains("api-devloop-")),
+            "no {kind} of the intercept: {made:?}"
+        );
     }
     cli.kill().unwrap();
     cli.wait().unwrap();
@@ -468,16 +481,9 @@ fn the_lease_restores_a_workload_whose_cli_vanished() {
     );
     let out = run_ok(devloop(&ns, state.path(), &["intercept", "list"]));
     assert!(out.contains("restored by its agent's lease"), "{out}");
-    for kind in ["serviceaccount", "role", "rolebinding", "secret"] {
-        let name = if kind == "secret" {
-            "api-devloop-intercept"
-        } else {
-            "api-devloop-lease"
-        };
-        assert_ne!(
-            kubectl(&["-n", &ns.name, "get", kind, name]).status.code(),
-            Some(0),
-            "{kind} {name} is left over"
-        );
-    }
+    let left = intercept_objects(&ns);
+    assert!(
+        left.is_empty(),
+        "the lease's leftovers were not removed: {left:?}"
+    );
 }
