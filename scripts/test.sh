@@ -55,7 +55,7 @@ tier "lint (cargo clippy -D warnings)" cargo clippy --workspace --all-targets --
 # end-to-end tests against the engine with at most two at a time, so they do not fight
 # over this machine's two cores.
 tier "unit, protocol, in-process" cargo test --workspace --exclude devloop-tests
-tier "end to end (Docker, Kubernetes)" cargo test -p devloop-tests -- --test-threads=2
+tier "end to end (Docker, Kubernetes)" cargo test -p devloop-tests --no-fail-fast -- --test-threads=2
 
 echo "test.sh: time per tier" >&2
 printf '  %s\n' "${timings[@]}" >&2

@@ -358,9 +358,18 @@ impl Drop for Shop {
             .lines()
             .filter(|l| !l.is_empty())
         {
-            // --no-prune: the untagged parents are the classic builder's cache, which a
-            // test building at the same moment may be using (removing them failed its
-            // build with "failed to get digest").
+            // A base image is the classic builder's cache for every test's build of the
+            // same Dockerfile steps: a test building at this moment may be on top of it
+            // (removing it failed that build with "failed to get digest"). It keeps a tag
+            // of its own, so removing this project's tag only untags it; --no-prune keeps
+            // the untagged parents (cache too) likewise.
+            if image.contains(":base-") {
+                let id = docker(&["image", "inspect", "-f", "{{.Id}}", image]);
+                let id = String::from_utf8_lossy(&id.stdout).to_string();
+                let short = id.trim().trim_start_matches("sha256:");
+                let keep = format!("devloop-test-cache:{}", &short[..12.min(short.len())]);
+                let _ = docker(&["tag", image, &keep]);
+            }
             let _ = docker(&["rmi", "-f", "--no-prune", image]);
         }
     }
