@@ -225,7 +225,9 @@ fn a_killed_cli_leaves_an_intercept_that_leave_all_restores() {
         ),
         &log,
     );
+    // The environment is written before anything changes, the swap comes after it.
     wait_for_log(&log, "wrote the environment", Duration::from_secs(180));
+    wait_for_log(&log, "intercepted in", Duration::from_secs(180));
     let env = std::fs::read_to_string(&env_file).unwrap();
     for line in [
         "PORT=8000",
