@@ -21,11 +21,6 @@ pub fn shutdown() -> CancellationToken {
         .clone()
 }
 
-/// Waits for the shutdown token: `select!` on it where a command used to wait for Ctrl-C.
-pub async fn cancelled() {
-    shutdown().cancelled_owned().await
-}
-
 fn install(token: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let kinds = [

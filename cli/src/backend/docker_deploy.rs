@@ -81,16 +81,18 @@ pub async fn roll_out(
     snapshot: &Snapshot,
 ) -> Result<Rollout, RolloutError> {
     let docker = ctx.docker;
-    if let Some(found) = recover_interrupted(docker, &project.name, &service.name).await? {
+    let mut mine = service_containers(docker, &project.name, &service.name).await?;
+    if let Some(found) =
+        recover_interrupted_in(docker, ctx.tokens, &mine, &project.name, &service.name).await?
+    {
         eprintln!("devloop: {found}");
+        mine = service_containers(docker, &project.name, &service.name).await?;
     }
     let facts = docker::image_facts(docker, &snapshot.image).await?;
     let spec = DevSpec::new(project, service, &snapshot.image, &facts);
     let canonical = docker::container_name(&project.name, &service.name);
-    let current: Vec<_> = docker::list_project_containers(docker, &project.name, None)
-        .await?
+    let current: Vec<_> = mine
         .into_iter()
-        .filter(|c| docker::label(c, labels::SERVICE) == Some(service.name.as_str()))
         .filter(|c| {
             matches!(
                 docker::label(c, labels::KIND),
@@ -153,21 +155,7 @@ pub async fn roll_out(
         docker::remove_container(docker, c.id.as_deref().unwrap_or_default()).await?;
     }
     crate::failpoint::pause("deploy:old-removed");
-    docker
-        .rename_container(
-            &id,
-            RenameContainerOptionsBuilder::new()
-                .name(&canonical)
-                .build(),
-        )
-        .await
-        .map_err(api(format!("renaming {staging} to {canonical}")))?;
-    if let Some(token) = ctx.tokens.read(&staging) {
-        ctx.tokens
-            .write(&canonical, &token)
-            .map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
-        ctx.tokens.remove(&staging);
-    }
+    take_name(docker, ctx.tokens, &id, &staging, &canonical).await?;
     let switch_ms = switch.elapsed().as_millis() as u64;
     crate::failpoint::pause("deploy:renamed");
     let gap = Instant::now();
@@ -192,12 +180,19 @@ pub async fn recover_interrupted(
     project: &str,
     service: &str,
 ) -> Result<Option<String>, DockerError> {
+    let mine = service_containers(docker, project, service).await?;
+    recover_interrupted_in(docker, &TokenStore::new(), &mine, project, service).await
+}
+
+/// [`recover_interrupted`] on the service's containers as listed (`mine`).
+async fn recover_interrupted_in(
+    docker: &Docker,
+    tokens: &TokenStore,
+    mine: &[bollard::models::ContainerSummary],
+    project: &str,
+    service: &str,
+) -> Result<Option<String>, DockerError> {
     let canonical = docker::container_name(project, service);
-    let mine: Vec<_> = docker::list_project_containers(docker, project, None)
-        .await?
-        .into_iter()
-        .filter(|c| docker::label(c, labels::SERVICE) == Some(service))
-        .collect();
     let staged: Vec<_> = mine
         .iter()
         .filter(|c| {
@@ -234,25 +229,54 @@ pub async fn recover_interrupted(
     }
     if let Some(k) = keep {
         let name = docker::name_of(k);
-        docker
-            .rename_container(
-                k.id.as_deref().unwrap_or_default(),
-                RenameContainerOptionsBuilder::new()
-                    .name(&canonical)
-                    .build(),
-            )
-            .await
-            .map_err(api(format!("renaming {name} to {canonical}")))?;
-        let tokens = TokenStore::new();
-        if let Some(token) = tokens.read(&name) {
-            let _ = tokens.write(&canonical, &token);
-            tokens.remove(&name);
-        }
+        take_name(
+            docker,
+            tokens,
+            k.id.as_deref().unwrap_or_default(),
+            &name,
+            &canonical,
+        )
+        .await?;
         said.push(format!(
             "finished an interrupted deploy of `{service}`: {name} (healthy, the old version already gone) now serves as {canonical}"
         ));
     }
     Ok(Some(said.join("; ")))
+}
+
+/// Every container of `service` in `project` (dev, deployed, staged, intercept, ports).
+async fn service_containers(
+    docker: &Docker,
+    project: &str,
+    service: &str,
+) -> Result<Vec<bollard::models::ContainerSummary>, DockerError> {
+    Ok(docker::list_project_containers(docker, project, None)
+        .await?
+        .into_iter()
+        .filter(|c| docker::label(c, labels::SERVICE) == Some(service))
+        .collect())
+}
+
+/// A version started under the staging name `from` becomes the service's container `to`:
+/// renamed, its session token saved under the new name.
+async fn take_name(
+    docker: &Docker,
+    tokens: &TokenStore,
+    id: &str,
+    from: &str,
+    to: &str,
+) -> Result<(), DockerError> {
+    docker
+        .rename_container(id, RenameContainerOptionsBuilder::new().name(to).build())
+        .await
+        .map_err(api(format!("renaming {from} to {to}")))?;
+    if let Some(token) = tokens.read(from) {
+        tokens
+            .write(to, &token)
+            .map_err(|e| DockerError::Other(format!("saving the session token: {e}")))?;
+        tokens.remove(from);
+    }
+    Ok(())
 }
 
 /// What tells that a new version is ready.

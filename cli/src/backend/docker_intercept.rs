@@ -144,7 +144,7 @@ pub async fn find_target(
         1 => docker.inspect_container(found[0].id.as_deref().unwrap_or_default(), None).await.map_err(api(format!("inspecting {name}"))),
         _ => Err(DockerError::Other(format!(
             "`{name}` is ambiguous: {}; name the container instead",
-            found.iter().filter_map(|c| c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string())).collect::<Vec<_>>().join(", ")
+            found.iter().map(super::docker::name_of).collect::<Vec<_>>().join(", ")
         ))),
     }
 }

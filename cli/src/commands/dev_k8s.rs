@@ -11,7 +11,7 @@ use crate::backend::k8s::devpod::{self, DevRecord, DevSpec};
 use crate::backend::k8s::intercept as ki;
 use crate::backend::k8s::registry::{self, Pusher, Registry};
 use crate::backend::k8s::rollout::{deployment_of, service_container};
-use crate::backend::k8s::swap::{agent_image, holder};
+use crate::backend::k8s::swap::agent_image;
 use crate::backend::k8s::{Cluster, KubeSettings};
 use crate::config::{Project, Service};
 use crate::state::now_ms;
@@ -132,7 +132,7 @@ async fn ensure_dev_pod(
         session: session.clone(),
         secret: devpod::secret_name(&name),
         started_ms: now_ms(),
-        holder: holder(),
+        holder: crate::ownership::whoami(),
         project: project_name.to_string(),
     };
     devpod::create_token_secret(cluster, &record.secret, &token).await?;

@@ -135,12 +135,7 @@ pub async fn leave(
                 project: docker::label(&a, crate::backend::labels::PROJECT)
                     .unwrap_or_default()
                     .to_string(),
-                agent_container: a
-                    .names
-                    .as_ref()
-                    .and_then(|n| n.first())
-                    .map(|n| n.trim_start_matches('/').to_string())
-                    .unwrap_or_default(),
+                agent_container: docker::name_of(&a),
                 ports: Vec::new(),
                 started_ms: 0,
                 cli_pid: 0,

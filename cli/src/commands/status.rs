@@ -88,11 +88,7 @@ pub async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
         let mut r = ServiceReport::new(&svc.name, "no dev container".into());
         r.intercepted = intercepted;
         if let Some(c) = dev {
-            r.container = c
-                .names
-                .as_ref()
-                .and_then(|n| n.first())
-                .map(|n| n.trim_start_matches('/').to_string());
+            r.container = Some(docker::name_of(c));
             r.state = c.status.clone().unwrap_or_default();
             if let Some(version) = docker::label(c, labels::VERSION) {
                 r.state = format!("deployed version {version}, {}", r.state);

@@ -208,51 +208,48 @@ pub async fn hold(
         return Ok(());
     }
 
-    let outcome = hold_swapped(swap, opts, &token, &env, &shutdown).await;
-    let t = Instant::now();
-    let said = match &outcome {
+    // What ended the hold: a reason to restore, or (besides an interruption) an error
+    // that is returned once the original is back.
+    let (said, failure) = match hold_swapped(swap, opts, &token, &env, &shutdown).await {
         Ok(End::Elsewhere) => {
             let _ = claim.release();
             return Ok(());
         }
-        Ok(End::Restore(reason)) => reason.to_string(),
-        Err(e) if e.is::<crate::signals::Interrupted>() => "interrupted".to_string(),
-        Err(e) => format!("{e:#}"),
+        Ok(End::Restore(reason)) => (reason, None),
+        Err(e) => {
+            let interrupted = e.is::<crate::signals::Interrupted>();
+            let what = if interrupted {
+                "interrupted".to_string()
+            } else {
+                format!("{e:#}")
+            };
+            eprintln!("devloop: {what}; restoring {orig_name}");
+            ("interrupted", (!interrupted).then_some(e))
+        }
     };
-    if outcome.is_err() {
-        eprintln!("devloop: {said}; restoring {orig_name}");
-    }
+    let t = Instant::now();
     if let Err(restore_err) = swap.restore().await {
         // The claim is kept: the changes are still in place, `leave` finishes the restore.
         let restore_err = restore_err.context(format!(
             "restoring {orig_name} failed too; `devloop leave {service}` tries again"
         ));
-        return Err(match outcome {
-            Err(e) if !e.is::<crate::signals::Interrupted>() => {
-                anyhow::anyhow!("{e:#}; and {restore_err:#}")
-            }
-            _ => restore_err,
+        return Err(match failure {
+            Some(e) => anyhow::anyhow!("{e:#}; and {restore_err:#}"),
+            None => restore_err,
         });
     }
     if let Err(e) = claim.release() {
         tracing::warn!(error = %e, "cannot update the ownership record");
     }
-    match outcome {
-        Ok(_) => {
+    match failure {
+        None => {
             eprintln!(
                 "devloop: {said}; {orig_name} restored in {}",
                 human_ms(t.elapsed().as_millis() as u64)
             );
             Ok(())
         }
-        Err(e) if e.is::<crate::signals::Interrupted>() => {
-            eprintln!(
-                "devloop: interrupted; {orig_name} restored in {}",
-                human_ms(t.elapsed().as_millis() as u64)
-            );
-            Ok(())
-        }
-        Err(e) => {
+        Some(e) => {
             eprintln!("devloop: {orig_name} restored");
             Err(e)
         }

@@ -81,15 +81,6 @@ pub async fn agent_image(route: &registry::ImageRoute, binary: &[u8]) -> anyhow:
     Ok(format!("{}/devloop-agent:{tag}", reg.pull))
 }
 
-/// Who holds a swap, for `list` and errors: user@host and pid.
-pub(crate) fn holder() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    format!("{user}@{host} pid {}", std::process::id())
-}
-
 impl KubeSwap {
     pub async fn new(
         settings: &KubeSettings,
@@ -145,7 +136,7 @@ impl KubeSwap {
             secret: ki::secret_name(&name, &session),
             account: ki::lease_account(&name, &session),
             started_ms: now_ms(),
-            holder: holder(),
+            holder: crate::ownership::whoami(),
         };
         Ok(KubeSwap {
             cluster,
