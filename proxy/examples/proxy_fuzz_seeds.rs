@@ -337,18 +337,10 @@ fn rel_path_seeds() -> Vec<Vec<u8>> {
 }
 
 fn write(dir: &Path, target: &str, seeds: Vec<Vec<u8>>) {
-    let dir = dir.join(target);
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        panic!("{}: {e}", dir.display());
+    match devloop_proxy::fuzzing::write_seeds(dir, target, seeds) {
+        Ok(n) => println!("{target}: {n} seeds in {}", dir.join(target).display()),
+        Err(e) => panic!("{}: {e}", dir.join(target).display()),
     }
-    let n = seeds.len();
-    for (i, seed) in seeds.into_iter().enumerate() {
-        let file = dir.join(format!("seed-{i:02}"));
-        if let Err(e) = std::fs::write(&file, seed) {
-            panic!("{}: {e}", file.display());
-        }
-    }
-    println!("{target}: {n} seeds in {}", dir.display());
 }
 
 fn main() {

@@ -570,3 +570,19 @@ pub fn replay_corpus(corpus: &std::path::Path, target: &str, run: impl Fn(&[u8])
     );
     files.len()
 }
+
+/// Writes `seeds` as `corpus/<target>/seed-NN` (the seed generators of both crates' fuzz
+/// targets); returns how many.
+pub fn write_seeds(
+    corpus: &std::path::Path,
+    target: &str,
+    seeds: Vec<Vec<u8>>,
+) -> std::io::Result<usize> {
+    let dir = corpus.join(target);
+    std::fs::create_dir_all(&dir)?;
+    let n = seeds.len();
+    for (i, seed) in seeds.into_iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i:02}")), seed)?;
+    }
+    Ok(n)
+}

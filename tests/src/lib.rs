@@ -411,6 +411,16 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// Starts `c` with its output (stdout and stderr) in the file `log`, stdin closed.
+pub fn spawn_logged(mut c: Command, log: &Path) -> Child {
+    let f = std::fs::File::create(log).unwrap();
+    c.stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn a logged command")
+}
+
 /// Waits until the log file contains `needle`; panics with the log otherwise.
 pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
     let found = wait_for(timeout, || {

@@ -353,6 +353,16 @@ fn a_changed_build_input_rebuilds_the_base() {
     );
 }
 
+/// Runs `deploy api` until it reaches the failpoint `point`, then kills it (SIGKILL).
+fn deploy_killed_at(shop: &Shop, point: &str, log: &std::path::Path) {
+    let mut c = shop.cmd(&["deploy", "api"]);
+    c.env("DEVLOOP_FAILPOINT", point);
+    let mut cli = spawn_logged(c, log);
+    wait_for_log(log, &format!("failpoint {point}"), Duration::from_secs(120));
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+}
+
 /// A deploy killed (SIGKILL) at each step of its switch is finished or undone by the next
 /// command: `status` names what was left, the next `deploy` never answers "unchanged" while
 /// the service does not serve under its own name, and `up` leaves no stale version beside
@@ -375,22 +385,11 @@ fn a_deploy_killed_at_any_step_is_finished_or_undone_by_the_next_command() {
             original.replace("VERSION = \"1\"", &format!("VERSION = \"{version}\"")),
         )
         .unwrap();
-        let log = shop.state.path().join(format!("kill{i}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let mut cli = shop
-            .cmd(&["deploy", "api"])
-            .env("DEVLOOP_FAILPOINT", point)
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        wait_for_log(
-            &log,
-            &format!("failpoint {point}"),
-            Duration::from_secs(120),
+        deploy_killed_at(
+            &shop,
+            point,
+            &shop.state.path().join(format!("kill{i}.log")),
         );
-        cli.kill().unwrap();
-        cli.wait().unwrap();
         let leftovers: Vec<String> = docker_ok(&[
             "ps",
             "-a",
@@ -443,18 +442,11 @@ fn a_deploy_killed_at_any_step_is_finished_or_undone_by_the_next_command() {
         original.replace("VERSION = \"1\"", "VERSION = \"20\""),
     )
     .unwrap();
-    let log = shop.state.path().join("kill-up.log");
-    let f = std::fs::File::create(&log).unwrap();
-    let mut cli = shop
-        .cmd(&["deploy", "api"])
-        .env("DEVLOOP_FAILPOINT", "deploy:healthy")
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap();
-    wait_for_log(&log, "failpoint deploy:healthy", Duration::from_secs(120));
-    cli.kill().unwrap();
-    cli.wait().unwrap();
+    deploy_killed_at(
+        &shop,
+        "deploy:healthy",
+        &shop.state.path().join("kill-up.log"),
+    );
     let mut shop = shop;
     let up = shop.spawn(&["up", "api", "--no-logs"]);
     wait_for_log(&up, "in sync", Duration::from_secs(120));

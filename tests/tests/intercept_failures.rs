@@ -3,7 +3,7 @@
 //! cli never breaks the first one's intercept.
 
 use devloop_tests::*;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// The original serves, no agent container is left, no intercept is listed.
@@ -33,16 +33,6 @@ fn assert_untouched(shop: &Shop, context: &str) {
         answer.is_some(),
         "{context}: the original api does not answer"
     );
-}
-
-fn spawn_logged(shop: &Shop, args: &[&str], log: &std::path::Path) -> Child {
-    let f = std::fs::File::create(log).unwrap();
-    shop.cmd(args)
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn devloop")
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
@@ -149,15 +139,14 @@ fn a_laptop_command_or_env_file_that_fails_leaves_the_original_serving() {
     let env_file = shop.state.path().join("api.env");
     let log = shop.state.path().join("envfile.log");
     let mut cli = spawn_logged(
-        &shop,
-        &[
+        shop.cmd(&[
             "intercept",
             "api",
             "--port",
             &spec,
             "--env-file",
             env_file.to_str().unwrap(),
-        ],
+        ]),
         &log,
     );
     wait_for_log(&log, "intercepted in", Duration::from_secs(60));
@@ -188,7 +177,7 @@ fn a_signal_at_any_moment_of_the_swap_restores_and_the_next_intercept_works() {
         .enumerate()
     {
         let log = shop.state.path().join(format!("sig{i}.log"));
-        let mut cli = spawn_logged(&shop, &["intercept", "api", "--port", &spec], &log);
+        let mut cli = spawn_logged(shop.cmd(&["intercept", "api", "--port", &spec]), &log);
         match *moment {
             "at once" => std::thread::sleep(Duration::from_millis(20)),
             "150 ms" => std::thread::sleep(Duration::from_millis(150)),
@@ -226,7 +215,7 @@ fn a_signal_at_any_moment_of_the_swap_restores_and_the_next_intercept_works() {
 
     // Nothing refuses the next intercept.
     let log = shop.state.path().join("next.log");
-    let mut cli = spawn_logged(&shop, &["intercept", "api", "--port", &spec], &log);
+    let mut cli = spawn_logged(shop.cmd(&["intercept", "api", "--port", &spec]), &log);
     wait_for_log(&log, "intercepted in", Duration::from_secs(60));
     sigint(&cli);
     assert!(wait_exit(&mut cli, Duration::from_secs(30)).success());
@@ -261,7 +250,7 @@ fn of_two_intercepts_started_together_exactly_one_wins_and_the_loser_breaks_noth
             .map(|i| {
                 let a = args();
                 let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                spawn_logged(&shop, &a, &logs[i])
+                spawn_logged(shop.cmd(&a), &logs[i])
             })
             .collect();
         // The loser exits on its own, non-zero, naming who holds the service.

@@ -192,17 +192,11 @@ fn deploy_creates_rolls_out_undoes_a_crash_and_rolls_back() {
     // then the original's again): history does not list them, rollback skips them.
     let spec = format!("8000:{}", free_port());
     let log = shop.state.path().join("intercept.log");
-    let f = std::fs::File::create(&log).unwrap();
     let mut c = shop.cmd(&["-n", &ns.name, "intercept", "api", "--port", &spec]);
     if let Some(k) = kubeconfig() {
         c.env("KUBECONFIG", k);
     }
-    let mut intercept = c
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut intercept = spawn_logged(c, &log);
     wait_for_log(&log, "intercepted in", Duration::from_secs(120));
     let out = run_ok(&shop, &ns, &["leave", "api"]);
     assert!(out.contains("restored"), "{out}");

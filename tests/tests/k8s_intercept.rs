@@ -5,7 +5,7 @@
 
 use devloop_tests::k8s::*;
 use devloop_tests::*;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn devloop(ns: &Namespace, state: &std::path::Path, args: &[&str]) -> Command {
@@ -33,15 +33,6 @@ fn run_ok(mut c: Command) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
-}
-
-fn spawn_logged(mut c: Command, log: &std::path::Path) -> std::process::Child {
-    let f = std::fs::File::create(log).unwrap();
-    c.stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 #[test]
