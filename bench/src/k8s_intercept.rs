@@ -116,10 +116,10 @@ pub(crate) fn push_loadgen(ctx: &Ctx, ns: &str, kubeconfig: &std::path::Path) ->
         let reg = registry::discover(&cluster, None)
             .await?
             .context("the cluster advertises no registry")?;
-        let layer = registry::one_file_layer("loadgen", 0o755, &binary)?;
-        let config = registry::image_config(std::slice::from_ref(&layer), &["/loadgen"]);
+        let layer = devloop::oci::one_file_layer("loadgen", 0o755, &binary)?;
+        let config = devloop::oci::image_config(std::slice::from_ref(&layer), &["/loadgen"]);
         let tag = devloop::backend::agent_image_tag(&binary);
-        registry::Pusher::new(&reg.push)?
+        devloop::oci::Pusher::new(&reg.push)?
             .push_image("devloop-loadgen", &tag, &[layer], &config)
             .await?;
         anyhow::Ok(format!("{}/devloop-loadgen:{tag}", reg.pull))

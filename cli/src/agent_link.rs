@@ -63,6 +63,7 @@ pub struct AgentLink {
     /// Tunnel frames go straight to the writer task (no forwarding task in between: every
     /// task a frame passes adds to each tunnelled round trip).
     tunnel_tx: mpsc::Sender<TunnelFrame>,
+    limits: Limits,
 }
 
 pub struct Connected {
@@ -71,7 +72,7 @@ pub struct Connected {
     pub events: mpsc::Receiver<AgentEvent>,
 }
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a request waits for its answer before the connection is given up (closed, so
 /// the sync reconnects and reconciles in full): long enough for the slowest honest answer
@@ -83,19 +84,49 @@ pub const INDEX_TIMEOUT: Duration = Duration::from_secs(600);
 /// A `Run` is a command of the user's (`pip install ...`), which may take minutes.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(1800);
 
+/// How long each kind of wait may take on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub handshake: Duration,
+    pub answer: Duration,
+    pub index: Duration,
+    pub run: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            handshake: HANDSHAKE_TIMEOUT,
+            answer: ANSWER_TIMEOUT,
+            index: INDEX_TIMEOUT,
+            run: RUN_TIMEOUT,
+        }
+    }
+}
+
 impl AgentLink {
     /// Runs the WebSocket and devloop handshakes over `io`.
     pub async fn connect(io: impl Transport, token: &str) -> Result<Connected, LinkError> {
+        AgentLink::connect_with(io, token, Limits::default()).await
+    }
+
+    /// [`AgentLink::connect`] with other limits (the tests' short ones).
+    pub async fn connect_with(
+        io: impl Transport,
+        token: &str,
+        limits: Limits,
+    ) -> Result<Connected, LinkError> {
+        let handshake = limits.handshake;
         let mut config = WebSocketConfig::default();
         config.max_message_size = Some(devloop_proxy::MAX_MESSAGE_BYTES + 4096);
         config.max_frame_size = Some(devloop_proxy::MAX_MESSAGE_BYTES + 4096);
         let url = format!("ws://agent{}", devloop_proxy::WS_PATH);
         let (ws, _) = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
+            handshake,
             tokio_tungstenite::client_async_with_config(url, io, Some(config)),
         )
         .await
-        .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
+        .map_err(|_| LinkError::Timeout(handshake))?
         .map_err(|e| LinkError::Handshake(e.to_string()))?;
         let (mut sink, mut stream) = ws.split();
         let hello = LaptopMsg::Hello(Hello {
@@ -114,9 +145,9 @@ impl AgentLink {
             .await
             .map_err(|e| LinkError::Handshake(e.to_string()))?;
         let welcome = loop {
-            let msg = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.next())
+            let msg = tokio::time::timeout(handshake, stream.next())
                 .await
-                .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?;
+                .map_err(|_| LinkError::Timeout(handshake))?;
             match msg {
                 Some(Ok(Message::Binary(b))) => match decode::<AgentMsg>(&b) {
                     Ok(AgentMsg::Welcome(w)) => break w,
@@ -267,6 +298,7 @@ impl AgentLink {
                 closed,
                 tunnel,
                 tunnel_tx,
+                limits,
             },
             welcome,
             events,
@@ -339,7 +371,7 @@ impl AgentLink {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(req, Pending::Index(Tree::new(), tx));
         self.send(&LaptopMsg::Index { req }).await?;
-        self.answer(req, rx, INDEX_TIMEOUT)
+        self.answer(req, rx, self.limits.index)
             .await?
             .map_err(LinkError::Failed)
     }
@@ -348,7 +380,7 @@ impl AgentLink {
     pub async fn batch(&self, ops: Vec<FileOp>) -> Result<u64, LinkError> {
         let req = self.req_id();
         expect_ok(
-            self.request_ack(req, &LaptopMsg::Batch { req, ops }, ANSWER_TIMEOUT)
+            self.request_ack(req, &LaptopMsg::Batch { req, ops }, self.limits.answer)
                 .await?,
         )
     }
@@ -404,13 +436,13 @@ impl AgentLink {
         })
         .await?;
         on_chunk(n);
-        expect_ok(self.answer(req, rx, INDEX_TIMEOUT).await?)
+        expect_ok(self.answer(req, rx, self.limits.index).await?)
     }
 
     pub async fn restart(&self) -> Result<(), LinkError> {
         let req = self.req_id();
         expect_ok(
-            self.request_ack(req, &LaptopMsg::Restart { req }, ANSWER_TIMEOUT)
+            self.request_ack(req, &LaptopMsg::Restart { req }, self.limits.answer)
                 .await?,
         )
         .map(|_| ())
@@ -420,7 +452,7 @@ impl AgentLink {
     pub async fn run(&self, argv: Vec<String>) -> Result<Option<i32>, LinkError> {
         let req = self.req_id();
         match self
-            .request_ack(req, &LaptopMsg::Run { req, argv }, RUN_TIMEOUT)
+            .request_ack(req, &LaptopMsg::Run { req, argv }, self.limits.run)
             .await?
         {
             Outcome::Exited { code } => Ok(code),

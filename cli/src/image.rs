@@ -7,8 +7,8 @@ use bollard::Docker;
 use futures_util::StreamExt;
 use std::path::Path;
 
-use crate::backend::docker::api;
 use crate::config::{ImageSource, Project, Service};
+use crate::engine::api;
 use crate::ui::Ui;
 
 /// The recipe, compiled in so an installed devloop needs no checkout.
@@ -17,7 +17,7 @@ const OFFLINE_BASE_SCRIPT: &str = include_str!("../../images/base/build-base.sh"
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(transparent)]
-    Docker(#[from] crate::backend::docker::DockerError),
+    Docker(#[from] crate::engine::DockerError),
     #[error("building {image} failed: {message}")]
     Build { image: String, message: String },
     #[error("image {image} is not on the engine and cannot be pulled ({pull_error}); {hint}")]

@@ -1,8 +1,9 @@
 //! `devloop doctor`: checks what devloop needs and says how to fix what is wrong.
 
 use super::{load_project, Global};
-use crate::backend::{docker, engine, labels};
 use crate::config::ImageSource;
+use crate::engine;
+use crate::status::Outcome;
 
 struct Report {
     failures: usize,
@@ -59,7 +60,7 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
         }
     };
 
-    match docker::find_agent_binary() {
+    match crate::backend::agent::find_agent_binary() {
         Ok(p) => r.ok("agent binary", format!("{} (static)", p.display())),
         Err(e) => r.fail(
             "agent binary",
@@ -145,52 +146,19 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
                 }
             }
         }
-        // Ports: free, or held by this project's own dev containers.
-        let ours: Vec<String> = match &docker {
-            Some(d) => docker::list_project_containers(d, &project.name, Some(labels::KIND_DEV))
-                .await
-                .unwrap_or_default()
-                .iter()
-                .filter(|c| docker::is_running(c))
-                .flat_map(|c| c.ports.clone().unwrap_or_default())
-                .filter_map(|p| p.public_port.map(|p| p.to_string()))
-                .collect(),
-            None => Vec::new(),
-        };
-        for svc in &project.services {
-            for p in &svc.ports {
-                let Some(hp) = p.host_port else { continue };
-                if ours.contains(&hp.to_string()) {
-                    r.ok(
-                        &format!("{} port {hp}", svc.name),
-                        "published by its dev container",
-                    );
-                    continue;
-                }
-                if !choice.is_local() {
-                    r.note(
-                        &format!("{} port {hp}", svc.name),
-                        "remote engine: cannot check its host's ports from here",
-                    );
-                    continue;
-                }
-                let ip = p.host_ip.clone().unwrap_or_else(|| "0.0.0.0".into());
-                match std::net::TcpListener::bind((ip.as_str(), hp)) {
-                    Ok(_) => r.ok(&format!("{} port {hp}", svc.name), "free"),
-                    Err(e) => r.fail(
-                        &format!("{} port {hp}", svc.name),
-                        format!("in use ({e})"),
-                        format!("stop what listens on {hp} (`ss -ltnp 'sport = :{hp}'`, `docker ps`), or change `ports` of `{}`", svc.name),
-                    ),
-                }
-            }
-        }
     }
 
-    if let super::TargetChoice::Kubernetes { settings, registry } =
-        super::choose_target(global, project.as_ref())
+    // The back end's own checks (Docker: the project's host ports; Kubernetes: the context,
+    // the registry, the permissions).
+    for check in super::backend(global, project.as_ref())
+        .doctor(project.as_ref())
+        .await
     {
-        kubernetes(&mut r, &settings, registry.as_deref()).await;
+        match check.outcome {
+            Outcome::Ok(found) => r.ok(&check.what, found),
+            Outcome::Note(found) => r.note(&check.what, found),
+            Outcome::Fail { found, fix } => r.fail(&check.what, found, fix),
+        }
     }
 
     if r.failures == 0 {
@@ -198,49 +166,5 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("{} check(s) failed", r.failures)
-    }
-}
-
-/// The Kubernetes target: the context and namespace, the registry, the permissions.
-async fn kubernetes(
-    r: &mut Report,
-    settings: &crate::backend::k8s::KubeSettings,
-    registry: Option<&str>,
-) {
-    use crate::backend::k8s::{registry as reg, Cluster};
-    let cluster = match Cluster::connect(settings).await {
-        Ok(c) => {
-            r.ok(
-                "kubernetes",
-                format!("context {}, namespace {}", c.context, c.namespace),
-            );
-            c
-        }
-        Err(e) => {
-            r.fail(
-                "kubernetes",
-                e.to_string(),
-                "check `kubectl config get-contexts` and the --context / -n flags",
-            );
-            return;
-        }
-    };
-    match reg::discover(&cluster, registry).await {
-        Ok(Some(found)) => r.ok("registry", format!("push to {}, nodes pull from {} ({})", found.push, found.pull, found.source)),
-        Ok(None) => r.fail(
-            "registry",
-            format!("context {} advertises none (ConfigMap kube-public/local-registry-hosting)", cluster.context),
-            "set `registry = \"HOST:PORT\"` under [target] in devloop.toml, or DEVLOOP_REGISTRY (docs/KUBERNETES.md)",
-        ),
-        Err(e) => r.fail("registry", e.to_string(), "see docs/KUBERNETES.md"),
-    }
-    match cluster.missing_permissions().await {
-        Ok(missing) if missing.is_empty() => r.ok("permissions", format!("everything devloop uses in namespace {}", cluster.namespace)),
-        Ok(missing) => r.fail(
-            "permissions",
-            format!("missing in namespace {}: {}", cluster.namespace, missing.join(", ")),
-            format!("kubectl -n {} apply -f docs/kubernetes-role.yaml, then bind the Role `devloop` to your user (docs/KUBERNETES.md)", cluster.namespace),
-        ),
-        Err(e) => r.fail("permissions", e.to_string(), "see docs/KUBERNETES.md"),
     }
 }

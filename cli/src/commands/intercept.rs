@@ -1,18 +1,10 @@
 //! `devloop intercept`, `intercept list` and `leave`: a service's traffic to a process on the
 //! laptop, for as long as `intercept` runs; the original back, exactly, when it ends. The
-//! lifecycle is [`crate::intercept::hold`]; this module picks the back end and reads what
-//! `list` and `leave` need.
+//! lifecycle is [`crate::intercept::hold`], the same on every back end; the back end gives
+//! the swap and knows its intercepts.
 
-use std::time::Instant;
-
-use super::connect_engine;
-use crate::backend::docker;
-use crate::backend::docker_intercept::{self as di, Record};
-use crate::backend::docker_swap::DockerSwap;
 use crate::intercept::hold;
 pub use crate::intercept::InterceptOptions;
-use crate::ownership;
-use crate::ui::{ago, human_ms};
 
 pub async fn intercept(global: &super::Global, opts: InterceptOptions) -> anyhow::Result<()> {
     devloop_proxy::tunnel::raise_open_files_limit();
@@ -20,85 +12,21 @@ pub async fn intercept(global: &super::Global, opts: InterceptOptions) -> anyhow
         anyhow::bail!("say which port to intercept: --port REMOTE:LOCAL (REMOTE is the port the service listens on in its container)");
     }
     let project = super::load_project(global).ok();
-    match super::choose_target(global, project.as_ref()) {
-        super::TargetChoice::Docker => {
-            let (docker, engine) = connect_engine().await?;
-            let (_, agent) = super::read_agent_binary()?;
-            let swap =
-                DockerSwap::new(docker, engine, agent, &opts, project.map(|p| p.name)).await?;
-            hold(&swap, &opts, crate::signals::shutdown()).await
-        }
-        super::TargetChoice::Kubernetes { settings, registry } => {
-            let swap = crate::backend::k8s::swap::KubeSwap::new(
-                &settings,
-                registry.as_deref(),
-                &super::read_agent_binary()?.1,
-                &opts,
-            )
-            .await?;
-            hold(&swap, &opts, crate::signals::shutdown()).await
-        }
-    }
+    let backend = super::backend(global, project.as_ref());
+    let swap = backend.swap(&opts, project.as_ref()).await?;
+    hold(swap.as_ref(), &opts, crate::signals::shutdown()).await
 }
 
 pub async fn list(global: &super::Global) -> anyhow::Result<()> {
     let project = super::load_project(global).ok();
-    if let super::TargetChoice::Kubernetes { settings, .. } =
-        super::choose_target(global, project.as_ref())
-    {
-        return super::intercept_k8s::list(&settings).await;
-    }
-    let (docker, _) = connect_engine().await?;
-    let agents = di::agents(&docker).await?;
-    let records = di::load_records();
-    if agents.is_empty() && records.is_empty() {
+    let lines = super::backend(global, project.as_ref())
+        .intercepts()
+        .await?;
+    if lines.is_empty() {
         println!("no active intercepts");
-        return Ok(());
     }
-    let mut seen = Vec::new();
-    for r in &records {
-        let agent = agents
-            .iter()
-            .find(|a| docker::label(a, di::INTERCEPT_OF) == Some(r.original_id.as_str()));
-        let alive =
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.cli_pid as i32), None).is_ok();
-        let state = match (agent.map(docker::is_running), alive) {
-            (Some(true), true) => format!("active, held by pid {}", r.cli_pid),
-            (Some(true), false) => {
-                "ORPHANED: its cli is gone; `devloop leave` restores the original".to_string()
-            }
-            _ => {
-                "BROKEN: the agent is missing and the original stopped; `devloop leave` restores it"
-                    .to_string()
-            }
-        };
-        let ports: Vec<String> = r.ports.iter().map(|(a, b)| format!("{a}->{b}")).collect();
-        // The agent's command says how connections travel (`--handoff`: handed over).
-        let path = match agent.and_then(|a| a.command.as_deref()) {
-            Some(c) if c.contains("--handoff") => " (handed over)",
-            Some(_) => " (tunnelled)",
-            None => "",
-        };
-        println!(
-            "{}  ({})  ports {}{path}  since {}  {state}",
-            r.service,
-            r.original_name,
-            ports.join(","),
-            ago(r.started_ms)
-        );
-        seen.push(r.original_id.clone());
-    }
-    for a in agents.iter().filter(|a| {
-        !seen
-            .iter()
-            .any(|s| Some(s.as_str()) == docker::label(a, di::INTERCEPT_OF))
-    }) {
-        println!(
-            "{}  ({})  ORPHANED: no restore record on this machine; `devloop leave {}` restores it from the agent's labels",
-            docker::label(a, crate::backend::labels::SERVICE).unwrap_or("?"),
-            docker::label(a, di::INTERCEPT_OF_NAME).unwrap_or("?"),
-            docker::label(a, crate::backend::labels::SERVICE).unwrap_or("?")
-        );
+    for line in lines {
+        println!("{line}");
     }
     Ok(())
 }
@@ -109,88 +37,11 @@ pub async fn leave(
     all: bool,
 ) -> anyhow::Result<()> {
     let project = super::load_project(global).ok();
-    if let super::TargetChoice::Kubernetes { settings, .. } =
-        super::choose_target(global, project.as_ref())
-    {
-        return super::intercept_k8s::leave(&settings, target, all).await;
-    }
-    let (docker, _) = connect_engine().await?;
-    let mut records = di::load_records();
-    // Intercepts known only from an agent container's labels (another machine's, or a lost
-    // state folder) are restored from those labels.
-    for a in di::agents(&docker).await? {
-        let (Some(id), Some(name)) = (
-            docker::label(&a, di::INTERCEPT_OF),
-            docker::label(&a, di::INTERCEPT_OF_NAME),
-        ) else {
-            continue;
-        };
-        if !records.iter().any(|r| r.original_id == id) {
-            records.push(Record {
-                original_id: id.to_string(),
-                original_name: name.to_string(),
-                service: docker::label(&a, crate::backend::labels::SERVICE)
-                    .unwrap_or(name)
-                    .to_string(),
-                project: docker::label(&a, crate::backend::labels::PROJECT)
-                    .unwrap_or_default()
-                    .to_string(),
-                agent_container: docker::name_of(&a),
-                ports: Vec::new(),
-                started_ms: 0,
-                cli_pid: 0,
-            });
-        }
-    }
-    let chosen: Vec<Record> = match (&target, all) {
-        (_, true) => records,
-        (Some(t), false) => {
-            let named: Vec<Record> = records
-                .into_iter()
-                .filter(|r| &r.service == t || &r.original_name == t)
-                .collect();
-            // Several projects' `api`: the current folder's project is meant.
-            let here = project.as_ref().map(|p| p.name.clone());
-            match here {
-                Some(h) if named.len() > 1 && named.iter().any(|r| r.project == h) => {
-                    named.into_iter().filter(|r| r.project == h).collect()
-                }
-                _ if named.len() > 1 => anyhow::bail!(
-                    "`{t}` names several intercepts ({}); name the container instead",
-                    named
-                        .iter()
-                        .map(|r| r.original_name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                _ => named,
-            }
-        }
-        (None, false) => {
-            anyhow::bail!("say which intercept to end (`devloop leave SERVICE`), or --all")
-        }
-    };
-    if chosen.is_empty() {
-        match target {
-            Some(t) if !all => {
-                anyhow::bail!("`{t}` is not intercepted (`devloop intercept list` shows what is)")
-            }
-            _ => {
-                println!("no active intercepts");
-                return Ok(());
-            }
-        }
-    }
-    for r in chosen {
-        let t = Instant::now();
-        di::restore(&docker, &r).await?;
-        ownership::clear(&di::owner_key(&r.original_name));
-        println!(
-            "{} restored ({}) in {}",
-            r.service,
-            r.original_name,
-            human_ms(t.elapsed().as_millis() as u64)
-        );
-    }
-    Ok(())
+    super::backend(global, project.as_ref())
+        .leave(
+            target.as_deref(),
+            all,
+            project.as_ref().map(|p| p.name.as_str()),
+        )
+        .await
 }

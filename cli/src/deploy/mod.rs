@@ -1,19 +1,26 @@
 //! Snapshot and deploy: a service's synced tree becomes an immutable image (its base plus one
 //! layer, no `docker build` when only files changed) and replaces the running version.
 //! [`base`] derives the base, [`snapshot`] makes the layer and the load archive; the rollout
-//! is the target's, behind [`RolloutTarget`] (`backend::docker_deploy` for Docker).
+//! is the back end's, behind [`Deployer`]; [`run`] is one deploy of one service, the same on
+//! every back end.
 
 pub mod base;
 pub mod history;
 pub mod push;
+mod run;
 pub mod snapshot;
+
+pub use run::{run, run_waves};
 
 use anyhow::Context;
 use bollard::Docker;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{ImageSource, Project, Service};
+use crate::sync::engine::Connector;
 use crate::sync::filter::{Filter, FilterSettings};
 use crate::ui::Ui;
 
@@ -37,24 +44,73 @@ pub enum Rollout {
     },
 }
 
-/// The target's side of a deploy: make a snapshot run in place of the service's current
-/// version, safely (the old one serves until the new one is healthy), and tell which
-/// version runs. Docker implements it in `backend::docker_deploy`; the snapshot, the history
-/// and the commands are the same for every target.
-pub trait RolloutTarget: Send + Sync {
+/// A back end's side of `deploy`, `watch`, `history` and `rollback`: make a snapshot run in
+/// place of the service's current version, safely (the old one serves until the new one is
+/// healthy), tell which version runs, and go back. Docker implements it in
+/// `backend::docker::deploy`, Kubernetes in `backend::k8s::deployer`; the snapshot, the
+/// waves and the report are the same for every back end ([`run`]).
+pub trait Deployer: Send + Sync {
+    /// The local engine: every back end builds bases and snapshots in it.
+    fn engine(&self) -> &Docker;
+
+    /// Where snapshots go.
+    fn destination(&self) -> Destination<'_>;
+
+    /// Brings a snapshot made in the engine where the rollout can use it (a cluster with no
+    /// registry loads it with its tool). Nothing to do by default.
+    fn deliver<'a>(&'a self, _snapshot: &'a Snapshot) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn roll_out<'a>(
         &'a self,
         project: &'a Project,
         service: &'a Service,
         snapshot: &'a Snapshot,
-    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Rollout>>;
+    ) -> BoxFuture<'a, anyhow::Result<Rollout>>;
 
     /// The snapshot tag of the version that runs now, if a deployed one does.
     fn running_version<'a>(
         &'a self,
         project: &'a str,
         service: &'a str,
-    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Option<String>>>;
+    ) -> BoxFuture<'a, anyhow::Result<Option<String>>>;
+
+    /// Records the version rolled out in the local history (and prunes what the back end
+    /// does not keep itself).
+    fn remember<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a Service,
+        snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, ()>;
+
+    /// `history SERVICE`: the versions, newest first, as printed.
+    fn history<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<String>>;
+
+    /// `rollback SERVICE`: back to the version before the running one (or `to_revision`
+    /// where the back end numbers its revisions); the line that reports it.
+    fn rollback<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a Service,
+        to_revision: Option<u64>,
+    ) -> BoxFuture<'a, anyhow::Result<String>>;
+
+    /// `watch`: the running version of `service` to sync into, deployed first (with
+    /// `deploy`) when the back end needs that; None when something else holds the service
+    /// (an intercept, a dev mode), said on `ui`.
+    fn watched<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a Service,
+        ui: &'a Ui,
+        deploy: &'a (dyn Fn() -> BoxFuture<'a, anyhow::Result<String>> + Send + Sync),
+    ) -> BoxFuture<'a, anyhow::Result<Option<Arc<dyn Connector>>>>;
 }
 
 /// A snapshot made (or found) for a service.
@@ -70,7 +126,7 @@ pub struct Snapshot {
     /// Digest of the tree, for the history's "what changed".
     pub digest: std::collections::BTreeMap<String, String>,
     /// What went to the registry, when the snapshot was pushed.
-    pub pushed: Option<crate::backend::k8s::registry::PushReport>,
+    pub pushed: Option<crate::oci::PushReport>,
     /// What the image runs (its base's), when known.
     pub command: Option<ImageCommand>,
 }
@@ -90,7 +146,7 @@ pub enum Destination<'a> {
     /// Pushed to a registry the cluster pulls from (`pull` is the registry's name for the
     /// nodes): the Kubernetes target.
     Registry {
-        pusher: &'a crate::backend::k8s::registry::Pusher,
+        pusher: &'a crate::oci::Pusher,
         pull: &'a str,
     },
 }
@@ -207,14 +263,8 @@ pub async fn snapshot(
         anyhow::bail!("cannot read the tree to snapshot: {e}");
     }
     let labels = vec![
-        (
-            crate::backend::labels::PROJECT.to_string(),
-            project.name.clone(),
-        ),
-        (
-            crate::backend::labels::SERVICE.to_string(),
-            service.name.clone(),
-        ),
+        (crate::labels::PROJECT.to_string(), project.name.clone()),
+        (crate::labels::SERVICE.to_string(), service.name.clone()),
         (LABEL_SNAPSHOT_OF.to_string(), base.to_string()),
     ];
     let tag = snapshot::content_tag(&base_id, &tree, &sync.container_dir, &labels);
@@ -287,7 +337,7 @@ async fn make(
     repo: &str,
     tag: &str,
     image: &str,
-) -> anyhow::Result<Option<crate::backend::k8s::registry::PushReport>> {
+) -> anyhow::Result<Option<crate::oci::PushReport>> {
     if let Destination::Registry { pusher, .. } = dest {
         let base_layers = snapshot::base_layers(&parts.base);
         let (layer, config) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {

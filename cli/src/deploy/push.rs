@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 
-use crate::backend::k8s::registry::{sha256_digest, Descriptor, PushReport, Pusher};
+use crate::oci::{sha256_digest, Descriptor, PushReport, Pusher};
 
 /// The image a snapshot is made on: its name in the engine and its layers' diff ids.
 pub struct Base<'a> {

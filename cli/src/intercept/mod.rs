@@ -3,7 +3,7 @@
 //! which owns the intercept from its first change to its restore: the ownership claim, the
 //! checks that need no change, the swap, the tunnel to the laptop, the laptop command,
 //! reconnects, and the restore on every way out. Docker's swap is
-//! `backend::docker_swap`, Kubernetes' `backend::k8s::swap`.
+//! `backend::docker::swap`, Kubernetes' `backend::k8s::swap`.
 
 pub mod refusals;
 
@@ -126,7 +126,7 @@ const LAPTOP_KEEPS: &[&str] = &[
 ];
 
 /// One intercept on some target: what the lifecycle in [`hold`] needs. Docker implements it
-/// with a container swap ([`crate::backend::docker_swap::DockerSwap`]), Kubernetes with a pod template swap
+/// with a container swap ([`crate::backend::docker::swap::DockerSwap`]), Kubernetes with a pod template swap
 /// ([`crate::backend::k8s::swap::KubeSwap`]); the tunnel, the laptop command, the exposes, the
 /// reconnects and the restore on exit are the same code for both.
 pub trait Swap: Send + Sync {

@@ -1,19 +1,30 @@
-//! The Kubernetes target: which cluster and namespace (kubeconfig context, `--context`, `-n`,
-//! `[target]`), the API client, and errors that name what was wrong. The workflows are in
-//! the submodules: [`registry`] gets images to the cluster, [`rollout`] deploys snapshots,
-//! [`intercept`] swaps a workload's container for the agent.
+//! The Kubernetes back end ([`KubeBackend`]): which cluster and namespace (kubeconfig
+//! context, `--context`, `-n`, `[target]`), the API client, and errors that name what was
+//! wrong. The workflows are in the submodules: [`dev`] and [`devpod`] run dev pods,
+//! [`registry`] gets images to the cluster, [`deployer`] and [`rollout`] deploy snapshots,
+//! [`swap`] and [`intercept`] put the agent in a workload's place.
 
+mod backend;
 pub mod connector;
+pub mod deployer;
+mod dev;
 pub mod devpod;
 pub mod env;
 pub mod intercept;
+mod intercepts;
+pub mod manifests;
 #[cfg(test)]
 mod mock_tests;
 pub mod portforward;
+mod readiness;
 pub mod registry;
+mod revisions;
 pub mod rollout;
 pub mod spdy;
+mod status;
 pub mod swap;
+
+pub use backend::KubeBackend;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 

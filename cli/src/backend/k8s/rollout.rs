@@ -6,17 +6,19 @@
 //! `rollback` read and reuse them, and `kubectl rollout history` shows the same list.
 //! A service without a Deployment yet is created from the project's manifests.
 
-use anyhow::Context;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::intercept::{is_fatal, pod_problem, record_of};
+use super::intercept::record_of;
+pub use super::manifests::*;
+pub use super::readiness::*;
+pub use super::revisions::*;
 use super::{pointer_token, Cluster};
 
 pub const CHANGE_CAUSE: &str = "kubernetes.io/change-cause";
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
-const TEMPLATE_HASH: &str = "pod-template-hash";
+pub(crate) const TEMPLATE_HASH: &str = "pod-template-hash";
 /// On the Deployment: the `pod-template-hash`es (JSON list) of rollouts devloop undid.
 pub const FAILED: &str = "devloop.dev/failed-rollouts";
 
@@ -89,7 +91,7 @@ pub fn snapshot_tag(image: &str, repo: &str) -> Option<String> {
 
 /// Refuses to touch a Deployment that an intercept or a dev pod holds: its template is
 /// devloop's, and the original comes back with `leave` or `down`.
-fn refuse_intercepted(d: &Value) -> anyhow::Result<()> {
+pub(crate) fn refuse_intercepted(d: &Value) -> anyhow::Result<()> {
     if let Some(r) = record_of(d) {
         anyhow::bail!(
             "deployment/{} is intercepted (by {}); `devloop leave {}` first",
@@ -190,7 +192,7 @@ pub async fn deploy_image(
 /// The watched form of `plain` (Deployment `d`'s template in its plain form, with the new
 /// image): the session and token of the version running now when it is watched too, so an
 /// unchanged tree rolls nothing out.
-async fn watched(
+pub(crate) async fn watched(
     cluster: &Cluster,
     d: &Value,
     plain: Value,
@@ -237,152 +239,17 @@ async fn watched(
     Ok(devpod::watch_template(&plain, index, &spec, &replicas))
 }
 
-/// One revision of a Deployment: a ReplicaSet it owns.
-#[derive(Debug, Clone)]
-pub struct Revision {
-    pub number: u64,
-    /// A rollout of this revision did not become ready and devloop undid it.
-    pub failed: bool,
-    pub images: Vec<String>,
-    pub cause: Option<String>,
-    pub created: String,
-    pub template: Value,
-}
-
-/// Whether a pod template is one devloop put in place for a while (an intercept's agent, a
-/// dev pod, a watched version) rather than a version of the service: such revisions are
-/// not listed by `history` and never chosen by `rollback`.
-pub fn is_devloop_own(template: &Value) -> bool {
-    let labels = &template["metadata"]["labels"];
-    [
-        super::intercept::SESSION_LABEL,
-        super::devpod::SESSION_LABEL,
-        super::devpod::WATCH_LABEL,
-    ]
-    .iter()
-    .any(|l| labels[*l].is_string())
-}
-
-/// The Deployment's revisions that are versions of the service (not devloop's own
-/// intercepts, dev pods or watched versions), oldest first, and the one it runs now.
-pub async fn revisions(
-    cluster: &Cluster,
-    d: &Value,
-) -> anyhow::Result<(Vec<Revision>, Option<u64>)> {
-    let uid = d["metadata"]["uid"].as_str().unwrap_or_default();
-    let failed = failed_hashes(d);
-    let path = selected_by(cluster, d, "apps/v1", "replicasets");
-    let list = cluster.get_json(&path).await.map_err(|e| {
-        cluster.err(
-            e,
-            "list",
-            "replicasets",
-            "listing the deployment's revisions",
-        )
-    })?;
-    let mut out: Vec<Revision> = list["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|rs| {
-            rs["metadata"]["ownerReferences"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|o| o["uid"].as_str() == Some(uid))
-        })
-        .filter(|rs| !is_devloop_own(&rs["spec"]["template"]))
-        .filter_map(|rs| {
-            let number = rs["metadata"]["annotations"][REVISION]
-                .as_str()?
-                .parse()
-                .ok()?;
-            let template = rs["spec"]["template"].clone();
-            Some(Revision {
-                number,
-                failed: rs["metadata"]["labels"][TEMPLATE_HASH]
-                    .as_str()
-                    .is_some_and(|h| failed.iter().any(|f| f == h)),
-                images: template["spec"]["containers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|c| c["image"].as_str().map(String::from))
-                    .collect(),
-                cause: rs["metadata"]["annotations"][CHANGE_CAUSE]
-                    .as_str()
-                    .map(String::from),
-                created: rs["metadata"]["creationTimestamp"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                template,
-            })
-        })
-        .collect();
-    out.sort_by_key(|r| r.number);
-    let current = d["metadata"]["annotations"][REVISION]
-        .as_str()
-        .and_then(|r| r.parse().ok());
-    Ok((out, current))
-}
-
-/// Rolls the Deployment back to `revision` (default: the one before the current), as
-/// `kubectl rollout undo` does: its ReplicaSet's template becomes the Deployment's again.
-pub async fn rollback(
-    cluster: &Cluster,
-    service: &str,
-    revision: Option<u64>,
-    timeout: Duration,
-) -> anyhow::Result<(u64, u64, RolledOut)> {
-    let d = deployment_of(cluster, service).await?.with_context(|| {
-        format!(
-            "no Deployment or Service named `{service}` in namespace `{}`",
-            cluster.namespace
-        )
-    })?;
-    refuse_intercepted(&d)?;
-    let (revs, current) = revisions(cluster, &d).await?;
-    let current = current.context("the Deployment has no revision yet")?;
-    let target = match revision {
-        Some(n) => revs.iter().find(|r| r.number == n).with_context(|| {
-            format!(
-                "deployment/{} has no revision {n} (it keeps {}; `devloop history {service}` lists them)",
-                name_of(&d),
-                revs.iter().map(|r| r.number.to_string()).collect::<Vec<_>>().join(", ")
-            )
-        })?,
-        // The newest earlier revision that ran: not one whose rollout failed, nor one with the
-        // images that run now (a failed deploy that was undone leaves both behind).
-        None => {
-            let running = revs.iter().find(|r| r.number == current).map(|r| r.images.clone());
-            revs.iter()
-                .rev()
-                .find(|r| r.number < current && !r.failed && Some(&r.images) != running.as_ref())
-                .with_context(|| format!("deployment/{} has no earlier revision that ran to go back to (`devloop history {service}`)", name_of(&d)))?
-        }
-    };
-    if target.number == current {
-        anyhow::bail!("deployment/{} already runs revision {current}", name_of(&d));
-    }
-    let mut template = target.template.clone();
-    if let Some(labels) = template["metadata"]["labels"].as_object_mut() {
-        labels.remove(TEMPLATE_HASH);
-    }
-    let cause = target
-        .cause
-        .clone()
-        .unwrap_or_else(|| format!("rollback to revision {}", target.number));
-    let done = switch_template(cluster, &d, template, &cause, timeout).await?;
-    Ok((current, target.number, done))
-}
-
-fn name_of(d: &Value) -> &str {
+pub(crate) fn name_of(d: &Value) -> &str {
     d["metadata"]["name"].as_str().unwrap_or("?")
 }
 
 /// The list path of `resource` filtered by the Deployment's selector (its matchLabels).
-fn selected_by(cluster: &Cluster, d: &Value, group_version: &str, resource: &str) -> String {
+pub(crate) fn selected_by(
+    cluster: &Cluster,
+    d: &Value,
+    group_version: &str,
+    resource: &str,
+) -> String {
     let selector: Vec<String> = d["spec"]["selector"]["matchLabels"]
         .as_object()
         .into_iter()
@@ -397,7 +264,7 @@ fn selected_by(cluster: &Cluster, d: &Value, group_version: &str, resource: &str
 }
 
 /// Percent-escapes a label selector for a query string.
-fn url_escape(s: &str) -> String {
+pub(crate) fn url_escape(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -478,7 +345,7 @@ pub fn failed_hashes(d: &Value) -> Vec<String> {
 
 /// Puts `template` on the Deployment and waits for the rollout; undoes it when it cannot
 /// become ready, with the reason.
-async fn switch_template(
+pub(crate) async fn switch_template(
     cluster: &Cluster,
     d: &Value,
     template: Value,
@@ -518,463 +385,8 @@ async fn switch_template(
     }
 }
 
-/// Why a rollout failed: a one-line reason and what the failing pod said.
-#[derive(Debug)]
-pub struct Failure {
-    pub reason: String,
-    pub details: String,
-    /// The failed template's `pod-template-hash`, when a pod of it was made.
-    pub template_hash: Option<String>,
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the rollout did not become ready: {}", self.reason)?;
-        if !self.details.is_empty() {
-            write!(f, "\n{}", self.details.trim_end())?;
-        }
-        Ok(())
-    }
-}
-
-/// What the Deployment's status says about its rollout, as `kubectl rollout status` reads it.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Progress {
-    Done,
-    Waiting(String),
-    /// The progress deadline passed (the Deployment's own `progressDeadlineSeconds`).
-    Stalled(String),
-}
-
-pub fn progress(d: &Value) -> Progress {
-    let generation = d["metadata"]["generation"].as_u64().unwrap_or(0);
-    let status = &d["status"];
-    if status["observedGeneration"].as_u64().unwrap_or(0) < generation {
-        return Progress::Waiting("the controller has not seen the change yet".into());
-    }
-    if let Some(c) = status["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["type"] == "Progressing" && c["reason"] == "ProgressDeadlineExceeded")
-    {
-        return Progress::Stalled(
-            c["message"]
-                .as_str()
-                .unwrap_or("progress deadline exceeded")
-                .to_string(),
-        );
-    }
-    let want = d["spec"]["replicas"].as_u64().unwrap_or(1);
-    let updated = status["updatedReplicas"].as_u64().unwrap_or(0);
-    let total = status["replicas"].as_u64().unwrap_or(0);
-    let available = status["availableReplicas"].as_u64().unwrap_or(0);
-    if updated < want {
-        Progress::Waiting(format!("{updated} of {want} new pods"))
-    } else if total > updated {
-        Progress::Waiting(format!("{} old pods still terminating", total - updated))
-    } else if available < updated {
-        Progress::Waiting(format!("{available} of {updated} new pods ready"))
-    } else {
-        Progress::Done
-    }
-}
-
-/// Waits until the rollout of `patched` (the Deployment as the patch left it) is done; fails
-/// early when a new pod cannot start (image pull, crash loop) or the progress deadline passes.
-async fn wait_rollout(
-    cluster: &Cluster,
-    name: &str,
-    patched: &Value,
-    timeout: Duration,
-) -> Result<Option<u64>, Failure> {
-    let path = cluster.path("apps/v1", "deployments", Some(name));
-    let image_of = |t: &Value| -> Vec<Value> {
-        t["spec"]["containers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    };
-    let want_containers = image_of(&patched["spec"]["template"]);
-    let deadline = Instant::now() + timeout;
-    loop {
-        let d = cluster.get_json(&path).await.map_err(|e| Failure {
-            reason: format!("reading deployment/{name}: {e}"),
-            details: String::new(),
-            template_hash: None,
-        })?;
-        let last = match progress(&d) {
-            Progress::Done => {
-                return Ok(d["metadata"]["annotations"][REVISION]
-                    .as_str()
-                    .and_then(|r| r.parse().ok()))
-            }
-            Progress::Stalled(m) => return Err(diagnose(cluster, &d, &want_containers, m).await),
-            Progress::Waiting(w) => w,
-        };
-        // A new pod that cannot start will not get better by waiting.
-        for pod in new_pods(cluster, &d, &want_containers).await {
-            if let Some(problem) = pod_problem(&pod).filter(|p| is_fatal(p)) {
-                return Err(diagnose(
-                    cluster,
-                    &d,
-                    &want_containers,
-                    format!(
-                        "pod {}: {problem}",
-                        pod["metadata"]["name"].as_str().unwrap_or("?")
-                    ),
-                )
-                .await);
-            }
-        }
-        if Instant::now() > deadline {
-            let reason = format!(
-                "not ready within {} ({last})",
-                crate::ui::human_ms(timeout.as_millis() as u64)
-            );
-            return Err(diagnose(cluster, &d, &want_containers, reason).await);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The Deployment's pods that run the new template (its containers' images).
-async fn new_pods(cluster: &Cluster, d: &Value, containers: &[Value]) -> Vec<Value> {
-    let path = selected_by(cluster, d, "v1", "pods");
-    let Ok(list) = cluster.get_json(&path).await else {
-        return Vec::new();
-    };
-    let images: Vec<&str> = containers
-        .iter()
-        .filter_map(|c| c["image"].as_str())
-        .collect();
-    list["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| {
-            let have: Vec<&str> = p["spec"]["containers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c["image"].as_str())
-                .collect();
-            have == images
-        })
-        .cloned()
-        .collect()
-}
-
-/// The failure with what the new pods said: their recent events and last log lines.
-async fn diagnose(cluster: &Cluster, d: &Value, containers: &[Value], reason: String) -> Failure {
-    let mut details = String::new();
-    let pods = new_pods(cluster, d, containers).await;
-    let template_hash = pods.iter().find_map(|p| {
-        p["metadata"]["labels"][TEMPLATE_HASH]
-            .as_str()
-            .map(String::from)
-    });
-    for pod in pods.iter().take(2) {
-        let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
-        let events_path = format!(
-            "{}?fieldSelector={}",
-            cluster.path("v1", "events", None),
-            url_escape(&format!("involvedObject.name={pod_name}"))
-        );
-        if let Ok(ev) = cluster.get_json(&events_path).await {
-            let mut items: Vec<&Value> = ev["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|e| e["type"] == "Warning")
-                .collect();
-            items.sort_by_key(|e| e["lastTimestamp"].as_str().unwrap_or_default().to_string());
-            if !items.is_empty() {
-                details.push_str(&format!("events of pod {pod_name}:\n"));
-                for e in items.iter().rev().take(4).rev() {
-                    details.push_str(&format!(
-                        "  {}: {}\n",
-                        e["reason"].as_str().unwrap_or("?"),
-                        e["message"].as_str().unwrap_or("").trim()
-                    ));
-                }
-            }
-        }
-        for status in pod["status"]["containerStatuses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            let container = status["name"].as_str().unwrap_or_default();
-            // A crashed container's own output is in its previous instance.
-            let previous = status["lastState"]["terminated"].is_object();
-            let log_path = format!(
-                "{}/log?container={container}&tailLines=10{}",
-                cluster.path("v1", "pods", Some(pod_name)),
-                if previous { "&previous=true" } else { "" }
-            );
-            let req = match http::Request::get(&log_path).body(Vec::new()) {
-                Ok(r) => r,
-                Err(_) => continue,
-            };
-            if let Ok(text) = cluster.client.request_text(req).await {
-                if !text.trim().is_empty() {
-                    details.push_str(&format!(
-                        "last log lines of pod {pod_name}, container {container}{}:\n",
-                        if previous {
-                            " (before its last exit)"
-                        } else {
-                            ""
-                        }
-                    ));
-                    for line in text.lines() {
-                        details.push_str(&format!("  {line}\n"));
-                    }
-                }
-            }
-        }
-    }
-    Failure {
-        reason,
-        details,
-        template_hash,
-    }
-}
-
-/// Reads every Kubernetes object in the YAML files of `dir` (sorted by file name).
-pub fn read_manifests(dir: &Path) -> anyhow::Result<Vec<Value>> {
-    use serde::Deserialize;
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading the manifests folder {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for f in files {
-        let text =
-            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let v = Value::deserialize(doc)
-                .with_context(|| format!("{}: not valid YAML", f.display()))?;
-            if v.is_null() {
-                continue;
-            }
-            if v["kind"].as_str().is_none() || v["metadata"]["name"].as_str().is_none() {
-                anyhow::bail!("{}: a document without kind or metadata.name", f.display());
-            }
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
-/// The kinds of object a pod template refers to by name that `deploy` creates from the
-/// manifests along with the service, with their API group/version and resource.
-const DEPENDENCIES: [(&str, &str, &str); 4] = [
-    ("ConfigMap", "v1", "configmaps"),
-    ("Secret", "v1", "secrets"),
-    ("PersistentVolumeClaim", "v1", "persistentvolumeclaims"),
-    ("ServiceAccount", "v1", "serviceaccounts"),
-];
-
-/// The ConfigMaps, Secrets, PersistentVolumeClaims and ServiceAccount a pod template refers
-/// to by name (volumes, projected volumes, `envFrom`, `valueFrom`, image pull secrets, the
-/// service account), as (kind, name), each once.
-pub fn template_refs(template: &Value) -> Vec<(&'static str, String)> {
-    fn add(out: &mut Vec<(&'static str, String)>, kind: &'static str, v: &Value) {
-        if let Some(name) = v.as_str() {
-            if !out.iter().any(|(k, n)| *k == kind && n == name) {
-                out.push((kind, name.to_string()));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let spec = &template["spec"];
-    for v in spec["volumes"].as_array().into_iter().flatten() {
-        add(&mut out, "ConfigMap", &v["configMap"]["name"]);
-        add(&mut out, "Secret", &v["secret"]["secretName"]);
-        add(
-            &mut out,
-            "PersistentVolumeClaim",
-            &v["persistentVolumeClaim"]["claimName"],
-        );
-        for source in v["projected"]["sources"].as_array().into_iter().flatten() {
-            add(&mut out, "ConfigMap", &source["configMap"]["name"]);
-            add(&mut out, "Secret", &source["secret"]["name"]);
-        }
-    }
-    for c in spec["initContainers"]
-        .as_array()
-        .into_iter()
-        .chain(spec["containers"].as_array())
-        .flatten()
-    {
-        for e in c["envFrom"].as_array().into_iter().flatten() {
-            add(&mut out, "ConfigMap", &e["configMapRef"]["name"]);
-            add(&mut out, "Secret", &e["secretRef"]["name"]);
-        }
-        for e in c["env"].as_array().into_iter().flatten() {
-            add(
-                &mut out,
-                "ConfigMap",
-                &e["valueFrom"]["configMapKeyRef"]["name"],
-            );
-            add(&mut out, "Secret", &e["valueFrom"]["secretKeyRef"]["name"]);
-        }
-    }
-    for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
-        add(&mut out, "Secret", &s["name"]);
-    }
-    add(&mut out, "ServiceAccount", &spec["serviceAccountName"]);
-    out
-}
-
-/// The service's objects among the manifests: its Deployment and its Service (both named
-/// after it), with the snapshot as the container's image and the cluster's namespace, and
-/// before them the ConfigMaps, Secrets, PersistentVolumeClaims and ServiceAccount its pod
-/// template refers to that the manifests hold.
-pub fn objects_for(
-    manifests: &[Value],
-    service: &str,
-    image: &str,
-    cause: &str,
-) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    let local = |m: &Value| {
-        let mut m = m.clone();
-        if let Some(meta) = m["metadata"].as_object_mut() {
-            // The target's namespace decides, as with `kubectl apply -n`.
-            meta.remove("namespace");
-        }
-        m
-    };
-    for m in manifests {
-        if m["metadata"]["name"].as_str() != Some(service) {
-            continue;
-        }
-        let mut m = local(m);
-        match m["kind"].as_str() {
-            Some("Deployment") => {
-                let index = service_container(&m["spec"]["template"], service)?;
-                m["spec"]["template"]["spec"]["containers"][index]["image"] = json!(image);
-                if !m["metadata"]["annotations"].is_object() {
-                    m["metadata"]["annotations"] = json!({});
-                }
-                m["metadata"]["annotations"][CHANGE_CAUSE] = json!(cause);
-                out.push(m);
-            }
-            Some("Service") => out.push(m),
-            _ => {}
-        }
-    }
-    let Some(deployment) = out.iter().find(|m| m["kind"] == "Deployment") else {
-        anyhow::bail!("the manifests have no Deployment named `{service}`");
-    };
-    let refs = template_refs(&deployment["spec"]["template"]);
-    for m in manifests {
-        let (Some(kind), Some(name)) = (m["kind"].as_str(), m["metadata"]["name"].as_str()) else {
-            continue;
-        };
-        if refs.iter().any(|(k, n)| *k == kind && n == name) {
-            out.push(local(m));
-        }
-    }
-    // What the pods refer to first, then the Service (so the name answers as soon as a pod
-    // is ready), then the Deployment.
-    out.sort_by_key(|m| match m["kind"].as_str() {
-        Some("Deployment") => 2,
-        Some("Service") => 1,
-        _ => 0,
-    });
-    Ok(out)
-}
-
-/// Creates the service's missing objects from the manifests and waits for its rollout.
-/// The Deployment and Service are looked up first; the objects they refer to are created
-/// unless they exist (a 409: someone else's, or an earlier deploy's, left as they are).
-async fn create_from_manifests(
-    cluster: &Cluster,
-    service: &str,
-    image: &str,
-    dir: &Path,
-    timeout: Duration,
-) -> anyhow::Result<RolledOut> {
-    let manifests = read_manifests(dir)?;
-    let objects = objects_for(
-        &manifests,
-        service,
-        image,
-        &format!("devloop deploy {image}"),
-    )?;
-    let started = Instant::now();
-    let mut created = Vec::new();
-    let mut deployment = None;
-    for o in objects {
-        let kind = o["kind"].as_str().unwrap_or_default();
-        let (gv, resource) = match kind {
-            "Deployment" => ("apps/v1", "deployments"),
-            "Service" => ("v1", "services"),
-            _ => DEPENDENCIES
-                .iter()
-                .find(|(k, _, _)| *k == kind)
-                .map(|(_, gv, r)| (*gv, *r))
-                .context("a kind objects_for does not give")?,
-        };
-        let name = o["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let workload = matches!(kind, "Deployment" | "Service");
-        if workload
-            && cluster
-                .get_opt(&cluster.path(gv, resource, Some(&name)))
-                .await
-                .map_err(|e| cluster.err(e, "get", resource, format!("reading {resource}/{name}")))?
-                .is_some()
-        {
-            continue;
-        }
-        let made = match cluster
-            .post_json(&cluster.path(gv, resource, None), &o)
-            .await
-        {
-            Ok(made) => made,
-            Err(e) if !workload && super::status_of(&e) == Some(409) => continue,
-            Err(e) => {
-                return Err(cluster
-                    .err(
-                        e,
-                        "create",
-                        resource,
-                        format!("creating {resource}/{name} from {}", dir.display()),
-                    )
-                    .into())
-            }
-        };
-        created.push(format!("{}/{name}", kind.to_lowercase()));
-        if kind == "Deployment" {
-            deployment = Some(made);
-        }
-    }
-    let d = deployment.context("the Deployment exists already")?;
-    match wait_rollout(cluster, service, &d, timeout).await {
-        Ok(revision) => Ok(RolledOut {
-            ready_ms: started.elapsed().as_millis() as u64,
-            revision,
-            created,
-        }),
-        // Nothing ran before: there is nothing to undo to; the objects stay for inspection.
-        Err(f) => Err(anyhow::anyhow!(
-            "{f}\ncreated {} from {}; fix the cause and deploy again",
-            created.join(", "),
-            dir.display()
-        )),
-    }
-}
-
-/// [`crate::deploy::RolloutTarget`] for Kubernetes: the snapshot (in the cluster's
-/// registry) becomes the Deployment's image.
+/// What a rollout on Kubernetes needs: the snapshot (in the cluster's registry) becomes the
+/// Deployment's image ([`super::deployer::KubeDeployer`] uses it).
 pub struct KubeRollout {
     pub cluster: Cluster,
     /// `[target] manifests`, resolved against the project folder.
@@ -982,61 +394,6 @@ pub struct KubeRollout {
     pub timeout: Duration,
     /// Set under `devloop watch` (the agent's image): versions run under the agent.
     pub watch_agent: Option<String>,
-}
-
-impl crate::deploy::RolloutTarget for KubeRollout {
-    fn roll_out<'a>(
-        &'a self,
-        _project: &'a crate::config::Project,
-        service: &'a crate::config::Service,
-        snapshot: &'a crate::deploy::Snapshot,
-    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<crate::deploy::Rollout>> {
-        Box::pin(async move {
-            let watch = match (&self.watch_agent, &service.sync) {
-                (Some(agent), Some(sync)) => Some(WatchWrap {
-                    agent_image: agent.clone(),
-                    sync_to: sync.container_dir.clone(),
-                }),
-                _ => None,
-            };
-            let done = deploy_image(
-                &self.cluster,
-                &service.name,
-                &snapshot.image,
-                snapshot.command.as_ref(),
-                watch.as_ref(),
-                self.manifests.as_deref(),
-                self.timeout,
-            )
-            .await?;
-            Ok(match done {
-                None => crate::deploy::Rollout::Unchanged,
-                Some(r) => crate::deploy::Rollout::Ready {
-                    ready_ms: r.ready_ms,
-                    revision: r.revision,
-                    created: r.created,
-                },
-            })
-        })
-    }
-
-    fn running_version<'a>(
-        &'a self,
-        project: &'a str,
-        service: &'a str,
-    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Option<String>>> {
-        Box::pin(async move {
-            let Some(d) = deployment_of(&self.cluster, service).await? else {
-                return Ok(None);
-            };
-            let template = &d["spec"]["template"];
-            let index = service_container(template, service)?;
-            let repo = crate::deploy::snapshot_repo(project, service);
-            Ok(template["spec"]["containers"][index]["image"]
-                .as_str()
-                .and_then(|i| snapshot_tag(i, &repo)))
-        })
-    }
 }
 
 #[cfg(test)]

@@ -57,15 +57,15 @@ pub async fn agent_image(route: &registry::ImageRoute, binary: &[u8]) -> anyhow:
     let reg = match route {
         registry::ImageRoute::Registry(r) => r,
         registry::ImageRoute::Load { context } => {
-            let docker = crate::backend::engine::connect(&crate::backend::engine::choose()).await?;
-            let image = crate::backend::docker::ensure_agent_image(&docker, binary).await?;
+            let docker = crate::engine::connect(&crate::engine::choose()).await?;
+            let image = crate::backend::agent::ensure_agent_image(&docker, binary).await?;
             registry::load_into_cluster(context, &image).await?;
             return Ok(image);
         }
     };
     let t = Instant::now();
-    let layer = registry::one_file_layer("devloop-agent", 0o755, binary)?;
-    let config = registry::image_config(std::slice::from_ref(&layer), &["/devloop-agent"]);
+    let layer = crate::oci::one_file_layer("devloop-agent", 0o755, binary)?;
+    let config = crate::oci::image_config(std::slice::from_ref(&layer), &["/devloop-agent"]);
     let report = Pusher::new(&reg.push)?
         .push_image("devloop-agent", &tag, &[layer], &config)
         .await?;

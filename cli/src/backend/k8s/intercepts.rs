@@ -1,28 +1,21 @@
-//! `intercept`, `intercept list` and `leave` on Kubernetes: the [`Swap`] of a Deployment's
-//! pod template (see `backend::k8s::intercept`), with the agent image pushed to the
-//! cluster's registry and the tunnel carried over a port-forward.
+//! `intercept list` and `leave` on Kubernetes: the intercepts the namespace's Deployments
+//! record (see [`super::intercept`]), after sweeping what expired leases left.
 
 use std::time::Instant;
 
-use crate::backend::k8s::intercept::{self as ki, Record};
-use crate::backend::k8s::swap::sweep;
-use crate::backend::k8s::{Cluster, KubeSettings};
+use super::intercept::{self as ki, Record};
+use super::swap::sweep;
+use super::Cluster;
 use crate::ui::{ago, human_ms};
 
-pub async fn list(settings: &KubeSettings) -> anyhow::Result<()> {
-    let cluster = Cluster::connect(settings).await?;
-    sweep(&cluster).await;
-    let records = ki::intercepted(&cluster).await?;
-    if records.is_empty() {
-        println!(
-            "no active intercepts in namespace {} (context {})",
-            cluster.namespace, cluster.context
-        );
-        return Ok(());
-    }
+/// One line per intercept in the namespace.
+pub async fn list(cluster: &Cluster) -> anyhow::Result<Vec<String>> {
+    sweep(cluster).await;
+    let records = ki::intercepted(cluster).await?;
+    let mut lines = Vec::new();
     for r in records {
         let ports: Vec<String> = r.ports.iter().map(|(a, b)| format!("{a}->{b}")).collect();
-        println!(
+        lines.push(format!(
             "{}  (deployment/{}, namespace {})  ports {}  since {}  held by {}",
             r.service,
             r.deployment,
@@ -30,25 +23,21 @@ pub async fn list(settings: &KubeSettings) -> anyhow::Result<()> {
             ports.join(","),
             ago(r.started_ms),
             r.holder
-        );
+        ));
     }
-    Ok(())
+    Ok(lines)
 }
 
-pub async fn leave(
-    settings: &KubeSettings,
-    target: Option<String>,
-    all: bool,
-) -> anyhow::Result<()> {
-    let cluster = Cluster::connect(settings).await?;
-    sweep(&cluster).await;
-    let records = ki::intercepted(&cluster).await?;
-    let chosen: Vec<Record> = match (&target, all) {
+/// Ends `target`'s intercept (or all of them in the namespace).
+pub async fn leave(cluster: &Cluster, target: Option<&str>, all: bool) -> anyhow::Result<()> {
+    sweep(cluster).await;
+    let records = ki::intercepted(cluster).await?;
+    let chosen: Vec<Record> = match (target, all) {
         (_, true) => records,
         (Some(t), false) => {
             let named: Vec<Record> = records
                 .into_iter()
-                .filter(|r| &r.service == t || &r.deployment == t)
+                .filter(|r| r.service == t || r.deployment == t)
                 .collect();
             if named.is_empty() {
                 anyhow::bail!("`{t}` is not intercepted in namespace {} (`devloop intercept list` shows what is)", cluster.namespace);
@@ -65,7 +54,7 @@ pub async fn leave(
     }
     for r in chosen {
         let t = Instant::now();
-        ki::restore(&cluster, &r).await?;
+        ki::restore(cluster, &r).await?;
         println!(
             "{} restored (deployment/{}) in {}",
             r.service,

@@ -12,10 +12,10 @@ use tokio::net::TcpStream;
 
 use futures_util::future::BoxFuture;
 
-use super::docker;
-use super::docker_intercept::{self as di, Record};
-use super::engine::EngineChoice;
+use super::intercept::{self as di, Record};
 use crate::agent_link::{AgentLink, Connected};
+use crate::backend::docker;
+use crate::engine::EngineChoice;
 use crate::intercept::{refusals, Expose, InterceptOptions, PortRef, Swap};
 use crate::ownership;
 use crate::state::{now_ms, TokenStore};

@@ -107,3 +107,34 @@ pub async fn connect(choice: &EngineChoice) -> Result<Docker, EngineError> {
     docker.ping().await.map_err(|e| err(e.to_string()))?;
     Ok(docker)
 }
+
+/// An engine request that failed, with what devloop was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    /// The engine's answer is part of the message, not a source of its own: an error
+    /// printed with its chain (`{:#}`) would say it twice.
+    #[error("docker: {action}: {cause}")]
+    Api {
+        action: String,
+        cause: bollard::errors::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub fn api(action: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> DockerError {
+    let action = action.into();
+    move |cause| DockerError::Api { action, cause }
+}
+
+/// A tar of one file, for the engine's archive and import endpoints.
+pub fn one_file_tar(name: &str, mode: u32, data: &[u8]) -> Result<Vec<u8>, DockerError> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    b.append_data(&mut h, name, data)
+        .map_err(|e| DockerError::Other(e.to_string()))?;
+    b.into_inner()
+        .map_err(|e| DockerError::Other(e.to_string()))
+}

@@ -7,9 +7,9 @@ use bollard::Docker;
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
 
-use super::docker;
-use super::engine::EngineChoice;
 use crate::agent_link::{AgentLink, Connected};
+use crate::backend::docker;
+use crate::engine::EngineChoice;
 use crate::state::TokenStore;
 use crate::sync::engine::Connector;
 

@@ -8,15 +8,16 @@
 use bollard::models::{ContainerCreateBody, EndpointSettings, HostConfig, NetworkingConfig};
 use bollard::query_parameters::{CreateContainerOptionsBuilder, RenameContainerOptionsBuilder};
 use bollard::Docker;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::docker::{self, api, DevSpec, DockerError, Placement};
-use super::engine::EngineChoice;
-use super::labels;
+use crate::backend::docker::{self, api, DevSpec, DockerError, Placement};
 use crate::config::{Project, Service};
 use crate::deploy::Snapshot;
+use crate::engine::EngineChoice;
+use crate::labels;
 use crate::state::TokenStore;
 
 pub use crate::deploy::Rollout;
@@ -37,21 +38,93 @@ pub fn relay_name(project: &str, service: &str) -> String {
     format!("devloop-{project}-{service}-ports")
 }
 
-pub struct RolloutContext<'a> {
-    pub docker: &'a Docker,
-    pub engine: &'a EngineChoice,
-    pub agent_binary: &'a [u8],
-    pub tokens: &'a TokenStore,
+/// Deploys on Docker: the snapshot runs under the agent beside the old version, takes its
+/// name once healthy, and a relay holds the published ports across the switch.
+pub struct DockerDeployer {
+    pub docker: Docker,
+    pub engine: EngineChoice,
+    /// Read on the first rollout (`history` needs none).
+    pub agent_binary: std::sync::OnceLock<Result<Vec<u8>, String>>,
+    pub tokens: TokenStore,
     pub health_timeout: Duration,
 }
 
-impl crate::deploy::RolloutTarget for RolloutContext<'_> {
+impl DockerDeployer {
+    pub fn new(docker: Docker, engine: EngineChoice, health_timeout: Duration) -> DockerDeployer {
+        DockerDeployer {
+            docker,
+            engine,
+            agent_binary: Default::default(),
+            tokens: TokenStore::new(),
+            health_timeout,
+        }
+    }
+
+    fn agent(&self) -> Result<&[u8], DockerError> {
+        self.agent_binary
+            .get_or_init(|| crate::backend::read_agent_binary().map_err(|e| format!("{e:#}")))
+            .as_deref()
+            .map_err(|e| DockerError::Other(e.clone()))
+    }
+}
+
+impl crate::deploy::Deployer for DockerDeployer {
+    fn engine(&self) -> &Docker {
+        &self.docker
+    }
+
+    fn destination(&self) -> crate::deploy::Destination<'_> {
+        crate::deploy::Destination::Engine
+    }
+
+    fn remember<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a Service,
+        snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(super::versions::remember(self, project, service, snapshot))
+    }
+
+    fn history<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<String>> {
+        Box::pin(super::versions::history(self, project, service))
+    }
+
+    fn rollback<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a Service,
+        to_revision: Option<u64>,
+    ) -> BoxFuture<'a, anyhow::Result<String>> {
+        Box::pin(super::versions::rollback(
+            self,
+            project,
+            service,
+            to_revision,
+        ))
+    }
+
+    fn watched<'a>(
+        &'a self,
+        project: &'a Project,
+        service: &'a Service,
+        ui: &'a crate::ui::Ui,
+        deploy: &'a (dyn Fn() -> BoxFuture<'a, anyhow::Result<String>> + Send + Sync),
+    ) -> BoxFuture<'a, anyhow::Result<Option<std::sync::Arc<dyn crate::sync::engine::Connector>>>>
+    {
+        Box::pin(super::versions::watched(self, project, service, ui, deploy))
+    }
+
     fn roll_out<'a>(
         &'a self,
         project: &'a Project,
         service: &'a Service,
         snapshot: &'a Snapshot,
-    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Rollout>> {
+    ) -> BoxFuture<'a, anyhow::Result<Rollout>> {
         Box::pin(async move { Ok(roll_out(self, project, service, snapshot).await?) })
     }
 
@@ -59,10 +132,10 @@ impl crate::deploy::RolloutTarget for RolloutContext<'_> {
         &'a self,
         project: &'a str,
         service: &'a str,
-    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Option<String>>> {
+    ) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
         Box::pin(async move {
             Ok(
-                docker::list_project_containers(self.docker, project, Some(labels::KIND_DEPLOY))
+                docker::list_project_containers(&self.docker, project, Some(labels::KIND_DEPLOY))
                     .await?
                     .iter()
                     .find(|c| {
@@ -75,15 +148,15 @@ impl crate::deploy::RolloutTarget for RolloutContext<'_> {
 }
 
 pub async fn roll_out(
-    ctx: &RolloutContext<'_>,
+    ctx: &DockerDeployer,
     project: &Project,
     service: &Service,
     snapshot: &Snapshot,
 ) -> Result<Rollout, RolloutError> {
-    let docker = ctx.docker;
+    let docker = &ctx.docker;
     let mut mine = service_containers(docker, &project.name, &service.name).await?;
     if let Some(found) =
-        recover_interrupted_in(docker, ctx.tokens, &mine, &project.name, &service.name).await?
+        recover_interrupted_in(docker, &ctx.tokens, &mine, &project.name, &service.name).await?
     {
         eprintln!("devloop: {found}");
         mine = service_containers(docker, &project.name, &service.name).await?;
@@ -121,9 +194,8 @@ pub async fn roll_out(
         extra_labels: vec![(labels::VERSION.into(), snapshot.tag.clone())],
     };
     let started = Instant::now();
-    let id =
-        docker::create_agent_container(docker, &spec, &placement, ctx.agent_binary, ctx.tokens)
-            .await?;
+    let id = docker::create_agent_container(docker, &spec, &placement, ctx.agent()?, &ctx.tokens)
+        .await?;
     let port = service
         .ports
         .first()
@@ -134,7 +206,7 @@ pub async fn roll_out(
         None => Health::Port(port),
     };
     if let Err(reason) = wait_healthy(ctx, &id, &project.name, &check).await {
-        let logs = super::docker::last_logs(docker, &id, 20).await;
+        let logs = docker::last_logs(docker, &id, 20).await;
         let _ = docker::remove_container(docker, &id).await;
         ctx.tokens.remove(&staging);
         return Err(RolloutError::Unhealthy {
@@ -155,7 +227,7 @@ pub async fn roll_out(
         docker::remove_container(docker, c.id.as_deref().unwrap_or_default()).await?;
     }
     crate::failpoint::pause("deploy:old-removed");
-    take_name(docker, ctx.tokens, &id, &staging, &canonical).await?;
+    take_name(docker, &ctx.tokens, &id, &staging, &canonical).await?;
     let switch_ms = switch.elapsed().as_millis() as u64;
     crate::failpoint::pause("deploy:renamed");
     let gap = Instant::now();
@@ -290,7 +362,7 @@ enum Health {
 
 /// Running, and healthy by `check`, within the timeout.
 async fn wait_healthy(
-    ctx: &RolloutContext<'_>,
+    ctx: &DockerDeployer,
     id: &str,
     project: &str,
     check: &Health,
@@ -311,7 +383,7 @@ async fn wait_healthy(
             ));
         }
         let ok = match check {
-            Health::Command(cmd) => run_exec(ctx.docker, id, cmd.clone()).await == Some(0),
+            Health::Command(cmd) => run_exec(&ctx.docker, id, cmd.clone()).await == Some(0),
             Health::Port(Some(port)) => probe(ctx, id, project, *port).await,
             Health::Port(None) => {
                 running_since.get_or_insert_with(Instant::now).elapsed()
@@ -348,9 +420,9 @@ async fn wait_healthy(
     }
 }
 
-async fn probe(ctx: &RolloutContext<'_>, id: &str, project: &str, port: u16) -> bool {
+async fn probe(ctx: &DockerDeployer, id: &str, project: &str, port: u16) -> bool {
     if ctx.engine.is_local() {
-        if let Ok(Some(addr)) = docker::agent_address(ctx.docker, id, project).await {
+        if let Ok(Some(addr)) = docker::agent_address(&ctx.docker, id, project).await {
             let addr = std::net::SocketAddr::new(addr.ip(), port);
             return matches!(
                 tokio::time::timeout(
@@ -370,7 +442,7 @@ async fn probe(ctx: &RolloutContext<'_>, id: &str, project: &str, port: u16) -> 
         "--timeout-ms".into(),
         "1".into(),
     ];
-    run_exec(ctx.docker, id, cmd).await == Some(0)
+    run_exec(&ctx.docker, id, cmd).await == Some(0)
 }
 
 async fn run_exec(docker: &Docker, id: &str, cmd: Vec<String>) -> Option<i64> {
@@ -409,7 +481,7 @@ fn relay_maps(service: &Service) -> Vec<String> {
 }
 
 async fn relay_ok(
-    ctx: &RolloutContext<'_>,
+    ctx: &DockerDeployer,
     project: &Project,
     service: &Service,
 ) -> Result<bool, DockerError> {
@@ -431,14 +503,14 @@ async fn relay_ok(
 /// Makes the relay holding the service's published ports run (recreating it when the
 /// mapping changed).
 pub async fn ensure_relay(
-    ctx: &RolloutContext<'_>,
+    ctx: &DockerDeployer,
     project: &Project,
     service: &Service,
 ) -> Result<(), DockerError> {
     let maps = relay_maps(service);
     let name = relay_name(&project.name, &service.name);
     if maps.is_empty() {
-        return docker::remove_container(ctx.docker, &name).await;
+        return docker::remove_container(&ctx.docker, &name).await;
     }
     let spec_hash = devloop_proxy::tree::hex(&devloop_proxy::tree::hash_bytes(
         format!("{maps:?}{:?}", service.ports).as_bytes(),
@@ -454,10 +526,10 @@ pub async fn ensure_relay(
         if same && info.state.as_ref().and_then(|s| s.running) == Some(true) {
             return Ok(());
         }
-        docker::remove_container(ctx.docker, &name).await?;
+        docker::remove_container(&ctx.docker, &name).await?;
     }
-    let image = docker::ensure_agent_image(ctx.docker, ctx.agent_binary).await?;
-    let network = docker::ensure_network(ctx.docker, &project.name).await?;
+    let image = crate::backend::agent::ensure_agent_image(&ctx.docker, ctx.agent()?).await?;
+    let network = docker::ensure_network(&ctx.docker, &project.name).await?;
     let mut l = labels::base(&project.name);
     l.insert(labels::SERVICE.into(), service.name.clone());
     l.insert(labels::KIND.into(), labels::KIND_PORTS.into());
@@ -510,7 +582,7 @@ pub async fn ensure_relay(
         .await
         .map_err(api(format!("inspecting {name}")))?;
     if info.state.and_then(|s| s.running) != Some(true) {
-        let logs = super::docker::last_logs(ctx.docker, &created.id, 10).await;
+        let logs = docker::last_logs(&ctx.docker, &created.id, 10).await;
         return Err(DockerError::Other(format!(
             "the port relay {name} stopped at once:\n{logs}"
         )));

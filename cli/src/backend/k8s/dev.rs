@@ -1,21 +1,22 @@
-//! `up`, `sync` and `down` on Kubernetes: dev pods (see `backend::k8s::devpod`). The sync,
-//! logs and restarts are the Docker ones (`sync::engine`), reaching the agent through a
-//! [`KubeConnector`](crate::backend::k8s::connector::KubeConnector) (a port-forward) instead of the container network.
+//! Dev environments on Kubernetes: `up` switches each service's Deployment to a dev pod (see
+//! [`super::devpod`]), `sync` attaches to one, `down` and `--stop-on-exit` switch them back.
+//! The sync, logs and restarts are the Docker ones (`sync::engine`), reaching the agent
+//! through a [`KubeConnector`] (a port-forward) instead of the container network.
 
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::k8s::connector::{connector_for, KubeConnector};
-use crate::backend::k8s::devpod::{self, DevRecord, DevSpec};
-use crate::backend::k8s::intercept as ki;
-use crate::backend::k8s::registry::{self, Pusher, Registry};
-use crate::backend::k8s::rollout::{deployment_of, service_container};
-use crate::backend::k8s::swap::agent_image;
-use crate::backend::k8s::{Cluster, KubeSettings};
+use super::connector::{connector_for, KubeConnector};
+use super::devpod::{self, DevRecord, DevSpec};
+use super::intercept as ki;
+use super::registry::{self, Pusher, Registry};
+use super::rollout::{deployment_of, service_container};
+use super::swap::agent_image;
+use super::Cluster;
+use crate::backend::DevEnv;
 use crate::config::{Project, Service};
 use crate::state::now_ms;
-use crate::sync::engine::{self, SyncSettings};
 use crate::ui::{human_ms, Ui};
 
 /// The command and working directory the container's image declares: from the local
@@ -31,7 +32,7 @@ async fn image_command(
             .filter_map(|x| x.as_str().map(String::from))
             .collect()
     };
-    if let Ok((docker, _)) = super::connect_engine().await {
+    if let Ok(docker) = crate::engine::connect(&crate::engine::choose()).await {
         if let Ok(i) = docker.inspect_image(image).await {
             let c = i.config.unwrap_or_default();
             return Ok((
@@ -164,37 +165,34 @@ async fn ensure_dev_pod(
 }
 
 pub async fn up(
-    project: &Project,
-    settings: &KubeSettings,
+    cluster: &Cluster,
     configured_registry: Option<&str>,
-    services: &[String],
-    no_logs: bool,
-    on_exit: crate::config::file::OnExit,
-) -> anyhow::Result<()> {
-    let selected: Vec<&Service> = project
-        .select(services)?
-        .into_iter()
+    project: &Project,
+    services: &[&Service],
+    ui: &Ui,
+) -> anyhow::Result<Vec<DevEnv>> {
+    let selected: Vec<&Service> = services
+        .iter()
+        .copied()
         .filter(|s| s.sync.is_some())
         .collect();
     if selected.is_empty() {
         anyhow::bail!("no service has `sync` in devloop.toml: nothing to run in dev mode");
     }
-    let ui = Ui::new(selected.iter().map(|s| s.name.as_str()));
-    let cluster = Cluster::connect(settings).await?;
-    let route = registry::route(&cluster, configured_registry).await?;
-    let agent = agent_image(&route, &super::read_agent_binary()?.1).await?;
+    let route = registry::route(cluster, configured_registry).await?;
+    let agent = agent_image(&route, &crate::backend::read_agent_binary()?).await?;
     let reg = match route {
         registry::ImageRoute::Registry(r) => Some(r),
         registry::ImageRoute::Load { .. } => None,
     };
-    let mut connectors = Vec::new();
+    let mut envs = Vec::new();
     for service in &selected {
         let t = Instant::now();
-        let (conn, what) = ensure_dev_pod(&cluster, reg.as_ref(), &agent, &project.name, service)
+        let (conn, what) = ensure_dev_pod(cluster, reg.as_ref(), &agent, &project.name, service)
             .await
             .with_context(|| format!("dev mode for `{}`", service.name))?;
         let pod = ki::wait_session_pod(
-            &cluster,
+            cluster,
             devpod::SESSION_LABEL,
             &conn.session,
             Duration::from_secs(180),
@@ -207,49 +205,28 @@ pub async fn up(
                 human_ms(t.elapsed().as_millis() as u64)
             ),
         );
-        connectors.push((service.name.clone(), Arc::new(conn)));
+        envs.push(DevEnv {
+            service: service.name.clone(),
+            connector: Arc::new(conn),
+        });
     }
-    let mut syncs: Vec<(SyncSettings, Arc<dyn engine::Connector>)> = Vec::new();
-    for (name, conn) in connectors {
-        let service = project.service(&name)?;
-        syncs.push((
-            SyncSettings::for_service(&project.name, service, !no_logs, None),
-            conn,
-        ));
-    }
-    eprintln!(
-        "devloop: syncing {} into their dev pods in namespace {}; Ctrl-C stops syncing ({})",
-        selected
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        cluster.namespace,
-        match on_exit {
-            crate::config::file::OnExit::Stop => "and switches the Deployments back",
-            crate::config::file::OnExit::Keep =>
-                "the pods stay in dev mode; `devloop down` or --stop-on-exit switches them back",
-        }
-    );
-    let ended = engine::run_all(syncs, ui.clone(), "sync", crate::signals::shutdown()).await;
-    if on_exit == crate::config::file::OnExit::Stop {
-        // A dev pod stopped is a Deployment back to its original: what `down` does, for the
-        // services this `up` switched.
-        let names: Vec<&str> = selected.iter().map(|s| s.name.as_str()).collect();
-        restore_dev_modes(&cluster, &project.name, &names).await?;
-    } else {
-        eprintln!("devloop: sync stopped; the dev pods keep running, but their files no longer follow your edits until `devloop up` runs again");
-    }
-    ended
+    Ok(envs)
+}
+
+/// `--stop-on-exit`: a dev pod stopped is a Deployment back to its original, what `down`
+/// does, for the services `up` switched.
+pub async fn stop(cluster: &Cluster, project: &Project, services: &[String]) -> anyhow::Result<()> {
+    let names: Vec<&str> = services.iter().map(String::as_str).collect();
+    restore_dev_modes(cluster, &project.name, &names).await?;
+    Ok(())
 }
 
 /// `down` on Kubernetes: the project's Deployments in dev mode back to their originals
 /// (another project's, in the same namespace, are left alone), and their sync status and
 /// locks cleared as on Docker.
-pub async fn down(project: &Project, settings: &KubeSettings) -> anyhow::Result<()> {
-    let cluster = Cluster::connect(settings).await?;
+pub async fn down(cluster: &Cluster, project: &Project) -> anyhow::Result<()> {
     let services: Vec<&str> = project.services.iter().map(|s| s.name.as_str()).collect();
-    let restored = restore_dev_modes(&cluster, &project.name, &services).await?;
+    let restored = restore_dev_modes(cluster, &project.name, &services).await?;
     for s in &services {
         let _ = crate::state::remove_sync_status(&project.name, s);
     }
@@ -285,36 +262,19 @@ async fn restore_dev_modes(
     Ok(restored)
 }
 
-/// `sync SERVICE` on Kubernetes: only the sync (and logs) of a pod already in dev mode.
-pub async fn sync(
-    project: &Project,
-    settings: &KubeSettings,
-    service: &str,
-    no_logs: bool,
-) -> anyhow::Result<()> {
-    let svc = project.service(service)?;
-    let cluster = Cluster::connect(settings).await?;
-    let d = deployment_of(&cluster, service).await?.with_context(|| {
+/// `sync SERVICE` on Kubernetes: a pod already in dev mode.
+pub async fn attach(cluster: &Cluster, service: &Service) -> anyhow::Result<DevEnv> {
+    let name = &service.name;
+    let d = deployment_of(cluster, name).await?.with_context(|| {
         format!(
-            "no Deployment or Service named `{service}` in namespace `{}`",
+            "no Deployment or Service named `{name}` in namespace `{}`",
             cluster.namespace
         )
     })?;
-    let r = devpod::record_of(&d).with_context(|| {
-        format!("`{service}` is not in dev mode; `devloop up {service}` switches it")
-    })?;
-    let conn = Arc::new(connector_for(&cluster, &r).await?);
-    let ui = Ui::new([service]);
-    let settings = SyncSettings::for_service(&project.name, svc, !no_logs, None);
-    engine::run_all(
-        vec![(settings, conn)],
-        ui,
-        "sync",
-        crate::signals::shutdown(),
-    )
-    .await?;
-    eprintln!(
-        "devloop: sync of `{service}` stopped; the dev pod's files no longer follow your edits"
-    );
-    Ok(())
+    let r = devpod::record_of(&d)
+        .with_context(|| format!("`{name}` is not in dev mode; `devloop up {name}` switches it"))?;
+    Ok(DevEnv {
+        service: name.clone(),
+        connector: Arc::new(connector_for(cluster, &r).await?),
+    })
 }

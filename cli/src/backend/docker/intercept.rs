@@ -18,8 +18,8 @@ use bollard::Docker;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-use super::docker::{self, api, DockerError};
-use super::labels;
+use crate::backend::docker::{self, api, DockerError};
+use crate::labels;
 
 pub const CONTROL_NETWORK: &str = "devloop-control";
 pub const INTERCEPT_OF: &str = "dev.devloop.intercept-of";
@@ -144,7 +144,7 @@ pub async fn find_target(
         1 => docker.inspect_container(found[0].id.as_deref().unwrap_or_default(), None).await.map_err(api(format!("inspecting {name}"))),
         _ => Err(DockerError::Other(format!(
             "`{name}` is ambiguous: {}; name the container instead",
-            found.iter().map(super::docker::name_of).collect::<Vec<_>>().join(", ")
+            found.iter().map(docker::name_of).collect::<Vec<_>>().join(", ")
         ))),
     }
 }
@@ -252,7 +252,7 @@ pub async fn swap_in(
 ) -> Result<(), DockerError> {
     let orig_name = container_name(original);
     let (control, subnet) = ensure_control_network(docker).await?;
-    let image = super::docker::ensure_agent_image(docker, agent_binary).await?;
+    let image = crate::backend::agent::ensure_agent_image(docker, agent_binary).await?;
     let networks: Vec<(String, EndpointSettings)> = original
         .network_settings
         .as_ref()

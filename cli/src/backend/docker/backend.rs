@@ -1,0 +1,149 @@
+//! [`Backend`] on a Docker engine: connects on first use (DOCKER_HOST, the docker context,
+//! else the local socket) and hands each call to the module that holds it.
+
+use bollard::Docker;
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::deploy::DockerDeployer;
+use super::swap::DockerSwap;
+use super::{env, intercepts};
+use crate::backend::{Backend, DevEnv, Fut, Words};
+use crate::config::{Project, Service};
+use crate::deploy::Deployer;
+use crate::engine::{self, EngineChoice};
+use crate::intercept::{InterceptOptions, Swap};
+use crate::status::{Check, ServiceReport};
+use crate::ui::Ui;
+
+#[derive(Default)]
+pub struct DockerBackend {
+    conn: tokio::sync::OnceCell<(Docker, EngineChoice)>,
+}
+
+impl DockerBackend {
+    pub fn new() -> DockerBackend {
+        DockerBackend::default()
+    }
+
+    async fn engine(&self) -> anyhow::Result<(&Docker, &EngineChoice)> {
+        let (d, c) = self
+            .conn
+            .get_or_try_init(|| async {
+                let choice = engine::choose();
+                let docker = engine::connect(&choice).await?;
+                anyhow::Ok((docker, choice))
+            })
+            .await?;
+        Ok((d, c))
+    }
+}
+
+impl Backend for DockerBackend {
+    fn words(&self) -> Words {
+        Words {
+            envs: "containers",
+            on_stop: "stops the containers",
+            on_keep: "leaves the containers running (--stop-on-exit stops them)",
+        }
+    }
+
+    fn up<'a>(
+        &'a self,
+        project: &'a Project,
+        services: &'a [&'a Service],
+        build: bool,
+        ui: &'a Ui,
+    ) -> Fut<'a, Vec<DevEnv>> {
+        Box::pin(async move {
+            let (docker, engine) = self.engine().await?;
+            env::up(docker, engine, project, services, build, ui).await
+        })
+    }
+
+    fn attach<'a>(&'a self, project: &'a Project, service: &'a Service) -> Fut<'a, DevEnv> {
+        Box::pin(async move {
+            let (docker, engine) = self.engine().await?;
+            env::attach(docker, engine, project, service).await
+        })
+    }
+
+    fn stop<'a>(&'a self, project: &'a Project, services: &'a [String]) -> Fut<'a, ()> {
+        Box::pin(async move { env::stop(self.engine().await?.0, project, services).await })
+    }
+
+    fn down<'a>(&'a self, project: &'a Project, keep_volumes: bool) -> Fut<'a, ()> {
+        Box::pin(async move { env::down(self.engine().await?.0, project, keep_volumes).await })
+    }
+
+    fn deployer<'a>(
+        &'a self,
+        _project: &'a Project,
+        health_timeout: Option<Duration>,
+        _watch: bool,
+    ) -> Fut<'a, Arc<dyn Deployer>> {
+        Box::pin(async move {
+            let (docker, engine) = self.engine().await?;
+            let d = DockerDeployer::new(
+                docker.clone(),
+                engine.clone(),
+                health_timeout.unwrap_or(Duration::from_secs(30)),
+            );
+            Ok(Arc::new(d) as Arc<dyn Deployer>)
+        })
+    }
+
+    fn swap<'a>(
+        &'a self,
+        opts: &'a InterceptOptions,
+        project: Option<&'a Project>,
+    ) -> Fut<'a, Box<dyn Swap>> {
+        Box::pin(async move {
+            let (docker, engine) = self.engine().await?;
+            let agent = crate::backend::read_agent_binary()?;
+            let swap = DockerSwap::new(
+                docker.clone(),
+                engine.clone(),
+                agent,
+                opts,
+                project.map(|p| p.name.clone()),
+            )
+            .await?;
+            Ok(Box::new(swap) as Box<dyn Swap>)
+        })
+    }
+
+    fn intercepts(&self) -> Fut<'_, Vec<String>> {
+        Box::pin(async move { intercepts::list(self.engine().await?.0).await })
+    }
+
+    fn leave<'a>(
+        &'a self,
+        target: Option<&'a str>,
+        all: bool,
+        project: Option<&'a str>,
+    ) -> Fut<'a, ()> {
+        Box::pin(
+            async move { intercepts::leave(self.engine().await?.0, target, all, project).await },
+        )
+    }
+
+    fn status<'a>(&'a self, project: &'a Project) -> Fut<'a, Vec<ServiceReport>> {
+        Box::pin(async move {
+            let (docker, engine) = self.engine().await?;
+            env::status(docker, engine, project).await
+        })
+    }
+
+    /// The project's host ports (the engine's own checks are `doctor`'s: every back end
+    /// builds images in it).
+    fn doctor<'a>(&'a self, project: Option<&'a Project>) -> BoxFuture<'a, Vec<Check>> {
+        Box::pin(async move {
+            match (project, self.engine().await) {
+                (Some(project), Ok((docker, engine))) => env::doctor(docker, engine, project).await,
+                _ => Vec::new(),
+            }
+        })
+    }
+}
