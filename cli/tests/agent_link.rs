@@ -12,8 +12,8 @@ use devloop_proxy::msg::{
     AgentMsg, LaptopMsg, LogLine, LogStream, Outcome, ProcessState, ProcessStatus, Welcome,
 };
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::DuplexStream;
 use std::time::Instant;
+use tokio::io::DuplexStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -76,7 +76,9 @@ async fn pair(first: Option<AgentMsg>) -> (Result<Connected, LinkError>, Ws) {
 #[tokio::test]
 async fn a_handshake_without_a_welcome_times_out() {
     let t = Instant::now();
-    let (link, _agent) = pair(None).await;
+    let (link, _agent) = tokio::time::timeout(Duration::from_secs(10), pair(None))
+        .await
+        .expect("the handshake has no limit");
     match link {
         Err(LinkError::Timeout(d)) => assert!(t.elapsed() >= d, "{:?} < {d:?}", t.elapsed()),
         other => panic!("expected a timeout, got {:?}", other.map(|_| ())),
@@ -114,13 +116,19 @@ async fn every_request_that_waits_for_an_answer_times_out() {
             (m, agent)
         });
         let t = Instant::now();
-        let err = match what {
-            "batch" => link.batch(Vec::new()).await.map(|_| ()),
-            "restart" => link.restart().await,
-            "index" => link.index().await.map(|_| ()),
-            _ => link.run(vec!["true".into()]).await.map(|_| ()),
-        }
-        .unwrap_err();
+        let request = async {
+            match what {
+                "batch" => link.batch(Vec::new()).await.map(|_| ()),
+                "restart" => link.restart().await,
+                "index" => link.index().await.map(|_| ()),
+                _ => link.run(vec!["true".into()]).await.map(|_| ()),
+            }
+        };
+        // A request with no limit would wait forever: this test fails instead of hanging.
+        let err = tokio::time::timeout(limit + Duration::from_secs(5), request)
+            .await
+            .unwrap_or_else(|_| panic!("{what} has no limit"))
+            .unwrap_err();
         assert!(
             matches!(err, LinkError::Timeout(d) if d == limit),
             "{what}: {err}"
@@ -198,8 +206,9 @@ async fn a_flood_of_unread_logs_does_not_hold_up_an_answer() {
         agent
     });
     let t = Instant::now();
-    link.batch(Vec::new())
+    tokio::time::timeout(Duration::from_secs(30), link.batch(Vec::new()))
         .await
+        .expect("the ack is stuck behind the unread logs")
         .expect("the ack behind the flood");
     assert!(t.elapsed() < Duration::from_secs(30));
     let _agent = flood.await.unwrap();
