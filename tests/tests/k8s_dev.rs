@@ -200,3 +200,126 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
     .filter(|b| b.contains("\"version\": \"1\"")))
     .is_some());
 }
+
+/// A Deployment whose container runs as uid 1000 (as many hardened images do): the dev pod's
+/// agent, which runs as that user too, reads its token, the seeded files and the laptop's
+/// are there, the service runs as 1000 and serves an edit.
+#[test]
+fn a_dev_pod_runs_as_the_containers_non_root_user() {
+    if !require_cluster("k8s dev pods as a non-root user") {
+        return;
+    }
+    let ns = Namespace::new("devuid");
+    deploy_shop(&ns);
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "deployment",
+        "api",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"api","securityContext":{"runAsUser":1000,"runAsGroup":1000}}]}}}}"#,
+    ]);
+    kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "rollout",
+        "status",
+        "deployment/api",
+        "--timeout=120s",
+    ]);
+    let before = deployment_spec(&ns, "api");
+    let mut shop = Shop::new("k8suid", false);
+    let cfg = shop.path().join("devloop.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n"),
+    )
+    .unwrap();
+    let kube = kubeconfig().unwrap();
+    let with_cluster = |shop: &Shop, args: &[&str]| {
+        let mut c = shop.cmd(&["-n", &ns.name]);
+        c.args(args).env("KUBECONFIG", &kube);
+        c
+    };
+    std::fs::write(shop.path().join("api/laptop-only.txt"), "from the laptop").unwrap();
+    let log = shop.state.path().join("up.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = with_cluster(&shop, &["up", "api"])
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    shop.adopt(child);
+    wait_for_log(&log, "in sync:", Duration::from_secs(240));
+    let in_pod = |cmd: &[&str]| -> Option<String> {
+        let pods = kubectl_ok(&[
+            "-n",
+            &ns.name,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=api",
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ]);
+        pods.split_whitespace().find_map(|p| {
+            let mut args = vec!["-n", &ns.name, "exec", p, "-c", "api", "--"];
+            args.extend_from_slice(cmd);
+            let o = kubectl(&args);
+            o.status
+                .success()
+                .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        })
+    };
+    let up_text = || std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        in_pod(&["cat", "/app/laptop-only.txt"]).as_deref(),
+        Some("from the laptop"),
+        "{}",
+        up_text()
+    );
+    // The agent and the service it supervises run as the container's user.
+    let users = in_pod(&[
+        "sh",
+        "-c",
+        "for p in /proc/[0-9]*; do stat -c %u $p; done | sort -u",
+    ])
+    .unwrap_or_default();
+    assert_eq!(
+        users, "1000",
+        "processes of the dev container run as: {users}"
+    );
+    let app = shop.path().join("api/app.py");
+    let src = std::fs::read_to_string(&app).unwrap();
+    std::fs::write(
+        &app,
+        src.replace("VERSION = \"1\"", "VERSION = \"uid-1000\""),
+    )
+    .unwrap();
+    assert!(
+        poll(Duration::from_secs(60), || get_from_web(
+            &ns,
+            "http://api:8000/items"
+        )
+        .filter(|b| b.contains("\"version\": \"uid-1000\"")))
+        .is_some(),
+        "the edit is not served:\n{}",
+        up_text()
+    );
+    let statuses = shop.interrupt_all();
+    assert!(
+        statuses.iter().all(|s| s.success()),
+        "{statuses:?}\n{}",
+        up_text()
+    );
+    let o = with_cluster(&shop, &["down"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        deployment_spec(&ns, "api"),
+        before,
+        "the spec after down differs from the original's"
+    );
+}

@@ -50,11 +50,12 @@ pub enum Rollout {
 /// `backend::docker::deploy`, Kubernetes in `backend::k8s::deployer`; the snapshot, the
 /// waves and the report are the same for every back end ([`run`]).
 pub trait Deployer: Send + Sync {
-    /// The local engine: every back end builds bases and snapshots in it.
-    fn engine(&self) -> &Docker;
+    /// The local engine: every back end builds bases and snapshots in it. An error when it
+    /// cannot be reached (reading versions on a cluster does not need it).
+    fn engine(&self) -> anyhow::Result<&Docker>;
 
-    /// Where snapshots go.
-    fn destination(&self) -> Destination<'_>;
+    /// Where snapshots go; an error when the back end has nowhere to put them.
+    fn destination(&self) -> anyhow::Result<Destination<'_>>;
 
     /// Brings a snapshot made in the engine where the rollout can use it (a cluster with no
     /// registry loads it with its tool). Nothing to do by default.

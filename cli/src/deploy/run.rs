@@ -97,15 +97,10 @@ pub async fn run(
     ui: &Ui,
 ) -> anyhow::Result<String> {
     let started = Instant::now();
-    let base = super::ensure_base(deployer.engine(), project, service, ui).await?;
-    let snap = super::snapshot(
-        deployer.engine(),
-        project,
-        service,
-        &base,
-        &deployer.destination(),
-    )
-    .await?;
+    let engine = deployer.engine()?;
+    let destination = deployer.destination()?;
+    let base = super::ensure_base(engine, project, service, ui).await?;
+    let snap = super::snapshot(engine, project, service, &base, &destination).await?;
     deployer.deliver(&snap).await?;
     let rollout = deployer.roll_out(project, service, &snap).await?;
     if !matches!(rollout, Rollout::Unchanged) {

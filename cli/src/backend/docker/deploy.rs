@@ -69,12 +69,12 @@ impl DockerDeployer {
 }
 
 impl crate::deploy::Deployer for DockerDeployer {
-    fn engine(&self) -> &Docker {
-        &self.docker
+    fn engine(&self) -> anyhow::Result<&Docker> {
+        Ok(&self.docker)
     }
 
-    fn destination(&self) -> crate::deploy::Destination<'_> {
-        crate::deploy::Destination::Engine
+    fn destination(&self) -> anyhow::Result<crate::deploy::Destination<'_>> {
+        Ok(crate::deploy::Destination::Engine)
     }
 
     fn remember<'a>(

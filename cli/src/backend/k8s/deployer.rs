@@ -21,11 +21,13 @@ use crate::sync::engine::Connector;
 use crate::ui::{ago, human_ms, Ui};
 
 pub struct KubeDeployer {
-    docker: Docker,
+    /// Snapshots are built in the local engine; `history` and `rollback` do without it.
+    docker: Result<Docker, String>,
     rollout: KubeRollout,
     /// The registry's client and its name for the nodes; None: images are loaded with the
-    /// local cluster's tool (kind, k3d, minikube) from the engine.
-    registry: Option<(Pusher, String)>,
+    /// local cluster's tool (kind, k3d, minikube) from the engine. An error when the cluster
+    /// has neither (said when a snapshot needs it: `history` and `rollback` do without).
+    registry: Result<Option<(Pusher, String)>, String>,
 }
 
 impl KubeDeployer {
@@ -37,16 +39,23 @@ impl KubeDeployer {
         health_timeout: Option<Duration>,
         watch: bool,
     ) -> anyhow::Result<KubeDeployer> {
-        let docker = crate::engine::connect(&crate::engine::choose()).await?;
-        let route = registry::route(&cluster, configured_registry).await?;
-        let watch_agent = if watch {
-            Some(super::swap::agent_image(&route, &crate::backend::read_agent_binary()?).await?)
-        } else {
-            None
+        let docker = crate::engine::connect(&crate::engine::choose())
+            .await
+            .map_err(|e| e.to_string());
+        let route = registry::route(&cluster, configured_registry).await;
+        let watch_agent = match (&route, watch) {
+            (Ok(route), true) => {
+                Some(super::swap::agent_image(route, &crate::backend::read_agent_binary()?).await?)
+            }
+            (Err(e), true) => anyhow::bail!("{e:#}"),
+            (_, false) => None,
         };
         let registry = match route {
-            registry::ImageRoute::Registry(reg) => Some((Pusher::new(&reg.push)?, reg.pull)),
-            registry::ImageRoute::Load { .. } => None,
+            Ok(registry::ImageRoute::Registry(reg)) => Pusher::new(&reg.push)
+                .map(|p| Some((p, reg.pull)))
+                .map_err(|e| e.to_string()),
+            Ok(registry::ImageRoute::Load { .. }) => Ok(None),
+            Err(e) => Err(format!("{e:#}")),
         };
         Ok(KubeDeployer {
             docker,
@@ -71,20 +80,21 @@ impl KubeDeployer {
 }
 
 impl Deployer for KubeDeployer {
-    fn engine(&self) -> &Docker {
-        &self.docker
+    fn engine(&self) -> anyhow::Result<&Docker> {
+        self.docker.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
     }
 
-    fn destination(&self) -> Destination<'_> {
+    fn destination(&self) -> anyhow::Result<Destination<'_>> {
         match &self.registry {
-            Some((pusher, pull)) => Destination::Registry { pusher, pull },
-            None => Destination::Engine,
+            Ok(Some((pusher, pull))) => Ok(Destination::Registry { pusher, pull }),
+            Ok(None) => Ok(Destination::Engine),
+            Err(e) => anyhow::bail!("{e}"),
         }
     }
 
     fn deliver<'a>(&'a self, snapshot: &'a Snapshot) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            if self.registry.is_none() {
+            if matches!(self.registry, Ok(None)) {
                 // No registry: the snapshot made in the engine goes to the cluster with its tool.
                 registry::load_into_cluster(&self.cluster().context, &snapshot.image).await?;
             }
