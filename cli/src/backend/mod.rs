@@ -35,8 +35,8 @@ pub struct DevEnv {
 
 /// What the messages of `up` and `sync` call a back end's things.
 pub struct Words {
-    /// "containers", "dev pods".
-    pub envs: &'static str,
+    /// "containers", "dev pods in namespace shop".
+    pub envs: String,
     /// What `up --stop-on-exit` does on Ctrl-C ("stops the containers").
     pub on_stop: &'static str,
     /// What Ctrl-C leaves otherwise.

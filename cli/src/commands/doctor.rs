@@ -46,12 +46,6 @@ pub async fn doctor(global: &Global) -> anyhow::Result<()> {
                 ),
                 Err(e) => r.fail("docker engine", e.to_string(), "check `docker version`"),
             }
-            if !choice.is_local() {
-                r.note(
-                    "agent route",
-                    "remote engine: the cli reaches agents through `docker exec` streams",
-                );
-            }
             Some(d)
         }
         Err(e) => {

@@ -33,7 +33,7 @@ pub async fn up(global: &Global, opts: UpOptions) -> anyhow::Result<()> {
     eprintln!(
         "devloop: syncing {} into their {}; Ctrl-C stops syncing and {}",
         started.join(", "),
-        words.envs,
+        &words.envs,
         match on_exit {
             OnExit::Keep => words.on_keep,
             OnExit::Stop => words.on_stop,

@@ -43,7 +43,7 @@ impl DockerBackend {
 impl Backend for DockerBackend {
     fn words(&self) -> Words {
         Words {
-            envs: "containers",
+            envs: "containers".into(),
             on_stop: "stops the containers",
             on_keep: "leaves the containers running (--stop-on-exit stops them)",
         }
@@ -140,10 +140,20 @@ impl Backend for DockerBackend {
     /// builds images in it).
     fn doctor<'a>(&'a self, project: Option<&'a Project>) -> BoxFuture<'a, Vec<Check>> {
         Box::pin(async move {
-            match (project, self.engine().await) {
-                (Some(project), Ok((docker, engine))) => env::doctor(docker, engine, project).await,
-                _ => Vec::new(),
+            let Ok((docker, engine)) = self.engine().await else {
+                return Vec::new(); // `doctor` reports the engine itself
+            };
+            let mut checks = Vec::new();
+            if !engine.is_local() {
+                checks.push(Check::note(
+                    "agent route",
+                    "remote engine: the cli reaches agents through `docker exec` streams",
+                ));
             }
+            if let Some(project) = project {
+                checks.extend(env::doctor(docker, engine, project).await);
+            }
+            checks
         })
     }
 }

@@ -43,7 +43,10 @@ impl KubeBackend {
 impl Backend for KubeBackend {
     fn words(&self) -> Words {
         Words {
-            envs: "dev pods",
+            envs: match self.cluster.get() {
+                Some(c) => format!("dev pods in namespace {}", c.namespace),
+                None => "dev pods".into(),
+            },
             on_stop: "switches the Deployments back",
             on_keep:
                 "leaves the pods in dev mode (`devloop down` or --stop-on-exit switches them back)",
