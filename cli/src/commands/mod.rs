@@ -8,7 +8,7 @@ pub mod status;
 pub mod up;
 pub mod watch;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::backend::{self, Backend};
 use crate::config::Project;
@@ -36,8 +36,4 @@ pub fn backend(global: &Global, project: Option<&Project>) -> Box<dyn Backend> {
 pub fn load_project(global: &Global) -> anyhow::Result<Project> {
     let dir = crate::config::find_project_dir(&global.dir)?;
     Ok(crate::config::load(&dir)?)
-}
-
-pub fn display(p: &Path) -> String {
-    p.display().to_string()
 }

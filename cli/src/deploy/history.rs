@@ -49,6 +49,28 @@ pub fn save(project: &str, service: &str, history: &History) -> std::io::Result<
     )
 }
 
+/// The service's history with `snap` recorded as the version that runs now (not saved yet:
+/// the back end first decides which old versions it drops, see [`forget_and_save`]).
+pub fn with_rollout(project: &str, service: &str, snap: &super::Snapshot) -> History {
+    let mut h = load(project, service);
+    h.record(
+        &snap.tag,
+        &snap.image,
+        snap.digest.clone(),
+        crate::state::now_ms(),
+    );
+    h
+}
+
+/// Forgets the versions tagged `gone` and saves the history. A history that cannot be saved
+/// is logged, not an error: the deploy it describes succeeded.
+pub fn forget_and_save(project: &str, service: &str, mut h: History, gone: &[String]) {
+    h.forget(gone);
+    if let Err(e) = save(project, service, &h) {
+        tracing::warn!(error = %e, "cannot save the deploy history");
+    }
+}
+
 /// A digest per path, enough to compare two trees.
 pub fn digest(tree: &Tree) -> BTreeMap<String, String> {
     tree.iter()

@@ -19,13 +19,7 @@ use crate::ui::{ago, human_ms, Ui};
 
 /// Records the version and prunes what is beyond `keep` (images no container uses).
 pub async fn remember(d: &DockerDeployer, project: &Project, service: &Service, snap: &Snapshot) {
-    let mut h = history::load(&project.name, &service.name);
-    h.record(
-        &snap.tag,
-        &snap.image,
-        snap.digest.clone(),
-        crate::state::now_ms(),
-    );
+    let h = history::with_rollout(&project.name, &service.name, snap);
     let old = h.beyond(project.keep_versions);
     let mut pruned = Vec::new();
     for v in &old {
@@ -45,10 +39,7 @@ pub async fn remember(d: &DockerDeployer, project: &Project, service: &Service, 
             Err(e) => tracing::info!(image = %v.image, error = %e, "kept an old version (in use?)"),
         }
     }
-    h.forget(&pruned);
-    if let Err(e) = history::save(&project.name, &service.name, &h) {
-        tracing::warn!(error = %e, "cannot save the deploy history");
-    }
+    history::forget_and_save(&project.name, &service.name, h, &pruned);
 }
 
 pub async fn history(

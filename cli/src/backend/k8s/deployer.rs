@@ -211,18 +211,13 @@ impl Deployer for KubeDeployer {
 /// Records what changed in the version just rolled out to a cluster (for `history`), with
 /// no image pruning: the cluster keeps its revisions.
 fn remember(project: &Project, service: &Service, snap: &Snapshot) {
-    let mut h = history::load(&project.name, &service.name);
-    h.record(
-        &snap.tag,
-        &snap.image,
-        snap.digest.clone(),
-        crate::state::now_ms(),
-    );
-    let old = h.beyond(project.keep_versions.max(10));
-    h.forget(&old.iter().map(|v| v.tag.clone()).collect::<Vec<_>>());
-    if let Err(e) = history::save(&project.name, &service.name, &h) {
-        tracing::warn!(error = %e, "cannot save the deploy history");
-    }
+    let h = history::with_rollout(&project.name, &service.name, snap);
+    let old: Vec<String> = h
+        .beyond(project.keep_versions.max(10))
+        .into_iter()
+        .map(|v| v.tag)
+        .collect();
+    history::forget_and_save(&project.name, &service.name, h, &old);
 }
 
 /// `history` on Kubernetes: the Deployment's revisions (its ReplicaSets), newest first,
