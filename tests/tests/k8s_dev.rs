@@ -6,17 +6,14 @@
 
 use devloop_tests::k8s::*;
 use devloop_tests::*;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
-#[test]
-fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
-    if !require_cluster("k8s dev pods") {
-        return;
-    }
-    let ns = Namespace::new("dev");
-    deploy_shop(&ns);
-    let before = deployment_spec(&ns, "api");
-    let mut shop = Shop::new("k8sdev", false);
+/// The example as a Kubernetes project (the namespace comes from `-n`), with a file only the
+/// laptop has: the first reconcile must send it.
+fn kube_shop(name: &str) -> Shop {
+    let shop = Shop::new(name, false);
     let cfg = shop.path().join("devloop.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
@@ -24,26 +21,39 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
         text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n"),
     )
     .unwrap();
-    let kube = kubeconfig().unwrap();
-    let with_cluster = |shop: &Shop, args: &[&str]| {
-        let mut c = shop.cmd(&["-n", &ns.name]);
-        c.args(args).env("KUBECONFIG", &kube);
-        c
-    };
-
-    // A file only the laptop has: the first reconcile must send it.
     std::fs::write(shop.path().join("api/laptop-only.txt"), "from the laptop").unwrap();
-    let log = shop.state.path().join("up.log");
-    let f = std::fs::File::create(&log).unwrap();
-    let child = with_cluster(&shop, &["up", "api"])
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap();
+    shop
+}
+
+/// `devloop -n NS ARGS` on the cluster.
+fn devloop(shop: &Shop, ns: &Namespace, args: &[&str]) -> Command {
+    let mut c = shop.cmd(&["-n", &ns.name]);
+    c.args(args).env("KUBECONFIG", kubeconfig().unwrap());
+    c
+}
+
+/// Starts `devloop up api`, its output in `name` under the state folder, and waits until it
+/// is in sync.
+fn up_api(shop: &mut Shop, ns: &Namespace, name: &str, wait: Duration) -> PathBuf {
+    let log = shop.state.path().join(name);
+    let child = spawn_logged(devloop(shop, ns, &["up", "api"]), &log);
     shop.adopt(child);
-    wait_for_log(&log, "in sync:", Duration::from_secs(240));
-    let up_text = std::fs::read_to_string(&log).unwrap();
-    assert!(up_text.contains("switched to dev mode"), "{up_text}");
+    wait_for_log(&log, "in sync:", wait);
+    log
+}
+
+/// `cmd` run in the api container of `pod`: its output, when it succeeded.
+fn in_api(ns: &Namespace, pod: &str, cmd: &[&str]) -> Option<String> {
+    let mut args = vec!["-n", &ns.name, "exec", pod, "-c", "api", "--"];
+    args.extend_from_slice(cmd);
+    let o = kubectl(&args);
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// The api pod the laptop's file reached (the dev pod); None when it is in none of them.
+fn dev_pod(ns: &Namespace) -> Option<String> {
     let pods = kubectl_ok(&[
         "-n",
         &ns.name,
@@ -54,24 +64,26 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
         "-o",
         "jsonpath={.items[*].metadata.name}",
     ]);
-    let pod = pods.split_whitespace().find(|p| {
-        kubectl(&[
-            "-n",
-            &ns.name,
-            "exec",
-            p,
-            "-c",
-            "api",
-            "--",
-            "cat",
-            "/app/laptop-only.txt",
-        ])
-        .status
-        .success()
-    });
+    pods.split_whitespace()
+        .find(|p| in_api(ns, p, &["cat", "/app/laptop-only.txt"]).is_some())
+        .map(String::from)
+}
+
+#[test]
+fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
+    if !require_cluster("k8s dev pods") {
+        return;
+    }
+    let ns = Namespace::new("dev");
+    deploy_shop(&ns);
+    let before = deployment_spec(&ns, "api");
+    let mut shop = kube_shop("k8sdev");
+    let log = up_api(&mut shop, &ns, "up.log", Duration::from_secs(240));
+    let up_text = std::fs::read_to_string(&log).unwrap();
+    assert!(up_text.contains("switched to dev mode"), "{up_text}");
     assert!(
-        pod.is_some(),
-        "the laptop-only file is not in any api pod ({pods}):\n{up_text}"
+        dev_pod(&ns).is_some(),
+        "the laptop-only file is not in any api pod:\n{up_text}"
     );
     // The image's files were there before the sync (seeded), and the original command runs
     // under the agent: web gets the api's answer.
@@ -107,7 +119,7 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
     wait_for_log(&log, "GET /items", Duration::from_secs(30));
 
     // A deploy would change the dev pod's template under the sync: refused.
-    let o = with_cluster(&shop, &["deploy", "api"]).output().unwrap();
+    let o = devloop(&shop, &ns, &["deploy", "api"]).output().unwrap();
     let refused =
         String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -116,7 +128,7 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
     );
 
     // status says what runs where: the dev pod, the agent's process, who syncs.
-    let o = with_cluster(&shop, &["status"]).output().unwrap();
+    let o = devloop(&shop, &ns, &["status"]).output().unwrap();
     let status = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         o.status.success(),
@@ -139,15 +151,7 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
 
     // `up` again finds the dev pod and syncs into it; `down` from another shell while it runs
     // ends dev mode, and that `up` stops saying so rather than waiting for the pod.
-    let log = shop.state.path().join("up-again.log");
-    let f = std::fs::File::create(&log).unwrap();
-    let child = with_cluster(&shop, &["up", "api"])
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap();
-    shop.adopt(child);
-    wait_for_log(&log, "in sync:", Duration::from_secs(120));
+    let log = up_api(&mut shop, &ns, "up-again.log", Duration::from_secs(120));
     assert!(
         std::fs::read_to_string(&log)
             .unwrap()
@@ -155,7 +159,7 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
         "{}",
         std::fs::read_to_string(&log).unwrap()
     );
-    let o = with_cluster(&shop, &["down"]).output().unwrap();
+    let o = devloop(&shop, &ns, &["down"]).output().unwrap();
     let down = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.success() && down.contains("deployment/api restored"),
@@ -167,7 +171,7 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
         statuses.iter().all(|s| !s.success()),
         "up did not fail when dev mode ended elsewhere: {statuses:?}"
     );
-    let o = with_cluster(&shop, &["status"]).output().unwrap();
+    let o = devloop(&shop, &ns, &["status"]).output().unwrap();
     let status = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         status.contains("deployment/api (image ") && !status.contains("dev pod"),
@@ -229,64 +233,27 @@ fn a_dev_pod_runs_as_the_containers_non_root_user() {
         "--timeout=120s",
     ]);
     let before = deployment_spec(&ns, "api");
-    let mut shop = Shop::new("k8suid", false);
-    let cfg = shop.path().join("devloop.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n"),
-    )
-    .unwrap();
-    let kube = kubeconfig().unwrap();
-    let with_cluster = |shop: &Shop, args: &[&str]| {
-        let mut c = shop.cmd(&["-n", &ns.name]);
-        c.args(args).env("KUBECONFIG", &kube);
-        c
-    };
-    std::fs::write(shop.path().join("api/laptop-only.txt"), "from the laptop").unwrap();
-    let log = shop.state.path().join("up.log");
-    let f = std::fs::File::create(&log).unwrap();
-    let child = with_cluster(&shop, &["up", "api"])
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap();
-    shop.adopt(child);
-    wait_for_log(&log, "in sync:", Duration::from_secs(240));
-    let in_pod = |cmd: &[&str]| -> Option<String> {
-        let pods = kubectl_ok(&[
-            "-n",
-            &ns.name,
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=api",
-            "--field-selector=status.phase=Running",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ]);
-        pods.split_whitespace().find_map(|p| {
-            let mut args = vec!["-n", &ns.name, "exec", p, "-c", "api", "--"];
-            args.extend_from_slice(cmd);
-            let o = kubectl(&args);
-            o.status
-                .success()
-                .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        })
-    };
+    let mut shop = kube_shop("k8suid");
+    let log = up_api(&mut shop, &ns, "up.log", Duration::from_secs(240));
     let up_text = || std::fs::read_to_string(&log).unwrap();
+    let pod = dev_pod(&ns)
+        .unwrap_or_else(|| panic!("the laptop-only file is not in any api pod:\n{}", up_text()));
     assert_eq!(
-        in_pod(&["cat", "/app/laptop-only.txt"]).as_deref(),
+        in_api(&ns, &pod, &["cat", "/app/laptop-only.txt"]).as_deref(),
         Some("from the laptop"),
         "{}",
         up_text()
     );
     // The agent and the service it supervises run as the container's user.
-    let users = in_pod(&[
-        "sh",
-        "-c",
-        "for p in /proc/[0-9]*; do stat -c %u $p; done | sort -u",
-    ])
+    let users = in_api(
+        &ns,
+        &pod,
+        &[
+            "sh",
+            "-c",
+            "for p in /proc/[0-9]*; do stat -c %u $p; done | sort -u",
+        ],
+    )
     .unwrap_or_default();
     assert_eq!(
         users, "1000",
@@ -315,7 +282,7 @@ fn a_dev_pod_runs_as_the_containers_non_root_user() {
         "{statuses:?}\n{}",
         up_text()
     );
-    let o = with_cluster(&shop, &["down"]).output().unwrap();
+    let o = devloop(&shop, &ns, &["down"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         deployment_spec(&ns, "api"),
