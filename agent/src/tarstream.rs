@@ -13,7 +13,7 @@ use devloop_proxy::RelPath;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::apply::Root;
+use crate::apply::{Parents, Root};
 use crate::error::AgentError;
 
 /// Chunks buffered between the connection and the blocking reader.
@@ -96,6 +96,7 @@ pub fn apply_tar(root: &Root, reader: impl Read) -> Result<u64, AgentError> {
         between: between.clone(),
     });
     let mut applied = 0u64;
+    let mut parents = Parents::default();
     let mut entries = archive.entries().map_err(AgentError::Tar)?;
     loop {
         // Finding the next entry reads what is left of this one, then headers and names.
@@ -120,7 +121,7 @@ pub fn apply_tar(root: &Root, reader: impl Read) -> Result<u64, AgentError> {
         if kind.is_file() || kind == tar::EntryType::Continuous {
             let size = entry.size();
             let mode = mode()?;
-            root.put_with(&path, mode, |file| {
+            root.put_in(&mut parents, &path, mode, |file| {
                 // tar's entry reader ends quietly at the end of the stream: a short copy
                 // means the stream was cut inside this entry.
                 let copied = io::copy(&mut entry, file)?;
@@ -134,6 +135,7 @@ pub fn apply_tar(root: &Root, reader: impl Read) -> Result<u64, AgentError> {
                 }
             })?;
         } else if kind.is_dir() {
+            parents.forget();
             root.mkdir(&path, mode()?)?;
         } else if kind.is_symlink() {
             let refuse = |reason: &str| AgentError::TarEntry {
@@ -148,6 +150,7 @@ pub fn apply_tar(root: &Root, reader: impl Read) -> Result<u64, AgentError> {
                 .to_str()
                 .ok_or_else(|| refuse("symlink target is not UTF-8"))?
                 .to_string();
+            parents.forget();
             root.symlink(&path, &target)?;
         } else {
             tracing::debug!(entry = %path, kind = ?kind, "tar: entry kind not synced, skipped");
