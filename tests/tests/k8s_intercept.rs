@@ -251,7 +251,10 @@ fn a_killed_cli_leaves_an_intercept_that_leave_all_restores() {
         "the spec after leave differs from the original's"
     );
     let none = run_ok(devloop(&ns, elsewhere.path(), &["intercept", "list"]));
-    assert!(none.contains("no active intercepts"), "{none}");
+    assert!(
+        none.contains(&format!("no active intercepts in namespace {}", ns.name)),
+        "{none}"
+    );
 }
 
 #[test]

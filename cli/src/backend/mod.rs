@@ -41,6 +41,9 @@ pub struct Words {
     pub on_stop: &'static str,
     /// What Ctrl-C leaves otherwise.
     pub on_keep: &'static str,
+    /// Where the back end acts, for messages that name no service ("in namespace shop
+    /// (context kind)"); empty when that is this machine's Docker engine.
+    pub place: String,
 }
 
 /// What a back end does. Docker implements it in [`docker::DockerBackend`], Kubernetes in

@@ -19,11 +19,15 @@ pub async fn intercept(global: &super::Global, opts: InterceptOptions) -> anyhow
 
 pub async fn list(global: &super::Global) -> anyhow::Result<()> {
     let project = super::load_project(global).ok();
-    let lines = super::backend(global, project.as_ref())
-        .intercepts()
-        .await?;
+    let backend = super::backend(global, project.as_ref());
+    let lines = backend.intercepts().await?;
     if lines.is_empty() {
-        println!("no active intercepts");
+        let place = backend.words().place;
+        if place.is_empty() {
+            println!("no active intercepts");
+        } else {
+            println!("no active intercepts {place}");
+        }
     }
     for line in lines {
         println!("{line}");

@@ -46,6 +46,7 @@ impl Backend for DockerBackend {
             envs: "containers".into(),
             on_stop: "stops the containers",
             on_keep: "leaves the containers running (--stop-on-exit stops them)",
+            place: String::new(),
         }
     }
 

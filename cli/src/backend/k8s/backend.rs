@@ -50,6 +50,10 @@ impl Backend for KubeBackend {
             on_stop: "switches the Deployments back",
             on_keep:
                 "leaves the pods in dev mode (`devloop down` or --stop-on-exit switches them back)",
+            place: match self.cluster.get() {
+                Some(c) => format!("in namespace {} (context {})", c.namespace, c.context),
+                None => String::new(),
+            },
         }
     }
 
