@@ -11,6 +11,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guard;
+pub mod http;
 pub mod index;
 pub mod intercept;
 pub mod lease;

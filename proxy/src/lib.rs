@@ -16,6 +16,7 @@ pub mod fuzzing;
 pub mod handoff;
 pub mod msg;
 pub mod path;
+pub mod route;
 pub mod tree;
 pub mod tunnel;
 

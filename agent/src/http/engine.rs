@@ -1,0 +1,427 @@
+//! The per-request engine: serves one accepted connection of an intercepted service.
+//!
+//! ```text
+//! accept -> detect (HTTP/1 | h2c | other)
+//!        -> per request: Table::route -> the original, or the holder that takes it
+//!        -> one event per request (Event), for the request line and later consumers
+//! ```
+//!
+//! HTTP/1.1 and HTTP/2 are served by hyper, and forwarded with hyper's client over a
+//! connection of the same version to the chosen destination. Each caller connection keeps its
+//! own upstream connection per destination, so a keep-alive connection to a destination
+//! never carries requests of two routes, and HTTP/1 requests stay in order. Bodies and
+//! trailers stream through as frames (nothing is buffered whole), so gRPC's trailers and
+//! streaming calls pass as they are. An upgrade (WebSocket) goes where its request goes,
+//! and the rest of the connection is copied as bytes both ways. A connection that is not
+//! HTTP goes to the original as bytes.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use devloop_proxy::route::RequestHead;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper::server::conn::{http1 as server1, http2 as server2};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{broadcast, Mutex};
+
+use super::detect::{detect, Protocol};
+use super::table::{BoxIo, Dialer, Holder, Table};
+
+/// How long a connection may stay silent before its first request (nginx's
+/// `client_header_timeout` default).
+pub const FIRST_REQUEST_IDLE: Duration = Duration::from_secs(60);
+
+/// Events kept for a slow consumer before it starts missing some (it is told how many).
+pub const EVENT_BUFFER: usize = 4096;
+
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// What the engine reports: one event per request, and notices.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Request(RequestEvent),
+    /// The first connection of a filtered port that was not HTTP (it went to the original).
+    NotHttp {
+        peer: String,
+    },
+}
+
+/// One request, once its answer's head came back (or it failed).
+#[derive(Debug, Clone)]
+pub struct RequestEvent {
+    /// The holder that took it; `None`: the original.
+    pub holder: Option<u64>,
+    pub method: String,
+    pub path: String,
+    /// The answer's status; 502 when the destination could not be reached.
+    pub status: u16,
+    /// From the request's head to the answer's head.
+    pub elapsed: Duration,
+    /// `Some` when the destination failed: what happened.
+    pub error: Option<String>,
+}
+
+/// The engine of one service: its routing table and its event stream.
+pub struct Engine {
+    table: Arc<Table>,
+    events: broadcast::Sender<Event>,
+    told_not_http: AtomicBool,
+}
+
+impl Engine {
+    pub fn new(table: Arc<Table>) -> Arc<Self> {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Arc::new(Engine {
+            table,
+            events,
+            told_not_http: AtomicBool::new(false),
+        })
+    }
+
+    pub fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: Event) {
+        // No receiver is not an error: nobody is looking.
+        let _ = self.events.send(event);
+    }
+
+    /// Serves one caller connection until it closes.
+    pub async fn serve<S>(self: Arc<Self>, mut stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (protocol, first) = match detect(&mut stream, FIRST_REQUEST_IDLE).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(%peer, "connection ended before a request: {e}");
+                return;
+            }
+        };
+        let io = Replay::new(first, stream);
+        let conn = Arc::new(Conn {
+            engine: self.clone(),
+            upstream: Mutex::new(HashMap::new()),
+        });
+        match protocol {
+            Protocol::Http1 => {
+                let svc = service_fn(move |req| {
+                    let conn = conn.clone();
+                    async move { Ok::<_, Infallible>(conn.forward(req, Version::Http1).await) }
+                });
+                let served = server1::Builder::new()
+                    .preserve_header_case(true)
+                    .serve_connection(TokioIo::new(io), svc)
+                    .with_upgrades()
+                    .await;
+                if let Err(e) = served {
+                    tracing::debug!(%peer, "HTTP/1 connection: {e}");
+                }
+            }
+            Protocol::Http2 => {
+                let svc = service_fn(move |req| {
+                    let conn = conn.clone();
+                    async move { Ok::<_, Infallible>(conn.forward(req, Version::Http2).await) }
+                });
+                let served = server2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+                if let Err(e) = served {
+                    tracing::debug!(%peer, "HTTP/2 connection: {e}");
+                }
+            }
+            Protocol::Other => {
+                if !self.told_not_http.swap(true, Ordering::Relaxed) {
+                    self.emit(Event::NotHttp { peer: peer.clone() });
+                }
+                self.relay_bytes(io, &peer).await;
+            }
+        }
+    }
+
+    /// A connection that is not HTTP: to the original, as bytes.
+    async fn relay_bytes<S: AsyncRead + AsyncWrite + Unpin>(&self, mut io: S, peer: &str) {
+        let mut upstream = match self.table.original().dial().await {
+            Ok(up) => up,
+            Err(e) => {
+                tracing::warn!(%peer, "the original did not answer: {e}");
+                return;
+            }
+        };
+        let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+        let _ = upstream.shutdown().await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    Http1,
+    Http2,
+}
+
+/// Where one request is sent: the original (`None`) or a holder's id.
+type Dest = Option<u64>;
+
+enum Upstream {
+    Http1(client1::SendRequest<Incoming>),
+    Http2(client2::SendRequest<Incoming>),
+}
+
+/// One caller connection's state: its upstream connections, one per destination.
+struct Conn {
+    engine: Arc<Engine>,
+    upstream: Mutex<HashMap<Dest, Upstream>>,
+}
+
+/// A request's head as the filters see it.
+struct Head<'a>(&'a Request<Incoming>);
+
+impl RequestHead for Head<'_> {
+    fn method(&self) -> &str {
+        self.0.method().as_str()
+    }
+
+    fn path(&self) -> &str {
+        self.0.uri().path()
+    }
+
+    fn header_values<'a>(&'a self, name: &str) -> Box<dyn Iterator<Item = &'a [u8]> + 'a> {
+        Box::new(
+            self.0
+                .headers()
+                .get_all(name)
+                .into_iter()
+                .map(|v| v.as_bytes()),
+        )
+    }
+}
+
+impl Conn {
+    async fn forward(&self, mut req: Request<Incoming>, version: Version) -> Response<Body> {
+        let started = Instant::now();
+        let decision = self.engine.table.route(&Head(&req));
+        let holder: Option<Arc<Holder>> = decision.taker;
+        let dest = holder.as_ref().map(|h| h.id);
+        if let Some(h) = &holder {
+            h.counts.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let dialer: Arc<dyn Dialer> = match &holder {
+            Some(h) => h.dialer.clone(),
+            None => self.engine.table.original().clone(),
+        };
+        let upgrade = (version == Version::Http1
+            && req.headers().contains_key(hyper::header::UPGRADE))
+        .then(|| hyper::upgrade::on(&mut req));
+        let answer = self.send(dest, &*dialer, req, version).await;
+        let (response, error) = match answer {
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(down) = upgrade {
+                        let up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            if let (Ok(down), Ok(up)) = (down.await, up.await) {
+                                let mut down = TokioIo::new(down);
+                                let mut up = TokioIo::new(up);
+                                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                            }
+                        });
+                    }
+                }
+                (resp.map(Either::Left), None)
+            }
+            Err(e) => {
+                let text = format!("devloop: {} did not answer: {e}\n", dialer.name());
+                let resp = Response::builder()
+                    .status(StatusCode::BAD_GATEWAY)
+                    .header(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                    .body(Either::Right(Full::new(Bytes::from(text))))
+                    .unwrap_or_else(|_| Response::new(Either::Right(Full::default())));
+                (resp, Some(e.to_string()))
+            }
+        };
+        self.engine.emit(Event::Request(RequestEvent {
+            holder: dest,
+            method,
+            path,
+            status: response.status().as_u16(),
+            elapsed: started.elapsed(),
+            error,
+        }));
+        response
+    }
+
+    /// Sends `req` to `dest` over this connection's upstream connection to it, opening one
+    /// (or a new one, when the last has closed) as needed.
+    async fn send(
+        &self,
+        dest: Dest,
+        dialer: &dyn Dialer,
+        req: Request<Incoming>,
+        version: Version,
+    ) -> io::Result<Response<Incoming>> {
+        let taken = self.upstream.lock().await.remove(&dest);
+        let mut upstream = match taken {
+            Some(Upstream::Http1(mut s)) if version == Version::Http1 => match s.ready().await {
+                Ok(()) => Upstream::Http1(s),
+                Err(_) => connect(dialer, version).await?,
+            },
+            Some(Upstream::Http2(mut s)) if version == Version::Http2 => match s.ready().await {
+                Ok(()) => Upstream::Http2(s),
+                Err(_) => connect(dialer, version).await?,
+            },
+            _ => connect(dialer, version).await?,
+        };
+        let upgrading = req.headers().contains_key(hyper::header::UPGRADE);
+        let sent = match &mut upstream {
+            Upstream::Http1(s) => s.send_request(req).await,
+            Upstream::Http2(s) => {
+                // HTTP/2 multiplexes: the connection serves other requests meanwhile.
+                let mut s2 = s.clone();
+                self.upstream
+                    .lock()
+                    .await
+                    .insert(dest, Upstream::Http2(s.clone()));
+                return s2
+                    .send_request(req)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()));
+            }
+        };
+        let resp = sent.map_err(|e| io::Error::other(e.to_string()))?;
+        // An upgraded connection carries no more requests.
+        if !(upgrading && resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
+            self.upstream.lock().await.insert(dest, upstream);
+        }
+        Ok(resp)
+    }
+}
+
+async fn connect(dialer: &dyn Dialer, version: Version) -> io::Result<Upstream> {
+    let io = TokioIo::new(dialer.dial().await?);
+    match version {
+        Version::Http1 => {
+            let (sender, conn) = client1::Builder::new()
+                .preserve_header_case(true)
+                .handshake::<_, Incoming>(io)
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            Ok(Upstream::Http1(sender))
+        }
+        Version::Http2 => {
+            let (sender, conn) = client2::Builder::new(TokioExecutor::new())
+                .handshake::<_, Incoming>(io)
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(Upstream::Http2(sender))
+        }
+    }
+}
+
+/// A stream with bytes already read from it (by [`detect`]) put back in front.
+pub struct Replay<S> {
+    first: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Replay<S> {
+    pub fn new(first: Vec<u8>, inner: S) -> Self {
+        Replay {
+            first,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.first.len() {
+            let n = (self.first.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.first[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The original, reached over TCP.
+pub struct TcpDialer {
+    pub addr: std::net::SocketAddr,
+    pub label: String,
+}
+
+impl Dialer for TcpDialer {
+    fn dial(&self) -> futures_util::future::BoxFuture<'_, io::Result<BoxIo>> {
+        Box::pin(async move {
+            let s = tokio::net::TcpStream::connect(self.addr).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::pin(s) as BoxIo)
+        })
+    }
+
+    fn name(&self) -> String {
+        self.label.clone()
+    }
+}

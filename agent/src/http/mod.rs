@@ -1,0 +1,10 @@
+//! The agent's HTTP engine: the per-request layer that personal intercepts (and later
+//! mirroring, recording, mocks and splits) are built on.
+//!
+//! - [`detect`]: HTTP/1, h2c or something else, from a connection's first bytes.
+//! - [`table`]: the routing table of one service (holders, their filters, destinations).
+//! - [`engine`]: serves a connection, routes each request, emits one event per request.
+
+pub mod detect;
+pub mod engine;
+pub mod table;

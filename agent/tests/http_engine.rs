@@ -1,0 +1,367 @@
+//! The HTTP engine on real sockets with a real client (curl): requests of one connection
+//! routed one by one, HTTP/1.1 and h2c, upgrades, a connection that is not HTTP, and a holder
+//! whose laptop is gone.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use devloop_agent::http::detect::{detect, Protocol};
+use devloop_agent::http::engine::{Engine, Event, Replay, TcpDialer};
+use devloop_agent::http::table::{Mode, Table};
+use devloop_proxy::route::{Filter, HeaderMatch, PathMatch};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A destination: answers every request with `NAME METHOD PATH`, echoes a WebSocket's
+/// messages with `NAME: ` in front, and echoes the bytes of a connection that is not HTTP.
+async fn backend(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok((p, first)) = detect(&mut s, Duration::from_secs(10)).await else {
+                    return;
+                };
+                let io = Replay::new(first, s);
+                let svc = service_fn(move |req| answer(name, req));
+                match p {
+                    Protocol::Http1 => {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(io), svc)
+                            .with_upgrades()
+                            .await;
+                    }
+                    Protocol::Http2 => {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(io), svc)
+                            .await;
+                    }
+                    Protocol::Other => {
+                        let (mut r, mut w) = tokio::io::split(io);
+                        let _ = w.write_all(format!("{name} echoes: ").as_bytes()).await;
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn answer(
+    name: &'static str,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if let Some(key) = req.headers().get("sec-websocket-key") {
+        let accept = derive_accept_key(key.as_bytes());
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(up) = upgrade.await else { return };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(up),
+                Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(Message::Text(t))) = ws.next().await {
+                let _ = ws.send(Message::text(format!("{name}: {t}"))).await;
+            }
+        });
+        return Ok(Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(Full::default())
+            .unwrap());
+    }
+    let text = format!("{name} {} {}\n", req.method(), req.uri().path());
+    Ok(Response::new(Full::new(Bytes::from(text))))
+}
+
+struct Setup {
+    engine: Arc<Engine>,
+    addr: SocketAddr,
+}
+
+/// The engine on a listener, the original behind it, and no holder yet.
+async fn engine() -> Setup {
+    let original = backend("original").await;
+    let table = Arc::new(Table::new(Arc::new(TcpDialer {
+        addr: original,
+        label: "the original".into(),
+    })));
+    let engine = Engine::new(table);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let e = engine.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, peer)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(e.clone().serve(s, peer.to_string()));
+        }
+    });
+    Setup { engine, addr }
+}
+
+async fn hold(setup: &Setup, id: u64, name: &'static str, filter: Filter) {
+    let laptop = backend(name).await;
+    setup
+        .engine
+        .table()
+        .add(
+            id,
+            Mode::Take,
+            &filter,
+            Arc::new(TcpDialer {
+                addr: laptop,
+                label: name.into(),
+            }),
+        )
+        .unwrap();
+}
+
+fn header(arg: &str) -> Filter {
+    Filter {
+        headers: vec![HeaderMatch::parse(arg).unwrap()],
+        ..Filter::default()
+    }
+}
+
+/// Runs curl (blocking, off the runtime) and returns its standard output.
+async fn curl(args: Vec<String>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(&args)
+            .output()
+            .expect("curl runs");
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn url(setup: &Setup, path: &str) -> String {
+    format!("http://{}{path}", setup.addr)
+}
+
+#[tokio::test]
+async fn each_request_of_one_keep_alive_connection_is_routed_on_its_own() {
+    let s = engine().await;
+    hold(&s, 1, "alice", header("x-dev=alice")).await;
+    hold(&s, 2, "bob", header("x-dev=bob")).await;
+    let mut events = s.engine.subscribe();
+    // Four requests on one connection (curl reuses it across --next; -w counts connects).
+    let out = curl(vec![
+        url(&s, "/one"),
+        "-H".into(),
+        "x-dev: alice".into(),
+        "--next".into(),
+        url(&s, "/two"),
+        "--next".into(),
+        url(&s, "/three"),
+        "-H".into(),
+        "x-dev: bob".into(),
+        "--next".into(),
+        url(&s, "/four"),
+        "-H".into(),
+        "x-dev: alice".into(),
+        "-w".into(),
+        "connects=%{num_connects}\n".into(),
+    ])
+    .await;
+    assert_eq!(
+        out,
+        "alice GET /one\noriginal GET /two\nbob GET /three\nalice GET /four\nconnects=0\n"
+    );
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        match events.recv().await.unwrap() {
+            Event::Request(r) => holders.push((r.holder, r.path, r.status)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        holders,
+        vec![
+            (Some(1), "/one".to_string(), 200),
+            (None, "/two".to_string(), 200),
+            (Some(2), "/three".to_string(), 200),
+            (Some(1), "/four".to_string(), 200),
+        ]
+    );
+}
+
+/// Runs nghttp (nghttp2's client; every URI of one run goes as a stream of one connection)
+/// and returns the bodies it printed, sorted (streams finish in any order).
+async fn nghttp(args: Vec<String>) -> Vec<String> {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("nghttp")
+            .args(["-t", "10"])
+            .args(&args)
+            .output()
+            .expect("nghttp runs (Debian's nghttp2-client)");
+        assert!(
+            out.status.success(),
+            "nghttp {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut lines: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn h2c_streams_of_one_connection_are_routed_on_their_own() {
+    let s = engine().await;
+    hold(&s, 1, "alice", header("x-dev=alice")).await;
+    hold(
+        &s,
+        2,
+        "v2",
+        Filter {
+            path: Some(PathMatch::Prefix("/v2/".into())),
+            ..Filter::default()
+        },
+    )
+    .await;
+    let mut events = s.engine.subscribe();
+    // Three streams on one connection, no header: by path.
+    let out = nghttp(vec![url(&s, "/v2/x"), url(&s, "/v1/y"), url(&s, "/v2/z")]).await;
+    assert_eq!(out, ["original GET /v1/y", "v2 GET /v2/x", "v2 GET /v2/z"]);
+    // With alice's header: a header filter beats a path filter.
+    let out = nghttp(vec![
+        "-H".into(),
+        "x-dev: alice".into(),
+        url(&s, "/v2/x"),
+        url(&s, "/v1/y"),
+    ])
+    .await;
+    assert_eq!(out, ["alice GET /v1/y", "alice GET /v2/x"]);
+    let mut routed = Vec::new();
+    for _ in 0..5 {
+        if let Event::Request(r) = events.recv().await.unwrap() {
+            routed.push((r.path, r.holder));
+        }
+    }
+    routed.sort();
+    assert_eq!(
+        routed,
+        [
+            ("/v1/y".to_string(), None),
+            ("/v1/y".to_string(), Some(1)),
+            ("/v2/x".to_string(), Some(1)),
+            ("/v2/x".to_string(), Some(2)),
+            ("/v2/z".to_string(), Some(2)),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_goes_where_its_request_goes() {
+    let s = engine().await;
+    hold(&s, 1, "alice", header("x-dev=alice")).await;
+    for (dev, who) in [("alice", "alice"), ("carol", "original")] {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!("ws://{}/ws", s.addr),
+            )
+            .unwrap();
+        req.headers_mut().insert("x-dev", dev.parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        for n in 0..3 {
+            ws.send(Message::text(format!("m{n}"))).await.unwrap();
+            let got = ws.next().await.unwrap().unwrap();
+            assert_eq!(got.into_text().unwrap().as_str(), format!("{who}: m{n}"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_is_not_http_goes_to_the_original_as_bytes() {
+    let s = engine().await;
+    hold(&s, 1, "alice", Filter::default()).await;
+    let mut events = s.engine.subscribe();
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"\x16\x03\x01 hello").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"original echoes: \x16\x03\x01 hello");
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        Event::NotHttp { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_holder_whose_laptop_is_gone_gets_a_502_and_the_others_are_unaffected() {
+    let s = engine().await;
+    let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone_addr = gone.local_addr().unwrap();
+    drop(gone);
+    s.engine
+        .table()
+        .add(
+            7,
+            Mode::Take,
+            &header("x-dev=alice"),
+            Arc::new(TcpDialer {
+                addr: gone_addr,
+                label: "alice@laptop".into(),
+            }),
+        )
+        .unwrap();
+    let out = curl(vec![
+        url(&s, "/a"),
+        "-H".into(),
+        "x-dev: alice".into(),
+        "-w".into(),
+        "status=%{http_code}\n".into(),
+        "--next".into(),
+        url(&s, "/b"),
+    ])
+    .await;
+    assert!(
+        out.contains("devloop: alice@laptop did not answer"),
+        "{out}"
+    );
+    assert!(out.contains("status=502"), "{out}");
+    assert!(out.ends_with("original GET /b\n"), "{out}");
+    // Leaving: the same request reaches the original.
+    assert!(s.engine.table().remove(7));
+    let out = curl(vec![url(&s, "/a"), "-H".into(), "x-dev: alice".into()]).await;
+    assert_eq!(out, "original GET /a\n");
+}
