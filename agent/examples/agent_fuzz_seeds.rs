@@ -156,4 +156,21 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("fuzz/corpus"));
     write(&dir, "tar_stream", tar_seeds());
     write(&dir, "lease_answer", lease_seeds());
+    write(
+        &dir,
+        "http_detect",
+        [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"POST /v2/orders HTTP/1.1\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04",
+            b"PRI * HTTP/2",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            b"*1\r\n$4\r\nPING\r\n",
+            b"OPTIONS * HTTP/1.1\r\n",
+            b"CONNECT db:5432 HTTP/1.1\r\n",
+        ]
+        .iter()
+        .map(|s| s.to_vec())
+        .collect(),
+    );
 }

@@ -22,3 +22,8 @@ fn tar_stream() {
 fn lease_answer() {
     replay("lease_answer", fuzzing::lease_answer);
 }
+
+#[test]
+fn http_detect() {
+    replay("http_detect", fuzzing::http_detect);
+}

@@ -336,6 +336,50 @@ fn rel_path_seeds() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// Two filters and a request each, encoded as the `route_filter` target reads them.
+fn route_seeds() -> Vec<Vec<u8>> {
+    use devloop_proxy::fuzzing::FuzzRequest;
+    use devloop_proxy::route::{Filter, HeaderMatch, PathMatch};
+    let header = |a: &str| Filter {
+        headers: vec![HeaderMatch::parse(a).expect("a seed's header")],
+        ..Filter::default()
+    };
+    let path = |p: PathMatch| Filter {
+        path: Some(p),
+        ..Filter::default()
+    };
+    let key = Filter {
+        headers: vec![HeaderMatch::session_key("alice").expect("a seed's key")],
+        method: Some("POST".into()),
+        ..Filter::default()
+    };
+    let req = |method: &str, p: &str, headers: &[(&str, &str)]| FuzzRequest {
+        method: method.into(),
+        path: p.into(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+    };
+    let cases = vec![
+        (header("x-dev=alice"), header("x-dev=bob"), req("GET", "/", &[("x-dev", "alice")])),
+        (header("x-dev~al.*"), path(PathMatch::Prefix("/v2/".into())), req("GET", "/v2/x", &[("X-Dev", "alex")])),
+        (path(PathMatch::Exact("/a".into())), path(PathMatch::Regex("/a|/b".into())), req("GET", "/b", &[])),
+        (key.clone(), Filter::default(), req("POST", "/", &[("baggage", "k=v, devloop-session=alice;p=1")])),
+        (key, header("baggage~.*"), req("POST", "/", &[("baggage", "devloop-session=%61lice")])),
+        (header("x-dev~("), Filter::default(), req("GET", "/", &[])),
+    ];
+    cases
+        .into_iter()
+        .map(|(a, b, r)| {
+            let mut out = postcard::to_allocvec(&a).expect("encoding a seed");
+            out.extend(postcard::to_allocvec(&b).expect("encoding a seed"));
+            out.extend(postcard::to_allocvec(&r).expect("encoding a seed"));
+            out
+        })
+        .collect()
+}
+
 fn write(dir: &Path, target: &str, seeds: Vec<Vec<u8>>) {
     match devloop_proxy::fuzzing::write_seeds(dir, target, seeds) {
         Ok(n) => println!("{target}: {n} seeds in {}", dir.join(target).display()),
@@ -358,4 +402,5 @@ fn main() {
     write(&dir, "tunnel_mux", mux_sessions());
     write(&dir, "handoff", handoff_seeds());
     write(&dir, "rel_path", rel_path_seeds());
+    write(&dir, "route_filter", route_seeds());
 }

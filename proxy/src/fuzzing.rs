@@ -541,6 +541,95 @@ impl MuxHarness {
     }
 }
 
+/// A request as the `route_filter` target builds it from bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FuzzRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl crate::route::RequestHead for FuzzRequest {
+    fn method(&self) -> &str {
+        &self.method
+    }
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn header_values<'a>(&'a self, name: &str) -> Box<dyn Iterator<Item = &'a [u8]> + 'a> {
+        let name = name.to_string();
+        Box::new(
+            self.headers
+                .iter()
+                .filter(move |(n, _)| n.eq_ignore_ascii_case(&name))
+                .map(|(_, v)| v.as_slice()),
+        )
+    }
+}
+
+/// Target `route_filter`: two filters as a cli may send them (postcard) and a request.
+/// Compiling and matching never panic; a filter that compiles still compiles after a round
+/// trip and matches alike; what an exact condition accepts really carries that header, path
+/// or method; two filters judged disjoint never both match a request that carries at most
+/// one field of each name (the one case `Filter::disjoint` documents as outside its rule).
+pub fn route_filter(data: &[u8]) {
+    use crate::route::{Filter, PathMatch, ValueMatch};
+    let Ok((a, rest)) = postcard::take_from_bytes::<Filter>(data) else {
+        return;
+    };
+    let Ok((b, rest)) = postcard::take_from_bytes::<Filter>(rest) else {
+        return;
+    };
+    let Ok((req, _)) = postcard::take_from_bytes::<FuzzRequest>(rest) else {
+        return;
+    };
+    let _ = a.describe();
+    let (Ok(ma), mb) = (a.compile(), b.compile()) else {
+        return;
+    };
+    let hit = ma.matches(&req);
+    let again: Filter = match postcard::to_allocvec(&a).map(|v| postcard::from_bytes(&v)) {
+        Ok(Ok(f)) => f,
+        other => panic!("a filter that compiled does not round-trip: {other:?}"),
+    };
+    match again.compile() {
+        Ok(m) => assert_eq!(m.matches(&req), hit, "a round trip changed the match"),
+        Err(e) => panic!("a filter that compiled fails after a round trip: {e}"),
+    }
+    if hit {
+        if let Some(m) = &a.method {
+            assert_eq!(&req.method, m, "the method condition");
+        }
+        match &a.path {
+            Some(PathMatch::Exact(p)) => assert_eq!(&req.path, p, "the exact path"),
+            Some(PathMatch::Prefix(p)) => assert!(req.path.starts_with(p.as_str()), "the prefix"),
+            _ => {}
+        }
+        for h in &a.headers {
+            if let ValueMatch::Exact(v) = &h.value {
+                assert!(
+                    req.headers
+                        .iter()
+                        .any(|(n, got)| n.eq_ignore_ascii_case(&h.name) && got == v.as_bytes()),
+                    "matched without header {}: {v:?}",
+                    h.name
+                );
+            }
+        }
+    }
+    if let Ok(mb) = mb {
+        let mut names: Vec<String> = req.headers.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
+        names.sort();
+        let single = names.windows(2).all(|w| w[0] != w[1]);
+        if single && a.disjoint(&b) {
+            assert!(
+                !(hit && mb.matches(&req)),
+                "filters judged disjoint both match: {a:?} {b:?} {req:?}"
+            );
+        }
+    }
+}
+
 /// Replays every input saved under `corpus/<target>/` through `run` (the tests of the
 /// proxy and the agent crates call this with their fuzz targets' functions), and fails on
 /// a missing or empty corpus folder, so it cannot pass by finding nothing. Returns how many

@@ -39,3 +39,8 @@ fn tunnel_mux() {
 fn handoff() {
     replay("handoff", fuzzing::handoff);
 }
+
+#[test]
+fn route_filter() {
+    replay("route_filter", fuzzing::route_filter);
+}
