@@ -5,12 +5,13 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use devloop_agent::http::detect::{detect, Protocol};
-use devloop_agent::http::engine::{Engine, Event, Replay, TcpDialer};
+use devloop_agent::http::engine::{Engine, Event, Limits, Replay, TcpDialer};
 use devloop_agent::http::table::{Mode, Table};
 use devloop_proxy::route::{Filter, HeaderMatch, PathMatch};
 use futures_util::{SinkExt, StreamExt};
@@ -28,13 +29,21 @@ use tokio_tungstenite::tungstenite::Message;
 /// A destination: answers every request with `NAME METHOD PATH`, echoes a WebSocket's
 /// messages with `NAME: ` in front, and echoes the bytes of a connection that is not HTTP.
 async fn backend(name: &'static str) -> SocketAddr {
+    backend_counted(name).await.0
+}
+
+/// [`backend`], also counting the connections it accepted.
+async fn backend_counted(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
             };
+            counted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let Ok((p, first)) = detect(&mut s, Duration::from_secs(10)).await else {
                     return;
@@ -62,7 +71,7 @@ async fn backend(name: &'static str) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, conns)
 }
 
 async fn answer(
@@ -99,16 +108,22 @@ async fn answer(
 struct Setup {
     engine: Arc<Engine>,
     addr: SocketAddr,
+    /// Connections the original accepted.
+    original_conns: Arc<AtomicUsize>,
 }
 
 /// The engine on a listener, the original behind it, and no holder yet.
 async fn engine() -> Setup {
-    let original = backend("original").await;
+    engine_with(Limits::default()).await
+}
+
+async fn engine_with(limits: Limits) -> Setup {
+    let (original, original_conns) = backend_counted("original").await;
     let table = Arc::new(Table::new(Arc::new(TcpDialer {
         addr: original,
         label: "the original".into(),
     })));
-    let engine = Engine::new(table);
+    let engine = Engine::with_limits(table, limits);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let e = engine.clone();
@@ -120,7 +135,11 @@ async fn engine() -> Setup {
             tokio::spawn(e.clone().serve(s, peer.to_string()));
         }
     });
-    Setup { engine, addr }
+    Setup {
+        engine,
+        addr,
+        original_conns,
+    }
 }
 
 async fn hold(setup: &Setup, id: u64, name: &'static str, filter: Filter) {
@@ -364,4 +383,107 @@ async fn a_holder_whose_laptop_is_gone_gets_a_502_and_the_others_are_unaffected(
     assert!(s.engine.table().remove(7));
     let out = curl(vec![url(&s, "/a"), "-H".into(), "x-dev: alice".into()]).await;
     assert_eq!(out, "original GET /a\n");
+}
+
+/// Sends `bytes` on a fresh connection, then reads until the engine closes it (or 5 s).
+async fn raw(s: &Setup, bytes: &[u8]) -> String {
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn bad_input_reaches_no_destination_and_the_engine_goes_on() {
+    let s = engine().await;
+    let (laptop, laptop_conns) = backend_counted("alice").await;
+    s.engine
+        .table()
+        .add(
+            1,
+            Mode::Take,
+            &Filter::default(),
+            Arc::new(TcpDialer {
+                addr: laptop,
+                label: "alice".into(),
+            }),
+        )
+        .unwrap();
+    // A malformed head, a request line without a version, too many fields, a head too large.
+    let many: String = (0..150).map(|i| format!("x-{i}: v\r\n")).collect();
+    let huge = format!("x-big: {}\r\n", "a".repeat(100 * 1024));
+    for (bad, status) in [
+        (
+            "GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n".to_string(),
+            "400",
+        ),
+        ("GET /\r\n\r\n".to_string(), "400"),
+        (format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n"), "431"),
+        (format!("GET / HTTP/1.1\r\nHost: x\r\n{huge}\r\n"), "431"),
+        (
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello"
+                .to_string(),
+            "400",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_string(),
+            "",
+        ),
+    ] {
+        let answer = raw(&s, bad.as_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")) || status.is_empty(),
+            "{:?}: {answer:?}",
+            &bad[..bad.len().min(60)]
+        );
+    }
+    // An HTTP/2 connection that breaks the protocol after the preface (a DATA frame on
+    // stream 0) is ended with a GOAWAY.
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    h2.extend_from_slice(&[0, 0, 3, 0, 0, 0, 0, 0, 0, b'b', b'a', b'd']); // DATA on stream 0
+    let answer = raw(&s, &h2).await;
+    // A GOAWAY frame: length 8, type 7, flags 0, stream 0, then the last stream id and the
+    // error code PROTOCOL_ERROR (1).
+    let goaway = [0u8, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    assert!(
+        answer.as_bytes().windows(goaway.len()).any(|w| w == goaway),
+        "no GOAWAY with PROTOCOL_ERROR: {answer:?}"
+    );
+    // The chunked body was cut, so that one request did go through; nothing else did.
+    assert_eq!(s.original_conns.load(Ordering::SeqCst), 0);
+    assert!(laptop_conns.load(Ordering::SeqCst) <= 1);
+    // The engine goes on serving.
+    let out = curl(vec![url(&s, "/after")]).await;
+    assert_eq!(out, "alice GET /after\n");
+}
+
+#[tokio::test]
+async fn a_slow_loris_caller_is_cut_off() {
+    let s = engine_with(Limits {
+        header_read: Duration::from_millis(300),
+        ..Limits::default()
+    })
+    .await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let trickle = async {
+        for _ in 0..50 {
+            if c.write_all(b"x-a: b\r\n").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(4), trickle).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut got)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "still connected after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.original_conns.load(Ordering::SeqCst), 0);
 }

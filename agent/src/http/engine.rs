@@ -32,7 +32,7 @@ use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper::server::conn::{http1 as server1, http2 as server2};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{broadcast, Mutex};
 
@@ -45,6 +45,34 @@ pub const FIRST_REQUEST_IDLE: Duration = Duration::from_secs(60);
 
 /// Events kept for a slow consumer before it starts missing some (it is told how many).
 pub const EVENT_BUFFER: usize = 4096;
+
+/// What a caller may cost the engine before its request reaches anyone.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Silence allowed before a connection's first bytes.
+    pub first_request_idle: Duration,
+    /// Time to send a whole HTTP/1 request head (a slow-loris caller is cut off at this).
+    pub header_read: Duration,
+    /// Fields in one HTTP/1 request head (more is answered 431).
+    pub max_headers: usize,
+    /// Bytes of one HTTP/1 request head buffered at most (more is answered 431).
+    pub max_head_bytes: usize,
+    /// Bytes of header fields in one HTTP/2 request (more resets the stream).
+    pub max_h2_header_list: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            first_request_idle: FIRST_REQUEST_IDLE,
+            // nginx's client_header_timeout is 60 s; hyper's default 30 s.
+            header_read: Duration::from_secs(30),
+            max_headers: 100,
+            max_head_bytes: 64 * 1024,
+            max_h2_header_list: 64 * 1024,
+        }
+    }
+}
 
 type Body = Either<Incoming, Full<Bytes>>;
 
@@ -76,15 +104,21 @@ pub struct RequestEvent {
 /// The engine of one service: its routing table and its event stream.
 pub struct Engine {
     table: Arc<Table>,
+    limits: Limits,
     events: broadcast::Sender<Event>,
     told_not_http: AtomicBool,
 }
 
 impl Engine {
     pub fn new(table: Arc<Table>) -> Arc<Self> {
+        Self::with_limits(table, Limits::default())
+    }
+
+    pub fn with_limits(table: Arc<Table>, limits: Limits) -> Arc<Self> {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Arc::new(Engine {
             table,
+            limits,
             events,
             told_not_http: AtomicBool::new(false),
         })
@@ -108,7 +142,8 @@ impl Engine {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (protocol, first) = match detect(&mut stream, FIRST_REQUEST_IDLE).await {
+        let limits = self.limits;
+        let (protocol, first) = match detect(&mut stream, limits.first_request_idle).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::debug!(%peer, "connection ended before a request: {e}");
@@ -128,6 +163,10 @@ impl Engine {
                 });
                 let served = server1::Builder::new()
                     .preserve_header_case(true)
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read)
+                    .max_headers(limits.max_headers)
+                    .max_buf_size(limits.max_head_bytes.max(8192))
                     .serve_connection(TokioIo::new(io), svc)
                     .with_upgrades()
                     .await;
@@ -141,6 +180,8 @@ impl Engine {
                     async move { Ok::<_, Infallible>(conn.forward(req, Version::Http2).await) }
                 });
                 let served = server2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(limits.max_h2_header_list)
                     .serve_connection(TokioIo::new(io), svc)
                     .await;
                 if let Err(e) = served {
