@@ -132,6 +132,32 @@ pub fn lease_answer(data: &[u8]) {
     }
 }
 
+/// Target `http_detect`: a connection's first bytes. `classify` never panics, decides once
+/// it has the preface's length, and never changes its mind: whatever a prefix of the input
+/// decided, the whole input decides too.
+pub fn http_detect(data: &[u8]) {
+    use crate::http::detect::{classify, Detect, PREFACE};
+    let whole = classify(data);
+    if data.len() >= PREFACE.len() {
+        assert_ne!(
+            whole,
+            Detect::NeedMore,
+            "undecided after {} bytes",
+            data.len()
+        );
+    }
+    for n in 0..data.len() {
+        if let Detect::Is(p) = classify(&data[..n]) {
+            assert_eq!(
+                whole,
+                Detect::Is(p),
+                "decided {p:?} after {n} bytes, then changed"
+            );
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,22 +190,5 @@ mod tests {
         assert_eq!(fs::read(scratch.root().join("a/b")).unwrap(), b"hi");
         tar_stream(&scratch, b"");
         assert!(!scratch.root().join("a").exists());
-    }
-}
-
-/// Target `http_detect`: a connection's first bytes. `classify` never panics, decides once
-/// it has the preface's length, and never changes its mind: whatever a prefix of the input
-/// decided, the whole input decides too.
-pub fn http_detect(data: &[u8]) {
-    use crate::http::detect::{classify, Detect, PREFACE};
-    let whole = classify(data);
-    if data.len() >= PREFACE.len() {
-        assert_ne!(whole, Detect::NeedMore, "undecided after {} bytes", data.len());
-    }
-    for n in 0..data.len() {
-        if let Detect::Is(p) = classify(&data[..n]) {
-            assert_eq!(whole, Detect::Is(p), "decided {p:?} after {n} bytes, then changed");
-            break;
-        }
     }
 }
