@@ -74,10 +74,18 @@ async fn backend_counted(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, conns)
 }
 
+type AnswerBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> AnswerBody {
+    use http_body_util::BodyExt;
+    Full::new(b.into()).boxed()
+}
+
 async fn answer(
     name: &'static str,
     mut req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<AnswerBody>, Infallible> {
+    use http_body_util::BodyExt;
     if let Some(key) = req.headers().get("sec-websocket-key") {
         let accept = derive_accept_key(key.as_bytes());
         let upgrade = hyper::upgrade::on(&mut req);
@@ -98,11 +106,36 @@ async fn answer(
             .header("connection", "upgrade")
             .header("upgrade", "websocket")
             .header("sec-websocket-accept", accept)
-            .body(Full::default())
+            .body(full(Bytes::new()))
             .unwrap());
     }
-    let text = format!("{name} {} {}\n", req.method(), req.uri().path());
-    Ok(Response::new(Full::new(Bytes::from(text))))
+    let trailers = req.headers().contains_key("x-want-trailers");
+    let (head, body) = req.into_parts();
+    let read = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let size = if read > 0 {
+        format!(" {read}")
+    } else {
+        String::new()
+    };
+    let text = format!("{name} {} {}{size}\n", head.method, head.uri.path());
+    if trailers {
+        // As a gRPC server ends a call: data, then trailers (and END_STREAM on them).
+        let mut t = hyper::HeaderMap::new();
+        t.insert("grpc-status", "0".parse().unwrap());
+        t.insert("x-served-by", name.parse().unwrap());
+        let frames = futures_util::stream::iter(vec![
+            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(text))),
+            Ok(hyper::body::Frame::trailers(t)),
+        ]);
+        return Ok(Response::new(BodyExt::boxed(
+            http_body_util::StreamBody::new(frames),
+        )));
+    }
+    Ok(Response::new(full(text)))
 }
 
 struct Setup {
@@ -486,4 +519,62 @@ async fn a_slow_loris_caller_is_cut_off() {
         started.elapsed()
     );
     assert_eq!(s.original_conns.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn events_count_both_bodies_and_trailers_pass_through() {
+    let s = engine().await;
+    hold(&s, 1, "alice", header("x-dev=alice")).await;
+    let mut events = s.engine.subscribe();
+    let body = "x".repeat(100_000);
+    let out = curl(vec![
+        url(&s, "/upload"),
+        "-H".into(),
+        "x-dev: alice".into(),
+        "--data-binary".into(),
+        body,
+    ])
+    .await;
+    assert_eq!(out, "alice POST /upload 100000\n");
+    match events.recv().await.unwrap() {
+        Event::Request(r) => {
+            assert_eq!((r.holder, r.status), (Some(1), 200));
+            assert_eq!(r.bytes_in, 100_000);
+            assert_eq!(r.bytes_out, out.len() as u64);
+            assert!(r.total >= r.elapsed, "{r:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // h2c answers that end in trailers (as gRPC's do) keep them, on both routes.
+    for (dev, who) in [("alice", "alice"), ("carol", "original")] {
+        let raw = tokio::task::spawn_blocking({
+            let u = url(&s, "/rpc");
+            move || {
+                Command::new("nghttp")
+                    .args([
+                        "-v",
+                        "-t",
+                        "10",
+                        "-H",
+                        &format!("x-dev: {dev}"),
+                        "-H",
+                        "x-want-trailers: 1",
+                        &u,
+                    ])
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&raw.stdout);
+        assert!(text.contains("grpc-status: 0"), "{text}");
+        assert!(text.contains(&format!("x-served-by: {who}")), "{text}");
+        assert!(text.contains(&format!("{who} GET /rpc")), "{text}");
+        // The trailers' HEADERS frame carries END_STREAM (flags 0x05: END_STREAM | END_HEADERS).
+        assert!(
+            text.contains("recv HEADERS frame <length=") && text.contains("flags=0x05"),
+            "{text}"
+        );
+    }
 }

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -74,7 +74,11 @@ impl Default for Limits {
     }
 }
 
-type Body = Either<Incoming, Full<Bytes>>;
+/// What a caller gets back: the destination's answer, or the engine's own (a 502).
+type Body = Counted<Either<Incoming, Full<Bytes>>>;
+
+/// What goes to a destination: the caller's body, counted.
+type UpBody = Counted<Incoming>;
 
 /// What the engine reports: one event per request, and notices.
 #[derive(Debug, Clone)]
@@ -86,7 +90,7 @@ pub enum Event {
     },
 }
 
-/// One request, once its answer's head came back (or it failed).
+/// One request, once its answer ended (or it failed).
 #[derive(Debug, Clone)]
 pub struct RequestEvent {
     /// The holder that took it; `None`: the original.
@@ -97,6 +101,11 @@ pub struct RequestEvent {
     pub status: u16,
     /// From the request's head to the answer's head.
     pub elapsed: Duration,
+    /// From the request's head to the end of the answer (for an upgrade: to the 101).
+    pub total: Duration,
+    /// Body bytes of the request and of the answer.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
     /// `Some` when the destination failed: what happened.
     pub error: Option<String>,
 }
@@ -221,8 +230,8 @@ enum Version {
 type Dest = Option<u64>;
 
 enum Upstream {
-    Http1(client1::SendRequest<Incoming>),
-    Http2(client2::SendRequest<Incoming>),
+    Http1(client1::SendRequest<UpBody>),
+    Http2(client2::SendRequest<UpBody>),
 }
 
 /// One caller connection's state: its upstream connections, one per destination.
@@ -272,6 +281,14 @@ impl Conn {
         let upgrade = (version == Version::Http1
             && req.headers().contains_key(hyper::header::UPGRADE))
         .then(|| hyper::upgrade::on(&mut req));
+        let tally = Arc::new(Tally {
+            engine: self.engine.clone(),
+            started,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            event: std::sync::Mutex::new(None),
+        });
+        let req = req.map(|b| Counted::new(b, tally.clone(), Way::In));
         let answer = self.send(dest, &*dialer, req, version).await;
         let (response, error) = match answer {
             Ok(mut resp) => {
@@ -299,15 +316,19 @@ impl Conn {
                 (resp, Some(e.to_string()))
             }
         };
-        self.engine.emit(Event::Request(RequestEvent {
+        *tally.event.lock().unwrap_or_else(|e| e.into_inner()) = Some(RequestEvent {
             holder: dest,
             method,
             path,
             status: response.status().as_u16(),
             elapsed: started.elapsed(),
+            total: Duration::ZERO,
+            bytes_in: 0,
+            bytes_out: 0,
             error,
-        }));
-        response
+        });
+        // The event leaves once both bodies are done with (the tally's last holder drops).
+        response.map(|b| Counted::new(b, tally, Way::Out))
     }
 
     /// Sends `req` to `dest` over this connection's upstream connection to it, opening one
@@ -316,7 +337,7 @@ impl Conn {
         &self,
         dest: Dest,
         dialer: &dyn Dialer,
-        req: Request<Incoming>,
+        req: Request<UpBody>,
         version: Version,
     ) -> io::Result<Response<Incoming>> {
         let taken = self.upstream.lock().await.remove(&dest);
@@ -362,7 +383,7 @@ async fn connect(dialer: &dyn Dialer, version: Version) -> io::Result<Upstream> 
         Version::Http1 => {
             let (sender, conn) = client1::Builder::new()
                 .preserve_header_case(true)
-                .handshake::<_, Incoming>(io)
+                .handshake::<_, UpBody>(io)
                 .await
                 .map_err(|e| io::Error::other(e.to_string()))?;
             tokio::spawn(async move {
@@ -372,7 +393,7 @@ async fn connect(dialer: &dyn Dialer, version: Version) -> io::Result<Upstream> 
         }
         Version::Http2 => {
             let (sender, conn) = client2::Builder::new(TokioExecutor::new())
-                .handshake::<_, Incoming>(io)
+                .handshake::<_, UpBody>(io)
                 .await
                 .map_err(|e| io::Error::other(e.to_string()))?;
             tokio::spawn(async move {
@@ -380,6 +401,84 @@ async fn connect(dialer: &dyn Dialer, version: Version) -> io::Result<Upstream> 
             });
             Ok(Upstream::Http2(sender))
         }
+    }
+}
+
+/// One request's tally: the bytes of both bodies, and its event, which leaves when both
+/// bodies are done (the last `Arc` drops).
+struct Tally {
+    engine: Arc<Engine>,
+    started: Instant,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    event: std::sync::Mutex<Option<RequestEvent>>,
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        let event = self
+            .event
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut e) = event {
+            e.total = self.started.elapsed();
+            e.bytes_in = *self.bytes_in.get_mut();
+            e.bytes_out = *self.bytes_out.get_mut();
+            self.engine.emit(Event::Request(e));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    In,
+    Out,
+}
+
+/// A body passed through frame by frame (trailers included), its data bytes counted.
+pub struct Counted<B> {
+    inner: B,
+    tally: Arc<Tally>,
+    way: Way,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, tally: Arc<Tally>, way: Way) -> Self {
+        Counted { inner, tally, way }
+    }
+}
+
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let n = data.len() as u64;
+                match self.way {
+                    Way::In => self.tally.bytes_in.fetch_add(n, Ordering::Relaxed),
+                    Way::Out => self.tally.bytes_out.fetch_add(n, Ordering::Relaxed),
+                };
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
