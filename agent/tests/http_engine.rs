@@ -578,3 +578,139 @@ async fn events_count_both_bodies_and_trailers_pass_through() {
         );
     }
 }
+
+/// Waits until `holder` has no copy under way (copies run on their own tasks).
+async fn copies_settled(s: &Setup, holder: u64) -> (u64, u64) {
+    for _ in 0..500 {
+        let holders = s.engine.table().holders();
+        let h = holders.iter().find(|h| h.id == holder).unwrap();
+        if h.counts.in_flight.load(Ordering::SeqCst) == 0 {
+            return (
+                h.counts.requests.load(Ordering::SeqCst),
+                h.counts.dropped.load(Ordering::SeqCst),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("copies of holder {holder} still under way after 5 s");
+}
+
+async fn mirror(s: &Setup, id: u64, addr: SocketAddr, filter: Filter) {
+    s.engine
+        .table()
+        .add(
+            id,
+            Mode::Mirror,
+            &filter,
+            Arc::new(TcpDialer {
+                addr,
+                label: "mirror".into(),
+            }),
+        )
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_mirror_gets_a_copy_whoever_takes_the_request() {
+    let s = engine().await;
+    hold(&s, 1, "alice", header("x-dev=alice")).await;
+    let (copies, copy_conns) = backend_counted("mirror").await;
+    mirror(&s, 9, copies, Filter::default()).await;
+    let mut events = s.engine.subscribe();
+    let body = "y".repeat(100_000);
+    let out = curl(vec![
+        url(&s, "/m"),
+        "--data-binary".into(),
+        body.clone(),
+        "--next".into(),
+        url(&s, "/m"),
+        "-H".into(),
+        "x-dev: alice".into(),
+        "--data-binary".into(),
+        body,
+        "--next".into(),
+        url(&s, "/get"),
+    ])
+    .await;
+    // Callers get the answers of their routes, never the mirror's.
+    assert_eq!(
+        out,
+        "original POST /m 100000\nalice POST /m 100000\noriginal GET /get\n"
+    );
+    assert_eq!(copies_settled(&s, 9).await, (3, 0));
+    let mut copies_seen = Vec::new();
+    while copies_seen.len() < 3 {
+        if let Event::Request(r) = events.recv().await.unwrap() {
+            if r.copy {
+                copies_seen.push((r.path, r.status, r.bytes_in, r.bytes_out));
+            }
+        }
+    }
+    copies_seen.sort();
+    // The mirror read each whole body (its answer says how much, 25 or 17 bytes).
+    assert_eq!(
+        copies_seen,
+        [
+            ("/get".to_string(), 200, 0, "mirror GET /get\n".len() as u64),
+            (
+                "/m".to_string(),
+                200,
+                100_000,
+                "mirror POST /m 100000\n".len() as u64
+            ),
+            (
+                "/m".to_string(),
+                200,
+                100_000,
+                "mirror POST /m 100000\n".len() as u64
+            ),
+        ]
+    );
+    assert!(copy_conns.load(Ordering::SeqCst) >= 1);
+}
+
+#[tokio::test]
+async fn a_mirror_that_is_gone_or_slow_never_fails_or_holds_the_caller() {
+    let s = engine().await;
+    // Gone: nothing listens.
+    let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone_addr = gone.local_addr().unwrap();
+    drop(gone);
+    mirror(&s, 8, gone_addr, Filter::default()).await;
+    let out = curl(vec![url(&s, "/a"), "--data-binary".into(), "abc".into()]).await;
+    assert_eq!(out, "original POST /a 3\n");
+    assert_eq!(copies_settled(&s, 8).await, (1, 1));
+    assert!(s.engine.table().remove(8));
+
+    // Slow: accepts, then never reads. A 50 MB upload fills the copy's queue and the
+    // socket's buffers; the copy is dropped and the caller's request goes through whole.
+    let slow = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((c, _)) = slow.accept().await {
+            kept.push(c);
+        }
+    });
+    mirror(&s, 7, slow_addr, Filter::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big");
+    std::fs::write(&file, vec![b'z'; 50_000_000]).unwrap();
+    let started = std::time::Instant::now();
+    let out = curl(vec![
+        url(&s, "/big"),
+        "--data-binary".into(),
+        format!("@{}", file.display()),
+    ])
+    .await;
+    assert_eq!(out, "original POST /big 50000000\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the caller took {:?}",
+        started.elapsed()
+    );
+    let holders = s.engine.table().holders();
+    let h = holders.iter().find(|h| h.id == 7).unwrap();
+    assert_eq!(h.counts.dropped.load(Ordering::SeqCst), 1);
+    held.abort();
+}

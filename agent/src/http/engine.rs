@@ -37,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{broadcast, Mutex};
 
 use super::detect::{detect, Protocol};
+use super::mirror::{self, CopyBody, Tee};
 use super::table::{BoxIo, Dialer, Holder, Table};
 
 /// How long a connection may stay silent before its first request (nginx's
@@ -77,8 +78,8 @@ impl Default for Limits {
 /// What a caller gets back: the destination's answer, or the engine's own (a 502).
 type Body = Counted<Either<Incoming, Full<Bytes>>>;
 
-/// What goes to a destination: the caller's body, counted.
-type UpBody = Counted<Incoming>;
+/// What goes to a destination: the caller's body, or a mirror's copy of it, counted.
+type UpBody = Either<Counted<Incoming>, Counted<CopyBody>>;
 
 /// What the engine reports: one event per request, and notices.
 #[derive(Debug, Clone)]
@@ -108,6 +109,8 @@ pub struct RequestEvent {
     pub bytes_out: u64,
     /// `Some` when the destination failed: what happened.
     pub error: Option<String>,
+    /// A mirror's copy (its answer went nowhere).
+    pub copy: bool,
 }
 
 /// The engine of one service: its routing table and its event stream.
@@ -264,7 +267,11 @@ impl RequestHead for Head<'_> {
 }
 
 impl Conn {
-    async fn forward(&self, mut req: Request<Incoming>, version: Version) -> Response<Body> {
+    async fn forward(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        version: Version,
+    ) -> Response<Body> {
         let started = Instant::now();
         let decision = self.engine.table.route(&Head(&req));
         let holder: Option<Arc<Holder>> = decision.taker;
@@ -281,14 +288,17 @@ impl Conn {
         let upgrade = (version == Version::Http1
             && req.headers().contains_key(hyper::header::UPGRADE))
         .then(|| hyper::upgrade::on(&mut req));
-        let tally = Arc::new(Tally {
-            engine: self.engine.clone(),
-            started,
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-            event: std::sync::Mutex::new(None),
-        });
-        let req = req.map(|b| Counted::new(b, tally.clone(), Way::In));
+        let tally = Tally::new(&self.engine, started);
+        // Copies for mirrors (never of an upgrade: its rest is not HTTP).
+        let mut tees = Vec::new();
+        if upgrade.is_none() {
+            for m in &decision.mirrors {
+                if let Some(tee) = self.copy_for(m, &req, version) {
+                    tees.push(tee);
+                }
+            }
+        }
+        let req = req.map(|b| Either::Left(Counted::new(b, tally.clone(), Way::In).with(tees)));
         let answer = self.send(dest, &*dialer, req, version).await;
         let (response, error) = match answer {
             Ok(mut resp) => {
@@ -326,9 +336,75 @@ impl Conn {
             bytes_in: 0,
             bytes_out: 0,
             error,
+            copy: false,
         });
         // The event leaves once both bodies are done with (the tally's last holder drops).
         response.map(|b| Counted::new(b, tally, Way::Out))
+    }
+
+    /// Starts a copy of `req` for the mirror `m`, unless it has too many under way; returns
+    /// the caller's end, to be fed the caller's body.
+    fn copy_for(
+        self: &Arc<Self>,
+        m: &Arc<Holder>,
+        req: &Request<Incoming>,
+        version: Version,
+    ) -> Option<Tee> {
+        let counts = &m.counts;
+        if counts.in_flight.fetch_add(1, Ordering::Relaxed) >= mirror::MAX_IN_FLIGHT {
+            counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+            counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        counts.requests.fetch_add(1, Ordering::Relaxed);
+        let (tee, body) = mirror::copy(counts.clone());
+        let mut copy = Request::new(());
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        let (conn, m) = (self.clone(), m.clone());
+        tokio::spawn(async move {
+            conn.send_copy(&m, copy, body, version).await;
+            m.counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+        Some(tee)
+    }
+
+    /// Sends one copy to its mirror and throws the answer away.
+    async fn send_copy(&self, m: &Holder, head: Request<()>, body: CopyBody, version: Version) {
+        use http_body_util::BodyExt;
+        let started = Instant::now();
+        let tally = Tally::new(&self.engine, started);
+        let broken = body.broken();
+        let method = head.method().to_string();
+        let path = head.uri().path().to_string();
+        let req = head.map(|()| Either::Right(Counted::new(body, tally.clone(), Way::In)));
+        let (status, error) = match self.send(Some(m.id), &*m.dialer, req, version).await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let drained = Counted::new(resp.into_body(), tally.clone(), Way::Out)
+                    .collect()
+                    .await;
+                (status, drained.err().map(|e| e.to_string()))
+            }
+            Err(e) => {
+                mirror::mark_dropped(&broken, &m.counts);
+                (StatusCode::BAD_GATEWAY.as_u16(), Some(e.to_string()))
+            }
+        };
+        *tally.event.lock().unwrap_or_else(|e| e.into_inner()) = Some(RequestEvent {
+            holder: Some(m.id),
+            method,
+            path,
+            status,
+            elapsed: started.elapsed(),
+            total: Duration::ZERO,
+            bytes_in: 0,
+            bytes_out: 0,
+            error,
+            copy: true,
+        });
     }
 
     /// Sends `req` to `dest` over this connection's upstream connection to it, opening one
@@ -414,6 +490,18 @@ struct Tally {
     event: std::sync::Mutex<Option<RequestEvent>>,
 }
 
+impl Tally {
+    fn new(engine: &Arc<Engine>, started: Instant) -> Arc<Self> {
+        Arc::new(Tally {
+            engine: engine.clone(),
+            started,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            event: std::sync::Mutex::new(None),
+        })
+    }
+}
+
 impl Drop for Tally {
     fn drop(&mut self) {
         let event = self
@@ -441,17 +529,34 @@ pub struct Counted<B> {
     inner: B,
     tally: Arc<Tally>,
     way: Way,
+    /// Mirrors' copies, offered every frame.
+    tees: Vec<Tee>,
 }
 
-impl<B> Counted<B> {
+impl<B: hyper::body::Body> Counted<B> {
     fn new(inner: B, tally: Arc<Tally>, way: Way) -> Self {
-        Counted { inner, tally, way }
+        Counted {
+            inner,
+            tally,
+            way,
+            tees: Vec::new(),
+        }
+    }
+
+    fn with(mut self, mut tees: Vec<Tee>) -> Self {
+        // A body that is empty may never be polled: its copies end now.
+        if self.inner.is_end_stream() {
+            tees.iter_mut().for_each(Tee::finish);
+        }
+        self.tees = tees;
+        self
     }
 }
 
 impl<B> hyper::body::Body for Counted<B>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -461,14 +566,28 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let n = data.len() as u64;
-                match self.way {
-                    Way::In => self.tally.bytes_in.fetch_add(n, Ordering::Relaxed),
-                    Way::Out => self.tally.bytes_out.fetch_add(n, Ordering::Relaxed),
-                };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    match self.way {
+                        Way::In => self.tally.bytes_in.fetch_add(n, Ordering::Relaxed),
+                        Way::Out => self.tally.bytes_out.fetch_add(n, Ordering::Relaxed),
+                    };
+                }
+                if !self.tees.is_empty() {
+                    let end = self.inner.is_end_stream();
+                    for tee in self.tees.iter_mut() {
+                        tee.offer(frame);
+                        if end {
+                            tee.finish();
+                        }
+                    }
+                }
             }
+            Poll::Ready(None) => self.tees.iter_mut().for_each(Tee::finish),
+            Poll::Ready(Some(Err(_))) => self.tees.iter_mut().for_each(Tee::drop_copy),
+            Poll::Pending => {}
         }
         polled
     }

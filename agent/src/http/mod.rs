@@ -4,7 +4,9 @@
 //! - [`detect`]: HTTP/1, h2c or something else, from a connection's first bytes.
 //! - [`table`]: the routing table of one service (holders, their filters, destinations).
 //! - [`engine`]: serves a connection, routes each request, emits one event per request.
+//! - [`mirror`]: copies of requests for mirror holders, never slowing the caller.
 
 pub mod detect;
 pub mod engine;
+pub mod mirror;
 pub mod table;

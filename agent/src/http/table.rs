@@ -38,9 +38,12 @@ pub enum Mode {
 /// Counters a holder's requests update; read by `intercept list`.
 #[derive(Debug, Default)]
 pub struct Counts {
+    /// Requests taken, or for a mirror, copies started.
     pub requests: AtomicU64,
-    /// Copies a mirror could not take (queue full, laptop gone).
+    /// Copies a mirror could not take (queue full, laptop gone, too many under way).
     pub dropped: AtomicU64,
+    /// Copies under way.
+    pub in_flight: AtomicU64,
 }
 
 pub struct Holder {
