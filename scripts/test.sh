@@ -10,6 +10,9 @@ command -v docker >/dev/null 2>&1 || need+=(docker.io)
 # Real HTTP clients for the agent's HTTP engine tests: curl (HTTP/1.1) and nghttp (h2c).
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v nghttp >/dev/null 2>&1 || need+=(nghttp2-client)
+# Network namespaces and nftables for the agent's redirect test.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
