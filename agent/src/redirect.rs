@@ -186,7 +186,7 @@ impl Msg {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -349,7 +349,7 @@ mod tests {
         let mut kinds = Vec::new();
         while at < b.bytes.len() {
             let len = u32::from_ne_bytes(b.bytes[at..at + 4].try_into().unwrap()) as usize;
-            assert_eq!(len % 4, 0);
+            assert!(len.is_multiple_of(4));
             kinds.push(u16::from_ne_bytes([b.bytes[at + 4], b.bytes[at + 5]]));
             at += len;
         }
