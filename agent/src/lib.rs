@@ -18,6 +18,7 @@ pub mod lease;
 pub mod logs;
 pub mod redirect;
 pub mod relay;
+pub mod resets;
 pub mod seed;
 pub mod server;
 pub mod supervisor;

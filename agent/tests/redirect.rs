@@ -155,3 +155,85 @@ fn outside_callers_reach_the_agent_until_the_socket_that_made_the_redirect_close
     drop(ns);
     result.unwrap();
 }
+
+/// A line server: answers each line with `original\n`, after 300 ms for `slow`, never for
+/// `never`.
+fn line_server(port: u16) {
+    use std::io::BufRead;
+    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().unwrap();
+                for line in std::io::BufReader::new(c).lines() {
+                    let Ok(line) = line else { return };
+                    match line.as_str() {
+                        "slow" => std::thread::sleep(Duration::from_millis(300)),
+                        "never" => std::thread::sleep(Duration::from_secs(30)),
+                        _ => {}
+                    }
+                    if w.write_all(b"original\n").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn ask(c: &mut TcpStream, line: &str) -> std::io::Result<String> {
+    c.write_all(format!("{line}\n").as_bytes())?;
+    let mut got = [0u8; 64];
+    let n = c.read(&mut got)?;
+    Ok(String::from_utf8_lossy(&got[..n]).into_owned())
+}
+
+#[test]
+fn open_connections_are_ended_between_requests_and_busy_ones_at_the_deadline() {
+    use devloop_agent::resets::{connections, reset, Resets};
+    let t = std::thread::spawn(|| {
+        unshare(CloneFlags::CLONE_NEWNET).unwrap();
+        ip(&["link", "set", "lo", "up"]);
+        line_server(8080);
+        let connect = || {
+            let c = TcpStream::connect("127.0.0.1:8080").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c
+        };
+        let mut idle = connect();
+        assert_eq!(ask(&mut idle, "hello").unwrap(), "original\n");
+        let mut slow = connect();
+        slow.write_all(b"slow\n").unwrap();
+        let mut never = connect();
+        never.write_all(b"never\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let conns = connections(8080).unwrap();
+        assert_eq!(conns.len(), 3, "{conns:?}");
+        assert_eq!(conns.iter().filter(|c| c.idle).count(), 1, "{conns:?}");
+
+        let started = std::time::Instant::now();
+        let done = reset(8080, Duration::from_secs(1), Duration::from_millis(20)).unwrap();
+        // The idle one at once, the slow one once it had answered, the other at the deadline.
+        assert_eq!(done, Resets { idle: 2, busy: 1 });
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        assert!(connections(8080).unwrap().is_empty());
+        // The slow one got its whole answer before it was ended.
+        let mut got = [0u8; 64];
+        assert_eq!(slow.read(&mut got).unwrap(), 9);
+        for c in [&mut idle, &mut slow, &mut never] {
+            let err = ask(c, "again").err().or_else(|| {
+                let mut b = [0u8; 8];
+                c.read(&mut b).err()
+            });
+            let kind = err.map(|e| e.kind());
+            assert!(
+                matches!(
+                    kind,
+                    Some(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
+                ),
+                "{kind:?}"
+            );
+        }
+    });
+    t.join().unwrap();
+}
