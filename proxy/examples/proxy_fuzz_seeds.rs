@@ -362,11 +362,35 @@ fn route_seeds() -> Vec<Vec<u8>> {
             .collect(),
     };
     let cases = vec![
-        (header("x-dev=alice"), header("x-dev=bob"), req("GET", "/", &[("x-dev", "alice")])),
-        (header("x-dev~al.*"), path(PathMatch::Prefix("/v2/".into())), req("GET", "/v2/x", &[("X-Dev", "alex")])),
-        (path(PathMatch::Exact("/a".into())), path(PathMatch::Regex("/a|/b".into())), req("GET", "/b", &[])),
-        (key.clone(), Filter::default(), req("POST", "/", &[("baggage", "k=v, devloop-session=alice;p=1")])),
-        (key, header("baggage~.*"), req("POST", "/", &[("baggage", "devloop-session=%61lice")])),
+        (
+            header("x-dev=alice"),
+            header("x-dev=bob"),
+            req("GET", "/", &[("x-dev", "alice")]),
+        ),
+        (
+            header("x-dev~al.*"),
+            path(PathMatch::Prefix("/v2/".into())),
+            req("GET", "/v2/x", &[("X-Dev", "alex")]),
+        ),
+        (
+            path(PathMatch::Exact("/a".into())),
+            path(PathMatch::Regex("/a|/b".into())),
+            req("GET", "/b", &[]),
+        ),
+        (
+            key.clone(),
+            Filter::default(),
+            req(
+                "POST",
+                "/",
+                &[("baggage", "k=v, devloop-session=alice;p=1")],
+            ),
+        ),
+        (
+            key,
+            header("baggage~.*"),
+            req("POST", "/", &[("baggage", "devloop-session=%61lice")]),
+        ),
         (header("x-dev~("), Filter::default(), req("GET", "/", &[])),
     ];
     cases

@@ -618,7 +618,11 @@ pub fn route_filter(data: &[u8]) {
         }
     }
     if let Ok(mb) = mb {
-        let mut names: Vec<String> = req.headers.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
+        let mut names: Vec<String> = req
+            .headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
         names.sort();
         let single = names.windows(2).all(|w| w[0] != w[1]);
         if single && a.disjoint(&b) {
