@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use devloop_agent::http::detect::{detect, Protocol};
-use devloop_agent::http::engine::{Engine, Event, Limits, Replay, TcpDialer};
+use devloop_agent::http::dial::{TcpDialer, TunnelDialer};
+use devloop_agent::http::engine::{Engine, Event, Limits, Replay};
 use devloop_agent::http::table::{Mode, Table};
 use devloop_proxy::route::{Filter, HeaderMatch, PathMatch};
 use futures_util::{SinkExt, StreamExt};
@@ -713,4 +714,82 @@ async fn a_mirror_that_is_gone_or_slow_never_fails_or_holds_the_caller() {
     let h = holders.iter().find(|h| h.id == 7).unwrap();
     assert_eq!(h.counts.dropped.load(Ordering::SeqCst), 1);
     held.abort();
+}
+
+/// A holder's laptop behind a real tunnel: the agent's end dials streams of a `Mux`, the
+/// laptop's end (what the cli does) connects each stream it accepts to a local server.
+async fn tunnelled_laptop(name: &'static str, port: u16) -> devloop_proxy::tunnel::Mux {
+    use devloop_proxy::tunnel::{Mux, Side, CONNECTION_LOST, OUT_QUEUE_FRAMES};
+    let laptop_server = backend(name).await;
+    let (laptop_tx, mut laptop_rx) = tokio::sync::mpsc::channel(OUT_QUEUE_FRAMES);
+    let (agent_tx, mut agent_rx) = tokio::sync::mpsc::channel(OUT_QUEUE_FRAMES);
+    let (laptop, mut laptop_in) = Mux::new(Side::Laptop, laptop_tx);
+    let (agent, _agent_in) = Mux::new(Side::Agent, agent_tx);
+    let to_agent = agent.clone();
+    tokio::spawn(async move {
+        while let Some(f) = laptop_rx.recv().await {
+            to_agent.handle(f);
+        }
+        to_agent.shutdown(CONNECTION_LOST);
+    });
+    let to_laptop = laptop.clone();
+    tokio::spawn(async move {
+        while let Some(f) = agent_rx.recv().await {
+            to_laptop.handle(f);
+        }
+        to_laptop.shutdown(CONNECTION_LOST);
+    });
+    tokio::spawn(async move {
+        let _keep = laptop;
+        while let Some((p, stream)) = laptop_in.accept().await {
+            assert_eq!(p, port);
+            tokio::spawn(async move {
+                let mut tcp = TcpStream::connect(laptop_server).await.unwrap();
+                let _ = stream.bridge(&mut tcp).await;
+            });
+        }
+    });
+    agent
+}
+
+#[tokio::test]
+async fn a_holder_reached_through_the_tunnel_gets_its_requests_in_both_versions() {
+    let s = engine().await;
+    let mux = tunnelled_laptop("alice-laptop", 8000).await;
+    s.engine
+        .table()
+        .add(
+            1,
+            Mode::Take,
+            &header("x-dev=alice"),
+            Arc::new(TunnelDialer {
+                mux,
+                port: 8000,
+                label: "alice@laptop".into(),
+            }),
+        )
+        .unwrap();
+    // A body larger than a stream's first window, so flow control is exercised.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    std::fs::write(&file, vec![b'x'; 300_000]).unwrap();
+    let out = curl(vec![
+        url(&s, "/one"),
+        "-H".into(),
+        "x-dev: alice".into(),
+        "--data-binary".into(),
+        format!("@{}", file.display()),
+        "--next".into(),
+        url(&s, "/two"),
+    ])
+    .await;
+    assert_eq!(out, "alice-laptop POST /one 300000\noriginal GET /two\n");
+    let out = nghttp(vec![
+        "-H".into(),
+        "x-dev: alice".into(),
+        url(&s, "/h2/a"),
+        url(&s, "/h2/b"),
+    ])
+    .await;
+    assert_eq!(out, ["alice-laptop GET /h2/a", "alice-laptop GET /h2/b"]);
 }

@@ -38,7 +38,7 @@ use tokio::sync::{broadcast, Mutex};
 
 use super::detect::{detect, Protocol};
 use super::mirror::{self, CopyBody, Tee};
-use super::table::{BoxIo, Dialer, Holder, Table};
+use super::table::{Dialer, Holder, Table};
 
 /// How long a connection may stay silent before its first request (nginx's
 /// `client_header_timeout` default).
@@ -662,25 +662,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
-    }
-}
-
-/// The original, reached over TCP.
-pub struct TcpDialer {
-    pub addr: std::net::SocketAddr,
-    pub label: String,
-}
-
-impl Dialer for TcpDialer {
-    fn dial(&self) -> futures_util::future::BoxFuture<'_, io::Result<BoxIo>> {
-        Box::pin(async move {
-            let s = tokio::net::TcpStream::connect(self.addr).await?;
-            s.set_nodelay(true)?;
-            Ok(Box::pin(s) as BoxIo)
-        })
-    }
-
-    fn name(&self) -> String {
-        self.label.clone()
     }
 }
