@@ -291,12 +291,7 @@ async fn serve_control(
         agent_version: devloop_proxy::CRATE_VERSION.to_string(),
         capabilities: vec![caps::TUNNEL.to_string()],
         root: String::new(),
-        process: ProcessStatus {
-            state: ProcessState::NoCommand,
-            starts: 0,
-            quick_exits: 0,
-            last_exit: None,
-        },
+        process: ProcessStatus::initial(ProcessState::NoCommand),
         recent_logs: Vec::new(),
     });
     if ws

@@ -68,12 +68,7 @@ impl Hub {
             state: Mutex::new(State {
                 ring: VecDeque::new(),
                 ring_bytes: 0,
-                status: ProcessStatus {
-                    state: ProcessState::NoCommand,
-                    starts: 0,
-                    quick_exits: 0,
-                    last_exit: None,
-                },
+                status: ProcessStatus::initial(ProcessState::NoCommand),
                 published: 0,
             }),
             event_tx,

@@ -65,16 +65,11 @@ impl Supervisor {
     /// Starts the process (if any) and the task that watches it.
     pub fn spawn(config: SupervisorConfig, hub: Arc<Hub>) -> (Supervisor, JoinHandle<()>) {
         let (command_tx, command_rx) = mpsc::channel(16);
-        let status = ProcessStatus {
-            state: if config.argv.is_empty() {
-                ProcessState::NoCommand
-            } else {
-                ProcessState::Stopped
-            },
-            starts: 0,
-            quick_exits: 0,
-            last_exit: None,
-        };
+        let status = ProcessStatus::initial(if config.argv.is_empty() {
+            ProcessState::NoCommand
+        } else {
+            ProcessState::Stopped
+        });
         hub.set_status(status.clone());
         let task = tokio::spawn(
             Runner {

@@ -33,12 +33,7 @@ fn welcome() -> AgentMsg {
         agent_version: "scripted".into(),
         capabilities: Vec::new(),
         root: "/app".into(),
-        process: ProcessStatus {
-            state: ProcessState::NoCommand,
-            starts: 0,
-            quick_exits: 0,
-            last_exit: None,
-        },
+        process: ProcessStatus::initial(ProcessState::NoCommand),
         recent_logs: Vec::new(),
     })
 }

@@ -172,6 +172,18 @@ pub struct ProcessStatus {
     pub last_exit: Option<ExitInfo>,
 }
 
+impl ProcessStatus {
+    /// A process not started yet, in `state` (no command at all, or stopped).
+    pub fn initial(state: ProcessState) -> Self {
+        ProcessStatus {
+            state,
+            starts: 0,
+            quick_exits: 0,
+            last_exit: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProcessState {
     /// No command configured: the agent only syncs.
