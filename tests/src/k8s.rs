@@ -10,12 +10,30 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::{docker_ok, ensure_base_image, workspace};
+use crate::{docker_ok, ensure_base_image, workspace, Shop};
 
 const LOCAL_KUBECONFIG: &str = "/var/lib/devloop-k8s/admin.kubeconfig";
 const LOCAL_KUBECTL: &str = "/var/cache/devloop-k8s/bin/kubectl";
 /// The registry the cluster pulls from, as this machine pushes to it.
 pub const REGISTRY: &str = "127.0.0.1:5000";
+
+/// A copy of the example as a Kubernetes project: devloop.toml's `[target]`, which already
+/// names the manifests, gains `kind = "kubernetes"`; the namespace comes from `-n`.
+pub fn kube_shop(name: &str) -> Shop {
+    let shop = Shop::new(name, false);
+    let cfg = shop.path().join("devloop.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.contains("[target]\nmanifests = \"k8s\""),
+        "the example names its manifests"
+    );
+    std::fs::write(
+        &cfg,
+        text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n"),
+    )
+    .unwrap();
+    shop
+}
 
 /// The kubeconfig the tests use: KUBECONFIG, else the local cluster's.
 pub fn kubeconfig() -> Option<PathBuf> {

@@ -8,24 +8,6 @@ use devloop_tests::k8s::*;
 use devloop_tests::*;
 use std::time::Duration;
 
-/// The example as a Kubernetes project: devloop.toml's `[target]` names the cluster and the
-/// manifests, the namespace comes from `-n`.
-fn kube_shop() -> Shop {
-    let shop = Shop::new("k8sdeploy", false);
-    let cfg = shop.path().join("devloop.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    assert!(
-        text.contains("[target]\nmanifests = \"k8s\""),
-        "the example names its manifests"
-    );
-    std::fs::write(
-        &cfg,
-        text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n"),
-    )
-    .unwrap();
-    shop
-}
-
 fn run(shop: &Shop, ns: &Namespace, args: &[&str]) -> (bool, String) {
     let mut c = shop.cmd(&["-n", &ns.name]);
     c.args(args);
@@ -84,7 +66,7 @@ fn deploy_creates_rolls_out_undoes_a_crash_and_rolls_back() {
         return;
     }
     let ns = Namespace::new("dep");
-    let shop = kube_shop();
+    let shop = kube_shop("k8sdeploy");
 
     // First deploy: nothing exists, so both services are created from the manifests.
     let out = run_ok(&shop, &ns, &["deploy"]);
@@ -263,7 +245,7 @@ fn watch_syncs_into_the_deployed_pod_and_redeploys_by_rule() {
         return;
     }
     let ns = Namespace::new("watch");
-    let mut shop = kube_shop();
+    let mut shop = kube_shop("k8sdeploy");
     let cfg = shop.path().join("devloop.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     let rule = "{ paths = [\"**/*.py\"], action = \"restart\" },\n";

@@ -12,15 +12,8 @@ use std::time::Duration;
 
 /// The example as a Kubernetes project (the namespace comes from `-n`), with a file only the
 /// laptop has: the first reconcile must send it.
-fn kube_shop(name: &str) -> Shop {
-    let shop = Shop::new(name, false);
-    let cfg = shop.path().join("devloop.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n"),
-    )
-    .unwrap();
+fn laptop_shop(name: &str) -> Shop {
+    let shop = kube_shop(name);
     std::fs::write(shop.path().join("api/laptop-only.txt"), "from the laptop").unwrap();
     shop
 }
@@ -77,7 +70,7 @@ fn up_syncs_into_a_dev_pod_and_down_restores_the_spec() {
     let ns = Namespace::new("dev");
     deploy_shop(&ns);
     let before = deployment_spec(&ns, "api");
-    let mut shop = kube_shop("k8sdev");
+    let mut shop = laptop_shop("k8sdev");
     let log = up_api(&mut shop, &ns, "up.log", Duration::from_secs(240));
     let up_text = std::fs::read_to_string(&log).unwrap();
     assert!(up_text.contains("switched to dev mode"), "{up_text}");
@@ -233,7 +226,7 @@ fn a_dev_pod_runs_as_the_containers_non_root_user() {
         "--timeout=120s",
     ]);
     let before = deployment_spec(&ns, "api");
-    let mut shop = kube_shop("k8suid");
+    let mut shop = laptop_shop("k8suid");
     let log = up_api(&mut shop, &ns, "up.log", Duration::from_secs(240));
     let up_text = || std::fs::read_to_string(&log).unwrap();
     let pod = dev_pod(&ns)

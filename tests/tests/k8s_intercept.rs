@@ -382,14 +382,7 @@ fn rbac_errors_name_the_permission_and_the_documented_role_is_enough() {
 
     // The same Role is enough for the other workflows: dev pods (up, down) and deploy,
     // history and rollback, run as this user from a copy of the example.
-    let shop = Shop::new("k8srbac", false);
-    let cfg = shop.path().join("devloop.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("[target]\n", "[target]\nkind = \"kubernetes\"\n"),
-    )
-    .unwrap();
+    let shop = kube_shop("k8srbac");
     let in_shop = |args: &[&str]| {
         let mut c = shop.cmd(&["-n", &ns.name]);
         c.args(args).env("KUBECONFIG", &kubeconfig);
