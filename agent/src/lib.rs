@@ -16,6 +16,7 @@ pub mod index;
 pub mod intercept;
 pub mod lease;
 pub mod logs;
+pub mod netlink;
 pub mod redirect;
 pub mod relay;
 pub mod resets;

@@ -23,16 +23,12 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use nix::sys::socket::{
-    bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-    SockType,
-};
+use nix::sys::socket::{recv, MsgFlags, SockProtocol};
+
+use crate::netlink::{self, NLM_F_ACK, NLM_F_REQUEST};
 
 // netlink and nfnetlink (linux/netlink.h, linux/netfilter/nfnetlink.h)
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 0x2;
 const NLA_F_NESTED: u16 = 0x8000;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -103,18 +99,9 @@ pub struct Redirect {
 impl Redirect {
     /// Installs the table `table` in the calling thread's network namespace.
     pub fn install(table: &str, ports: &[PortRedirect]) -> io::Result<Redirect> {
-        let sock = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )?;
-        bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        let sock = netlink::socket(SockProtocol::NetlinkNetFilter)?;
         let batch = batch(table, ports);
-        let sent = send(sock.as_raw_fd(), &batch.bytes, MsgFlags::empty())?;
-        if sent != batch.bytes.len() {
-            return Err(io::Error::other("netlink: the batch was sent in part"));
-        }
+        netlink::send_all(&sock, &batch.bytes)?;
         read_acks(&sock, batch.acks)?;
         Ok(Redirect {
             table: table.into(),
@@ -134,12 +121,7 @@ struct Msg {
 
 impl Msg {
     fn new(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Msg {
-        let mut buf = Vec::with_capacity(256);
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set by `done`
-        buf.extend_from_slice(&kind.to_ne_bytes());
-        buf.extend_from_slice(&flags.to_ne_bytes());
-        buf.extend_from_slice(&seq.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+        let mut buf = netlink::header(kind, flags, seq);
         buf.push(family);
         buf.push(0); // NFNETLINK_V0
         buf.extend_from_slice(&res_id.to_be_bytes());
@@ -192,8 +174,7 @@ impl Msg {
     }
 
     fn done(mut self, out: &mut Vec<u8>) {
-        let len = self.buf.len() as u32;
-        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
+        netlink::set_len(&mut self.buf);
         out.extend_from_slice(&self.buf);
     }
 }
@@ -308,23 +289,13 @@ fn read_acks(sock: &OwnedFd, mut waiting: Vec<u32>) -> io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     while !waiting.is_empty() {
         let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-        let mut at = 0;
-        while at + 16 <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
-            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap_or_default());
-            if len < 16 || at + len > n {
-                return Err(io::Error::other("netlink: a malformed answer"));
+        for m in netlink::messages(&buf[..n]) {
+            let m = m?;
+            match m.errno() {
+                Some(0) => waiting.retain(|s| *s != m.seq),
+                Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
+                None => {}
             }
-            if kind == NLMSG_ERROR && len >= 20 {
-                let errno =
-                    i32::from_ne_bytes(buf[at + 16..at + 20].try_into().unwrap_or_default());
-                if errno != 0 {
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
-                waiting.retain(|s| *s != seq);
-            }
-            at += (len + 3) & !3;
         }
     }
     Ok(())

@@ -15,16 +15,11 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{
-    bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-    SockType,
-};
+use nix::sys::socket::{recv, MsgFlags, SockProtocol};
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+use crate::netlink::{self, u32_at, NLMSG_DONE, NLM_F_ACK, NLM_F_REQUEST};
+
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 0x2;
-const NLMSG_DONE: u16 = 0x3;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const IPPROTO_TCP: u8 = 6;
@@ -55,31 +50,19 @@ pub struct Resets {
 }
 
 fn diag_socket() -> io::Result<OwnedFd> {
-    let sock = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkSockDiag,
-    )?;
-    bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
-    Ok(sock)
+    netlink::socket(SockProtocol::NetlinkSockDiag)
 }
 
 /// `struct inet_diag_req_v2` in a netlink message.
 fn request(kind: u16, flags: u16, family: u8, ext: u8, id: &[u8; SOCKID]) -> Vec<u8> {
-    let len = 16 + 8 + SOCKID;
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&1u32.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
+    let mut m = netlink::header(kind, flags, 1);
     m.push(family);
     m.push(IPPROTO_TCP);
     m.push(ext);
     m.push(0);
     m.extend_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
     m.extend_from_slice(id);
+    netlink::set_len(&mut m);
     m
 }
 
@@ -95,34 +78,23 @@ pub fn connections(port: u16) -> io::Result<Vec<Conn>> {
             1 << (INET_DIAG_INFO - 1),
             &[0; SOCKID],
         );
-        send(sock.as_raw_fd(), &req, MsgFlags::empty())?;
+        netlink::send_all(&sock, &req)?;
         let mut buf = vec![0u8; 64 * 1024];
         'dump: loop {
             let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32_at(&buf, at) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                if len < 16 || at + len > n {
-                    return Err(io::Error::other("sock_diag: a malformed answer"));
+            for m in netlink::messages(&buf[..n]) {
+                let m = m?;
+                if m.kind == NLMSG_DONE {
+                    break 'dump;
                 }
-                match kind {
-                    NLMSG_DONE => break 'dump,
-                    NLMSG_ERROR => {
-                        let errno = i32::from_ne_bytes(
-                            buf[at + 16..at + 20].try_into().unwrap_or_default(),
-                        );
-                        return Err(io::Error::from_raw_os_error(-errno));
-                    }
-                    _ => {
-                        if let Some(c) = parse(&buf[at + 16..at + len]) {
-                            if c.local_port() == port {
-                                found.push(c);
-                            }
-                        }
+                if let Some(errno) = m.errno() {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                if let Some(c) = parse(m.payload) {
+                    if c.local_port() == port {
+                        found.push(c);
                     }
                 }
-                at += (len + 3) & !3;
             }
         }
     }
@@ -132,13 +104,6 @@ pub fn connections(port: u16) -> io::Result<Vec<Conn>> {
 mod libc_af {
     pub const INET: u8 = 2;
     pub const INET6: u8 = 10;
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .and_then(|s| s.try_into().ok())
-        .map(u32::from_ne_bytes)
-        .unwrap_or_default()
 }
 
 /// One `inet_diag_msg` and its attributes; `None` when it is too short.
@@ -151,34 +116,25 @@ fn parse(msg: &[u8]) -> Option<Conn> {
     let rqueue = u32_at(msg, 4 + SOCKID + 4);
     let wqueue = u32_at(msg, 4 + SOCKID + 8);
     let mut idle = rqueue == 0 && wqueue == 0;
-    let mut at = DIAG_MSG;
     let mut saw_info = false;
-    while at + 4 <= msg.len() {
-        let len = u16::from_ne_bytes([msg[at], msg[at + 1]]) as usize;
-        let kind = u16::from_ne_bytes([msg[at + 2], msg[at + 3]]);
-        if len < 4 || at + len > msg.len() {
-            break;
+    for (kind, info) in netlink::attributes(&msg[DIAG_MSG..]) {
+        if kind != INET_DIAG_INFO || info.len() < 128 {
+            continue;
         }
-        if kind == INET_DIAG_INFO {
-            // struct tcp_info: tcpi_last_data_sent at 44 and tcpi_last_data_recv at 52 (ms
-            // ago), tcpi_bytes_acked at 120 (bytes sent and acknowledged).
-            let info = &msg[at + 4..at + len];
-            if info.len() >= 128 {
-                saw_info = true;
-                let sent_ago = u32_at(info, 44);
-                let recv_ago = u32_at(info, 52);
-                let sent_any = info
-                    .get(120..128)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_ne_bytes)
-                    .unwrap_or_default()
-                    > 0;
-                // The answer left after the request came; within the same millisecond counts
-                // too, once the connection has sent anything at all.
-                idle &= sent_ago < recv_ago || (sent_ago == recv_ago && sent_any);
-            }
-        }
-        at += (len + 3) & !3;
+        // struct tcp_info: tcpi_last_data_sent at 44 and tcpi_last_data_recv at 52 (ms
+        // ago), tcpi_bytes_acked at 120 (bytes sent and acknowledged).
+        saw_info = true;
+        let sent_ago = u32_at(info, 44);
+        let recv_ago = u32_at(info, 52);
+        let sent_any = info
+            .get(120..128)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+            .unwrap_or_default()
+            > 0;
+        // The answer left after the request came; within the same millisecond counts too,
+        // once the connection has sent anything at all.
+        idle &= sent_ago < recv_ago || (sent_ago == recv_ago && sent_any);
     }
     Some(Conn {
         family,
@@ -202,13 +158,15 @@ impl Conn {
             0,
             &self.id,
         );
-        send(sock.as_raw_fd(), &req, MsgFlags::empty())?;
+        netlink::send_all(&sock, &req)?;
         let mut buf = [0u8; 512];
         let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-        if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
-            let errno = i32::from_ne_bytes(buf[16..20].try_into().unwrap_or_default());
-            if errno != 0 && -errno != nix::libc::ENOENT {
-                return Err(io::Error::from_raw_os_error(-errno));
+        for m in netlink::messages(&buf[..n]) {
+            match m?.errno() {
+                Some(errno) if errno != 0 && errno != nix::libc::ENOENT => {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                _ => {}
             }
         }
         Ok(())
