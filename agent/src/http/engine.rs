@@ -279,8 +279,6 @@ impl Conn {
         if let Some(h) = &holder {
             h.counts.requests.fetch_add(1, Ordering::Relaxed);
         }
-        let method = req.method().to_string();
-        let path = req.uri().path().to_string();
         let dialer: Arc<dyn Dialer> = match &holder {
             Some(h) => h.dialer.clone(),
             None => self.engine.table.original().clone(),
@@ -288,7 +286,7 @@ impl Conn {
         let upgrade = (version == Version::Http1
             && req.headers().contains_key(hyper::header::UPGRADE))
         .then(|| hyper::upgrade::on(&mut req));
-        let tally = Tally::new(&self.engine, started);
+        let tally = Tally::new(&self.engine, started, dest, &req, false);
         // Copies for mirrors (never of an upgrade: its rest is not HTTP).
         let mut tees = Vec::new();
         if upgrade.is_none() {
@@ -326,18 +324,7 @@ impl Conn {
                 (resp, Some(e.to_string()))
             }
         };
-        *tally.event.lock().unwrap_or_else(|e| e.into_inner()) = Some(RequestEvent {
-            holder: dest,
-            method,
-            path,
-            status: response.status().as_u16(),
-            elapsed: started.elapsed(),
-            total: Duration::ZERO,
-            bytes_in: 0,
-            bytes_out: 0,
-            error,
-            copy: false,
-        });
+        tally.answered(response.status().as_u16(), error);
         // The event leaves once both bodies are done with (the tally's last holder drops).
         response.map(|b| Counted::new(b, tally, Way::Out))
     }
@@ -374,11 +361,8 @@ impl Conn {
     /// Sends one copy to its mirror and throws the answer away.
     async fn send_copy(&self, m: &Holder, head: Request<()>, body: CopyBody, version: Version) {
         use http_body_util::BodyExt;
-        let started = Instant::now();
-        let tally = Tally::new(&self.engine, started);
+        let tally = Tally::new(&self.engine, Instant::now(), Some(m.id), &head, true);
         let broken = body.broken();
-        let method = head.method().to_string();
-        let path = head.uri().path().to_string();
         let req = head.map(|()| Either::Right(Counted::new(body, tally.clone(), Way::In)));
         let (status, error) = match self.send(Some(m.id), &*m.dialer, req, version).await {
             Ok(resp) => {
@@ -393,18 +377,7 @@ impl Conn {
                 (StatusCode::BAD_GATEWAY.as_u16(), Some(e.to_string()))
             }
         };
-        *tally.event.lock().unwrap_or_else(|e| e.into_inner()) = Some(RequestEvent {
-            holder: Some(m.id),
-            method,
-            path,
-            status,
-            elapsed: started.elapsed(),
-            total: Duration::ZERO,
-            bytes_in: 0,
-            bytes_out: 0,
-            error,
-            copy: true,
-        });
+        tally.answered(status, error);
     }
 
     /// Sends `req` to `dest` over this connection's upstream connection to it, opening one
@@ -480,40 +453,78 @@ async fn connect(dialer: &dyn Dialer, version: Version) -> io::Result<Upstream> 
     }
 }
 
-/// One request's tally: the bytes of both bodies, and its event, which leaves when both
-/// bodies are done (the last `Arc` drops).
+/// One request's tally: what it was, its answer, and the bytes of both bodies. Its event
+/// leaves when both bodies are done (the last `Arc` drops), if an answer was recorded.
 struct Tally {
     engine: Arc<Engine>,
     started: Instant,
+    holder: Option<u64>,
+    method: String,
+    path: String,
+    copy: bool,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
-    event: std::sync::Mutex<Option<RequestEvent>>,
+    answer: std::sync::Mutex<Option<Answer>>,
+}
+
+/// The answer's head (or the failure), when it came.
+struct Answer {
+    status: u16,
+    elapsed: Duration,
+    error: Option<String>,
 }
 
 impl Tally {
-    fn new(engine: &Arc<Engine>, started: Instant) -> Arc<Self> {
+    fn new<B>(
+        engine: &Arc<Engine>,
+        started: Instant,
+        holder: Option<u64>,
+        req: &Request<B>,
+        copy: bool,
+    ) -> Arc<Self> {
         Arc::new(Tally {
             engine: engine.clone(),
             started,
+            holder,
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            copy,
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            event: std::sync::Mutex::new(None),
+            answer: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The answer's head came back with `status`, or the destination failed with `error`.
+    fn answered(&self, status: u16, error: Option<String>) {
+        *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Answer {
+            status,
+            elapsed: self.started.elapsed(),
+            error,
+        });
     }
 }
 
 impl Drop for Tally {
     fn drop(&mut self) {
-        let event = self
-            .event
+        let answer = self
+            .answer
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(mut e) = event {
-            e.total = self.started.elapsed();
-            e.bytes_in = *self.bytes_in.get_mut();
-            e.bytes_out = *self.bytes_out.get_mut();
-            self.engine.emit(Event::Request(e));
+        if let Some(a) = answer {
+            self.engine.emit(Event::Request(RequestEvent {
+                holder: self.holder,
+                method: std::mem::take(&mut self.method),
+                path: std::mem::take(&mut self.path),
+                status: a.status,
+                elapsed: a.elapsed,
+                total: self.started.elapsed(),
+                bytes_in: *self.bytes_in.get_mut(),
+                bytes_out: *self.bytes_out.get_mut(),
+                error: a.error,
+                copy: self.copy,
+            }));
         }
     }
 }
