@@ -338,8 +338,7 @@ fn rel_path_seeds() -> Vec<Vec<u8>> {
 
 /// Two filters and a request each, encoded as the `route_filter` target reads them.
 fn route_seeds() -> Vec<Vec<u8>> {
-    use devloop_proxy::fuzzing::FuzzRequest;
-    use devloop_proxy::route::{Filter, HeaderMatch, PathMatch};
+    use devloop_proxy::route::{Filter, HeaderMatch, PathMatch, PlainHead};
     let header = |a: &str| Filter {
         headers: vec![HeaderMatch::parse(a).expect("a seed's header")],
         ..Filter::default()
@@ -353,7 +352,7 @@ fn route_seeds() -> Vec<Vec<u8>> {
         method: Some("POST".into()),
         ..Filter::default()
     };
-    let req = |method: &str, p: &str, headers: &[(&str, &str)]| FuzzRequest {
+    let req = |method: &str, p: &str, headers: &[(&str, &str)]| PlainHead {
         method: method.into(),
         path: p.into(),
         headers: headers

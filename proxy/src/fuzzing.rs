@@ -541,32 +541,6 @@ impl MuxHarness {
     }
 }
 
-/// A request as the `route_filter` target builds it from bytes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FuzzRequest {
-    pub method: String,
-    pub path: String,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl crate::route::RequestHead for FuzzRequest {
-    fn method(&self) -> &str {
-        &self.method
-    }
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn header_values<'a>(&'a self, name: &str) -> Box<dyn Iterator<Item = &'a [u8]> + 'a> {
-        let name = name.to_string();
-        Box::new(
-            self.headers
-                .iter()
-                .filter(move |(n, _)| n.eq_ignore_ascii_case(&name))
-                .map(|(_, v)| v.as_slice()),
-        )
-    }
-}
-
 /// Target `route_filter`: two filters as a cli may send them (postcard) and a request.
 /// Compiling and matching never panic; a filter that compiles still compiles after a round
 /// trip and matches alike; what an exact condition accepts really carries that header, path
@@ -580,7 +554,7 @@ pub fn route_filter(data: &[u8]) {
     let Ok((b, rest)) = postcard::take_from_bytes::<Filter>(rest) else {
         return;
     };
-    let Ok((req, _)) = postcard::take_from_bytes::<FuzzRequest>(rest) else {
+    let Ok((req, _)) = postcard::take_from_bytes::<crate::route::PlainHead>(rest) else {
         return;
     };
     let _ = a.describe();

@@ -208,6 +208,48 @@ pub trait RequestHead {
     fn header_values<'a>(&'a self, name: &str) -> Box<dyn Iterator<Item = &'a [u8]> + 'a>;
 }
 
+/// A request head as plain data, for requests built by hand (tests, the `route_filter` fuzz
+/// target). Field names are matched without regard to case.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlainHead {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl PlainHead {
+    pub fn new(method: &str, path: &str, headers: &[(&str, &[u8])]) -> Self {
+        PlainHead {
+            method: method.into(),
+            path: path.into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect(),
+        }
+    }
+}
+
+impl RequestHead for PlainHead {
+    fn method(&self) -> &str {
+        &self.method
+    }
+
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn header_values<'a>(&'a self, name: &str) -> Box<dyn Iterator<Item = &'a [u8]> + 'a> {
+        let name = name.to_string();
+        Box::new(
+            self.headers
+                .iter()
+                .filter(move |(n, _)| n.eq_ignore_ascii_case(&name))
+                .map(|(_, v)| v.as_slice()),
+        )
+    }
+}
+
 /// A checked filter, ready to match requests.
 #[derive(Debug, Clone)]
 pub struct Matcher {
@@ -433,40 +475,8 @@ pub fn precedence(a: (&Filter, u64), b: (&Filter, u64)) -> Ordering {
 mod tests {
     use super::*;
 
-    struct Req {
-        method: &'static str,
-        path: &'static str,
-        headers: Vec<(&'static str, &'static [u8])>,
-    }
-
-    impl RequestHead for Req {
-        fn method(&self) -> &str {
-            self.method
-        }
-        fn path(&self) -> &str {
-            self.path
-        }
-        fn header_values<'a>(&'a self, name: &str) -> Box<dyn Iterator<Item = &'a [u8]> + 'a> {
-            let name = name.to_string();
-            Box::new(
-                self.headers
-                    .iter()
-                    .filter(move |(n, _)| n.eq_ignore_ascii_case(&name))
-                    .map(|(_, v)| *v),
-            )
-        }
-    }
-
-    fn req(
-        method: &'static str,
-        path: &'static str,
-        headers: &[(&'static str, &'static [u8])],
-    ) -> Req {
-        Req {
-            method,
-            path,
-            headers: headers.to_vec(),
-        }
+    fn req(method: &str, path: &str, headers: &[(&str, &[u8])]) -> PlainHead {
+        PlainHead::new(method, path, headers)
     }
 
     fn headers(args: &[&str]) -> Filter {

@@ -165,7 +165,7 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devloop_proxy::route::{HeaderMatch, PathMatch};
+    use devloop_proxy::route::{HeaderMatch, PathMatch, PlainHead};
 
     struct Nowhere(&'static str);
 
@@ -178,28 +178,9 @@ mod tests {
         }
     }
 
-    struct Req(
-        &'static str,
-        &'static str,
-        Vec<(&'static str, &'static str)>,
-    );
-
-    impl RequestHead for Req {
-        fn method(&self) -> &str {
-            self.0
-        }
-        fn path(&self) -> &str {
-            self.1
-        }
-        fn header_values<'a>(&'a self, name: &str) -> Box<dyn Iterator<Item = &'a [u8]> + 'a> {
-            let name = name.to_string();
-            Box::new(
-                self.2
-                    .iter()
-                    .filter(move |(n, _)| *n == name)
-                    .map(|(_, v)| v.as_bytes()),
-            )
-        }
+    fn req(method: &str, path: &str, headers: Vec<(&str, &str)>) -> PlainHead {
+        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+        PlainHead::new(method, path, &headers)
     }
 
     fn header(arg: &str) -> Filter {
@@ -216,7 +197,7 @@ mod tests {
         }
     }
 
-    fn taker(t: &Table, r: &Req) -> Option<u64> {
+    fn taker(t: &Table, r: &PlainHead) -> Option<u64> {
         t.route(r).taker.map(|h| h.id)
     }
 
@@ -236,22 +217,22 @@ mod tests {
             vec![1, 2, 3]
         );
 
-        let alice_v2 = Req("GET", "/v2/a", vec![("x-dev", "alice")]);
+        let alice_v2 = req("GET", "/v2/a", vec![("x-dev", "alice")]);
         assert_eq!(taker(&t, &alice_v2), Some(2));
-        assert_eq!(taker(&t, &Req("GET", "/v2/a", vec![])), Some(1));
+        assert_eq!(taker(&t, &req("GET", "/v2/a", vec![])), Some(1));
         assert_eq!(
-            taker(&t, &Req("GET", "/v1", vec![("x-dev", "bob")])),
+            taker(&t, &req("GET", "/v1", vec![("x-dev", "bob")])),
             Some(3)
         );
         assert_eq!(
-            taker(&t, &Req("GET", "/v1", vec![("x-dev", "carol")])),
+            taker(&t, &req("GET", "/v1", vec![("x-dev", "carol")])),
             None
         );
 
         // Leaving one changes nothing for the others.
         assert!(t.remove(1));
         assert!(!t.remove(1));
-        assert_eq!(taker(&t, &Req("GET", "/v2/a", vec![])), Some(4));
+        assert_eq!(taker(&t, &req("GET", "/v2/a", vec![])), Some(4));
         assert_eq!(taker(&t, &alice_v2), Some(2));
     }
 
@@ -262,13 +243,13 @@ mod tests {
         t.add(1, Mode::Take, &header("x-dev=alice"), d()).unwrap();
         t.add(2, Mode::Mirror, &Filter::default(), d()).unwrap();
         t.add(3, Mode::Mirror, &prefix("/v2/"), d()).unwrap();
-        let r = t.route(&Req("GET", "/v2/x", vec![("x-dev", "alice")]));
+        let r = t.route(&req("GET", "/v2/x", vec![("x-dev", "alice")]));
         assert_eq!(r.taker.map(|h| h.id), Some(1));
         assert_eq!(
             r.mirrors.iter().map(|h| h.id).collect::<Vec<_>>(),
             vec![2, 3]
         );
-        let r = t.route(&Req("GET", "/v1", vec![]));
+        let r = t.route(&req("GET", "/v1", vec![]));
         assert!(r.taker.is_none());
         assert_eq!(r.mirrors.iter().map(|h| h.id).collect::<Vec<_>>(), vec![2]);
     }
