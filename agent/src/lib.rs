@@ -20,6 +20,7 @@ pub mod netlink;
 pub mod redirect;
 pub mod relay;
 pub mod resets;
+pub mod routing;
 pub mod seed;
 pub mod server;
 pub mod supervisor;

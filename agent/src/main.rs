@@ -65,6 +65,34 @@ enum Mode {
         #[arg(long)]
         handoff: Option<PathBuf>,
     },
+    /// Beside a running original (in its network namespace, with NET_ADMIN): route each
+    /// request of its ports to the original or to the laptop whose filter takes it.
+    Route {
+        /// File holding the session token the first cli created.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// Address of the control WebSocket (path /devloop); the cli arrives over `bridge`.
+        #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], devloop_proxy::ROUTE_CONTROL_PORT)))]
+        control: SocketAddr,
+        /// A port of the service (repeatable).
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+        /// An address of the original besides 127.0.0.1 (repeatable).
+        #[arg(long = "original-host")]
+        original_hosts: Vec<std::net::IpAddr>,
+        /// The folder of the clis' handoff sockets (a local engine).
+        #[arg(long)]
+        handoff_dir: Option<PathBuf>,
+        /// Exit after this many milliseconds with no holder and no cli.
+        #[arg(long, default_value_t = 1000)]
+        linger_ms: u64,
+        /// Do not exit for lack of a cli before this many milliseconds after the start.
+        #[arg(long, default_value_t = 30_000)]
+        first_wait_ms: u64,
+        /// Tests: do not redirect; write "SERVICE=AGENT" port lines to this file.
+        #[arg(long, hide = true)]
+        no_redirect_ports_file: Option<PathBuf>,
+    },
     /// Exit 0 once ADDR accepts a TCP connection, 1 after the timeout.
     Probe {
         addr: String,
@@ -206,6 +234,35 @@ fn main() {
                     handoff,
                 };
                 devloop_agent::intercept::run(config, async move {
+                    terminate.recv().await;
+                })
+                .await
+            }
+            Mode::Route {
+                token_file,
+                control,
+                ports,
+                original_hosts,
+                handoff_dir,
+                linger_ms,
+                first_wait_ms,
+                no_redirect_ports_file,
+            } => {
+                let token = dev::read_token(&token_file)?;
+                let mut terminate =
+                    signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+                let config = devloop_agent::routing::RouteConfig {
+                    token,
+                    control,
+                    ports,
+                    original_hosts,
+                    handoff_dir,
+                    linger: Duration::from_millis(linger_ms),
+                    first_wait: Duration::from_millis(first_wait_ms),
+                    redirect: no_redirect_ports_file.is_none(),
+                    ports_file: no_redirect_ports_file,
+                };
+                devloop_agent::routing::run(config, async move {
                     terminate.recv().await;
                 })
                 .await

@@ -430,6 +430,9 @@ impl Session {
             LaptopMsg::Hello(_) => return Err("hello sent twice".into()),
             // Dev mode announces no tunnel capability, so a peer must not send this.
             LaptopMsg::Tunnel(_) => return Err("tunnel frames are not served in dev mode".into()),
+            LaptopMsg::Hold { .. } | LaptopMsg::ListHolders { .. } | LaptopMsg::Release { .. } => {
+                return Err("routing requests are not served in dev mode".into())
+            }
             LaptopMsg::Ping { nonce } => self.send(AgentMsg::Pong { nonce }).await,
             LaptopMsg::Index { req } => self.index(req).await,
             LaptopMsg::Batch { req, ops } => {

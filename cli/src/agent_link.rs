@@ -3,7 +3,8 @@
 
 use devloop_proxy::codec::{decode, encode};
 use devloop_proxy::msg::{
-    AgentMsg, FileOp, Hello, LaptopMsg, LogLine, Outcome, ProcessStatus, Welcome,
+    AgentMsg, FileOp, Hello, HoldSpec, HolderInfo, LaptopMsg, LogLine, Outcome, ProcessStatus,
+    RequestLine, Welcome,
 };
 use devloop_proxy::tree::Tree;
 use devloop_proxy::tunnel::{Incoming, Mux, Side, TunnelFrame};
@@ -43,12 +44,20 @@ pub enum LinkError {
 pub enum AgentEvent {
     Log(LogLine),
     Process(ProcessStatus),
+    /// A routing agent: a request this connection's holder took or got a copy of.
+    Request(RequestLine),
+    /// A routing agent: this connection's holder was ended by `by`.
+    Released {
+        by: String,
+    },
 }
 
 enum Pending {
     Ack(oneshot::Sender<Outcome>),
     Index(Tree, oneshot::Sender<Result<Tree, String>>),
     Pong(oneshot::Sender<()>),
+    Held(oneshot::Sender<Result<(u64, Vec<HolderInfo>), String>>),
+    Holders(oneshot::Sender<Vec<HolderInfo>>),
 }
 
 /// A connected, authenticated agent. Cheap to clone; all clones share the connection.
@@ -138,6 +147,7 @@ impl AgentLink {
                 devloop_proxy::caps::TAR.into(),
                 devloop_proxy::caps::PROCESS.into(),
                 devloop_proxy::caps::TUNNEL.into(),
+                devloop_proxy::caps::ROUTE.into(),
             ],
             token: token.into(),
         });
@@ -246,6 +256,13 @@ impl AgentLink {
                         Some(Pending::Ack(tx)) => {
                             let _ = tx.send(outcome);
                         }
+                        Some(Pending::Held(tx)) => {
+                            let error = match outcome {
+                                Outcome::Failed { error } => error,
+                                other => format!("unexpected answer to a hold: {other:?}"),
+                            };
+                            let _ = tx.send(Err(error));
+                        }
                         // An index request the agent could not answer (its root unreadable).
                         Some(Pending::Index(_, tx)) => {
                             let error = match outcome {
@@ -278,6 +295,27 @@ impl AgentLink {
                         if let Some(mux) = lock(&reader_tunnel).as_ref() {
                             mux.handle(frame);
                         }
+                    }
+                    AgentMsg::Held {
+                        req,
+                        holder,
+                        overlaps,
+                    } => {
+                        if let Some(Pending::Held(tx)) = lock(&reader_pending).remove(&req) {
+                            let _ = tx.send(Ok((holder, overlaps)));
+                        }
+                    }
+                    AgentMsg::Holders { req, holders } => {
+                        if let Some(Pending::Holders(tx)) = lock(&reader_pending).remove(&req) {
+                            let _ = tx.send(holders);
+                        }
+                    }
+                    AgentMsg::Request(line) => {
+                        // Lines are dropped rather than stalling the connection.
+                        let _ = event_tx.try_send(AgentEvent::Request(line));
+                    }
+                    AgentMsg::Released { by } => {
+                        let _ = event_tx.try_send(AgentEvent::Released { by });
                     }
                     AgentMsg::Welcome(_) | AgentMsg::Refused { .. } => {}
                 }
@@ -472,6 +510,45 @@ impl AgentLink {
             Ok(Err(_)) => Err(LinkError::Closed),
             Err(_) => Err(LinkError::Timeout(timeout)),
         }
+    }
+
+    /// A routing agent: registers this connection's holder. Err: the agent refused it (the
+    /// reason), or the connection failed.
+    pub async fn hold(&self, hold: HoldSpec) -> Result<(u64, Vec<HolderInfo>), LinkError> {
+        let req = self.req_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(req, Pending::Held(tx));
+        self.send(&LaptopMsg::Hold { req, hold }).await?;
+        match tokio::time::timeout(self.limits.answer, rx).await {
+            Ok(Ok(Ok(held))) => Ok(held),
+            Ok(Ok(Err(reason))) => Err(LinkError::Failed(reason)),
+            Ok(Err(_)) => Err(LinkError::Closed),
+            Err(_) => Err(LinkError::Timeout(self.limits.answer)),
+        }
+    }
+
+    /// A routing agent: every holder, with its counts.
+    pub async fn holders(&self) -> Result<Vec<HolderInfo>, LinkError> {
+        let req = self.req_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(req, Pending::Holders(tx));
+        self.send(&LaptopMsg::ListHolders { req }).await?;
+        match tokio::time::timeout(self.limits.answer, rx).await {
+            Ok(Ok(holders)) => Ok(holders),
+            Ok(Err(_)) => Err(LinkError::Closed),
+            Err(_) => Err(LinkError::Timeout(self.limits.answer)),
+        }
+    }
+
+    /// A routing agent: ends holder `holder` (anyone's), saying it was `by`.
+    pub async fn release(&self, holder: u64, by: &str) -> Result<(), LinkError> {
+        let req = self.req_id();
+        let msg = LaptopMsg::Release {
+            req,
+            holder,
+            by: by.to_string(),
+        };
+        expect_ok(self.request_ack(req, &msg, self.limits.answer).await?).map(|_| ())
     }
 
     /// Resolves when the connection is gone.

@@ -4,7 +4,7 @@
 pub const MANAGED: &str = "dev.devloop.managed";
 pub const PROJECT: &str = "dev.devloop.project";
 pub const SERVICE: &str = "dev.devloop.service";
-/// `dev`, `deploy`, `ports` or `intercept`.
+/// `dev`, `deploy`, `ports`, `intercept` or `route`.
 pub const KIND: &str = "dev.devloop.kind";
 pub const AGENT_VERSION: &str = "dev.devloop.agent-version";
 /// A hash of the settings the container was made from; a different hash means recreate.
@@ -18,6 +18,8 @@ pub const KIND_INTERCEPT: &str = "intercept";
 pub const KIND_DEPLOY: &str = "deploy";
 /// The relay that holds a deployed service's published ports.
 pub const KIND_PORTS: &str = "ports";
+/// The routing agent of filtered intercepts, beside a running original.
+pub const KIND_ROUTE: &str = "route";
 /// The snapshot tag a deployed container runs.
 pub const VERSION: &str = "dev.devloop.version";
 

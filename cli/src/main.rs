@@ -25,6 +25,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: `intercept`'s many flags make its variant the largest, and boxing
+// it would only move clap's parse.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Start every service (or the named ones) in a dev container and sync files until Ctrl-C.
@@ -93,6 +96,37 @@ enum Command {
         /// there: one relay instead of two). Kubernetes always tunnels.
         #[arg(long)]
         tunnel: bool,
+        /// Only requests with this header: NAME=VALUE (exact) or NAME~REGEX (repeatable; all
+        /// conditions must hold). The rest keep reaching the original, which keeps running.
+        #[arg(long = "header", value_name = "NAME=VALUE|NAME~REGEX")]
+        headers: Vec<String>,
+        /// Only requests for exactly this path.
+        #[arg(long, conflicts_with_all = ["path_prefix", "path_regex"])]
+        path: Option<String>,
+        /// Only requests whose path starts with this.
+        #[arg(long, conflicts_with = "path_regex")]
+        path_prefix: Option<String>,
+        /// Only requests whose whole path matches this regex.
+        #[arg(long)]
+        path_regex: Option<String>,
+        /// Only requests of this method (GET, POST...).
+        #[arg(long)]
+        method: Option<String>,
+        /// Only requests carrying `baggage: devloop-session=KEY` (a W3C baggage entry that
+        /// tracing libraries pass on between services); the laptop command gets KEY in
+        /// $DEVLOOP_SESSION_KEY.
+        #[arg(long)]
+        key: Option<String>,
+        /// Send the laptop a copy of each (matching) request; callers keep the answers of
+        /// the route that takes it, and a slow or absent laptop never slows them.
+        #[arg(long)]
+        mirror: bool,
+        /// No line per request that reaches the laptop.
+        #[arg(long, short)]
+        quiet: bool,
+        /// `intercept list`: as JSON.
+        #[arg(long)]
+        json: bool,
         /// The laptop command to run with the service's environment; the intercept ends when it exits.
         #[arg(last = true)]
         command: Vec<String>,
@@ -100,9 +134,13 @@ enum Command {
     /// End an intercept: the original container (Kubernetes: pod template) back, exactly.
     Leave {
         target: Option<String>,
-        /// End every intercept.
+        /// End every intercept of yours (replace intercepts, and your filtered ones, also
+        /// those of a cli that was killed).
         #[arg(long)]
         all: bool,
+        /// End this one filtered intercept (the id `intercept list` shows), whoever holds it.
+        #[arg(long)]
+        holder: Option<u64>,
     },
     /// A service's deployed versions: tag, time, what changed (Kubernetes: the Deployment's revisions).
     History { service: String },
@@ -225,11 +263,29 @@ fn main() -> std::process::ExitCode {
                 env_file,
                 expose,
                 tunnel,
+                headers,
+                path,
+                path_prefix,
+                path_regex,
+                method,
+                key,
+                mirror,
+                quiet,
+                json,
                 command,
             } => {
                 if target == "list" && ports.is_empty() {
-                    commands::intercept::list(&global).await
+                    commands::intercept::list(&global, json).await
                 } else {
+                    let filter = commands::intercept::FilterArgs {
+                        headers,
+                        path,
+                        path_prefix,
+                        path_regex,
+                        method,
+                        key: key.clone(),
+                    }
+                    .build()?;
                     commands::intercept::intercept(
                         &global,
                         devloop::intercept::InterceptOptions {
@@ -240,14 +296,20 @@ fn main() -> std::process::ExitCode {
                             expose,
                             tunnel,
                             command,
+                            filter,
+                            mirror,
+                            key,
+                            quiet,
                         },
                     )
                     .await
                 }
             }
-            Command::Leave { target, all } => {
-                commands::intercept::leave(&global, target, all).await
-            }
+            Command::Leave {
+                target,
+                all,
+                holder,
+            } => commands::intercept::leave(&global, target, all, holder).await,
             Command::History { service } => commands::deploy::history_cmd(&global, &service).await,
             Command::Rollback {
                 service,

@@ -48,11 +48,28 @@ impl Holder {
 
 /// user@host pid N.
 pub fn whoami() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!("{}@{} pid {}", user_name(), host_name(), std::process::id())
+}
+
+/// The login: `USER`, else the account of this process's user id, else the id.
+pub fn user_name() -> String {
+    match std::env::var("USER") {
+        Ok(u) if !u.is_empty() => u,
+        _ => {
+            let uid = nix::unistd::getuid();
+            nix::unistd::User::from_uid(uid)
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_else(|| format!("uid{uid}"))
+        }
+    }
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    format!("{user}@{host} pid {}", std::process::id())
+        .unwrap_or_else(|_| "?".into())
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

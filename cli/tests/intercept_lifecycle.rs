@@ -212,6 +212,10 @@ fn options(command: &[&str]) -> InterceptOptions {
         expose: Vec::new(),
         tunnel: true,
         command: command.iter().map(|s| s.to_string()).collect(),
+        filter: None,
+        mirror: false,
+        key: None,
+        quiet: false,
     }
 }
 

@@ -48,6 +48,11 @@ pub const WS_PATH: &str = "/devloop";
 /// declaration: the cli's back ends and the agent's defaults use it).
 pub const AGENT_PORT: u16 = 7717;
 
+/// Where a routing agent (`devloop-agent route`) listens for the cli, on the loopback of the
+/// service's network namespace: not [`AGENT_PORT`], which a dev container's own agent holds
+/// in that same namespace.
+pub const ROUTE_CONTROL_PORT: u16 = 7719;
+
 /// Capability names a peer may announce in its handshake.
 pub mod caps {
     /// File operations (`Batch`) and index requests.
@@ -59,6 +64,9 @@ pub mod caps {
     /// Tunnel streams (`LaptopMsg::Tunnel`, `AgentMsg::Tunnel`): multiplexed byte streams
     /// with per-stream flow control, see [`crate::tunnel`].
     pub const TUNNEL: &str = "tunnel";
+    /// Per-request routing (`Hold`, `ListHolders`, `Release`, request lines): an agent
+    /// beside a running original that takes only the requests a holder's filter names.
+    pub const ROUTE: &str = "route";
 }
 
 /// The version of this crate, sent in the handshake by both peers.

@@ -71,6 +71,26 @@ pub enum LaptopMsg {
     },
     /// A frame of a tunnel stream (capability [`crate::caps::TUNNEL`]).
     Tunnel(TunnelFrame),
+    /// Route the requests `hold` names to this connection's laptop (capability
+    /// [`crate::caps::ROUTE`]); answered by [`AgentMsg::Held`], or an [`AgentMsg::Ack`]
+    /// with [`Outcome::Failed`] when the filter cannot work. The holder ends with the
+    /// connection.
+    Hold {
+        req: u64,
+        hold: HoldSpec,
+    },
+    /// Every holder of the agent, with its counts; answered by [`AgentMsg::Holders`].
+    ListHolders {
+        req: u64,
+    },
+    /// End a holder (any connection's, `leave --holder`); acknowledged. The holder's own
+    /// connection is told with [`AgentMsg::Released`] and closed.
+    Release {
+        req: u64,
+        holder: u64,
+        /// `user@host` of who asks, told to the holder.
+        by: String,
+    },
 }
 
 /// Agent -> laptop.
@@ -98,6 +118,75 @@ pub enum AgentMsg {
     },
     /// A frame of a tunnel stream (capability [`crate::caps::TUNNEL`]).
     Tunnel(TunnelFrame),
+    /// The holder [`LaptopMsg::Hold`] asked for is in the routing table.
+    Held {
+        req: u64,
+        holder: u64,
+        /// Holders whose filters may take some of the same requests; the documented
+        /// precedence decides between them.
+        overlaps: Vec<HolderInfo>,
+    },
+    Holders {
+        req: u64,
+        holders: Vec<HolderInfo>,
+    },
+    /// A request this connection's holder took or got a copy of, once its answer ended.
+    Request(RequestLine),
+    /// This connection's holder was ended by `by` (`leave --holder`); the connection closes.
+    Released {
+        by: String,
+    },
+}
+
+/// A filtered intercept: which requests of which ports go to the laptop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldSpec {
+    /// Service ports; the filter applies on each.
+    pub ports: Vec<u16>,
+    pub filter: crate::route::Filter,
+    /// A copy of each matching request; callers keep the answers of the route that took it.
+    pub mirror: bool,
+    /// `user@host`, for `intercept list` and `leave`.
+    pub who: String,
+    /// A local engine: the file name of the cli's handoff socket in the agent's handoff
+    /// folder; connections to the laptop are asked for there instead of tunnelled.
+    pub handoff: Option<String>,
+}
+
+/// One holder, as `intercept list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderInfo {
+    pub id: u64,
+    pub who: String,
+    pub ports: Vec<u16>,
+    pub filter: crate::route::Filter,
+    pub mirror: bool,
+    /// Milliseconds since the Unix epoch, on the agent's clock.
+    pub since_ms: u64,
+    /// Requests taken (a mirror: copies started).
+    pub requests: u64,
+    /// A mirror's copies dropped because the laptop was slow or gone.
+    pub dropped: u64,
+}
+
+/// One request that reached a laptop (or was copied to it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestLine {
+    pub holder: u64,
+    pub port: u16,
+    /// When the request arrived, milliseconds since the Unix epoch on the agent's clock.
+    pub at_ms: u64,
+    pub method: String,
+    pub path: String,
+    /// The answer's status; 0 when there was none.
+    pub status: u16,
+    /// Microseconds from the request to the answer's head.
+    pub answer_us: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub error: Option<String>,
+    /// A mirror's copy (its answer went nowhere).
+    pub copy: bool,
 }
 
 /// How a request ended.

@@ -34,7 +34,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::{broadcast, watch, Mutex};
 
 use super::detect::{detect, Protocol};
 use super::mirror::{self, CopyBody, Tee};
@@ -119,6 +119,31 @@ pub struct Engine {
     limits: Limits,
     events: broadcast::Sender<Event>,
     told_not_http: AtomicBool,
+    /// Set once by [`Engine::drain`]: connections finish what is under way and close.
+    draining: watch::Sender<bool>,
+    /// Caller connections (and upgraded ones) still open.
+    live: watch::Sender<usize>,
+}
+
+/// Resolves once the engine drains.
+async fn until_draining(draining: &mut watch::Receiver<bool>) {
+    let _ = draining.wait_for(|d| *d).await;
+}
+
+/// One open caller connection, counted while it lives.
+struct Live(Arc<Engine>);
+
+impl Live {
+    fn new(engine: &Arc<Engine>) -> Live {
+        engine.live.send_modify(|n| *n += 1);
+        Live(engine.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Engine {
@@ -133,7 +158,28 @@ impl Engine {
             limits,
             events,
             told_not_http: AtomicBool::new(false),
+            draining: watch::Sender::new(false),
+            live: watch::Sender::new(0),
         })
+    }
+
+    /// Ends every connection gracefully: HTTP/1 ones close once their request under way is
+    /// answered (idle ones at once), HTTP/2 ones get a GOAWAY and finish their streams, and
+    /// connections accepted from now on serve one request. Returns at once; [`Engine::idle`]
+    /// tells when they are gone.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Resolves when no caller connection is open.
+    pub async fn idle(&self) {
+        let mut live = self.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    /// Caller connections open now.
+    pub fn open_connections(&self) -> usize {
+        *self.live.borrow()
     }
 
     pub fn table(&self) -> &Arc<Table> {
@@ -154,6 +200,7 @@ impl Engine {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        let live = Live::new(&self);
         let limits = self.limits;
         let (protocol, first) = match detect(&mut stream, limits.first_request_idle).await {
             Ok(found) => found,
@@ -163,6 +210,9 @@ impl Engine {
             }
         };
         let io = Replay::new(first, stream);
+        let mut draining = self.draining.subscribe();
+        // A connection that comes while draining serves its one request and closes.
+        let drained_already = *draining.borrow_and_update();
         let conn = Arc::new(Conn {
             engine: self.clone(),
             upstream: Mutex::new(HashMap::new()),
@@ -179,9 +229,17 @@ impl Engine {
                     .header_read_timeout(limits.header_read)
                     .max_headers(limits.max_headers)
                     .max_buf_size(limits.max_head_bytes.max(8192))
+                    .keep_alive(!drained_already)
                     .serve_connection(TokioIo::new(io), svc)
-                    .with_upgrades()
-                    .await;
+                    .with_upgrades();
+                tokio::pin!(served);
+                let served = tokio::select! {
+                    r = served.as_mut() => r,
+                    _ = until_draining(&mut draining), if !drained_already => {
+                        served.as_mut().graceful_shutdown();
+                        served.await
+                    }
+                };
                 if let Err(e) = served {
                     tracing::debug!(%peer, "HTTP/1 connection: {e}");
                 }
@@ -194,8 +252,15 @@ impl Engine {
                 let served = server2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_header_list_size(limits.max_h2_header_list)
-                    .serve_connection(TokioIo::new(io), svc)
-                    .await;
+                    .serve_connection(TokioIo::new(io), svc);
+                tokio::pin!(served);
+                let served = tokio::select! {
+                    r = served.as_mut() => r,
+                    _ = until_draining(&mut draining) => {
+                        served.as_mut().graceful_shutdown();
+                        served.await
+                    }
+                };
                 if let Err(e) = served {
                     tracing::debug!(%peer, "HTTP/2 connection: {e}");
                 }
@@ -207,6 +272,7 @@ impl Engine {
                 self.relay_bytes(io, &peer).await;
             }
         }
+        drop(live);
     }
 
     /// A connection that is not HTTP: to the original, as bytes.
@@ -303,7 +369,9 @@ impl Conn {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(down) = upgrade {
                         let up = hyper::upgrade::on(&mut resp);
+                        let live = Live::new(&self.engine);
                         tokio::spawn(async move {
+                            let _live = live;
                             if let (Ok(down), Ok(up)) = (down.await, up.await) {
                                 let mut down = TokioIo::new(down);
                                 let mut up = TokioIo::new(up);

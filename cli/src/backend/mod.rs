@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use crate::config::{Project, Service};
 use crate::deploy::Deployer;
-use crate::intercept::{InterceptOptions, Swap};
+use crate::intercept::shared::Router;
+use crate::intercept::{InterceptOptions, Leave, Listed, Swap};
 use crate::status::{Check, ServiceReport};
 use crate::sync::engine::Connector;
 use crate::ui::Ui;
@@ -93,17 +94,21 @@ pub trait Backend: Send + Sync {
         project: Option<&'a Project>,
     ) -> Fut<'a, Box<dyn Swap>>;
 
-    /// One line per intercept (and per leftover of one); empty when there is none.
-    fn intercepts(&self) -> Fut<'_, Vec<String>>;
-
-    /// Ends intercepts (`target`, or all), restoring the originals; prints each.
-    /// `project`: the current folder's, to tell several projects' services of one name apart.
-    fn leave<'a>(
+    /// The routing agent of a filtered intercept or a mirror ([`crate::intercept::shared`]);
+    /// nothing changes until it joins.
+    fn router<'a>(
         &'a self,
-        target: Option<&'a str>,
-        all: bool,
-        project: Option<&'a str>,
-    ) -> Fut<'a, ()>;
+        opts: &'a InterceptOptions,
+        project: Option<&'a Project>,
+    ) -> Fut<'a, Box<dyn Router>>;
+
+    /// Every intercept (and leftover of one), filtered ones with their holders; empty when
+    /// there is none.
+    fn intercepts(&self) -> Fut<'_, Vec<Listed>>;
+
+    /// Ends intercepts: replace ones are restored, filtered ones' holders released (this
+    /// user's, or the one `--holder` names); prints each.
+    fn leave<'a>(&'a self, leave: Leave<'a>) -> Fut<'a, ()>;
 
     // ---- `status`, `doctor`
 

@@ -6,6 +6,7 @@
 //! `backend::docker::swap`, Kubernetes' `backend::k8s::swap`.
 
 pub mod refusals;
+pub mod shared;
 
 use anyhow::Context;
 use std::collections::HashMap;
@@ -101,6 +102,75 @@ pub struct InterceptOptions {
     /// Docker: tunnel every connection even where a handoff would work.
     pub tunnel: bool,
     pub command: Vec<String>,
+    /// Only the requests this filter names (`--header`, `--path`...): a filtered intercept
+    /// beside the running original. `None`: the whole service (a replace intercept), unless
+    /// `mirror`.
+    pub filter: Option<devloop_proxy::route::Filter>,
+    /// `--mirror`: a copy of each matching request; callers keep the original's answers.
+    pub mirror: bool,
+    /// `--key`: the session key, given to the laptop command.
+    pub key: Option<String>,
+    /// `--quiet`: no line per request.
+    pub quiet: bool,
+}
+
+/// What `leave` ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Leave<'a> {
+    /// A service (or container, Deployment) name.
+    pub target: Option<&'a str>,
+    /// Every intercept of this user.
+    pub all: bool,
+    /// One filtered intercept, whoever holds it.
+    pub holder: Option<u64>,
+    /// The current folder's project, to tell several projects' services of one name apart.
+    pub project: Option<&'a str>,
+}
+
+/// One intercept in `intercept list`: a replace intercept, or a service's routing agent with
+/// its holders.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listed {
+    pub service: String,
+    /// "replace" or "filtered".
+    pub kind: &'static str,
+    /// The line shown.
+    pub line: String,
+    /// A routing agent's holders, with their counts.
+    pub holders: Vec<ListedHolder>,
+}
+
+/// A holder as `intercept list --json` shows it: the agent's record, and its filter in words.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListedHolder {
+    #[serde(flatten)]
+    pub info: devloop_proxy::msg::HolderInfo,
+    pub describe: String,
+}
+
+impl From<devloop_proxy::msg::HolderInfo> for ListedHolder {
+    fn from(info: devloop_proxy::msg::HolderInfo) -> Self {
+        let describe = shared::describe(&info.filter, info.mirror);
+        ListedHolder { info, describe }
+    }
+}
+
+impl Listed {
+    pub fn replace(service: &str, line: String) -> Listed {
+        Listed {
+            service: service.to_string(),
+            kind: "replace",
+            line,
+            holders: Vec::new(),
+        }
+    }
+}
+
+impl InterceptOptions {
+    /// A holder beside the running original (a filter, or a mirror) rather than a replace.
+    pub fn is_shared(&self) -> bool {
+        self.filter.is_some() || self.mirror
+    }
 }
 
 /// Environment values naming an exposed service (`http://db:5432`, `db:5432`) point at its
@@ -121,7 +191,7 @@ pub fn rewrite_env(env: &[(String, String)], expose: &[Expose]) -> Vec<(String, 
 }
 
 /// Variables of the container that would break a laptop process.
-const LAPTOP_KEEPS: &[&str] = &[
+pub(crate) const LAPTOP_KEEPS: &[&str] = &[
     "PATH", "HOME", "HOSTNAME", "TERM", "USER", "SHELL", "LANG", "PWD",
 ];
 
@@ -258,7 +328,10 @@ pub async fn hold(
 
 /// `--env-file`: the laptop command's environment (Secret values among it), readable by
 /// the user only, written whole or not at all.
-fn write_env_file(path: &std::path::Path, env: &[(String, String)]) -> anyhow::Result<()> {
+pub(crate) fn write_env_file(
+    path: &std::path::Path,
+    env: &[(String, String)],
+) -> anyhow::Result<()> {
     let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     crate::state::write_atomic(path, text.as_bytes(), 0o600)
         .with_context(|| format!("writing --env-file {}", path.display()))
@@ -266,7 +339,7 @@ fn write_env_file(path: &std::path::Path, env: &[(String, String)]) -> anyhow::R
 
 /// The laptop command's program, found as the spawn will find it: a path with a `/` as
 /// it is, else through `PATH`. A typo is refused before the service is touched.
-fn find_program(program: &str) -> anyhow::Result<()> {
+pub(crate) fn find_program(program: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let runnable = |p: &std::path::Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::deploy::DockerDeployer;
+use super::routing::{self, DockerRouter};
 use super::swap::DockerSwap;
 use super::{env, intercepts};
 use crate::backend::{Backend, DevEnv, Fut, Words};
 use crate::config::{Project, Service};
 use crate::deploy::Deployer;
 use crate::engine::{self, EngineChoice};
-use crate::intercept::{InterceptOptions, Swap};
+use crate::intercept::shared::Router;
+use crate::intercept::{InterceptOptions, Leave, Listed, Swap};
 use crate::status::{Check, ServiceReport};
 use crate::ui::Ui;
 
@@ -115,19 +117,58 @@ impl Backend for DockerBackend {
         })
     }
 
-    fn intercepts(&self) -> Fut<'_, Vec<String>> {
-        Box::pin(async move { intercepts::list(self.engine().await?.0).await })
+    fn router<'a>(
+        &'a self,
+        opts: &'a InterceptOptions,
+        project: Option<&'a Project>,
+    ) -> Fut<'a, Box<dyn Router>> {
+        Box::pin(async move {
+            let (docker, engine) = self.engine().await?;
+            let agent = crate::backend::read_agent_binary()?;
+            let router = DockerRouter::new(
+                docker.clone(),
+                engine,
+                agent,
+                opts,
+                project.map(|p| p.name.clone()),
+            )
+            .await?;
+            Ok(Box::new(router) as Box<dyn Router>)
+        })
     }
 
-    fn leave<'a>(
-        &'a self,
-        target: Option<&'a str>,
-        all: bool,
-        project: Option<&'a str>,
-    ) -> Fut<'a, ()> {
-        Box::pin(
-            async move { intercepts::leave(self.engine().await?.0, target, all, project).await },
-        )
+    fn intercepts(&self) -> Fut<'_, Vec<Listed>> {
+        Box::pin(async move {
+            let docker = self.engine().await?.0;
+            let mut all: Vec<Listed> = intercepts::list(docker)
+                .await?
+                .into_iter()
+                .map(|line| {
+                    let service = line
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    Listed::replace(&service, line)
+                })
+                .collect();
+            all.extend(routing::list(docker).await?);
+            Ok(all)
+        })
+    }
+
+    fn leave<'a>(&'a self, leave: Leave<'a>) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let docker = self.engine().await?.0;
+            let routed = routing::leave(docker, &leave).await?;
+            if let Some(id) = leave.holder {
+                if !routed {
+                    anyhow::bail!("no filtered intercept has holder {id} (`devloop intercept list` shows them)");
+                }
+                return Ok(());
+            }
+            intercepts::leave(docker, leave.target, leave.all, leave.project, routed).await
+        })
     }
 
     fn status<'a>(&'a self, project: &'a Project) -> Fut<'a, Vec<ServiceReport>> {

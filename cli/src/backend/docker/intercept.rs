@@ -114,7 +114,9 @@ pub async fn find_target(
             .map_err(api("listing containers"))?;
         found.extend(list.into_iter().filter(|c| {
             let kind = docker::label(c, labels::KIND);
-            kind != Some(labels::KIND_PORTS) && kind != Some(labels::KIND_INTERCEPT)
+            kind != Some(labels::KIND_PORTS)
+                && kind != Some(labels::KIND_INTERCEPT)
+                && kind != Some(labels::KIND_ROUTE)
         }));
     }
     // Several projects run a service of that name: the project of the current folder is

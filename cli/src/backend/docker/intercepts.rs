@@ -68,11 +68,13 @@ pub async fn list(docker: &Docker) -> anyhow::Result<Vec<String>> {
 }
 
 /// Ends `target`'s intercept (or all of them); `here` is the current folder's project.
+/// `routed`: filtered intercepts were ended already (then finding no replace one is fine).
 pub async fn leave(
     docker: &Docker,
     target: Option<&str>,
     all: bool,
     here: Option<&str>,
+    routed: bool,
 ) -> anyhow::Result<()> {
     let docker = docker.clone();
     let mut records = di::load_records();
@@ -131,6 +133,9 @@ pub async fn leave(
         }
     };
     if chosen.is_empty() {
+        if routed {
+            return Ok(());
+        }
         match target {
             Some(t) if !all => {
                 anyhow::bail!("`{t}` is not intercepted (`devloop intercept list` shows what is)")

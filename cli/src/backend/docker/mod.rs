@@ -20,6 +20,7 @@ mod files;
 pub mod intercept;
 mod intercepts;
 mod route;
+pub mod routing;
 pub mod swap;
 mod versions;
 

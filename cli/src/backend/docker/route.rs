@@ -98,6 +98,17 @@ pub async fn exec_transport_with(
     container: &str,
     agent_path: &str,
 ) -> Result<impl Transport, DockerError> {
+    exec_bridge(docker, container, agent_path, devloop_proxy::AGENT_PORT).await
+}
+
+/// The `docker exec ... bridge` stream to an agent listening on the container's loopback at
+/// `port`.
+pub async fn exec_bridge(
+    docker: &Docker,
+    container: &str,
+    agent_path: &str,
+    port: u16,
+) -> Result<impl Transport, DockerError> {
     let exec = docker
         .create_exec(
             container,
@@ -110,7 +121,7 @@ pub async fn exec_transport_with(
                     agent_path.to_string(),
                     "bridge".into(),
                     "--to".into(),
-                    format!("127.0.0.1:{}", devloop_proxy::AGENT_PORT),
+                    format!("127.0.0.1:{port}"),
                 ]),
                 ..Default::default()
             },

@@ -54,6 +54,7 @@ impl DockerSwap {
         }
         let original = di::find_target(&docker, &opts.target, here.as_deref()).await?;
         let orig_name = di::container_name(&original);
+        super::routing::refuse_if_routed(&docker, &orig_name).await?;
         let orig_id = original.id.clone().unwrap_or_default();
         if let Some(r) = di::load_records()
             .into_iter()
@@ -120,7 +121,7 @@ fn already_intercepted(r: &Record) -> anyhow::Error {
 /// this machine mounted into a container is the same folder, and a socket passed through it
 /// is usable on both sides. An engine in a VM (Docker Desktop), or a cli in a container of
 /// its own, differs in one of the two.
-async fn same_machine(docker: &bollard::Docker) -> bool {
+pub(super) async fn same_machine(docker: &bollard::Docker) -> bool {
     let Ok(info) = docker.info().await else {
         return false;
     };
@@ -144,7 +145,7 @@ fn listen_for_handoffs(agent_container: &str) -> std::io::Result<tokio::net::Uni
 
 /// Answers the agent's handoff requests: each gets a fresh connection to the laptop port of
 /// the service port it names, passed over the Unix socket.
-async fn serve_handoffs(
+pub(super) async fn serve_handoffs(
     listener: tokio::net::UnixListener,
     token: String,
     locals: HashMap<u16, u16>,

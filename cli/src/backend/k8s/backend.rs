@@ -118,17 +118,38 @@ impl Backend for KubeBackend {
         })
     }
 
-    fn intercepts(&self) -> Fut<'_, Vec<String>> {
-        Box::pin(async move { intercepts::list(self.cluster().await?).await })
+    fn router<'a>(
+        &'a self,
+        _opts: &'a InterceptOptions,
+        _project: Option<&'a Project>,
+    ) -> Fut<'a, Box<dyn crate::intercept::shared::Router>> {
+        Box::pin(async move {
+            anyhow::bail!("filtered intercepts and mirrors (--header, --path..., --key, --mirror) work on Docker; on Kubernetes they are not built yet. Nothing was changed")
+        })
     }
 
-    fn leave<'a>(
-        &'a self,
-        target: Option<&'a str>,
-        all: bool,
-        _project: Option<&'a str>,
-    ) -> Fut<'a, ()> {
-        Box::pin(async move { intercepts::leave(self.cluster().await?, target, all).await })
+    fn intercepts(&self) -> Fut<'_, Vec<crate::intercept::Listed>> {
+        Box::pin(async move {
+            let lines = intercepts::list(self.cluster().await?).await?;
+            Ok(lines
+                .into_iter()
+                .map(|l| {
+                    let service = l.split_whitespace().next().unwrap_or_default().to_string();
+                    crate::intercept::Listed::replace(&service, l)
+                })
+                .collect())
+        })
+    }
+
+    fn leave<'a>(&'a self, leave: crate::intercept::Leave<'a>) -> Fut<'a, ()> {
+        Box::pin(async move {
+            if leave.holder.is_some() {
+                anyhow::bail!(
+                    "--holder names a filtered intercept; on Kubernetes there are none yet"
+                );
+            }
+            intercepts::leave(self.cluster().await?, leave.target, leave.all).await
+        })
     }
 
     fn status<'a>(&'a self, project: &'a Project) -> Fut<'a, Vec<ServiceReport>> {
