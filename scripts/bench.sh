@@ -12,8 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# rsync (the initial-sync comparison) and socat (the relay the intercept is compared with).
-for tool in rsync socat; do
+# rsync (the initial-sync comparison), socat (the relay the intercept is compared with) and
+# nginx (the header-routing proxy the filtered intercept is compared with).
+for tool in rsync socat nginx; do
   if ! command -v $tool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     echo "bench.sh: installing $tool (for the comparison)" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $tool >&2 \

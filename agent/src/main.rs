@@ -93,6 +93,13 @@ enum Mode {
         #[arg(long, hide = true)]
         no_redirect_ports_file: Option<PathBuf>,
     },
+    /// Benchmarks: hold the same redirect a routing agent installs (SERVICE=TO, repeatable)
+    /// until SIGTERM, for another proxy placed where the agent is.
+    #[command(hide = true)]
+    RedirectHold {
+        #[arg(long = "map", required = true)]
+        maps: Vec<String>,
+    },
     /// Exit 0 once ADDR accepts a TCP connection, 1 after the timeout.
     Probe {
         addr: String,
@@ -182,7 +189,7 @@ fn main() {
     devloop_proxy::tunnel::raise_open_files_limit();
     // The tunnel modes hop every byte between a socket task and the WebSocket task: on one
     // thread those wake-ups stay in-thread, which takes a quarter of the round trip off.
-    let mut builder = if matches!(args.mode, Mode::Intercept { .. }) {
+    let mut builder = if matches!(args.mode, Mode::Intercept { .. } | Mode::Route { .. }) {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -266,6 +273,27 @@ fn main() {
                     terminate.recv().await;
                 })
                 .await
+            }
+            Mode::RedirectHold { maps } => {
+                let mut ports = Vec::new();
+                for m in &maps {
+                    let (s, a) = m
+                        .split_once('=')
+                        .context("--map takes SERVICE=TO, e.g. 8000=8081")?;
+                    ports.push(devloop_agent::redirect::PortRedirect {
+                        service: s.parse().context("SERVICE is a port")?,
+                        agent: a.parse().context("TO is a port")?,
+                    });
+                }
+                let mut terminate =
+                    signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+                let _held = devloop_agent::redirect::Redirect::install(
+                    devloop_agent::routing::TABLE,
+                    &ports,
+                )?;
+                println!("redirecting {maps:?}");
+                terminate.recv().await;
+                Ok(())
             }
             Mode::Probe { addr, timeout_ms } => {
                 relay::probe(&addr, Duration::from_millis(timeout_ms)).await

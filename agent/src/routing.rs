@@ -266,7 +266,6 @@ pub async fn run(
         );
     }
     tasks.spawn(accept_control(control, router.clone()));
-    tasks.spawn(notices(router.clone()));
     let started = Instant::now();
     let unused = async {
         let mut idle_since: Option<Instant> = None;
@@ -327,32 +326,6 @@ async fn accept_callers(
     )
     .await;
     match ended {}
-}
-
-/// Says once per port when a connection was not HTTP (it went to the original as bytes).
-async fn notices(router: Arc<Router>) -> anyhow::Result<()> {
-    let mut receivers: Vec<_> = router
-        .engines
-        .iter()
-        .map(|(port, e)| (*port, e.subscribe()))
-        .collect();
-    let mut told = vec![false; receivers.len()];
-    loop {
-        let next = futures_util::future::select_all(
-            receivers
-                .iter_mut()
-                .map(|(_, rx)| Box::pin(async move { rx.recv().await })),
-        );
-        let (got, i, _) = next.await;
-        match got {
-            Ok(Event::NotHttp { peer }) if !told[i] => {
-                told[i] = true;
-                tracing::warn!(port = receivers[i].0, %peer, "a connection that is not HTTP went to the original");
-            }
-            Err(broadcast::error::RecvError::Closed) => return Ok(()),
-            _ => {}
-        }
-    }
 }
 
 async fn accept_control(listener: TcpListener, router: Arc<Router>) -> anyhow::Result<()> {
@@ -514,7 +487,7 @@ async fn session(ws: crate::server::Ws, conn_id: u64, router: &Arc<Router>) {
                 let answer = match router.hold(conn_id, &hold, &mux, release_tx.clone()) {
                     Ok((id, overlaps)) => {
                         mine.push(id);
-                        if lines.is_none() {
+                        if lines.is_none() && hold.lines {
                             lines = Some(tokio::spawn(request_lines(
                                 router.clone(),
                                 conn_id,

@@ -37,7 +37,7 @@ pub fn loadgen_bin(ctx: &Ctx) -> Result<PathBuf> {
 }
 
 /// Builds a FROM-scratch image holding `files` (host path -> path in the image).
-fn scratch_image(
+pub fn scratch_image(
     ctx: &Ctx,
     cleanup: &Cleanup,
     tag: &str,
@@ -75,12 +75,18 @@ fn scratch_image(
 
 /// socat and the shared libraries it loads (as `ldd` lists them), for a FROM-scratch image:
 /// the engine has no registry to pull an image with socat from.
-fn socat_files() -> Result<Vec<(PathBuf, String)>> {
+pub fn socat_files() -> Result<Vec<(PathBuf, String)>> {
     let socat = which("socat").context(
         "socat is not installed on the host (apt-get install socat; scripts/bench.sh does)",
     )?;
-    let out = run_ok(Command::new("ldd").arg(&socat))?;
-    let mut files = vec![(socat, "/socat".to_string())];
+    binary_with_libs(&socat, "/socat")
+}
+
+/// A host binary at `dest` and the shared libraries it loads at their own paths, for a
+/// FROM-scratch image.
+pub fn binary_with_libs(binary: &std::path::Path, dest: &str) -> Result<Vec<(PathBuf, String)>> {
+    let out = run_ok(Command::new("ldd").arg(binary))?;
+    let mut files = vec![(binary.to_path_buf(), dest.to_string())];
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // "libssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
         let path = match line.split_once("=>") {
@@ -97,7 +103,7 @@ fn socat_files() -> Result<Vec<(PathBuf, String)>> {
     Ok(files)
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|d| d.join(name))

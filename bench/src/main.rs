@@ -6,6 +6,7 @@
 
 mod cpu;
 mod deploy;
+mod filtered;
 mod harness;
 mod intercept;
 mod k8s_deploy;
@@ -17,7 +18,7 @@ use anyhow::{bail, Result};
 use harness::{Cleanup, Ctx, Row};
 use std::time::Instant;
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "latency",
     "burst",
     "initial",
@@ -25,6 +26,7 @@ const SCENARIOS: [&str; 10] = [
     "index100k",
     "deploy",
     "intercept",
+    "filtered",
     "k8s-intercept",
     "k8s-deploy",
     "k8s-sync",
@@ -103,6 +105,7 @@ fn run(args: Args) -> Result<bool> {
             "index100k" => scenarios::index100k(&ctx),
             "deploy" => deploy::deploy(&ctx, &cleanup),
             "intercept" => intercept::intercept(&ctx, &cleanup),
+            "filtered" => filtered::filtered(&ctx, &cleanup),
             "k8s-intercept" => k8s_intercept::k8s_intercept(&ctx),
             "k8s-deploy" => k8s_deploy::k8s_deploy(&ctx, &cleanup),
             "k8s-sync" => k8s_sync::k8s_sync(&ctx),

@@ -110,6 +110,7 @@ async fn holder(
             mirror: false,
             who: who.into(),
             handoff: None,
+            lines: true,
         })
         .await
         .unwrap();
@@ -205,6 +206,7 @@ async fn holders_share_a_service_and_end_with_their_connection() {
             mirror: false,
             who: "x@y".into(),
             handoff: None,
+            lines: true,
         })
         .await;
     assert!(refused.unwrap_err().to_string().contains("regex"));
@@ -216,6 +218,7 @@ async fn holders_share_a_service_and_end_with_their_connection() {
             mirror: false,
             who: "x@y".into(),
             handoff: None,
+            lines: true,
         })
         .await;
     assert!(refused.unwrap_err().to_string().contains("not routed"));

@@ -151,6 +151,9 @@ pub struct HoldSpec {
     /// A local engine: the file name of the cli's handoff socket in the agent's handoff
     /// folder; connections to the laptop are asked for there instead of tunnelled.
     pub handoff: Option<String>,
+    /// Send this connection a [`RequestLine`] per request (`--quiet` asks for none: each
+    /// line costs the agent and the connection a message).
+    pub lines: bool,
 }
 
 /// One holder, as `intercept list` shows it.

@@ -267,6 +267,7 @@ impl Engine {
             }
             Protocol::Other => {
                 if !self.told_not_http.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%peer, "a connection that is not HTTP goes to the original as bytes (said once)");
                     self.emit(Event::NotHttp { peer: peer.clone() });
                 }
                 self.relay_bytes(io, &peer).await;

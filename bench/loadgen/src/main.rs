@@ -21,7 +21,17 @@ const USAGE: &str = "usage:
                                                of /; requests not started within MS milliseconds count as not done
   devloop-loadgen wait-for HOST:PORT TEXT MS   prints `ready`, then polls GET / on fresh connections until the body
                                                holds TEXT; prints `seen UNIX_NS` (exit 1 after MS milliseconds)
-  devloop-loadgen idle                         sleeps (the entry point of a caller container)";
+  devloop-loadgen idle                         sleeps (the entry point of a caller container)
+With LOADGEN_HEADER='NAME: VALUE' every request of the client modes carries that header.";
+
+/// The extra request line `LOADGEN_HEADER` asks for (with its CRLF), or nothing.
+fn extra_header() -> &'static str {
+    static EXTRA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    EXTRA.get_or_init(|| match std::env::var("LOADGEN_HEADER") {
+        Ok(h) if h.contains(':') && !h.contains(['\r', '\n']) => format!("{h}\r\n"),
+        _ => String::new(),
+    })
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -198,7 +208,10 @@ impl Conn {
 
     /// One GET; returns the body's length, and the body when `keep` (else it is discarded).
     async fn get(&mut self, path: &str, keep: bool) -> std::io::Result<(u64, Vec<u8>)> {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: loadgen\r\n\r\n");
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: loadgen\r\n{}\r\n",
+            extra_header()
+        );
         self.io.get_mut().write_all(req.as_bytes()).await?;
         let mut len: Option<u64> = None;
         let mut status_ok = false;

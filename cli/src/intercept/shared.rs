@@ -253,6 +253,7 @@ async fn hold_joined(
         mirror: opts.mirror,
         who: who(),
         handoff: None,
+        lines: !opts.quiet,
     };
     let (mut held, overlaps) =
         match unless_cancelled(shutdown, register(router, &spec, session, &locals)).await {

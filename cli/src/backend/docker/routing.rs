@@ -52,6 +52,16 @@ pub struct DockerRouter {
     /// What the agent this cli installed printed, for when it stops as it starts (its
     /// container is removed with it, and its logs too).
     start_logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// This cli's handoff sockets, removed when it is done.
+    sockets: std::sync::Mutex<Vec<std::path::PathBuf>>,
+}
+
+impl Drop for DockerRouter {
+    fn drop(&mut self) {
+        for s in self.sockets.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = std::fs::remove_file(s);
+        }
+    }
 }
 
 impl DockerRouter {
@@ -96,6 +106,7 @@ impl DockerRouter {
             agent,
             handing_off,
             start_logs: Default::default(),
+            sockets: Default::default(),
         })
     }
 
@@ -245,6 +256,10 @@ impl DockerRouter {
             .and_then(|()| devloop_proxy::handoff::listen(&path));
         match listener {
             Ok(listener) => {
+                self.sockets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(path.clone());
                 tokio::spawn(super::swap::serve_handoffs(
                     listener,
                     token.to_string(),
@@ -301,19 +316,38 @@ async fn connect_any(docker: &Docker, container: &str) -> anyhow::Result<(Connec
 
 enum State {
     Running,
+    /// Left from an original of this name that is gone (removed and made again): it routes
+    /// nothing that exists.
+    Stale,
     /// Exited or exiting (auto-removal under way).
     Going,
     Absent,
 }
 
-async fn state(docker: &Docker, container: &str) -> anyhow::Result<State> {
+/// The routing container's state; `original_id`: the original it must route for.
+async fn state(
+    docker: &Docker,
+    container: &str,
+    original_id: Option<&str>,
+) -> anyhow::Result<State> {
     match docker.inspect_container(container, None).await {
-        Ok(c) => Ok(
-            match c.state.as_ref().and_then(|s| s.running) == Some(true) {
-                true => State::Running,
-                false => State::Going,
-            },
-        ),
+        Ok(c) => {
+            let of = c
+                .config
+                .as_ref()
+                .and_then(|c| c.labels.as_ref())
+                .and_then(|l| l.get(di::INTERCEPT_OF))
+                .map(String::as_str);
+            if original_id.is_some_and(|id| of != Some(id)) {
+                return Ok(State::Stale);
+            }
+            Ok(
+                match c.state.as_ref().and_then(|s| s.running) == Some(true) {
+                    true => State::Running,
+                    false => State::Going,
+                },
+            )
+        }
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(State::Absent),
@@ -348,8 +382,14 @@ impl Router for DockerRouter {
             let deadline = Instant::now() + JOIN_DEADLINE;
             let mut installed = false;
             let mut last_error: Option<anyhow::Error> = None;
+            let orig_id = self.original.id.clone().unwrap_or_default();
             while Instant::now() < deadline {
-                match state(&self.docker, &container).await? {
+                match state(&self.docker, &container, Some(&orig_id)).await? {
+                    State::Stale => {
+                        tracing::info!(%container, "removing a routing agent left from an earlier container of this name");
+                        docker::remove_container(&self.docker, &container).await?;
+                        continue;
+                    }
                     State::Running => match connect_any(&self.docker, &container).await {
                         Ok((link, token)) => {
                             let handoff = self.serve_handoff(session, &token);
@@ -440,7 +480,7 @@ async fn routed(docker: &Docker) -> anyhow::Result<Vec<Routed>> {
 /// Refuses a replace intercept of an original that filtered intercepts hold.
 pub async fn refuse_if_routed(docker: &Docker, original_name: &str) -> anyhow::Result<()> {
     let container = route_container(original_name);
-    if let State::Absent = state(docker, &container).await? {
+    if let State::Absent = state(docker, &container, None).await? {
         return Ok(());
     }
     let holders = match connect_any(docker, &container).await {
