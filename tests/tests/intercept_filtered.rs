@@ -313,3 +313,112 @@ fn two_developers_share_a_service_by_header_and_other_callers_never_notice() {
     );
     shop.interrupt_all();
 }
+
+/// A process killed when the test ends, also by a failed assertion.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A laptop process that records each request's path in a file, then answers.
+const RECORDER: &str = r#"
+import http.server, sys
+log = open(sys.argv[2], "a", buffering=1)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        log.write(self.path + "\n")
+        b = b"laptop-copy\n"
+        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+#[test]
+fn a_mirror_gets_copies_and_callers_keep_the_originals_answers_even_with_the_laptop_gone() {
+    let _serial = intercept_lock();
+    let mut shop = Shop::new("mirror", false);
+    let up = shop.spawn(&["up", "--no-logs"]);
+    wait_for_log(&up, "in sync", Duration::from_secs(240));
+    assert!(wait_for(Duration::from_secs(30), || get(&shop, None)
+        .filter(|b| b.contains("\"items\"")))
+    .is_some());
+    let port = free_port();
+    let script = shop.state.path().join("recorder.py");
+    std::fs::write(&script, RECORDER).unwrap();
+    let seen = shop.state.path().join("seen.txt");
+    let mut laptop = KillOnDrop(
+        std::process::Command::new("python3")
+            .args([
+                script.to_str().unwrap(),
+                &port.to_string(),
+                seen.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let log = shop.spawn(&[
+        "intercept",
+        "api",
+        "--port",
+        &format!("8000:{port}"),
+        "--mirror",
+    ]);
+    wait_for_log(&log, "Intercepted in", Duration::from_secs(60));
+    wait_for_log(&log, "a copy of every request goes", Duration::from_secs(1));
+
+    // Callers get the original's answers; the laptop gets a copy of each request.
+    for i in 0..5 {
+        let body = get(&shop, Some(&format!("m{i}"))).unwrap();
+        assert!(
+            body.contains("\"items\""),
+            "a caller got the laptop's answer: {body}"
+        );
+    }
+    let copies = wait_for(Duration::from_secs(5), || {
+        let n = std::fs::read_to_string(&seen)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "/items")
+            .count();
+        (n >= 5).then_some(n)
+    });
+    assert!(copies.is_some(), "the laptop did not get the copies");
+    wait_for_log(&log, "(copy)", Duration::from_secs(5));
+
+    // The laptop process goes: callers see nothing of it; the copies are dropped and counted.
+    laptop.0.kill().unwrap();
+    laptop.0.wait().unwrap();
+    let started = Instant::now();
+    for i in 0..10 {
+        let body = get(&shop, Some(&format!("gone{i}"))).unwrap();
+        assert!(body.contains("\"items\""), "{body}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "callers were slowed by the absent laptop: {:?}",
+        started.elapsed()
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&shop.run_ok(&["intercept", "list", "--json"])).unwrap();
+    let h = &listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "filtered")
+        .unwrap()["holders"][0];
+    assert_eq!(h["mirror"], true, "{h}");
+    assert!(
+        h["dropped"].as_u64().unwrap() >= 10,
+        "the dropped copies are counted: {h}"
+    );
+    assert!(h["requests"].as_u64().unwrap() >= 15, "{h}");
+    shop.run_ok(&["leave", "api"]);
+    shop.interrupt_all();
+}

@@ -71,7 +71,7 @@ pub fn who() -> String {
 /// How a holder is shown: its filter, or "every request" for a mirror without one.
 pub fn describe(filter: &Filter, mirror: bool) -> String {
     let f = filter.describe();
-    match (f.is_empty(), mirror) {
+    match (*filter == Filter::default(), mirror) {
         (true, true) => "a copy of every request".into(),
         (true, false) => "every request".into(),
         (false, true) => format!("a copy of {f}"),
@@ -82,7 +82,7 @@ pub fn describe(filter: &Filter, mirror: bool) -> String {
 /// What an intercept sends to the laptop, as a clause: "requests with x-dev=alice go".
 fn what_goes(filter: &Filter, mirror: bool) -> String {
     let f = filter.describe();
-    match (f.is_empty(), mirror) {
+    match (*filter == Filter::default(), mirror) {
         (true, true) => "a copy of every request goes".into(),
         (false, true) => format!("a copy of each request with {f} goes"),
         (true, false) => "every request goes".into(),
@@ -378,5 +378,22 @@ mod tests {
             "{s}"
         );
         assert!(s.ends_with("(copy)"), "{s}");
+    }
+
+    #[test]
+    fn an_intercept_says_what_goes_to_the_laptop() {
+        let every = Filter::default();
+        let alice = Filter {
+            headers: vec![devloop_proxy::route::HeaderMatch::parse("x-dev=alice").unwrap()],
+            ..Filter::default()
+        };
+        assert_eq!(what_goes(&every, true), "a copy of every request goes");
+        assert_eq!(
+            what_goes(&alice, true),
+            "a copy of each request with x-dev=alice goes"
+        );
+        assert_eq!(what_goes(&alice, false), "requests with x-dev=alice go");
+        assert_eq!(describe(&every, true), "a copy of every request");
+        assert_eq!(describe(&alice, false), "x-dev=alice");
     }
 }

@@ -58,7 +58,12 @@ pub struct DockerRouter {
 
 impl Drop for DockerRouter {
     fn drop(&mut self) {
-        for s in self.sockets.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for s in self
+            .sockets
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = std::fs::remove_file(s);
         }
     }
