@@ -665,6 +665,7 @@ impl Router {
             since_ms: now_ms(),
             requests: 0,
             dropped: 0,
+            session: spec.session.clone(),
         };
         tracing::info!(
             holder = id,

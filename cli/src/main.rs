@@ -76,7 +76,12 @@ enum Command {
     Intercept {
         /// Container name, or compose/devloop service name (Kubernetes: a Deployment's or a
         /// Service's name); `list` lists intercepts.
-        target: String,
+        #[arg(required_unless_present = "session")]
+        target: Option<String>,
+        /// Every service of devloop.toml's [sessions.NAME], filtered by the session's key, in
+        /// this one process; one Ctrl-C ends them all.
+        #[arg(long, conflicts_with_all = ["ports", "headers", "path", "path_prefix", "path_regex", "method", "key", "mirror", "command"])]
+        session: Option<String>,
         /// REMOTE:LOCAL: the service's port in its container -> a port on the laptop (repeatable;
         /// Kubernetes: REMOTE may also be a container port's name or a Service port, by number or name).
         #[arg(long = "port", value_parser = devloop::intercept::parse_port)]
@@ -141,6 +146,9 @@ enum Command {
         /// End this one filtered intercept (the id `intercept list` shows), whoever holds it.
         #[arg(long)]
         holder: Option<u64>,
+        /// End your intercepts of devloop.toml's [sessions.NAME].
+        #[arg(long)]
+        session: Option<String>,
     },
     /// A service's deployed versions: tag, time, what changed (Kubernetes: the Deployment's revisions).
     History { service: String },
@@ -272,11 +280,15 @@ fn main() -> std::process::ExitCode {
                 mirror,
                 quiet,
                 json,
+                session,
                 command,
             } => {
-                if target == "list" && ports.is_empty() {
+                if let Some(name) = session {
+                    commands::intercept::session(&global, &name, quiet).await
+                } else if target.as_deref() == Some("list") && ports.is_empty() {
                     commands::intercept::list(&global, json).await
                 } else {
+                    let target = target.unwrap_or_default();
                     let filter = commands::intercept::FilterArgs {
                         headers,
                         path,
@@ -300,6 +312,7 @@ fn main() -> std::process::ExitCode {
                             mirror,
                             key,
                             quiet,
+                            session: None,
                         },
                     )
                     .await
@@ -309,7 +322,8 @@ fn main() -> std::process::ExitCode {
                 target,
                 all,
                 holder,
-            } => commands::intercept::leave(&global, target, all, holder).await,
+                session,
+            } => commands::intercept::leave(&global, target, all, holder, session).await,
             Command::History { service } => commands::deploy::history_cmd(&global, &service).await,
             Command::Rollback {
                 service,

@@ -216,6 +216,7 @@ fn options(command: &[&str]) -> InterceptOptions {
         mirror: false,
         key: None,
         quiet: false,
+        session: None,
     }
 }
 

@@ -111,6 +111,7 @@ async fn holder(
             who: who.into(),
             handoff: None,
             lines: true,
+            session: None,
         })
         .await
         .unwrap();
@@ -207,6 +208,7 @@ async fn holders_share_a_service_and_end_with_their_connection() {
             who: "x@y".into(),
             handoff: None,
             lines: true,
+            session: None,
         })
         .await;
     assert!(refused.unwrap_err().to_string().contains("regex"));
@@ -219,6 +221,7 @@ async fn holders_share_a_service_and_end_with_their_connection() {
             who: "x@y".into(),
             handoff: None,
             lines: true,
+            session: None,
         })
         .await;
     assert!(refused.unwrap_err().to_string().contains("not routed"));

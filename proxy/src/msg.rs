@@ -154,6 +154,8 @@ pub struct HoldSpec {
     /// Send this connection a [`RequestLine`] per request (`--quiet` asks for none: each
     /// line costs the agent and the connection a message).
     pub lines: bool,
+    /// The `[sessions.NAME]` the holder belongs to, for `leave --session`.
+    pub session: Option<String>,
 }
 
 /// One holder, as `intercept list` shows it.
@@ -170,6 +172,7 @@ pub struct HolderInfo {
     pub requests: u64,
     /// A mirror's copies dropped because the laptop was slow or gone.
     pub dropped: u64,
+    pub session: Option<String>,
 }
 
 /// One request that reached a laptop (or was copied to it).

@@ -422,3 +422,135 @@ fn a_mirror_gets_copies_and_callers_keep_the_originals_answers_even_with_the_lap
     shop.run_ok(&["leave", "api"]);
     shop.interrupt_all();
 }
+
+fn get_from(shop: &Shop, url: &str, baggage: Option<&str>) -> Option<String> {
+    get_from_in(shop, "web", url, baggage)
+}
+
+fn get_from_in(shop: &Shop, from: &str, url: &str, baggage: Option<&str>) -> Option<String> {
+    let headers = baggage
+        .map(|b| format!("{{'baggage': '{b}'}}"))
+        .unwrap_or_else(|| "{}".into());
+    let script = format!(
+        "import urllib.request\nr=urllib.request.Request('{url}', headers={headers})\nprint(urllib.request.urlopen(r, timeout=5).read().decode())"
+    );
+    let o = shop.exec(from, &["python3", "-c", &script]);
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+#[test]
+fn a_session_intercepts_several_services_by_one_key_and_ends_them_together() {
+    let _serial = intercept_lock();
+    let mut shop = Shop::new("session", false);
+    let (pa, pw) = (free_port(), free_port());
+    let script = shop.state.path().join("laptop.py");
+    std::fs::write(&script, LAPTOP).unwrap();
+    let s = script.to_str().unwrap();
+    let cfg = shop.path().join("devloop.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        r#"
+[sessions.checkout]
+key = "k42"
+services = [
+  {{ service = "api", ports = ["8000:{pa}"], command = ["python3", "{s}", "{pa}", "api"] }},
+  {{ service = "web", ports = ["8080:{pw}"], command = ["python3", "{s}", "{pw}", "web"] }},
+]
+[sessions.broken]
+services = [
+  {{ service = "api", ports = ["8000:{pa}"] }},
+  {{ service = "nope", ports = ["1:2"] }},
+]
+"#
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let up = shop.spawn(&["up", "--no-logs"]);
+    wait_for_log(&up, "in sync", Duration::from_secs(240));
+    assert!(wait_for(Duration::from_secs(30), || get(&shop, None)
+        .filter(|b| b.contains("\"items\"")))
+    .is_some());
+
+    // A session naming a service that does not run changes nothing.
+    let broken = shop.run(&["intercept", "--session", "broken"]);
+    assert!(!broken.status.success());
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("nope"),
+        "{}",
+        String::from_utf8_lossy(&broken.stderr)
+    );
+    let route = format!("{}-devloop-route", shop.container("api"));
+    assert!(
+        !docker(&["inspect", &route]).status.success(),
+        "a broken session installed an agent"
+    );
+
+    let log = shop.spawn(&["intercept", "--session", "checkout"]);
+    wait_for_log(
+        &log,
+        "session checkout: 2 services",
+        Duration::from_secs(30),
+    );
+    let held = wait_for(Duration::from_secs(60), || {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        (t.matches("Intercepted in").count() == 2).then_some(())
+    });
+    assert!(held.is_some(), "{}", std::fs::read_to_string(&log).unwrap());
+
+    let key = Some("devloop-session=k42");
+    // The laptop commands start with the intercepts: the first answers wait for them.
+    let api = wait_for(Duration::from_secs(10), || {
+        get_from(&shop, "http://api:8000/items", key).filter(|b| b.starts_with("laptop"))
+    });
+    assert_eq!(api.as_deref(), Some("laptop-api /items"));
+    // From the api container: a container calling its own name does not leave its network
+    // namespace, so nothing routes it (a service's callers are other containers).
+    let web = wait_for(Duration::from_secs(10), || {
+        get_from_in(
+            &shop,
+            "api",
+            "http://web:8080/health",
+            Some("other=1, devloop-session=k42"),
+        )
+        .filter(|b| b.starts_with("laptop"))
+    });
+    assert_eq!(web.as_deref(), Some("laptop-web /health"));
+    assert!(get_from(&shop, "http://api:8000/items", None)
+        .unwrap()
+        .contains("\"items\""));
+    assert!(
+        get_from(&shop, "http://api:8000/items", Some("devloop-session=k43"))
+            .unwrap()
+            .contains("\"items\"")
+    );
+    // Each service's request line names it.
+    wait_for_log(&log, "api: ", Duration::from_secs(5));
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&shop.run_ok(&["intercept", "list", "--json"])).unwrap();
+    let sessions: Vec<&serde_json::Value> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "filtered")
+        .flat_map(|l| l["holders"].as_array().unwrap())
+        .filter(|h| h["session"] == "checkout")
+        .collect();
+    assert_eq!(sessions.len(), 2, "{listed}");
+
+    // One leave ends the whole session, and the process with it.
+    shop.run_ok(&["leave", "--session", "checkout"]);
+    wait_for_log(&log, "session checkout ended", Duration::from_secs(15));
+    let back = wait_for(Duration::from_secs(5), || {
+        get_from(&shop, "http://api:8000/items", key).filter(|b| b.contains("\"items\""))
+    });
+    assert!(
+        back.is_some(),
+        "the session's requests do not reach the original again"
+    );
+    assert!(get_from_in(&shop, "api", "http://web:8080/health", key)
+        .unwrap()
+        .contains("ok"));
+    shop.interrupt_all();
+}

@@ -72,6 +72,118 @@ pub async fn intercept(global: &super::Global, opts: InterceptOptions) -> anyhow
     hold(swap.as_ref(), &opts, crate::signals::shutdown()).await
 }
 
+/// The key a session's requests carry when devloop.toml names none: NAME-USER, made of the
+/// characters a key may hold.
+pub fn default_session_key(name: &str) -> String {
+    let user = crate::ownership::user_name();
+    format!("{name}-{user}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-._~".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// `devloop intercept --session NAME`: every service of `[sessions.NAME]`, filtered by the
+/// session's key, in this one process. All are checked and found before any is held; one
+/// that fails to hold ends those already held; Ctrl-C, or any of them ending, ends them all.
+pub async fn session(global: &super::Global, name: &str, quiet: bool) -> anyhow::Result<()> {
+    devloop_proxy::tunnel::raise_open_files_limit();
+    let project = super::load_project(global)?;
+    let Some(section) = project.sessions.get(name) else {
+        let known: Vec<&str> = project.sessions.keys().map(String::as_str).collect();
+        anyhow::bail!(
+            "devloop.toml has no [sessions.{name}]{}",
+            if known.is_empty() {
+                String::new()
+            } else {
+                format!(" (it has: {})", known.join(", "))
+            }
+        );
+    };
+    if section.services.is_empty() {
+        anyhow::bail!("[sessions.{name}] lists no services");
+    }
+    let key = section
+        .key
+        .clone()
+        .unwrap_or_else(|| default_session_key(name));
+    let mut plans = Vec::new();
+    for s in &section.services {
+        let what = format!("[sessions.{name}] service {}", s.service);
+        let ports = s
+            .ports
+            .iter()
+            .map(|p| crate::intercept::parse_port(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+        if ports.is_empty() {
+            anyhow::bail!("{what}: say which port to intercept: ports = [\"REMOTE:LOCAL\"]");
+        }
+        let filter = FilterArgs {
+            headers: s.headers.clone(),
+            path_prefix: s.path_prefix.clone(),
+            method: s.method.clone(),
+            key: Some(key.clone()),
+            ..FilterArgs::default()
+        }
+        .build()
+        .map_err(|e| anyhow::anyhow!("{what}: {e:#}"))?
+        .unwrap_or_default();
+        let command = match &s.command {
+            Some(c) => c.to_argv().map_err(|e| anyhow::anyhow!("{what}: {e}"))?,
+            None => Vec::new(),
+        };
+        plans.push(InterceptOptions {
+            target: s.service.clone(),
+            lease: None,
+            ports,
+            env_file: None,
+            expose: Vec::new(),
+            tunnel: false,
+            command,
+            filter: Some(filter),
+            mirror: false,
+            key: Some(key.clone()),
+            quiet,
+            session: Some(name.to_string()),
+        });
+    }
+    let backend = super::backend(global, Some(&project));
+    // Every service found before any is held: a typo changes nothing.
+    let mut routers = Vec::new();
+    for opts in &plans {
+        let router = backend
+            .router(opts, Some(&project))
+            .await
+            .map_err(|e| e.context(format!("session {name}: {}", opts.target)))?;
+        routers.push(router);
+    }
+    eprintln!(
+        "devloop: session {name}: {} services, requests with `baggage: devloop-session={key}`",
+        plans.len()
+    );
+    let all = crate::signals::shutdown().child_token();
+    let holds = routers.iter().zip(&plans).map(|(router, opts)| {
+        let all = all.clone();
+        async move {
+            let filter = opts.filter.clone().unwrap_or_default();
+            let held = hold_shared(router.as_ref(), opts, filter, all.clone()).await;
+            // One ends, all end: a session is one unit.
+            all.cancel();
+            held.map_err(|e| e.context(format!("session {name}: {}", opts.target)))
+        }
+    });
+    let results = futures_util::future::join_all(holds).await;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    eprintln!("devloop: session {name} ended");
+    Ok(())
+}
+
 pub async fn list(global: &super::Global, json: bool) -> anyhow::Result<()> {
     let project = super::load_project(global).ok();
     let backend = super::backend(global, project.as_ref());
@@ -102,10 +214,11 @@ pub async fn leave(
     target: Option<String>,
     all: bool,
     holder: Option<u64>,
+    session: Option<String>,
 ) -> anyhow::Result<()> {
-    if target.is_none() && !all && holder.is_none() {
+    if target.is_none() && !all && holder.is_none() && session.is_none() {
         anyhow::bail!(
-            "say which intercept to end: `devloop leave SERVICE`, `--holder ID` or `--all`"
+            "say which intercept to end: `devloop leave SERVICE`, `--holder ID`, `--session NAME` or `--all`"
         );
     }
     let project = super::load_project(global).ok();
@@ -114,6 +227,7 @@ pub async fn leave(
             target: target.as_deref(),
             all,
             holder,
+            session: session.as_deref(),
             project: project.as_ref().map(|p| p.name.as_str()),
         })
         .await

@@ -20,6 +20,35 @@ pub struct DevloopFile {
     pub target: TargetSection,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSection>,
+    /// Filtered intercepts of several services at once (`devloop intercept --session NAME`).
+    #[serde(default)]
+    pub sessions: BTreeMap<String, SessionSection>,
+}
+
+/// `[sessions.NAME]`: services intercepted together, sharing one key.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSection {
+    /// The key every request of the session carries as `baggage: devloop-session=KEY`
+    /// (default: NAME-USER).
+    pub key: Option<String>,
+    /// The services, each with its ports and, optionally, more filters and a laptop command.
+    pub services: Vec<SessionService>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionService {
+    pub service: String,
+    /// REMOTE:LOCAL, as `--port` (at least one).
+    pub ports: Vec<String>,
+    /// More filters, ANDed with the key: as `--header`, `--path-prefix`, `--method`.
+    #[serde(default)]
+    pub headers: Vec<String>,
+    pub path_prefix: Option<String>,
+    pub method: Option<String>,
+    /// The laptop command for this service.
+    pub command: Option<CommandLine>,
 }
 
 #[derive(Debug, Default, Deserialize)]

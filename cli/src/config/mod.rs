@@ -57,6 +57,8 @@ pub struct Project {
     pub target: file::TargetSection,
     /// Services, dependencies before their dependents.
     pub services: Vec<Service>,
+    /// `[sessions.NAME]`: filtered intercepts of several services at once.
+    pub sessions: std::collections::BTreeMap<String, file::SessionSection>,
 }
 
 #[derive(Debug, Clone)]
@@ -469,6 +471,7 @@ pub fn resolve(
         keep_versions: devloop.deploy.keep.unwrap_or(5).max(1),
         target: devloop.target.clone(),
         services,
+        sessions: devloop.sessions.clone(),
     })
 }
 

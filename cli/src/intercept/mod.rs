@@ -112,6 +112,8 @@ pub struct InterceptOptions {
     pub key: Option<String>,
     /// `--quiet`: no line per request.
     pub quiet: bool,
+    /// The `[sessions.NAME]` this intercept is part of.
+    pub session: Option<String>,
 }
 
 /// What `leave` ends.
@@ -123,6 +125,8 @@ pub struct Leave<'a> {
     pub all: bool,
     /// One filtered intercept, whoever holds it.
     pub holder: Option<u64>,
+    /// This user's holders of one `[sessions.NAME]`.
+    pub session: Option<&'a str>,
     /// The current folder's project, to tell several projects' services of one name apart.
     pub project: Option<&'a str>,
 }

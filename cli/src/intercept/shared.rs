@@ -254,6 +254,7 @@ async fn hold_joined(
         who: who(),
         handoff: None,
         lines: !opts.quiet,
+        session: opts.session.clone(),
     };
     let (mut held, overlaps) =
         match unless_cancelled(shutdown, register(router, &spec, session, &locals)).await {
@@ -312,7 +313,11 @@ async fn hold_joined(
             event = held.joined.link.events.recv() => match event {
                 Some(AgentEvent::Request(line)) => {
                     if !opts.quiet {
-                        eprintln!("{}", request_line(&line));
+                        match &opts.session {
+                            // Several services share the terminal: each line names its own.
+                            Some(_) => eprintln!("{service}: {}", request_line(&line)),
+                            None => eprintln!("{}", request_line(&line)),
+                        }
                     }
                 }
                 Some(AgentEvent::Released { by }) => break End::Released(by),

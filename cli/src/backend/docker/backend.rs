@@ -167,6 +167,12 @@ impl Backend for DockerBackend {
                 }
                 return Ok(());
             }
+            if let Some(session) = leave.session {
+                if !routed {
+                    println!("no intercept of session {session} is held by you");
+                }
+                return Ok(());
+            }
             intercepts::leave(docker, leave.target, leave.all, leave.project, routed).await
         })
     }

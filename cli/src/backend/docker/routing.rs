@@ -573,9 +573,10 @@ pub async fn leave(docker: &Docker, leave: &Leave<'_>) -> anyhow::Result<bool> {
         let (c, _) = connect_any(docker, &r.container).await?;
         let holders = c.link.holders().await?;
         for h in holders {
-            let chosen = match leave.holder {
-                Some(id) => h.id == id,
-                None => h.who == me,
+            let chosen = match (leave.holder, leave.session) {
+                (Some(id), _) => h.id == id,
+                (None, Some(session)) => h.who == me && h.session.as_deref() == Some(session),
+                (None, None) => h.who == me,
             };
             if chosen {
                 c.link.release(h.id, &me).await?;

@@ -143,7 +143,7 @@ impl Backend for KubeBackend {
 
     fn leave<'a>(&'a self, leave: crate::intercept::Leave<'a>) -> Fut<'a, ()> {
         Box::pin(async move {
-            if leave.holder.is_some() {
+            if leave.holder.is_some() || leave.session.is_some() {
                 anyhow::bail!(
                     "--holder names a filtered intercept; on Kubernetes there are none yet"
                 );
