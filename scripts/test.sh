@@ -18,6 +18,12 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
 fi
 scripts/ensure-docker.sh
+# A real gRPC client and server for the filtered intercept's gRPC test: grpcio from PyPI,
+# in a folder of its own that the test mounts into the original's container.
+if [ ! -d target/grpc-site/grpc ]; then
+  echo "installing grpcio into target/grpc-site" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --target target/grpc-site grpcio >&2
+fi
 
 # The Kubernetes tests run against KUBECONFIG's cluster, else the single-node cluster that
 # ../shared/k8s/cluster.sh builds (once, cached) and starts on this machine. With CI=true a
