@@ -554,3 +554,51 @@ services = [
         .contains("ok"));
     shop.interrupt_all();
 }
+
+#[test]
+fn callers_through_a_published_host_port_are_routed_alike() {
+    let _serial = intercept_lock();
+    let mut shop = Shop::new("published", false);
+    let published = shop.publish_web_on_free_port();
+    let up = shop.spawn(&["up", "--no-logs"]);
+    wait_for_log(&up, "in sync", Duration::from_secs(240));
+    let curl = |header: Option<&str>| -> Option<String> {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-s", "--max-time", "5"]);
+        if let Some(h) = header {
+            c.args(["-H", h]);
+        }
+        let o = c
+            .arg(format!("http://127.0.0.1:{published}/health"))
+            .output()
+            .ok()?;
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    assert!(wait_for(Duration::from_secs(30), || curl(None).filter(|b| b == "ok")).is_some());
+    let port = free_port();
+    let script = shop.state.path().join("laptop.py");
+    std::fs::write(&script, LAPTOP).unwrap();
+    let log = shop.spawn(&[
+        "intercept",
+        "web",
+        "--port",
+        &format!("8080:{port}"),
+        "--header",
+        "x-dev=alice",
+        "--",
+        "python3",
+        script.to_str().unwrap(),
+        &port.to_string(),
+        "alice",
+    ]);
+    wait_for_log(&log, "Intercepted in", Duration::from_secs(60));
+    let to_laptop = wait_for(Duration::from_secs(10), || {
+        curl(Some("x-dev: alice")).filter(|b| b.starts_with("laptop"))
+    });
+    assert_eq!(to_laptop.as_deref(), Some("laptop-alice /health"));
+    assert_eq!(curl(None).as_deref(), Some("ok"));
+    assert_eq!(curl(Some("x-dev: bob")).as_deref(), Some("ok"));
+    shop.interrupt_all();
+}
