@@ -195,7 +195,7 @@ pub fn rewrite_env(env: &[(String, String)], expose: &[Expose]) -> Vec<(String, 
 }
 
 /// Variables of the container that would break a laptop process.
-pub(crate) const LAPTOP_KEEPS: &[&str] = &[
+const LAPTOP_KEEPS: &[&str] = &[
     "PATH", "HOME", "HOSTNAME", "TERM", "USER", "SHELL", "LANG", "PWD",
 ];
 
@@ -369,6 +369,28 @@ pub(crate) fn find_program(program: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Starts the laptop command (if any) with the original's environment, less the variables
+/// that would break a laptop process; killed when dropped.
+pub(crate) fn spawn_laptop_command(
+    command: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<Option<tokio::process::Child>> {
+    let Some(program) = command.first() else {
+        return Ok(None);
+    };
+    let mut c = tokio::process::Command::new(program);
+    c.args(&command[1..]).kill_on_drop(true);
+    for (k, v) in env
+        .iter()
+        .filter(|(k, _)| !LAPTOP_KEEPS.contains(&k.as_str()))
+    {
+        c.env(k, v);
+    }
+    Ok(Some(c.spawn().with_context(|| {
+        format!("starting `{}`", command.join(" "))
+    })?))
+}
+
 /// The part of [`hold`] during which the service may be changed: every error and every
 /// interruption returns to `hold`, which restores.
 async fn hold_swapped(
@@ -416,22 +438,7 @@ async fn hold_swapped(
         ports.join(", ")
     );
 
-    let mut child = if opts.command.is_empty() {
-        None
-    } else {
-        let mut c = tokio::process::Command::new(&opts.command[0]);
-        c.args(&opts.command[1..]).kill_on_drop(true);
-        for (k, v) in env
-            .iter()
-            .filter(|(k, _)| !LAPTOP_KEEPS.contains(&k.as_str()))
-        {
-            c.env(k, v);
-        }
-        Some(
-            c.spawn()
-                .with_context(|| format!("starting `{}`", opts.command.join(" ")))?,
-        )
-    };
+    let mut child = spawn_laptop_command(&opts.command, env)?;
 
     let mut link = link;
     let end = loop {

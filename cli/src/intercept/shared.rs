@@ -286,22 +286,7 @@ async fn hold_joined(
         eprintln!("devloop: requests with the header `baggage: devloop-session={key}` are yours; the laptop command has it in ${KEY_ENV}");
     }
 
-    let mut child = if opts.command.is_empty() {
-        None
-    } else {
-        let mut c = tokio::process::Command::new(&opts.command[0]);
-        c.args(&opts.command[1..]).kill_on_drop(true);
-        for (k, v) in env
-            .iter()
-            .filter(|(k, _)| !super::LAPTOP_KEEPS.contains(&k.as_str()))
-        {
-            c.env(k, v);
-        }
-        Some(
-            c.spawn()
-                .with_context(|| format!("starting `{}`", opts.command.join(" ")))?,
-        )
-    };
+    let mut child = super::spawn_laptop_command(&opts.command, env)?;
 
     let end = loop {
         tokio::select! {
