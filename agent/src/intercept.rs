@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::guard::{accept_loop, Gate};
-use crate::server::{check_hello, read_hello, refuse, upgrade, ws_config, HANDSHAKE_TIMEOUT};
+use crate::server::control_handshake;
 
 /// An IPv4 network, `a.b.c.d/len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +212,7 @@ async fn tunnel_stream(mut tcp: TcpStream, peer: SocketAddr, port: u16, tunnel: 
 /// The tunnel connection's read buffer. tungstenite zero-fills the free part of its buffer
 /// before every read, and a read of the tunnel returns about one 32 KiB frame: the default
 /// 128 KiB buffer spent 8 % of the agent's time on that fill during a 100 MiB transfer.
-const TUNNEL_READ_BUFFER: usize = 32 * 1024;
+pub(crate) const TUNNEL_READ_BUFFER: usize = 32 * 1024;
 
 async fn accept_control(
     listener: TcpListener,
@@ -255,36 +255,19 @@ async fn serve_control(
     config: Arc<InterceptConfig>,
     tunnel: Current,
 ) {
-    let _ = tcp.set_nodelay(true);
-    // One deadline for the upgrade and the hello together, as in dev mode.
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-    let Ok(Ok(mut ws)) = tokio::time::timeout_at(
-        deadline,
-        upgrade(tcp, ws_config().read_buffer_size(TUNNEL_READ_BUFFER)),
+    let Some(mut ws) = control_handshake(
+        tcp,
+        peer,
+        conn_id,
+        &config.token,
+        TUNNEL_READ_BUFFER,
+        caps::TUNNEL,
+        "this agent intercepts a service: the cli must support tunnels",
     )
     .await
     else {
-        tracing::warn!(conn_id, %peer, "control connection refused: no websocket upgrade");
         return;
     };
-    let hello = match tokio::time::timeout_at(deadline, read_hello(&mut ws)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(reason)) => return refuse(ws, peer, conn_id, reason).await,
-        Err(_) => return refuse(ws, peer, conn_id, "no hello in time".into()).await,
-    };
-    if let Err(reason) = check_hello(&hello, &config.token) {
-        return refuse(ws, peer, conn_id, reason).await;
-    }
-    if !hello.capabilities.iter().any(|c| c == caps::TUNNEL) {
-        return refuse(
-            ws,
-            peer,
-            conn_id,
-            "this agent intercepts a service: the cli must support tunnels".into(),
-        )
-        .await;
-    }
-    ws.get_mut().lift();
     drop(place);
     let welcome = AgentMsg::Welcome(Welcome {
         protocol_version: PROTOCOL_VERSION,

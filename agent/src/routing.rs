@@ -45,8 +45,9 @@ use crate::guard::{accept_loop, Gate};
 use crate::http::dial::TunnelDialer;
 use crate::http::engine::{Engine, Event};
 use crate::http::table::{BoxIo, Dialer, Mode, Table};
+use crate::intercept::TUNNEL_READ_BUFFER;
 use crate::redirect::{PortRedirect, Redirect};
-use crate::server::{check_hello, read_hello, refuse, upgrade, ws_config, HANDSHAKE_TIMEOUT};
+use crate::server::control_handshake;
 
 /// The nftables table of the redirect.
 pub const TABLE: &str = "devloop-route";
@@ -354,9 +355,6 @@ enum Out {
     Frame(TunnelFrame),
 }
 
-/// The tunnel connection's read buffer (see `intercept.rs`).
-const TUNNEL_READ_BUFFER: usize = 32 * 1024;
-
 async fn serve_control(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -364,35 +362,19 @@ async fn serve_control(
     place: tokio::sync::OwnedSemaphorePermit,
     router: Arc<Router>,
 ) {
-    let _ = tcp.set_nodelay(true);
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-    let Ok(Ok(mut ws)) = tokio::time::timeout_at(
-        deadline,
-        upgrade(tcp, ws_config().read_buffer_size(TUNNEL_READ_BUFFER)),
+    let Some(mut ws) = control_handshake(
+        tcp,
+        peer,
+        conn_id,
+        &router.config.token,
+        TUNNEL_READ_BUFFER,
+        caps::ROUTE,
+        "this agent routes requests: the cli must support the route capability",
     )
     .await
     else {
-        tracing::warn!(conn_id, %peer, "control connection refused: no websocket upgrade");
         return;
     };
-    let hello = match tokio::time::timeout_at(deadline, read_hello(&mut ws)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(reason)) => return refuse(ws, peer, conn_id, reason).await,
-        Err(_) => return refuse(ws, peer, conn_id, "no hello in time".into()).await,
-    };
-    if let Err(reason) = check_hello(&hello, &router.config.token) {
-        return refuse(ws, peer, conn_id, reason).await;
-    }
-    if !hello.capabilities.iter().any(|c| c == caps::ROUTE) {
-        return refuse(
-            ws,
-            peer,
-            conn_id,
-            "this agent routes requests: the cli must support the route capability".into(),
-        )
-        .await;
-    }
-    ws.get_mut().lift();
     drop(place);
     router.clis.fetch_add(1, Ordering::Relaxed);
     router.joined.store(true, Ordering::Relaxed);

@@ -149,6 +149,54 @@ pub async fn serve_connection(
     tracing::info!(conn_id, %peer, "cli disconnected");
 }
 
+/// The handshake of a tunnelling mode's control connection (intercept, route): the upgrade
+/// and the hello within one deadline, the token, and the capability the mode needs (refused
+/// with `missing` otherwise). Returns the authenticated socket, its pre-hello budget lifted;
+/// `None` when it was refused (the peer has been told why).
+pub(crate) async fn control_handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    token: &str,
+    read_buffer: usize,
+    capability: &str,
+    missing: &str,
+) -> Option<Ws> {
+    let _ = tcp.set_nodelay(true);
+    // One deadline for the upgrade and the hello together, as in dev mode.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let Ok(Ok(mut ws)) = timeout_at(
+        deadline,
+        upgrade(tcp, ws_config().read_buffer_size(read_buffer)),
+    )
+    .await
+    else {
+        tracing::warn!(conn_id, %peer, "control connection refused: no websocket upgrade");
+        return None;
+    };
+    let hello = match timeout_at(deadline, read_hello(&mut ws)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(reason)) => {
+            refuse(ws, peer, conn_id, reason).await;
+            return None;
+        }
+        Err(_) => {
+            refuse(ws, peer, conn_id, "no hello in time".into()).await;
+            return None;
+        }
+    };
+    if let Err(reason) = check_hello(&hello, token) {
+        refuse(ws, peer, conn_id, reason).await;
+        return None;
+    }
+    if !hello.capabilities.iter().any(|c| c == capability) {
+        refuse(ws, peer, conn_id, missing.into()).await;
+        return None;
+    }
+    ws.get_mut().lift();
+    Some(ws)
+}
+
 /// Reads the first data message, which must be a hello.
 pub(crate) async fn read_hello(ws: &mut Ws) -> Result<Hello, String> {
     loop {
